@@ -1,0 +1,26 @@
+# The two commands of a fresh machine: `make run` and `make test`.
+# Nothing here needs more than the Rust toolchain: protobuf code is generated
+# by protox (pure Rust), so there is no system protoc to install.
+
+CARGO ?= cargo
+CONFIG ?= examples/conductor.toml
+
+.PHONY: run build test lint unit e2e fmt
+
+run: build
+	./target/debug/conductor run --config $(CONFIG)
+
+build:
+	$(CARGO) build --workspace --bins
+
+# What CI runs: style and lints first (cheap, fail fast), then every test
+# against freshly built binaries.
+test: lint build
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

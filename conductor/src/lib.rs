@@ -1,0 +1,3 @@
+//! Demi Conductor: a process-per-plugin supervisor that speaks gRPC.
+
+pub mod supervisor;

@@ -1,0 +1,179 @@
+//! What an operator sets for one plugin: `[plugins.NAME]` and its sub-tables.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One plugin's pool: what to run, how many, and how to keep it alive.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Program to run: a path (relative to the config file) or a name
+    /// looked up in `PATH`.
+    pub command: PathBuf,
+    /// Arguments passed to the program.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment; the rest is inherited from the conductor.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (relative to the config file); the config file's
+    /// folder when unset.
+    pub working_dir: Option<PathBuf>,
+    /// How many instances run side by side.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// How long an instance may take from spawn to SERVING.
+    #[serde(default = "default_startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// How long an instance may drain after `Shutdown` before SIGKILL.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub restart: RestartConfig,
+}
+
+/// `[plugins.NAME.health]`: periodic `grpc.health.v1.Health/Check` calls.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failed checks that trip the circuit breaker.
+    pub failure_threshold: u32,
+    /// Consecutive passed checks that close a half-open breaker.
+    pub success_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            failure_threshold: 3,
+            success_threshold: 1,
+        }
+    }
+}
+
+/// `[plugins.NAME.restart]`: when and how fast a dead instance comes back.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartConfig {
+    /// Delay before the second restart in a row; the first one after a
+    /// stable run is immediate.
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    pub multiplier: f64,
+    /// Each delay is scaled by a random factor in `1 ± jitter`.
+    pub jitter: f64,
+    /// A run this long forgets earlier crashes.
+    #[serde(with = "humantime_serde")]
+    pub reset_after: Duration,
+    /// More starts than this inside `start_limit_interval` marks the
+    /// instance Failed.
+    pub start_limit_burst: u32,
+    #[serde(with = "humantime_serde")]
+    pub start_limit_interval: Duration,
+    /// Exit codes that mean "do not try again" (78 is EX_CONFIG).
+    pub never_restart_exit_codes: Vec<i32>,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        Self {
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(30),
+            multiplier: 2.0,
+            jitter: 0.2,
+            reset_after: Duration::from_secs(10),
+            start_limit_burst: 5,
+            start_limit_interval: Duration::from_secs(10),
+            never_restart_exit_codes: vec![78],
+        }
+    }
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl PoolConfig {
+    /// Problems serde cannot see, as (field path below the plugin, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let mut bad = |field, msg: String| out.push((field, msg));
+        if self.replicas == 0 {
+            bad("replicas", "must be at least 1".into());
+        }
+        if self.startup_timeout.is_zero() {
+            bad("startup_timeout", "must be longer than 0s".into());
+        }
+        for key in self.env.keys() {
+            if key.starts_with("DEMI_") {
+                bad("env", format!("`{key}` is reserved for the handshake"));
+            }
+        }
+        let h = &self.health;
+        if h.interval.is_zero() {
+            bad("health.interval", "must be longer than 0s".into());
+        }
+        if h.timeout.is_zero() {
+            bad("health.timeout", "must be longer than 0s".into());
+        } else if h.timeout > h.interval {
+            bad(
+                "health.timeout",
+                format!(
+                    "{} is longer than health.interval ({})",
+                    humantime::format_duration(h.timeout),
+                    humantime::format_duration(h.interval)
+                ),
+            );
+        }
+        if h.failure_threshold == 0 {
+            bad("health.failure_threshold", "must be at least 1".into());
+        }
+        if h.success_threshold == 0 {
+            bad("health.success_threshold", "must be at least 1".into());
+        }
+        let r = &self.restart;
+        if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
+            bad(
+                "restart.multiplier",
+                format!("{} must be at least 1.0", r.multiplier),
+            );
+        }
+        if !(0.0..=1.0).contains(&r.jitter) {
+            bad(
+                "restart.jitter",
+                format!("{} must be between 0.0 and 1.0", r.jitter),
+            );
+        }
+        if r.max_delay < r.initial_delay {
+            bad(
+                "restart.max_delay",
+                "must not be shorter than restart.initial_delay".into(),
+            );
+        }
+        if r.start_limit_burst == 0 {
+            bad("restart.start_limit_burst", "must be at least 1".into());
+        }
+        out
+    }
+}

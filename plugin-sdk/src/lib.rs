@@ -1,0 +1,91 @@
+//! Write a [Demi Conductor](https://github.com/demi-conductor) plugin in a few lines of Rust.
+//!
+//! A plugin is a process the conductor launches, supervises and sends jobs
+//! to over gRPC on a Unix socket. This crate does the whole handshake for
+//! you: it checks that the conductor launched the process, binds the socket
+//! the conductor named, serves the `demi.plugin.v1.Plugin` and
+//! `grpc.health.v1.Health` services, reports SERVING, drains gracefully on
+//! `Shutdown` or SIGTERM, and exits by itself when the conductor dies.
+//!
+//! Implement [`Plugin`] and hand it to [`run`]:
+//!
+//! ```no_run
+//! use demi_plugin_sdk::{Job, Outcome, Plugin};
+//!
+//! struct Upper;
+//!
+//! impl Plugin for Upper {
+//!     async fn handle(&self, job: Job) -> Outcome {
+//!         match String::from_utf8(job.payload) {
+//!             Ok(text) => Outcome::Ok(text.to_uppercase().into_bytes()),
+//!             Err(_) => Outcome::Permanent("payload is not UTF-8".into()),
+//!         }
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     demi_plugin_sdk::run(Upper)
+//! }
+//! ```
+//!
+//! Run by hand, such a binary prints one line saying it must be started by
+//! the conductor and exits with [`EXIT_CONFIG`] (78), which the conductor
+//! never restarts. The protocol itself is described in `proto/README.md`
+//! for authors in other languages.
+
+mod handshake;
+mod job;
+mod parent;
+mod server;
+
+pub use handshake::{
+    CONDUCTOR_SOCKET_KEY, EXIT_CONFIG, Handshake, HandshakeError, INSTANCE_KEY, MAGIC_COOKIE_KEY,
+    MAGIC_COOKIE_VALUE, NAME_KEY, PROTOCOL_VERSIONS_KEY, SOCKET_KEY,
+};
+pub use job::{Job, Outcome};
+pub use server::{DEFAULT_GRACE, ServeError, run, serve, serve_with};
+
+use std::future::Future;
+
+/// What a plugin does. Only [`Plugin::handle`] is required.
+///
+/// The conductor calls `handle` concurrently from many connections, so the
+/// implementation must be `Sync`; keep per-job state in the future.
+///
+/// ```
+/// use demi_plugin_sdk::{Job, Outcome, Plugin};
+///
+/// struct Echo;
+///
+/// impl Plugin for Echo {
+///     fn version(&self) -> String {
+///         "1.2.0".into()
+///     }
+///     async fn handle(&self, job: Job) -> Outcome {
+///         Outcome::Ok(job.payload)
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let job = Job { payload: b"hi".to_vec(), ..Job::default() };
+/// assert_eq!(Echo.handle(job).await, Outcome::Ok(b"hi".to_vec()));
+/// assert_eq!(Echo.version(), "1.2.0");
+/// # });
+/// ```
+pub trait Plugin: Send + Sync + 'static {
+    /// The plugin's own version, reported by `Describe`.
+    fn version(&self) -> String {
+        "0.0.0".into()
+    }
+
+    /// What the plugin can do, reported by `Describe`. `"jobs"` tells the
+    /// conductor it may route jobs here.
+    fn capabilities(&self) -> Vec<String> {
+        vec!["jobs".into()]
+    }
+
+    /// Does one job. Return [`Outcome::Retryable`] for passing failures
+    /// (the conductor retries, perhaps on another replica) and
+    /// [`Outcome::Permanent`] when retrying cannot help.
+    fn handle(&self, job: Job) -> impl Future<Output = Outcome> + Send;
+}

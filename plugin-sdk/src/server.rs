@@ -1,0 +1,237 @@
+//! Serving the Plugin and Health services on the conductor's socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use demi_proto::plugin::v1 as pb;
+use pb::plugin_server::PluginServer;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::handshake::{EXIT_CONFIG, Handshake, HandshakeError};
+use crate::{Job, Plugin, parent};
+
+/// How long in-flight jobs may run after SIGTERM when the conductor did not
+/// name a grace through `Shutdown` first.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// Why [`serve`] stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("cannot serve on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot install the {signal} handler: {source}")]
+    Signal {
+        signal: &'static str,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl ServeError {
+    /// The process exit code that tells the conductor what happened:
+    /// [`EXIT_CONFIG`] (never restarted) when the launch itself was wrong,
+    /// 1 (restarted with backoff) otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ServeError::Handshake(_) => EXIT_CONFIG,
+            _ => 1,
+        }
+    }
+}
+
+/// Serves `plugin` until the conductor shuts it down, then returns the exit
+/// code for `main`. Prints a one-line reason to stderr on failure.
+///
+/// The handshake is checked before an async runtime is even built, so a
+/// binary run by hand explains itself at once.
+pub fn run<P: Plugin>(plugin: P) -> ExitCode {
+    let result = Handshake::from_env()
+        .map_err(ServeError::from)
+        .and_then(|handshake| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(ServeError::Runtime)?
+                .block_on(serve_with(plugin, handshake))
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let program = std::env::args().next().unwrap_or_else(|| "plugin".into());
+            eprintln!("{program}: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// Reads the handshake from the environment and serves `plugin`, for
+/// plugins that own their runtime. See [`run`].
+pub async fn serve<P: Plugin>(plugin: P) -> Result<(), ServeError> {
+    serve_with(plugin, Handshake::from_env()?).await
+}
+
+/// Serves `plugin` on the socket named by `handshake` until `Shutdown`,
+/// SIGTERM, SIGINT or the death of the parent process.
+pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<(), ServeError> {
+    let listener = bind(&handshake.socket)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| ServeError::Signal {
+        signal: "SIGTERM",
+        source,
+    })?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| ServeError::Signal {
+        signal: "SIGINT",
+        source,
+    })?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(handshake.name.as_str(), ServingStatus::Serving)
+        .await;
+
+    let stop = CancellationToken::new();
+    let grace = Arc::new(Mutex::new(None));
+    let service = PluginService {
+        plugin: Arc::new(plugin),
+        name: handshake.name.clone(),
+        protocol_version: handshake.protocol_version,
+        stop: stop.clone(),
+        grace: grace.clone(),
+        health: health.clone(),
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(PluginServer::new(service))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            stop.clone().cancelled_owned(),
+        );
+    tokio::pin!(server);
+
+    let parent_gone = tokio::select! {
+        result = &mut server => {
+            remove_socket(&handshake.socket);
+            return result.map_err(ServeError::from);
+        }
+        _ = stop.cancelled() => false,
+        _ = sigterm.recv() => false,
+        _ = sigint.recv() => false,
+        _ = parent::exited() => true,
+    };
+    // Nobody is left to read results once the conductor is gone, so
+    // in-flight work is abandoned rather than drained.
+    let grace = if parent_gone {
+        Duration::ZERO
+    } else {
+        lock(&grace).unwrap_or(DEFAULT_GRACE)
+    };
+    mark_not_serving(&health, &handshake.name).await;
+    stop.cancel();
+    let result = tokio::time::timeout(grace, &mut server).await;
+    remove_socket(&handshake.socket);
+    match result {
+        Ok(served) => served.map_err(ServeError::from),
+        // In-flight work outlived the grace; the conductor would SIGKILL us next.
+        Err(_) => Ok(()),
+    }
+}
+
+fn bind(path: &std::path::Path) -> Result<UnixListener, ServeError> {
+    // A socket file left by a crashed predecessor makes bind fail with
+    // EADDRINUSE; only a socket is removed, never a regular file.
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| ServeError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn remove_socket(path: &std::path::Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+fn lock(grace: &Mutex<Option<Duration>>) -> Option<Duration> {
+    // A poisoned lock only means a handler panicked mid-write of a Copy value.
+    *grace
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn mark_not_serving(health: &HealthReporter, name: &str) {
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(name, ServingStatus::NotServing)
+        .await;
+}
+
+struct PluginService<P> {
+    plugin: Arc<P>,
+    name: String,
+    protocol_version: u32,
+    stop: CancellationToken,
+    grace: Arc<Mutex<Option<Duration>>>,
+    health: HealthReporter,
+}
+
+#[tonic::async_trait]
+impl<P: Plugin> pb::plugin_server::Plugin for PluginService<P> {
+    async fn describe(
+        &self,
+        _request: Request<pb::DescribeRequest>,
+    ) -> Result<Response<pb::DescribeResponse>, Status> {
+        Ok(Response::new(pb::DescribeResponse {
+            name: self.name.clone(),
+            version: self.plugin.version(),
+            protocol_version: self.protocol_version,
+            capabilities: self.plugin.capabilities(),
+        }))
+    }
+
+    async fn handle(&self, request: Request<pb::Job>) -> Result<Response<pb::JobResult>, Status> {
+        if self.stop.is_cancelled() {
+            // UNAVAILABLE tells the conductor to deliver the job elsewhere.
+            return Err(Status::unavailable("plugin is shutting down"));
+        }
+        let job = Job::from(request.into_inner());
+        let id = job.id.clone();
+        let outcome = self.plugin.handle(job).await;
+        Ok(Response::new(outcome.into_result(id)))
+    }
+
+    async fn shutdown(
+        &self,
+        request: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownResponse>, Status> {
+        let grace = request
+            .into_inner()
+            .grace
+            .and_then(|g| Duration::try_from(g).ok())
+            .unwrap_or(DEFAULT_GRACE);
+        *self.grace.lock().unwrap_or_else(|p| p.into_inner()) = Some(grace);
+        mark_not_serving(&self.health, &self.name).await;
+        self.stop.cancel();
+        Ok(Response::new(pb::ShutdownResponse {}))
+    }
+}

@@ -1,0 +1,187 @@
+//! `demi-plugin-echo`: a worker that echoes job payloads, and misbehaves on
+//! demand so tests and benchmarks can exercise every supervisor path.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use demi_plugin_sdk::{EXIT_CONFIG, Handshake, Job, Outcome, Plugin, serve_with};
+
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Time each job takes, e.g. "20ms".
+    #[arg(long, env = "ECHO_DELAY", value_parser = humantime::parse_duration)]
+    delay: Option<Duration>,
+    /// Share of jobs that fail with a retryable error, 0.0 to 1.0.
+    #[arg(long, env = "ECHO_FAIL_RETRYABLE", default_value_t = 0.0)]
+    fail_retryable: f64,
+    /// Share of jobs that fail permanently, 0.0 to 1.0.
+    #[arg(long, env = "ECHO_FAIL_PERMANENT", default_value_t = 0.0)]
+    fail_permanent: f64,
+    /// Abort the process (SIGABRT) on the Nth job.
+    #[arg(long, env = "ECHO_CRASH_AFTER")]
+    crash_after: Option<u64>,
+    /// Exit at once with this code, before the handshake.
+    #[arg(long, env = "ECHO_EXIT_CODE")]
+    exit_code: Option<u8>,
+    /// Stop answering anything (the process stops itself) after this long.
+    #[arg(long, env = "ECHO_HANG_AFTER", value_parser = humantime::parse_duration)]
+    hang_after: Option<Duration>,
+    /// Allocate and touch this many MiB, one MiB at a time, after start.
+    #[arg(long, env = "ECHO_ALLOC_MIB")]
+    alloc_mib: Option<u64>,
+    /// Spin this many threads on the CPU forever.
+    #[arg(long, env = "ECHO_SPIN_THREADS")]
+    spin_threads: Option<u32>,
+    /// Fork this many children that sleep until killed.
+    #[arg(long, env = "ECHO_FORK")]
+    fork: Option<u32>,
+    /// Claim this protocol version in Describe, whatever was negotiated.
+    #[arg(long, env = "ECHO_CLAIM_PROTOCOL")]
+    claim_protocol: Option<u32>,
+}
+
+struct Echo {
+    delay: Option<Duration>,
+    fail_retryable: f64,
+    fail_permanent: f64,
+    crash_after: Option<u64>,
+    handled: AtomicU64,
+}
+
+impl Plugin for Echo {
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").into()
+    }
+
+    async fn handle(&self, job: Job) -> Outcome {
+        let n = self.handled.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.crash_after.is_some_and(|limit| n >= limit) {
+            log("crashing on purpose", &format!("\"jobs\":{n}"));
+            std::process::abort();
+        }
+        if let Some(delay) = self.delay {
+            tokio::time::sleep(delay).await;
+        }
+        let roll = fastrand::f64();
+        if roll < self.fail_permanent {
+            Outcome::Permanent(format!("echo: injected permanent failure (job {})", job.id))
+        } else if roll < self.fail_permanent + self.fail_retryable {
+            Outcome::Retryable(format!("echo: injected retryable failure (job {})", job.id))
+        } else {
+            Outcome::Ok(job.payload)
+        }
+    }
+}
+
+/// One JSON line on stdout, which the conductor turns into a log event.
+fn log(msg: &str, fields: &str) {
+    let sep = if fields.is_empty() { "" } else { "," };
+    println!("{{\"level\":\"info\",\"msg\":\"{msg}\"{sep}{fields}}}");
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(code) = args.exit_code {
+        eprintln!("echo: exiting with code {code} as asked");
+        return ExitCode::from(code);
+    }
+    let mut handshake = match Handshake::from_env() {
+        Ok(handshake) => handshake,
+        Err(error) => {
+            eprintln!("demi-plugin-echo: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(version) = args.claim_protocol {
+        handshake.protocol_version = version;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("demi-plugin-echo: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    misbehave(&args);
+    log(
+        "echo starting",
+        &format!(
+            "\"instance\":{},\"socket\":\"{}\"",
+            handshake.instance,
+            handshake.socket.display()
+        ),
+    );
+    let echo = Echo {
+        delay: args.delay,
+        fail_retryable: args.fail_retryable,
+        fail_permanent: args.fail_permanent,
+        crash_after: args.crash_after,
+        handled: AtomicU64::new(0),
+    };
+    match runtime.block_on(serve_with(echo, handshake)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("demi-plugin-echo: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// Starts the resource and liveness misbehaviours asked for on the command line.
+fn misbehave(args: &Args) {
+    if let Some(after) = args.hang_after {
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            log("hanging on purpose", "");
+            // A stopped process answers nothing, exactly like a deadlock, and
+            // ignores SIGTERM until it is SIGKILLed.
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+        });
+    }
+    if let Some(mib) = args.alloc_mib {
+        std::thread::spawn(move || {
+            let mut held: Vec<Vec<u8>> = Vec::new();
+            for i in 0..mib {
+                // Touch every page, or the kernel never charges it.
+                held.push(vec![0x5a; 1 << 20]);
+                if (i + 1) % 16 == 0 {
+                    log("allocated", &format!("\"mib\":{}", i + 1));
+                }
+            }
+            log("allocation done", &format!("\"mib\":{mib}"));
+            loop {
+                std::thread::park();
+                std::hint::black_box(&held);
+            }
+        });
+    }
+    for _ in 0..args.spin_threads.unwrap_or(0) {
+        std::thread::spawn(|| {
+            let mut x = 0u64;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        });
+    }
+    if let Some(count) = args.fork {
+        let mut forked = 0;
+        for _ in 0..count {
+            // The children only sleep: no allocation or locking after fork.
+            match unsafe { nix::unistd::fork() } {
+                Ok(nix::unistd::ForkResult::Child) => loop {
+                    nix::unistd::pause();
+                },
+                Ok(nix::unistd::ForkResult::Parent { .. }) => forked += 1,
+                Err(_) => break,
+            }
+        }
+        log("forked", &format!("\"asked\":{count},\"forked\":{forked}"));
+    }
+}
