@@ -1,3 +1,12 @@
 //! Demi Conductor: a process-per-plugin supervisor that speaks gRPC.
+//!
+//! Data flows one way: [`config`] → [`supervisor`] (pool → instance state
+//! machine) → [`process`] (spawn, output) → [`rpc`]; [`telemetry`] reports
+//! along the way and [`daemon`] ties it together.
 
+pub mod config;
+pub mod daemon;
+pub mod process;
+pub mod rpc;
 pub mod supervisor;
+pub mod telemetry;

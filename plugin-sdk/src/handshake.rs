@@ -2,25 +2,10 @@
 
 use std::path::PathBuf;
 
-/// Environment variable that proves the process was launched by a conductor.
-pub const MAGIC_COOKIE_KEY: &str = "DEMI_PLUGIN_MAGIC_COOKIE";
-/// The value of [`MAGIC_COOKIE_KEY`]. It is not a secret: it only stops a
-/// plugin that someone runs by hand from sitting silently on a socket.
-pub const MAGIC_COOKIE_VALUE: &str = "7d3c0a91-demi-conductor-plugin";
-/// Comma-separated protocol versions the conductor accepts.
-pub const PROTOCOL_VERSIONS_KEY: &str = "DEMI_PLUGIN_PROTOCOL_VERSIONS";
-/// Absolute path of the Unix socket the plugin must serve on.
-pub const SOCKET_KEY: &str = "DEMI_PLUGIN_SOCKET";
-/// The plugin's name in the conductor's configuration.
-pub const NAME_KEY: &str = "DEMI_PLUGIN_NAME";
-/// The replica index of this instance, from 0.
-pub const INSTANCE_KEY: &str = "DEMI_PLUGIN_INSTANCE";
-/// The conductor's own API socket, for plugins that submit work.
-pub const CONDUCTOR_SOCKET_KEY: &str = "DEMI_CONDUCTOR_SOCKET";
-
-/// Exit code for "this process was started wrongly": the conductor never
-/// restarts a plugin that exits with it (sysexits.h `EX_CONFIG`).
-pub const EXIT_CONFIG: u8 = 78;
+pub use demi_proto::handshake::{
+    CONDUCTOR_SOCKET_KEY, EXIT_CONFIG, INSTANCE_KEY, MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE,
+    NAME_KEY, PROTOCOL_VERSIONS_KEY, SOCKET_KEY,
+};
 
 /// Why a plugin cannot start talking to the conductor.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

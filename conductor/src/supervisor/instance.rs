@@ -157,19 +157,18 @@ impl Instance {
         self.restarts.restarts()
     }
 
+    /// Crashes in a row since the last stable run.
+    pub fn consecutive_crashes(&self) -> u32 {
+        self.restarts.consecutive()
+    }
+
     pub fn last_exit(&self) -> Option<&ExitReason> {
         self.last_exit.as_ref()
     }
 
     /// The live process, if any.
     pub fn pid(&self) -> Option<u32> {
-        match self.state {
-            State::Starting { pid, .. } => pid,
-            State::Serving { pid, .. }
-            | State::Unhealthy { pid, .. }
-            | State::Stopping { pid, .. } => Some(pid),
-            _ => None,
-        }
+        self.state.pid()
     }
 
     /// When the runner must send [`Event::Deadline`].
@@ -454,6 +453,17 @@ impl Instance {
 }
 
 impl State {
+    /// The process this state holds, if any.
+    pub fn pid(&self) -> Option<u32> {
+        match *self {
+            State::Starting { pid, .. } => pid,
+            State::Serving { pid, .. }
+            | State::Unhealthy { pid, .. }
+            | State::Stopping { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             State::Starting { .. } => "starting",

@@ -1,0 +1,69 @@
+//! The conductor daemon: prepares its runtime folder, starts every pool and
+//! stops them all on SIGTERM or SIGINT.
+
+mod config;
+mod runtime_dir;
+
+pub use config::DaemonConfig;
+pub use runtime_dir::{RuntimeDir, RuntimeDirError};
+
+use std::sync::Arc;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::process::Spawner;
+use crate::supervisor::{PoolContext, Supervisor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    RuntimeDir(#[from] RuntimeDirError),
+    #[error("cannot start the spawner thread: {0}")]
+    Spawner(std::io::Error),
+    #[error("cannot install the {0} handler: {1}")]
+    Signal(&'static str, std::io::Error),
+}
+
+/// Runs until SIGTERM or SIGINT, then stops every instance gracefully and
+/// returns once none is left.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let runtime_dir = RuntimeDir::prepare(&config.conductor.runtime_dir)?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
+    let spawner =
+        Arc::new(Spawner::start(tokio::runtime::Handle::current()).map_err(DaemonError::Spawner)?);
+    let cancel = CancellationToken::new();
+    let context = PoolContext {
+        runtime_dir: runtime_dir.root().to_owned(),
+        conductor_socket: runtime_dir.conductor_socket(),
+        spawner: spawner.clone(),
+        cancel: cancel.clone(),
+    };
+    let instances: u32 = config.plugins.values().map(|p| p.replicas).sum();
+    tracing::info!(
+        config = %config.file.display(),
+        plugins = config.plugins.len(),
+        instances,
+        runtime_dir = %runtime_dir.root().display(),
+        "conductor starting"
+    );
+    let supervisor = Supervisor::start(&config, &context);
+    drop(context);
+
+    let signal = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!(signal, "stopping every instance");
+    cancel.cancel();
+    supervisor.wait().await;
+    // Only now may the spawner thread end: its exit fires the death signal
+    // of every child it forked.
+    drop(spawner);
+    tracing::info!("conductor stopped");
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! The runtime folder: private (0700), owned by one conductor at a time,
+//! and cleared of sockets an earlier run left behind.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read as _, Seek as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeDirError {
+    #[error("cannot prepare runtime folder {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "runtime folder {path} is in use by another conductor (pid {holder}); give this one another conductor.runtime_dir"
+    )]
+    InUse { path: PathBuf, holder: String },
+}
+
+/// Holds the folder's lock for as long as it lives.
+#[derive(Debug)]
+pub struct RuntimeDir {
+    root: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl RuntimeDir {
+    pub fn prepare(root: &Path) -> Result<Self, RuntimeDirError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| RuntimeDirError::Io { path, source }
+        };
+        let plugins = root.join("plugins");
+        std::fs::create_dir_all(&plugins).map_err(io(&plugins))?;
+        // Sockets inside accept anyone who can reach them: only the
+        // conductor's user may.
+        for dir in [root, plugins.as_path()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(dir))?;
+        }
+
+        let lock_path = root.join("conductor.lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, _)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                return Err(RuntimeDirError::InUse {
+                    path: root.to_owned(),
+                    holder: holder.trim().to_owned(),
+                });
+            }
+        };
+        lock.set_len(0).map_err(io(&lock_path))?;
+        lock.rewind().map_err(io(&lock_path))?;
+        writeln!(lock, "{}", std::process::id()).map_err(io(&lock_path))?;
+
+        let mut stale = 0;
+        for entry in std::fs::read_dir(&plugins).map_err(io(&plugins))?.flatten() {
+            if std::fs::remove_file(entry.path()).is_ok() {
+                stale += 1;
+            }
+        }
+        if stale > 0 {
+            tracing::info!(stale, folder = %plugins.display(), "removed sockets left by an earlier run");
+        }
+        Ok(Self {
+            root: root.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the conductor's own API will listen.
+    pub fn conductor_socket(&self) -> PathBuf {
+        self.root.join("conductor.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_locked_and_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("run");
+        std::fs::create_dir_all(root.join("plugins")).unwrap();
+        std::fs::write(root.join("plugins/echo-0.sock"), "").unwrap();
+
+        let held = RuntimeDir::prepare(&root).unwrap();
+        let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(!root.join("plugins/echo-0.sock").exists());
+
+        let second = RuntimeDir::prepare(&root).unwrap_err();
+        let text = second.to_string();
+        assert!(text.contains(&std::process::id().to_string()), "{text}");
+
+        drop(held);
+        assert!(RuntimeDir::prepare(&root).is_ok());
+    }
+}

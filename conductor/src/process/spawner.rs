@@ -1,0 +1,122 @@
+//! The one thread that forks plugin processes.
+//!
+//! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits,
+//! not the process. Tokio's worker and blocking threads come and go, so a
+//! child forked from one of them could be SIGKILLed while the conductor is
+//! healthy. Every fork therefore happens on a dedicated thread that lives
+//! exactly as long as the [`Spawner`], which the daemon keeps until every
+//! instance has stopped.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use nix::sys::signal::Signal;
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+/// Everything needed to start one instance.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(OsString, OsString)>,
+    pub working_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start {program}: {source}")]
+    Exec {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the spawner thread is gone (the conductor is shutting down)")]
+    SpawnerGone,
+}
+
+struct Request {
+    spec: SpawnSpec,
+    reply: oneshot::Sender<Result<Child, SpawnError>>,
+}
+
+/// Handle to the spawner thread. Dropping the last handle ends the thread,
+/// which kills (by death signal) any child still running.
+pub struct Spawner {
+    requests: Option<mpsc::Sender<Request>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Spawner {
+    /// Starts the spawner thread. `runtime` receives the children, so that
+    /// their exit is observed through tokio's pidfd-based reaper.
+    pub fn start(runtime: tokio::runtime::Handle) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let thread = std::thread::Builder::new()
+            .name("demi-spawner".into())
+            .spawn(move || {
+                let _runtime = runtime.enter();
+                while let Ok(request) = rx.recv() {
+                    let _ = request.reply.send(spawn(request.spec));
+                }
+            })?;
+        Ok(Self {
+            requests: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Forks and execs `spec` on the spawner thread.
+    pub async fn spawn(&self, spec: SpawnSpec) -> Result<Child, SpawnError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .as_ref()
+            .ok_or(SpawnError::SpawnerGone)?
+            .send(Request { spec, reply })
+            .map_err(|_| SpawnError::SpawnerGone)?;
+        answer.await.map_err(|_| SpawnError::SpawnerGone)?
+    }
+}
+
+impl Drop for Spawner {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn spawn(spec: SpawnSpec) -> Result<Child, SpawnError> {
+    let conductor = nix::unistd::getpid();
+    let mut command = Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.working_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so one signal reaches the helpers it forks too.
+        // Not setsid(): that fails with EPERM once the child leads a group.
+        .process_group(0);
+    // SAFETY: between fork and exec only async-signal-safe calls are made:
+    // prctl and getppid are plain system calls that allocate nothing.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The conductor may have died between fork and prctl; then the
+            // death signal will never come, so leave now.
+            if nix::unistd::getppid() != conductor {
+                return Err(std::io::Error::other("conductor exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+    command.spawn().map_err(|source| SpawnError::Exec {
+        program: spec.program.clone(),
+        source,
+    })
+}

@@ -1,0 +1,105 @@
+//! The conductor's side of the plugin contract: readiness, health checks,
+//! `Describe` and `Shutdown` over the instance's Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use demi_proto::plugin::v1 as pb;
+use pb::plugin_client::PluginClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Protocol versions this conductor speaks, offered to every plugin.
+pub const ACCEPTED_PROTOCOLS: &[u32] = &[demi_proto::PROTOCOL_VERSION];
+
+/// Readiness probing starts at 1 ms (a Rust plugin binds in about that)
+/// and doubles up to this, so a slow starter costs few wake-ups.
+const MAX_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("status {0:?}")]
+    NotServing(ServingStatus),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Rpc(#[from] tonic::Status),
+}
+
+/// A connected instance.
+#[derive(Clone)]
+pub struct PluginConnection {
+    channel: Channel,
+}
+
+impl PluginConnection {
+    /// Connects to `socket` and waits until its health `Check("")` answers
+    /// SERVING. Retries forever with a growing interval: the caller bounds
+    /// it with the instance's startup timeout.
+    pub async fn await_serving(socket: &Path) -> Self {
+        let mut pause = Duration::from_millis(1);
+        let endpoint = endpoint(socket);
+        loop {
+            if let Ok(channel) = endpoint.connect().await {
+                let connection = Self { channel };
+                if connection
+                    .check("", pause.max(MAX_PROBE_INTERVAL))
+                    .await
+                    .is_ok()
+                {
+                    return connection;
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_PROBE_INTERVAL);
+        }
+    }
+
+    /// One `grpc.health.v1.Health/Check` for `service`.
+    pub async fn check(&self, service: &str, timeout: Duration) -> Result<(), HealthError> {
+        let mut client = HealthClient::new(self.channel.clone());
+        let request = HealthCheckRequest {
+            service: service.to_owned(),
+        };
+        let answer = tokio::time::timeout(timeout, client.check(request))
+            .await
+            .map_err(|_| HealthError::Timeout(timeout))??;
+        match answer.into_inner().status() {
+            ServingStatus::Serving => Ok(()),
+            other => Err(HealthError::NotServing(other)),
+        }
+    }
+
+    pub async fn describe(&self, timeout: Duration) -> Result<pb::DescribeResponse, tonic::Status> {
+        let mut client = PluginClient::new(self.channel.clone());
+        let mut request = tonic::Request::new(pb::DescribeRequest {});
+        request.set_timeout(timeout);
+        tokio::time::timeout(timeout, client.describe(request))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("Describe timed out"))?
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Asks the instance to drain and leave within `grace`.
+    pub async fn shutdown(&self, grace: Duration, timeout: Duration) -> Result<(), tonic::Status> {
+        let mut client = PluginClient::new(self.channel.clone());
+        let request = pb::ShutdownRequest {
+            grace: prost_types::Duration::try_from(grace).ok(),
+        };
+        tokio::time::timeout(timeout, client.shutdown(request))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("Shutdown timed out"))?
+            .map(|_| ())
+    }
+}
+
+fn endpoint(socket: &Path) -> Endpoint {
+    let path: PathBuf = socket.to_owned();
+    // from_shared fails only on invalid UTF-8, which a String cannot hold;
+    // a Unix socket URI needs no DNS or TLS, it only names the path.
+    Endpoint::from_shared(format!("unix://{}", path.display()))
+        .unwrap_or_else(|_| Endpoint::from_static("unix:///invalid"))
+        .connect_timeout(Duration::from_secs(1))
+}

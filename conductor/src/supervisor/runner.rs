@@ -1,0 +1,347 @@
+//! Runs one instance: carries out the state machine's actions and turns
+//! what happens to the process into events. Everything waits on an event
+//! (child exit via pidfd, a probe or check answering, a deadline, a
+//! command): nothing polls, so a crash is noticed the moment it happens and
+//! the next fork follows at once.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio::process::Child;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::breaker::Breaker;
+use super::config::PoolConfig;
+use super::instance::{Action, Event, ExitReason, Instance, State};
+use crate::process::output::{self, Origin};
+use crate::process::{SpawnSpec, Spawner, signal_group};
+use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
+use crate::telemetry::events;
+
+/// What an operator can ask of a running instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Start,
+    Stop,
+}
+
+/// A snapshot of an instance for status queries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceStatus {
+    pub state: &'static str,
+    pub pid: Option<u32>,
+    pub breaker: Breaker,
+    pub restarts: u64,
+    pub last_exit: Option<ExitReason>,
+}
+
+/// Where the instance lives and how to start it.
+pub struct InstanceSpec {
+    pub plugin: Arc<str>,
+    pub index: u32,
+    pub config: Arc<PoolConfig>,
+    pub spawn: SpawnSpec,
+    pub socket: PathBuf,
+}
+
+/// Pause between `Describe` attempts of an instance that fails them.
+const DESCRIBE_RETRY: Duration = Duration::from_millis(100);
+
+type Pending<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
+
+/// Awaits an optional future; never resolves when there is none.
+async fn maybe<T>(slot: &mut Pending<T>) -> T {
+    match slot {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_exit(child: &mut Option<Child>) -> std::io::Result<std::process::ExitStatus> {
+    match child {
+        Some(child) => child.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Drives one instance until `cancel` fires and the instance has stopped.
+pub async fn run(
+    spec: InstanceSpec,
+    spawner: Arc<Spawner>,
+    mut commands: mpsc::Receiver<Command>,
+    status: watch::Sender<InstanceStatus>,
+    cancel: CancellationToken,
+) {
+    let span = tracing::info_span!("instance", plugin = %spec.plugin, instance = spec.index);
+    Runner {
+        machine: Instance::new(spec.config.clone(), Arc::from(ACCEPTED_PROTOCOLS)),
+        spec,
+        spawner,
+        status,
+        child: None,
+        connection: None,
+        outputs: JoinSet::new(),
+    }
+    .drive(&mut commands, &cancel)
+    .instrument(span)
+    .await
+}
+
+struct Runner {
+    spec: InstanceSpec,
+    machine: Instance,
+    spawner: Arc<Spawner>,
+    status: watch::Sender<InstanceStatus>,
+    child: Option<Child>,
+    connection: Option<PluginConnection>,
+    /// Tasks forwarding the child's stdout and stderr; they end with the pipes.
+    outputs: JoinSet<()>,
+}
+
+impl Runner {
+    async fn drive(&mut self, commands: &mut mpsc::Receiver<Command>, cancel: &CancellationToken) {
+        let health = self.spec.config.health.clone();
+        let mut tick = tokio::time::interval(health.interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut probe: Pending<(PluginConnection, u32)> = None;
+        let mut check: Pending<Result<(), String>> = None;
+        let mut terminate: Pending<()> = None;
+        let mut shutting_down = false;
+        let mut commands_open = true;
+
+        self.apply(Event::StartRequested).await;
+        loop {
+            if shutting_down
+                && matches!(self.machine.state(), State::Stopped | State::Failed { .. })
+            {
+                break;
+            }
+            if self.machine.awaits_readiness() && probe.is_none() {
+                probe = Some(Box::pin(ready(
+                    self.spec.socket.clone(),
+                    self.spec.config.startup_timeout,
+                )));
+            }
+            if !self.machine.awaits_readiness() {
+                probe = None;
+            }
+            if !self.machine.checks_health() {
+                check = None;
+            }
+            let deadline = self.machine.deadline();
+            let event = tokio::select! {
+                exit = wait_exit(&mut self.child) => {
+                    self.child = None;
+                    // Helpers the plugin forked into its group die with it.
+                    if let Some(pid) = self.machine.pid() {
+                        signal_group(pid, Signal::SIGKILL);
+                    }
+                    self.connection = None;
+                    terminate = None;
+                    let reason = match exit {
+                        Ok(status) => exit_reason(status),
+                        Err(error) => ExitReason::SpawnFailed(format!("wait failed: {error}")),
+                    };
+                    Event::Exited { reason }
+                }
+                (connection, protocol_version) = maybe(&mut probe) => {
+                    probe = None;
+                    self.connection = Some(connection);
+                    // The first periodic check comes one interval after ready.
+                    tick.reset();
+                    Event::Ready { protocol_version }
+                }
+                result = maybe(&mut check) => {
+                    check = None;
+                    match result {
+                        Ok(()) => Event::HealthPassed,
+                        Err(why) => Event::HealthFailed { why },
+                    }
+                }
+                () = maybe(&mut terminate) => {
+                    terminate = None;
+                    continue;
+                }
+                () = sleep_until(deadline) => Event::Deadline,
+                _ = tick.tick(), if self.machine.checks_health() && check.is_none() => {
+                    if let Some(connection) = self.connection.clone() {
+                        let service = self.spec.plugin.to_string();
+                        let timeout = health.timeout;
+                        check = Some(Box::pin(async move {
+                            connection.check(&service, timeout).await.map_err(|e| e.to_string())
+                        }));
+                    }
+                    continue;
+                }
+                command = commands.recv(), if commands_open => match command {
+                    Some(Command::Start) => Event::StartRequested,
+                    Some(Command::Stop) => Event::StopRequested,
+                    // The pool is gone: nobody can start us again, so stop.
+                    None => {
+                        commands_open = false;
+                        shutting_down = true;
+                        Event::StopRequested
+                    }
+                },
+                () = cancel.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    Event::StopRequested
+                }
+            };
+            for action in self.apply(event).await {
+                if let Some(future) = self.execute(action) {
+                    terminate = Some(future);
+                }
+            }
+        }
+        // Whatever the plugin left in its pipes is still worth logging.
+        while self.outputs.join_next().await.is_some() {}
+    }
+
+    /// Steps the machine, spawning right away when asked (the spawn's
+    /// outcome is the next event), and returns the remaining actions.
+    async fn apply(&mut self, event: Event) -> Vec<Action> {
+        let mut event = Some(event);
+        let mut pending = Vec::new();
+        while let Some(next) = event.take() {
+            let before = self.machine.state().clone();
+            let breaker_before = self.machine.breaker();
+            let actions = match self
+                .machine
+                .step(next.clone(), Instant::now(), fastrand::f64())
+            {
+                Ok(actions) => actions,
+                Err(illegal) => {
+                    events::illegal_transition(&self.spec.plugin, &illegal);
+                    return pending;
+                }
+            };
+            events::transition(&before, &next, &self.machine, breaker_before);
+            for action in actions {
+                if action == Action::Spawn {
+                    event = Some(self.spawn().await);
+                } else {
+                    pending.push(action);
+                }
+            }
+        }
+        self.publish();
+        pending
+    }
+
+    fn execute(&mut self, action: Action) -> Pending<()> {
+        match action {
+            Action::Spawn => None,
+            Action::Terminate { pid, grace } => {
+                let connection = self.connection.clone();
+                let timeout = self.spec.config.health.timeout;
+                Some(Box::pin(async move {
+                    if let Some(connection) = connection
+                        && let Err(status) = connection.shutdown(grace, timeout.min(grace)).await
+                    {
+                        tracing::debug!(pid, %status, "Shutdown call failed; signalling");
+                    }
+                    signal_group(pid, Signal::SIGTERM);
+                }))
+            }
+            Action::Kill { pid } => {
+                tracing::warn!(pid, "grace expired, sending SIGKILL");
+                signal_group(pid, Signal::SIGKILL);
+                // A stopped process must run to die.
+                signal_group(pid, Signal::SIGCONT);
+                None
+            }
+        }
+    }
+
+    async fn spawn(&mut self) -> Event {
+        // A socket left by the previous instance would answer nothing, or
+        // worse, pass a probe before the new process has bound.
+        let _ = std::fs::remove_file(&self.spec.socket);
+        match self.spawner.spawn(self.spec.spawn.clone()).await {
+            Ok(mut child) => {
+                let Some(pid) = child.id() else {
+                    return Event::SpawnFailed {
+                        error: "child exited before it could be observed".into(),
+                    };
+                };
+                let origin = Origin {
+                    plugin: self.spec.plugin.clone(),
+                    instance: self.spec.index,
+                    pid,
+                };
+                if let Some(stdout) = child.stdout.take() {
+                    self.outputs
+                        .spawn(output::forward(stdout, "stdout", origin.clone()));
+                }
+                if let Some(stderr) = child.stderr.take() {
+                    self.outputs
+                        .spawn(output::forward(stderr, "stderr", origin));
+                }
+                self.child = Some(child);
+                Event::Spawned { pid }
+            }
+            Err(error) => Event::SpawnFailed {
+                error: error.to_string(),
+            },
+        }
+    }
+
+    fn publish(&self) {
+        let status = InstanceStatus {
+            state: self.machine.state().name(),
+            pid: self.machine.pid(),
+            breaker: self.machine.breaker(),
+            restarts: self.machine.restarts(),
+            last_exit: self.machine.last_exit().cloned(),
+        };
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+    }
+}
+
+/// Waits for SERVING, then asks `Describe` for the protocol version. A
+/// plugin that serves health but not the Plugin service is retried (and
+/// said so once) until the startup timeout gives up on it.
+async fn ready(socket: PathBuf, timeout: Duration) -> (PluginConnection, u32) {
+    let mut warned = false;
+    loop {
+        let connection = PluginConnection::await_serving(&socket).await;
+        match connection.describe(timeout).await {
+            Ok(description) => return (connection, description.protocol_version),
+            Err(status) if !warned => {
+                warned = true;
+                tracing::warn!(code = %status.code(), message = status.message(), "instance answers health but not Describe");
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(DESCRIBE_RETRY).await;
+    }
+}
+
+fn exit_reason(status: std::process::ExitStatus) -> ExitReason {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitReason::Code(code),
+        (None, Some(signal)) => ExitReason::Signal(signal),
+        (None, None) => ExitReason::Code(-1),
+    }
+}
