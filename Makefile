@@ -15,7 +15,9 @@ build:
 
 # What CI runs: style and lints first (cheap, fail fast), then every test
 # against freshly built binaries.
+# nextest runs last so its summary closes the output.
 test: lint build
+	$(CARGO) test --workspace --doc
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 lint:

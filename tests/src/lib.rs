@@ -1,1 +1,358 @@
+//! Harness for end-to-end tests: runs the real `conductor` binary on a
+//! config in a temporary folder, reads its JSON log as a stream of events,
+//! and talks to plugin sockets over real gRPC.
+//!
+//! Every wait has a deadline; dropping a [`Conductor`] SIGKILLs it, and the
+//! kernel's death signal takes its plugins along.
 
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Generous, because CI shares two cores between parallel tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Folder holding the built binaries (`make test` builds them first).
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("DEMI_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (make test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The conductor's log so far, shared with the thread that reads it.
+#[derive(Default)]
+struct Log {
+    events: Mutex<Vec<Value>>,
+    grew: Condvar,
+}
+
+/// A running conductor.
+pub struct Conductor {
+    pid: u32,
+    exit: mpsc::Receiver<ExitStatus>,
+    log: Arc<Log>,
+    dir: tempfile::TempDir,
+    exited: Option<ExitStatus>,
+}
+
+impl Conductor {
+    /// Starts `conductor run` on `config` (TOML text), written into a fresh
+    /// temporary folder whose `run/` holds the runtime files. `{echo}` in
+    /// the text is replaced by the echo plugin's path.
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("demi-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let text = format!(
+            "[conductor]\nruntime_dir = \"run\"\n\n{}",
+            config.replace("{echo}", &bin("demi-plugin-echo").display().to_string())
+        );
+        let path = dir.path().join("conductor.toml");
+        std::fs::write(&path, text).expect("write config");
+        let mut child = Command::new(bin("conductor"))
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "debug,h2=info,tower=info,hyper_util=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn conductor");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let log = Arc::new(Log::default());
+        let reader_log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let event = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| Value::String(format!("NOT JSON: {line}")));
+                reader_log.events.lock().unwrap().push(event);
+                reader_log.grew.notify_all();
+            }
+        });
+        let pid = child.id();
+        let (exit_tx, exit) = mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = exit_tx.send(status);
+            }
+        });
+        Self {
+            pid,
+            exit,
+            log,
+            dir,
+            exited: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn folder(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn socket(&self, plugin: &str, instance: u32) -> PathBuf {
+        self.runtime_dir()
+            .join("plugins")
+            .join(format!("{plugin}-{instance}.sock"))
+    }
+
+    /// How many events were logged so far; a cursor for [`Self::wait_for`].
+    pub fn cursor(&self) -> usize {
+        self.log.events.lock().unwrap().len()
+    }
+
+    /// Every event logged so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.log.events.lock().unwrap().clone()
+    }
+
+    /// Waits for the first event at or after `from` matching `pred`, and
+    /// returns it with its index. Panics with the recent log on timeout.
+    pub fn wait_for(
+        &self,
+        from: usize,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> (usize, Value) {
+        let deadline = Instant::now() + WAIT;
+        let mut events = self.log.events.lock().unwrap();
+        let mut next = from;
+        loop {
+            while next < events.len() {
+                if pred(&events[next]) {
+                    return (next, events[next].clone());
+                }
+                next += 1;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let tail: Vec<String> = events
+                    .iter()
+                    .rev()
+                    .take(40)
+                    .rev()
+                    .map(Value::to_string)
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}; last events:\n{}",
+                    tail.join("\n")
+                );
+            }
+            events = self
+                .log
+                .grew
+                .wait_timeout(events, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits for lifecycle event `message` of `plugin` at or after `from`.
+    pub fn wait_event(&self, from: usize, plugin: &str, message: &str) -> (usize, Value) {
+        self.wait_for(from, &format!("{plugin}: {message}"), |e| {
+            e["message"] == message && e["span"]["plugin"] == plugin
+        })
+    }
+
+    /// Waits until instance `index` of `plugin` is SERVING at or after
+    /// `from`, and returns its pid and the event's index.
+    pub fn wait_serving(&self, from: usize, plugin: &str, index: u32) -> (usize, u32) {
+        let (at, event) = self.wait_for(from, &format!("{plugin}-{index} serving"), |e| {
+            e["message"] == "instance serving"
+                && e["span"]["plugin"] == plugin
+                && e["span"]["instance"] == index
+        });
+        (at, event["pid"].as_u64().expect("pid") as u32)
+    }
+
+    /// Every pid the conductor spawned so far.
+    pub fn spawned_pids(&self) -> Vec<u32> {
+        self.events()
+            .iter()
+            .filter(|e| e["message"] == "instance spawned")
+            .filter_map(|e| e["pid"].as_u64())
+            .map(|p| p as u32)
+            .collect()
+    }
+
+    /// Events named `message` of `plugin`.
+    pub fn count(&self, plugin: &str, message: &str) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| e["message"] == message && e["span"]["plugin"] == plugin)
+            .count()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid as i32), signal).expect("signal conductor");
+    }
+
+    /// Waits for the conductor to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let status = self
+            .exit
+            .recv_timeout(WAIT)
+            .expect("conductor did not exit");
+        self.exited = Some(status);
+        status
+    }
+}
+
+impl Drop for Conductor {
+    fn drop(&mut self) {
+        if self.exited.is_none() && self.exit.try_recv().is_err() {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+            let _ = self.exit.recv_timeout(WAIT);
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Live processes whose process group is `pgid`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // Fields after the command name: state ppid pgrp ...
+                stat.rsplit_once(") ").is_some_and(|(_, rest)| {
+                    let fields: Vec<&str> = rest.split(' ').collect();
+                    fields.len() > 2
+                        && fields[2] == pgid.to_string()
+                        && !matches!(fields[0], "Z" | "X")
+                })
+            })
+        })
+        .collect()
+}
+
+/// Waits until none of `pids` is running; returns how long that took, or
+/// the pids still running at the deadline. Uses a pidfd per process, which
+/// becomes readable when the process exits: no polling.
+pub fn wait_all_gone(pids: &[u32], within: Duration) -> Result<Duration, Vec<u32>> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::{BorrowedFd, FromRawFd as _, OwnedFd};
+
+    let start = Instant::now();
+    let deadline = start + within;
+    let mut left = Vec::new();
+    for &pid in pids {
+        // SAFETY: pidfd_open reads only its integer arguments.
+        let raw = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as i32, 0) };
+        if raw < 0 {
+            continue; // ESRCH: already reaped.
+        }
+        // SAFETY: the descriptor was just returned to us and is owned here.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let timeout = PollTimeout::try_from(remaining.as_millis().min(60_000) as i32)
+            .unwrap_or(PollTimeout::ZERO);
+        let borrowed: BorrowedFd<'_> = std::os::fd::AsFd::as_fd(&fd);
+        let mut fds = [PollFd::new(borrowed, PollFlags::POLLIN)];
+        if poll(&mut fds, timeout).unwrap_or(0) == 0 && alive(pid) {
+            left.push(pid);
+        }
+    }
+    if left.is_empty() {
+        Ok(start.elapsed())
+    } else {
+        Err(left)
+    }
+}
+
+pub fn signal_pid(pid: u32, signal: Signal) {
+    kill(Pid::from_raw(pid as i32), signal).expect("signal plugin");
+}
+
+/// Milliseconds since the epoch of a log event's timestamp.
+pub fn timestamp_ms(event: &Value) -> f64 {
+    let text = event["timestamp"].as_str().expect("timestamp");
+    // 2026-11-27T20:33:18.021249Z: only the time of day matters here.
+    let time = text.split('T').nth(1).expect("time").trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next().and_then(|s| s.parse().ok()).expect("hour");
+    let m: f64 = parts.next().and_then(|s| s.parse().ok()).expect("minute");
+    let s: f64 = parts.next().and_then(|s| s.parse().ok()).expect("second");
+    ((h * 60.0 + m) * 60.0 + s) * 1000.0
+}
+
+pub mod grpc {
+    //! Real gRPC clients for plugin sockets.
+
+    use std::path::Path;
+    use std::time::Duration;
+
+    pub use demi_proto::plugin::v1 as pb;
+    use tonic::transport::{Channel, Endpoint};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    pub async fn connect(socket: &Path) -> Channel {
+        Endpoint::from_shared(format!("unix://{}", socket.display()))
+            .expect("endpoint")
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()))
+    }
+
+    /// The health status of `service`, as the numeric enum.
+    pub async fn health(channel: &Channel, service: &str) -> Result<i32, tonic::Status> {
+        let mut client = HealthClient::new(channel.clone());
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        tokio::time::timeout(Duration::from_secs(5), client.check(request))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("health check"))?
+            .map(|r| r.into_inner().status)
+    }
+
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+}

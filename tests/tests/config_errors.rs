@@ -1,0 +1,160 @@
+//! Acceptance: malformed configs are refused with file, line and field,
+//! and no plugin is started.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::Command;
+
+use demi_e2e::bin;
+
+/// (what, broken part, line of the error in the whole file, field). The
+/// prelude above the broken part is 4 lines long.
+const CASES: &[(&str, &str, usize, &str)] = &[
+    (
+        "bad TOML",
+        "[plugins.x]\ncommand = \"./marker.sh\nreplicas = 1\n",
+        6,
+        "plugins.x.command",
+    ),
+    (
+        "unknown key",
+        "[plugins.x]\ncommand = \"./marker.sh\"\nreplica = 2\n",
+        7,
+        "plugins.x.replica",
+    ),
+    (
+        "wrong type",
+        "[plugins.x]\ncommand = \"./marker.sh\"\nreplicas = \"2\"\n",
+        7,
+        "plugins.x.replicas",
+    ),
+    (
+        "negative duration",
+        "[plugins.x]\ncommand = \"./marker.sh\"\nshutdown_grace = \"-1s\"\n",
+        7,
+        "plugins.x.shutdown_grace",
+    ),
+    (
+        "missing command",
+        "[plugins.x]\nreplicas = 1\n",
+        5,
+        "plugins.x",
+    ),
+    (
+        "duplicate plugin",
+        "[plugins.marker]\ncommand = \"./marker.sh\"\n",
+        5,
+        "plugins.marker",
+    ),
+    (
+        "replicas 0",
+        "[plugins.x]\ncommand = \"./marker.sh\"\nreplicas = 0\n",
+        7,
+        "plugins.x.replicas",
+    ),
+    (
+        "missing binary",
+        "[plugins.x]\ncommand = \"./nope\"\n",
+        6,
+        "plugins.x.command",
+    ),
+    (
+        "binary not in PATH",
+        "[plugins.x]\ncommand = \"no-such-program-xyz\"\n",
+        6,
+        "plugins.x.command",
+    ),
+    (
+        "zero failure threshold",
+        "[plugins.x]\ncommand = \"./marker.sh\"\n[plugins.x.health]\nfailure_threshold = 0\n",
+        8,
+        "plugins.x.health.failure_threshold",
+    ),
+    (
+        "multiplier below 1",
+        "[plugins.x]\ncommand = \"./marker.sh\"\n[plugins.x.restart]\nmultiplier = 0.5\n",
+        8,
+        "plugins.x.restart.multiplier",
+    ),
+    (
+        "max below initial",
+        "[plugins.x]\ncommand = \"./marker.sh\"\n[plugins.x.restart]\ninitial_delay = \"2s\"\nmax_delay = \"1s\"\n",
+        9,
+        "plugins.x.restart.max_delay",
+    ),
+    (
+        "unknown health key",
+        "[plugins.x]\ncommand = \"./marker.sh\"\n[plugins.x.health]\nperiod = \"1s\"\n",
+        8,
+        "plugins.x.health.period",
+    ),
+    (
+        "unknown section",
+        "[plugin.x]\ncommand = \"./marker.sh\"\n",
+        5,
+        "plugin",
+    ),
+];
+
+#[test]
+fn every_malformed_config_is_refused_with_its_place_and_nothing_starts() {
+    for (what, broken, line, field) in CASES {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("marker.sh");
+        std::fs::write(
+            &marker,
+            "#!/bin/sh\ntouch \"$(dirname \"$0\")/started\"\nsleep 60\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&marker, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A valid plugin first: it must not start either.
+        let text = format!(
+            "[conductor]\nruntime_dir = \"run\"\n[plugins.marker]\ncommand = \"./marker.sh\"\n{broken}"
+        );
+        let path = dir.path().join("conductor.toml");
+        std::fs::write(&path, &text).unwrap();
+
+        for args in [&["run", "--config"][..], &["check-config"][..]] {
+            let out = Command::new(bin("conductor"))
+                .args(args)
+                .arg(&path)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{what}: {args:?}: {stderr}");
+            let place = format!("{}:{line}:", path.display());
+            assert!(
+                stderr.contains(&place),
+                "{what}: expected {place} in: {stderr}"
+            );
+            assert!(
+                stderr.contains(&format!(": {field}: ")),
+                "{what}: expected field {field} in: {stderr}"
+            );
+        }
+        assert!(
+            !dir.path().join("started").exists(),
+            "{what}: a plugin was started"
+        );
+        assert!(
+            !dir.path().join("run").exists(),
+            "{what}: the runtime folder was touched"
+        );
+    }
+}
+
+#[test]
+fn check_config_accepts_the_example() {
+    let example = demi_e2e::repo_root().join("examples/conductor.toml");
+    let out = Command::new(bin("conductor"))
+        .arg("check-config")
+        .arg(&example)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok (1 plugins, 2 instances)"), "{stdout}");
+}

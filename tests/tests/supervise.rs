@@ -1,0 +1,245 @@
+//! Supervision end to end: real conductor, real echo processes, real gRPC.
+
+use std::time::Duration;
+
+use demi_e2e::grpc::{self, pb};
+use demi_e2e::{Conductor, alive, group_members, signal_pid, timestamp_ms, wait_all_gone};
+use nix::sys::signal::Signal;
+
+const SERVING: i32 = 1;
+
+fn echo_plugin(name: &str, replicas: u32, extra: &str) -> String {
+    format!(
+        "[plugins.{name}]\ncommand = \"{{echo}}\"\nreplicas = {replicas}\nshutdown_grace = \"2s\"\n{extra}\n"
+    )
+}
+
+#[test]
+fn sigkill_restarts_with_growing_jittered_delays_and_a_stable_run_resets_them() {
+    let conductor = Conductor::start(&echo_plugin(
+        "echo",
+        1,
+        "[plugins.echo.restart]\ninitial_delay = \"200ms\"\nmax_delay = \"800ms\"\n\
+         multiplier = 2.0\njitter = 0.2\nreset_after = \"1500ms\"\nstart_limit_burst = 100\n",
+    ));
+    let (mut cursor, mut pid) = conductor.wait_serving(0, "echo", 0);
+    let mut delays = Vec::new();
+    let mut gaps = Vec::new();
+    for _ in 0..6 {
+        signal_pid(pid, Signal::SIGKILL);
+        let (at, exited) = conductor.wait_event(cursor, "echo", "instance exited");
+        assert_eq!(exited["reason"], "signal SIGKILL");
+        let (_, scheduled) = conductor.wait_event(at, "echo", "restart scheduled");
+        let (spawned_at, spawned) = conductor.wait_event(at, "echo", "instance spawned");
+        delays.push(scheduled["delay_ms"].as_u64().unwrap());
+        gaps.push(timestamp_ms(&spawned) - timestamp_ms(&exited));
+        let (next, new_pid) = conductor.wait_serving(spawned_at, "echo", 0);
+        assert_ne!(new_pid, pid, "a new process serves");
+        assert!(!alive(pid));
+        (cursor, pid) = (next, new_pid);
+    }
+    eprintln!("delays {delays:?} ms, measured exit→spawn gaps {gaps:?} ms");
+    // First crash: at once. Then 200, 400, 800 (capped), each ±20 %.
+    assert_eq!(delays[0], 0);
+    for (delay, base) in delays[1..4].iter().zip([200.0, 400.0, 800.0]) {
+        let d = *delay as f64;
+        assert!(
+            d >= base * 0.8 - 1.0 && d <= (base * 1.2).min(800.0),
+            "{delays:?}"
+        );
+    }
+    assert!(
+        delays[1] < delays[2] && delays[2] < delays[3],
+        "growing: {delays:?}"
+    );
+    assert!(delays[3..].iter().all(|d| *d <= 800), "capped: {delays:?}");
+    let exact = [0, 200, 400, 800, 800, 800];
+    assert_ne!(delays, exact, "jittered");
+    // The restart really waited its delay (and no tick added more than a
+    // little scheduling noise on two busy cores).
+    for (gap, delay) in gaps.iter().zip(&delays) {
+        assert!(*gap + 2.0 >= *delay as f64, "gap {gap} < delay {delay}");
+    }
+
+    // A run longer than reset_after forgets the crashes.
+    std::thread::sleep(Duration::from_millis(1800));
+    signal_pid(pid, Signal::SIGKILL);
+    let (at, _) = conductor.wait_event(cursor, "echo", "instance exited");
+    let (_, scheduled) = conductor.wait_event(at, "echo", "restart scheduled");
+    assert_eq!(scheduled["delay_ms"], 0);
+    assert_eq!(scheduled["attempt"], 1);
+    conductor.wait_serving(at, "echo", 0);
+}
+
+#[test]
+fn a_stopped_replica_trips_the_breaker_and_is_replaced() {
+    let conductor = Conductor::start(&echo_plugin(
+        "echo",
+        2,
+        "[plugins.echo.health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\nfailure_threshold = 3\n",
+    ));
+    let (_, pid) = conductor.wait_serving(0, "echo", 0);
+    let (cursor, other) = conductor.wait_serving(0, "echo", 1);
+    signal_pid(pid, Signal::SIGSTOP);
+
+    let (at, tripped) = conductor.wait_event(cursor, "echo", "breaker tripped");
+    assert_eq!(tripped["pid"], pid);
+    assert_eq!(tripped["span"]["instance"], 0);
+    let failures = conductor
+        .events()
+        .iter()
+        .skip(cursor)
+        .filter(|e| e["message"] == "health check failed" && e["pid"] == pid)
+        .count();
+    assert_eq!(failures, 3, "threshold of 3 consecutive failed checks");
+    let (at, exited) = conductor.wait_event(at, "echo", "instance exited");
+    assert_eq!(exited["pid"], pid);
+    assert_eq!(
+        exited["reason"], "signal SIGKILL",
+        "a stopped process only dies by SIGKILL"
+    );
+    let (_, new_pid) = conductor.wait_serving(at, "echo", 0);
+    assert_ne!(new_pid, pid);
+    assert!(!alive(pid));
+    // The other replica never noticed.
+    assert!(alive(other));
+    assert_eq!(conductor.count("echo", "instance spawned"), 3);
+}
+
+#[test]
+fn exit_78_fails_without_restart_and_a_crash_loop_hits_the_start_limit() {
+    let conductor = Conductor::start(&format!(
+        "{}{}{}",
+        echo_plugin("config-error", 1, "args = [\"--exit-code\", \"78\"]"),
+        echo_plugin(
+            "crasher",
+            1,
+            "args = [\"--exit-code\", \"3\"]\n[plugins.crasher.restart]\n\
+             initial_delay = \"10ms\"\nstart_limit_burst = 4\nstart_limit_interval = \"30s\"\n"
+        ),
+        echo_plugin("steady", 1, ""),
+    ));
+    let (_, steady) = conductor.wait_serving(0, "steady", 0);
+
+    let (_, failed) = conductor.wait_event(0, "config-error", "instance failed");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("code 78"), "{reason}");
+    let (_, failed) = conductor.wait_event(0, "crasher", "instance failed");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("start limit hit: 4 starts within 30s"),
+        "{reason}"
+    );
+    assert_eq!(conductor.count("crasher", "instance spawned"), 4);
+
+    // Failed is final: give a restart every chance to (wrongly) happen.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(conductor.count("config-error", "instance spawned"), 1);
+    assert_eq!(conductor.count("crasher", "instance spawned"), 4);
+    // One plugin's failure touched nobody else.
+    assert!(alive(steady));
+    assert_eq!(conductor.count("steady", "instance spawned"), 1);
+    let rt = grpc::runtime();
+    rt.block_on(async {
+        let channel = grpc::connect(&conductor.socket("steady", 0)).await;
+        assert_eq!(grpc::health(&channel, "steady").await.unwrap(), SERVING);
+    });
+}
+
+#[test]
+fn a_protocol_mismatch_fails_naming_both_versions() {
+    let conductor = Conductor::start(&echo_plugin(
+        "future",
+        1,
+        "args = [\"--claim-protocol\", \"9\"]",
+    ));
+    let (_, failed) = conductor.wait_event(0, "future", "instance failed");
+    assert_eq!(
+        failed["reason"],
+        "protocol version mismatch: plugin answered 9, conductor accepts [1]"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        conductor.count("future", "instance spawned"),
+        1,
+        "not restarted"
+    );
+}
+
+#[test]
+fn sigterm_stops_everything_and_exits_zero() {
+    let mut conductor = Conductor::start(&echo_plugin("echo", 3, "args = [\"--fork\", \"2\"]"));
+    for i in 0..3 {
+        conductor.wait_serving(0, "echo", i);
+    }
+    let pids = conductor.spawned_pids();
+    assert_eq!(pids.len(), 3);
+    for pid in &pids {
+        assert_eq!(
+            group_members(*pid).len(),
+            3,
+            "leader and two forked helpers"
+        );
+    }
+    conductor.signal(Signal::SIGTERM);
+    let status = conductor.wait_exit();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    // The plugins, and the helpers they forked into their groups.
+    for pid in &pids {
+        assert!(!alive(*pid), "plugin {pid} survived");
+        assert_eq!(group_members(*pid), Vec::<u32>::new(), "group of {pid}");
+    }
+    assert_eq!(conductor.count("echo", "instance stopped"), 3);
+}
+
+#[test]
+fn sigkill_of_the_conductor_takes_every_plugin_along_within_two_seconds() {
+    let mut conductor = Conductor::start(&echo_plugin("echo", 3, ""));
+    for i in 0..3 {
+        conductor.wait_serving(0, "echo", i);
+    }
+    let pids = conductor.spawned_pids();
+    conductor.signal(Signal::SIGKILL);
+    conductor.wait_exit();
+    let took = wait_all_gone(&pids, Duration::from_secs(2))
+        .unwrap_or_else(|left| panic!("still running 2 s after SIGKILL: {left:?}"));
+    eprintln!(
+        "all {} plugins gone {took:?} after the conductor's SIGKILL",
+        pids.len()
+    );
+}
+
+#[test]
+fn describe_and_handle_answer_on_the_instance_socket() {
+    let conductor = Conductor::start(&echo_plugin("echo", 1, ""));
+    conductor.wait_serving(0, "echo", 0);
+    let rt = grpc::runtime();
+    rt.block_on(async {
+        let channel = grpc::connect(&conductor.socket("echo", 0)).await;
+        assert_eq!(grpc::health(&channel, "").await.unwrap(), SERVING);
+        assert_eq!(grpc::health(&channel, "echo").await.unwrap(), SERVING);
+        let mut client = pb::plugin_client::PluginClient::new(channel);
+        let description = client
+            .describe(pb::DescribeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(description.name, "echo");
+        assert_eq!(description.protocol_version, 1);
+        assert_eq!(description.capabilities, ["jobs"]);
+        let result = client
+            .handle(pb::Job {
+                id: "job-1".into(),
+                kind: "echo".into(),
+                payload: b"hello".to_vec(),
+                attempt: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(result.job_id, "job-1");
+        assert_eq!(result.outcome, pb::job_result::Outcome::Ok as i32);
+        assert_eq!(result.payload, b"hello");
+    });
+}
