@@ -11,6 +11,7 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -21,6 +22,9 @@ use crate::{Job, Plugin, parent};
 /// How long in-flight jobs may run after SIGTERM when the conductor did not
 /// name a grace through `Shutdown` first.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// How long closing idle connections may take after the drain.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why [`serve`] stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -104,13 +108,18 @@ pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<()
         .set_service_status(handshake.name.as_str(), ServingStatus::Serving)
         .await;
 
+    // `stop` begins the drain (new jobs refused, health NOT_SERVING);
+    // `close` ends the server once in-flight jobs are done.
     let stop = CancellationToken::new();
+    let close = CancellationToken::new();
+    let in_flight = TaskTracker::new();
     let grace = Arc::new(Mutex::new(None));
     let service = PluginService {
         plugin: Arc::new(plugin),
         name: handshake.name.clone(),
         protocol_version: handshake.protocol_version,
         stop: stop.clone(),
+        in_flight: in_flight.clone(),
         grace: grace.clone(),
         health: health.clone(),
     };
@@ -119,7 +128,7 @@ pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<()
         .add_service(PluginServer::new(service))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener),
-            stop.clone().cancelled_owned(),
+            close.clone().cancelled_owned(),
         );
     tokio::pin!(server);
 
@@ -133,20 +142,24 @@ pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<()
         _ = sigint.recv() => false,
         _ = parent::exited() => true,
     };
-    // Nobody is left to read results once the conductor is gone, so
-    // in-flight work is abandoned rather than drained.
-    let grace = if parent_gone {
-        Duration::ZERO
-    } else {
-        lock(&grace).unwrap_or(DEFAULT_GRACE)
-    };
     mark_not_serving(&health, &handshake.name).await;
     stop.cancel();
-    let result = tokio::time::timeout(grace, &mut server).await;
+    in_flight.close();
+    // Nobody is left to read results once the conductor is gone, so
+    // in-flight work is abandoned rather than drained.
+    if !parent_gone {
+        let grace = lock(&grace).unwrap_or(DEFAULT_GRACE);
+        let drained = tokio::time::timeout(grace, in_flight.wait()).await;
+        if drained.is_err() {
+            tracing::warn!(?grace, "in-flight jobs outlived the grace; leaving anyway");
+        }
+    }
+    close.cancel();
+    // Connections are idle now; closing them takes one round trip.
+    let result = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
     remove_socket(&handshake.socket);
     match result {
         Ok(served) => served.map_err(ServeError::from),
-        // In-flight work outlived the grace; the conductor would SIGKILL us next.
         Err(_) => Ok(()),
     }
 }
@@ -191,6 +204,7 @@ struct PluginService<P> {
     name: String,
     protocol_version: u32,
     stop: CancellationToken,
+    in_flight: TaskTracker,
     grace: Arc<Mutex<Option<Duration>>>,
     health: HealthReporter,
 }
@@ -214,6 +228,8 @@ impl<P: Plugin> pb::plugin_server::Plugin for PluginService<P> {
             // UNAVAILABLE tells the conductor to deliver the job elsewhere.
             return Err(Status::unavailable("plugin is shutting down"));
         }
+        // Counts as in flight until the result is built, so a drain waits for it.
+        let _in_flight = self.in_flight.token();
         let job = Job::from(request.into_inner());
         let id = job.id.clone();
         let outcome = self.plugin.handle(job).await;

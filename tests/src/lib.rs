@@ -325,6 +325,7 @@ pub mod grpc {
     use std::time::Duration;
 
     pub use demi_proto::plugin::v1 as pb;
+    pub use prost_types::Duration as ProstDuration;
     use tonic::transport::{Channel, Endpoint};
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;

@@ -1,0 +1,179 @@
+//! The Rust SDK's side of the handshake, driven without a conductor: the
+//! test plays the conductor by setting the environment itself.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use demi_e2e::grpc::{self, pb};
+use demi_e2e::{WAIT, bin, signal_pid, wait_all_gone};
+use demi_proto::handshake as hs;
+use nix::sys::signal::Signal;
+
+fn handshake_env(command: &mut Command, socket: &Path) {
+    command
+        .env(hs::MAGIC_COOKIE_KEY, hs::MAGIC_COOKIE_VALUE)
+        .env(hs::PROTOCOL_VERSIONS_KEY, "1")
+        .env(hs::SOCKET_KEY, socket)
+        .env(hs::NAME_KEY, "echo")
+        .env(hs::INSTANCE_KEY, "0");
+}
+
+/// Starts echo with the handshake and waits until its socket answers.
+fn start_echo(socket: &Path, args: &[&str]) -> Child {
+    let mut command = Command::new(bin("demi-plugin-echo"));
+    handshake_env(&mut command, socket);
+    let child = command.args(args).stdout(Stdio::null()).spawn().unwrap();
+    wait_serving(socket);
+    child
+}
+
+fn wait_serving(socket: &Path) {
+    let deadline = Instant::now() + WAIT;
+    let rt = grpc::runtime();
+    loop {
+        let ready = rt.block_on(async {
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
+                    .unwrap();
+            match endpoint.connect().await {
+                Ok(channel) => matches!(grpc::health(&channel, "").await, Ok(1)),
+                Err(_) => false,
+            }
+        });
+        if ready {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "echo never served on {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn exit_code_within(child: &mut Child, within: Duration) -> Option<i32> {
+    let pid = child.id();
+    wait_all_gone(&[pid], within).unwrap_or_else(|_| panic!("{pid} still running"));
+    child.wait().unwrap().code()
+}
+
+#[test]
+fn run_by_hand_it_explains_itself_and_exits_78() {
+    let out = Command::new(bin("demi-plugin-echo"))
+        .env_remove(hs::MAGIC_COOKIE_KEY)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("started by the conductor"), "{stderr}");
+}
+
+#[test]
+fn no_common_protocol_version_exits_78_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(bin("demi-plugin-echo"));
+    handshake_env(&mut command, &dir.path().join("echo.sock"));
+    let out = command
+        .env(hs::PROTOCOL_VERSIONS_KEY, "2,3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("[2, 3]") && stderr.contains("[1]"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigterm_drains_and_removes_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("echo.sock");
+    let mut echo = start_echo(&socket, &[]);
+    signal_pid(echo.id(), Signal::SIGTERM);
+    assert_eq!(exit_code_within(&mut echo, Duration::from_secs(5)), Some(0));
+    assert!(!socket.exists());
+}
+
+#[test]
+fn shutdown_finishes_in_flight_jobs_refuses_new_ones_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("echo.sock");
+    let mut echo = start_echo(&socket, &["--delay", "400ms"]);
+    let rt = grpc::runtime();
+    rt.block_on(async {
+        let channel = grpc::connect(&socket).await;
+        let mut client = pb::plugin_client::PluginClient::new(channel.clone());
+        let mut slow = client.clone();
+        let in_flight = tokio::spawn(async move {
+            slow.handle(pb::Job {
+                id: "slow".into(),
+                payload: b"done".to_vec(),
+                attempt: 1,
+                ..Default::default()
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client
+            .shutdown(pb::ShutdownRequest {
+                grace: Some(prost_types_duration(Duration::from_secs(5))),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            grpc::health(&channel, "echo").await.unwrap(),
+            2,
+            "NOT_SERVING while draining"
+        );
+        let refused = client
+            .handle(pb::Job {
+                id: "late".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        let finished = in_flight.await.unwrap().unwrap().into_inner();
+        assert_eq!(finished.payload, b"done", "the in-flight job completed");
+    });
+    assert_eq!(exit_code_within(&mut echo, Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn it_exits_by_itself_when_its_parent_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("echo.sock");
+    // A shell stands in for the conductor, without any death signal: only
+    // the SDK's own watch on its parent can notice the shell is gone.
+    let mut command = Command::new("sh");
+    handshake_env(&mut command, &socket);
+    let mut shell = command
+        .args(["-c", "\"$0\" >/dev/null & echo $!; read _"])
+        .arg(bin("demi-plugin-echo"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(shell.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let echo: u32 = line.trim().parse().unwrap();
+    wait_serving(&socket);
+    shell.stdin.take().unwrap().write_all(b"\n").unwrap();
+    shell.wait().unwrap();
+    let took = wait_all_gone(&[echo], Duration::from_secs(2)).expect("echo outlived its parent");
+    eprintln!("echo left {took:?} after its parent");
+}
+
+fn prost_types_duration(d: Duration) -> demi_e2e::grpc::ProstDuration {
+    demi_e2e::grpc::ProstDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
