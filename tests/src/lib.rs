@@ -51,28 +51,93 @@ pub struct Conductor {
     pid: u32,
     exit: mpsc::Receiver<ExitStatus>,
     log: Arc<Log>,
-    dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
+    config: PathBuf,
+    wrapper: Vec<String>,
+    cgroup_root: String,
     exited: Option<ExitStatus>,
 }
 
-impl Conductor {
-    /// Starts `conductor run` on `config` (TOML text), written into a fresh
-    /// temporary folder whose `run/` holds the runtime files. `{echo}` in
-    /// the text is replaced by the echo plugin's path.
-    pub fn start(config: &str) -> Self {
+/// Options for [`Conductor`] beyond the plugins.
+#[derive(Default)]
+pub struct Builder {
+    conductor: String,
+    wrapper: Vec<String>,
+}
+
+impl Builder {
+    /// Extra lines for the `[conductor]` table.
+    pub fn conductor(mut self, lines: &str) -> Self {
+        self.conductor = lines.to_owned();
+        self
+    }
+
+    /// Runs the conductor through `wrapper` (e.g. `unshare -m …`), which
+    /// must exec it in place so the pid stays the conductor's.
+    pub fn wrap(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Starts the conductor on `plugins` (TOML); `{echo}` is replaced by
+    /// the echo plugin's path. Runtime files go to `run/` in a fresh
+    /// folder, cgroups under a root named after it.
+    pub fn start(self, plugins: &str) -> Conductor {
         let dir = tempfile::Builder::new()
             .prefix("demi-e2e-")
             .tempdir()
             .expect("temp dir");
+        let cgroup_root = dir
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("temp dir name")
+            .to_owned();
+        let has_root = self.conductor.contains("cgroup_root");
         let text = format!(
-            "[conductor]\nruntime_dir = \"run\"\n\n{}",
-            config.replace("{echo}", &bin("demi-plugin-echo").display().to_string())
+            "[conductor]\nruntime_dir = \"run\"\n{}{}\n\n{}",
+            if has_root {
+                String::new()
+            } else {
+                format!("cgroup_root = \"{cgroup_root}\"\n")
+            },
+            self.conductor,
+            plugins.replace("{echo}", &bin("demi-plugin-echo").display().to_string())
         );
-        let path = dir.path().join("conductor.toml");
-        std::fs::write(&path, text).expect("write config");
-        let mut child = Command::new(bin("conductor"))
+        let config = dir.path().join("conductor.toml");
+        std::fs::write(&config, text).expect("write config");
+        Conductor::launch(Arc::new(dir), config, self.wrapper, cgroup_root)
+    }
+}
+
+impl Conductor {
+    /// Starts `conductor run` on `plugins` with default options.
+    pub fn start(plugins: &str) -> Self {
+        Self::builder().start(plugins)
+    }
+
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    fn launch(
+        dir: Arc<tempfile::TempDir>,
+        config: PathBuf,
+        wrapper: Vec<String>,
+        cgroup_root: String,
+    ) -> Self {
+        let conductor = bin("conductor");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&conductor);
+                c
+            }
+            None => Command::new(&conductor),
+        };
+        let mut child = command
             .args(["run", "--log-format", "json", "--config"])
-            .arg(&path)
+            .arg(&config)
             .env("RUST_LOG", "debug,h2=info,tower=info,hyper_util=info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -102,12 +167,39 @@ impl Conductor {
             exit,
             log,
             dir,
+            config,
+            wrapper,
+            cgroup_root,
             exited: None,
         }
     }
 
+    /// Starts a new conductor on the same config and folders, after this
+    /// one has exited (or been killed).
+    pub fn restart(mut self) -> Self {
+        if self.exited.is_none() {
+            self.signal(Signal::SIGKILL);
+            self.wait_exit();
+        }
+        Self::launch(
+            self.dir.clone(),
+            self.config.clone(),
+            std::mem::take(&mut self.wrapper),
+            std::mem::take(&mut self.cgroup_root),
+        )
+    }
+
+    /// The cgroup root this conductor was given.
+    pub fn cgroup_root(&self) -> &str {
+        &self.cgroup_root
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
     }
 
     pub fn runtime_dir(&self) -> PathBuf {
@@ -231,6 +323,54 @@ impl Drop for Conductor {
         if self.exited.is_none() && self.exit.try_recv().is_err() {
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
             let _ = self.exit.recv_timeout(WAIT);
+        }
+        // A failed test must not leave cgroups behind.
+        if !self.cgroup_root.is_empty() {
+            remove_cgroup_tree(&self.cgroup_root);
+        }
+    }
+}
+
+/// Every folder of cgroup `root` (and below it) in every mounted hierarchy,
+/// deepest first.
+pub fn cgroup_dirs(root: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&entry.path(), out);
+                }
+            }
+        }
+        out.push(dir.to_owned());
+    }
+    let mut out = Vec::new();
+    let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return out;
+    };
+    let mut hierarchies: Vec<PathBuf> = mounts.flatten().map(|e| e.path()).collect();
+    hierarchies.push(PathBuf::from("/sys/fs/cgroup"));
+    for hierarchy in hierarchies {
+        let top = hierarchy.join(root);
+        if top.is_dir() {
+            walk(&top, &mut out);
+        }
+    }
+    out
+}
+
+/// Kills what is left in cgroup `root` and removes its folders.
+pub fn remove_cgroup_tree(root: &str) {
+    for dir in cgroup_dirs(root) {
+        for _ in 0..100 {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }

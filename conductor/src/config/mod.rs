@@ -79,6 +79,9 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         match key.get_ref().as_ref() {
             "conductor" => {
                 if let Some(c) = report.deserialize::<DaemonConfig>(value, doc) {
+                    for (field, reason) in c.problems() {
+                        report.at(doc, &["conductor", field], reason);
+                    }
                     conductor = c;
                 }
             }

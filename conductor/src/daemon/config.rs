@@ -1,9 +1,11 @@
 //! `[conductor]`: settings of the daemon itself.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::process::cgroup::CgroupPolicy;
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -16,6 +18,42 @@ pub struct DaemonConfig {
     /// `human` or `json`; `--log-format` overrides it.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Where instance cgroups go, below each hierarchy's root:
+    /// `ROOT/PLUGIN/INDEX`. One conductor per root.
+    #[serde(default = "default_cgroup_root")]
+    pub cgroup_root: String,
+    /// `required`: a plugin that declares limits does not start without
+    /// cgroups. `optional`: it starts unconfined, with a warning.
+    #[serde(default)]
+    pub cgroup_policy: CgroupPolicy,
+    /// How often each instance's resource usage is read from its cgroup.
+    #[serde(default = "default_usage_interval", with = "humantime_serde")]
+    pub usage_interval: Duration,
+}
+
+impl DaemonConfig {
+    /// Problems serde cannot see, as (field, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let root = Path::new(&self.cgroup_root);
+        let plain = !self.cgroup_root.is_empty()
+            && root
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            out.push((
+                "cgroup_root",
+                format!(
+                    "{:?} must be a relative path without '..', e.g. \"demi-conductor\"",
+                    self.cgroup_root
+                ),
+            ));
+        }
+        if self.usage_interval.is_zero() {
+            out.push(("usage_interval", "must be longer than 0s".into()));
+        }
+        out
+    }
 }
 
 impl Default for DaemonConfig {
@@ -23,8 +61,19 @@ impl Default for DaemonConfig {
         Self {
             runtime_dir: default_runtime_dir(),
             log_format: LogFormat::default(),
+            cgroup_root: default_cgroup_root(),
+            cgroup_policy: CgroupPolicy::default(),
+            usage_interval: default_usage_interval(),
         }
     }
+}
+
+fn default_cgroup_root() -> String {
+    "demi-conductor".into()
+}
+
+fn default_usage_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_runtime_dir() -> PathBuf {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::process::Spawner;
+use crate::process::cgroup::Cgroups;
 use crate::supervisor::{PoolContext, Supervisor};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,40 @@ pub enum DaemonError {
     Spawner(std::io::Error),
     #[error("cannot install the {0} handler: {1}")]
     Signal(&'static str, std::io::Error),
+    #[error("cgroup set-up panicked: {0}")]
+    CgroupSetup(tokio::task::JoinError),
+}
+
+/// Detects the host's cgroups once, says what it found, and removes what
+/// an earlier run left under the root.
+async fn open_cgroups(config: &Config) -> Result<Cgroups, DaemonError> {
+    let root = config.conductor.cgroup_root.clone();
+    let cgroups = tokio::task::spawn_blocking(move || {
+        let cgroups = Cgroups::open(&root);
+        let leftovers = cgroups.clean_leftovers();
+        (cgroups, leftovers)
+    })
+    .await
+    .map_err(DaemonError::CgroupSetup)?;
+    let (cgroups, leftovers) = cgroups;
+    match cgroups.unavailable() {
+        Some(why) => tracing::warn!(setup = %cgroups.setup(), why, "cgroups unavailable"),
+        None => tracing::info!(
+            setup = %cgroups.setup(),
+            root = cgroups.root(),
+            leftovers,
+            favordynmods = cgroups.favordynmods(),
+            "cgroups ready"
+        ),
+    }
+    if cgroups.unavailable().is_none() && !cgroups.favordynmods() {
+        tracing::info!(
+            "cgroup hierarchy mounted without favordynmods: each start waits for an RCU grace \
+             period when joining its cgroup (about 6 ms); remount with -o favordynmods \
+             (kernel 6.0+) to avoid it"
+        );
+    }
+    Ok(cgroups)
 }
 
 /// Runs until SIGTERM or SIGINT, then stops every instance gracefully and
@@ -36,11 +71,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
     let spawner =
         Arc::new(Spawner::start(tokio::runtime::Handle::current()).map_err(DaemonError::Spawner)?);
+    let cgroups = Arc::new(open_cgroups(&config).await?);
     let cancel = CancellationToken::new();
     let context = PoolContext {
         runtime_dir: runtime_dir.root().to_owned(),
         conductor_socket: runtime_dir.conductor_socket(),
         spawner: spawner.clone(),
+        cgroups: cgroups.clone(),
+        cgroup_policy: config.conductor.cgroup_policy,
+        usage_interval: config.conductor.usage_interval,
         cancel: cancel.clone(),
     };
     let instances: u32 = config.plugins.values().map(|p| p.replicas).sum();
@@ -64,6 +103,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Only now may the spawner thread end: its exit fires the death signal
     // of every child it forked.
     drop(spawner);
+    let _ = tokio::task::spawn_blocking(move || cgroups.remove_root()).await;
     tracing::info!("conductor stopped");
     Ok(())
 }

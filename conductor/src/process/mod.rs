@@ -1,5 +1,6 @@
 //! Starting, watching and signalling plugin processes.
 
+pub mod cgroup;
 pub mod output;
 pub mod spawner;
 

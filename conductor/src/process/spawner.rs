@@ -24,6 +24,8 @@ pub struct SpawnSpec {
     pub args: Vec<String>,
     pub env: Vec<(OsString, OsString)>,
     pub working_dir: PathBuf,
+    /// `cgroup.procs` files the child joins before exec (empty: unconfined).
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,11 @@ pub enum SpawnError {
     #[error("cannot start {program}: {source}")]
     Exec {
         program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open {path} to join the cgroup: {source}")]
+    Cgroup {
+        path: PathBuf,
         source: std::io::Error,
     },
     #[error("the spawner thread is gone (the conductor is shutting down)")]
@@ -91,6 +98,21 @@ impl Drop for Spawner {
 
 fn spawn(spec: SpawnSpec) -> Result<Child, SpawnError> {
     let conductor = nix::unistd::getpid();
+    // Opened before the fork: opening allocates, which a forked child of a
+    // multi-threaded process must not do.
+    let cgroup_procs = spec
+        .cgroup_procs
+        .iter()
+        .map(|path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|source| SpawnError::Cgroup {
+                    path: path.clone(),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut command = Command::new(&spec.program);
     command
         .args(&spec.args)
@@ -103,9 +125,14 @@ fn spawn(spec: SpawnSpec) -> Result<Child, SpawnError> {
         // Not setsid(): that fails with EPERM once the child leads a group.
         .process_group(0);
     // SAFETY: between fork and exec only async-signal-safe calls are made:
-    // prctl and getppid are plain system calls that allocate nothing.
+    // write, prctl and getppid are plain system calls that allocate nothing.
     unsafe {
         command.pre_exec(move || {
+            // Join the cgroup first, so not one instruction of plugin code
+            // runs unconfined. "0" means the writing process itself.
+            for procs in &cgroup_procs {
+                nix::unistd::write(procs, b"0")?;
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // The conductor may have died between fork and prctl; then the
             // death signal will never come, so leave now.

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::process::cgroup::LimitsConfig;
+
 /// One plugin's pool: what to run, how many, and how to keep it alive.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +37,8 @@ pub struct PoolConfig {
     pub health: HealthConfig,
     #[serde(default)]
     pub restart: RestartConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// `[plugins.NAME.health]`: periodic `grpc.health.v1.Health/Check` calls.
@@ -174,6 +178,7 @@ impl PoolConfig {
         if r.start_limit_burst == 0 {
             bad("restart.start_limit_burst", "must be at least 1".into());
         }
+        out.extend(self.limits.problems());
         out
     }
 }

@@ -65,15 +65,29 @@ pub enum StopCause {
 pub enum ExitReason {
     Code(i32),
     Signal(i32),
+    /// SIGKILLed by the kernel at the cgroup's memory limit (seen in the
+    /// cgroup's OOM counter, not guessed from the signal).
+    Oom,
     SpawnFailed(String),
 }
 
 /// Why an instance is Failed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FailReason {
-    NeverRestart { code: i32 },
-    StartLimit { starts: usize, interval: Duration },
-    ProtocolMismatch { answered: u32, accepted: Vec<u32> },
+    /// The instance cannot be started as configured (cgroups required but
+    /// unusable, for one).
+    Unlaunchable(String),
+    NeverRestart {
+        code: i32,
+    },
+    StartLimit {
+        starts: usize,
+        interval: Duration,
+    },
+    ProtocolMismatch {
+        answered: u32,
+        accepted: Vec<u32>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +97,10 @@ pub enum Event {
     },
     SpawnFailed {
         error: String,
+    },
+    /// Spawning cannot succeed until an operator changes something.
+    Unlaunchable {
+        reason: String,
     },
     /// Health answered SERVING and `Describe` named this protocol version.
     Ready {
@@ -229,6 +247,12 @@ impl Instance {
                     pid: Some(pid),
                     since: *since,
                     deadline: *deadline,
+                };
+                vec![]
+            }
+            (S::Starting { pid: None, .. }, Event::Unlaunchable { reason }) => {
+                self.state = S::Failed {
+                    reason: FailReason::Unlaunchable(reason),
                 };
                 vec![]
             }
@@ -491,6 +515,7 @@ impl fmt::Display for ExitReason {
                 Ok(name) => write!(f, "signal {name}"),
                 Err(_) => write!(f, "signal {signal}"),
             },
+            ExitReason::Oom => f.write_str("oom"),
             ExitReason::SpawnFailed(error) => write!(f, "spawn failed: {error}"),
         }
     }
@@ -499,6 +524,7 @@ impl fmt::Display for ExitReason {
 impl fmt::Display for FailReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            FailReason::Unlaunchable(reason) => f.write_str(reason),
             FailReason::NeverRestart { code } => write!(
                 f,
                 "exited with code {code}, listed in restart.never_restart_exit_codes"

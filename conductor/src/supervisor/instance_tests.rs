@@ -25,6 +25,7 @@ fn config() -> PoolConfig {
             start_limit_burst: 5,
             ..RestartConfig::default()
         },
+        limits: Default::default(),
     }
 }
 
@@ -482,4 +483,45 @@ impl IntoPool for RestartConfig {
             ..config()
         }
     }
+}
+
+#[test]
+fn an_unlaunchable_instance_fails_without_spawning() {
+    let t0 = Instant::now();
+    let mut i = instance_with(config());
+    drive(&mut i, t0, &[Event::StartRequested]);
+    let reason = "cgroups are unavailable".to_string();
+    assert_eq!(
+        i.step(
+            Event::Unlaunchable {
+                reason: reason.clone()
+            },
+            t0,
+            0.5
+        ),
+        Ok(vec![])
+    );
+    assert_eq!(
+        i.state(),
+        &State::Failed {
+            reason: FailReason::Unlaunchable(reason)
+        }
+    );
+    assert_eq!(i.state().to_string(), "failed");
+}
+
+#[test]
+fn an_oom_kill_is_a_crash_like_any_other() {
+    let t0 = Instant::now();
+    let mut i = serving(t0);
+    let actions = i.step(
+        Event::Exited {
+            reason: ExitReason::Oom,
+        },
+        t0,
+        0.5,
+    );
+    assert_eq!(actions, Ok(vec![Action::Spawn]));
+    assert_eq!(i.last_exit(), Some(&ExitReason::Oom));
+    assert_eq!(ExitReason::Oom.to_string(), "oom");
 }

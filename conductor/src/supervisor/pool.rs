@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use demi_proto::handshake as hs;
 use tokio::sync::{mpsc, watch};
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::PoolConfig;
 use super::runner::{self, Command, InstanceSpec, InstanceStatus};
 use crate::config::Config;
+use crate::process::cgroup::{Cgroup, CgroupPolicy, Cgroups};
 use crate::process::{SpawnSpec, Spawner};
 use crate::rpc::ACCEPTED_PROTOCOLS;
 
@@ -22,6 +24,9 @@ pub struct PoolContext {
     pub runtime_dir: PathBuf,
     pub conductor_socket: PathBuf,
     pub spawner: Arc<Spawner>,
+    pub cgroups: Arc<Cgroups>,
+    pub cgroup_policy: CgroupPolicy,
+    pub usage_interval: Duration,
     pub cancel: CancellationToken,
 }
 
@@ -29,6 +34,8 @@ pub struct PoolContext {
 pub struct InstanceHandle {
     pub commands: mpsc::Sender<Command>,
     pub status: watch::Receiver<InstanceStatus>,
+    /// For usage read on demand; `None` when the instance runs unconfined.
+    pub cgroup: Option<Arc<dyn Cgroup>>,
 }
 
 pub struct Pool {
@@ -49,12 +56,19 @@ impl Pool {
         let instances = (0..config.replicas)
             .map(|index| {
                 let socket = Config::socket_path(&context.runtime_dir, &name, index);
+                let (cgroup, unlaunchable) = confine(&name, index, &config, context);
+                let mut spawn =
+                    spawn_spec(&name, index, &config, &socket, &context.conductor_socket);
+                spawn.cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
                 let spec = InstanceSpec {
                     plugin: name.clone(),
                     index,
                     config: config.clone(),
-                    spawn: spawn_spec(&name, index, &config, &socket, &context.conductor_socket),
+                    spawn,
                     socket,
+                    cgroup: cgroup.clone(),
+                    unlaunchable,
+                    usage_interval: context.usage_interval,
                 };
                 let (commands, command_rx) = mpsc::channel(8);
                 let (status_tx, status) = watch::channel(InstanceStatus {
@@ -63,6 +77,8 @@ impl Pool {
                     breaker: Default::default(),
                     restarts: 0,
                     last_exit: None,
+                    confined: cgroup.is_some(),
+                    usage: None,
                 });
                 tasks.spawn(runner::run(
                     spec,
@@ -71,7 +87,11 @@ impl Pool {
                     status_tx,
                     context.cancel.clone(),
                 ));
-                InstanceHandle { commands, status }
+                InstanceHandle {
+                    commands,
+                    status,
+                    cgroup,
+                }
             })
             .collect();
         Self {
@@ -112,5 +132,42 @@ fn spawn_spec(
         args: config.args.clone(),
         env,
         working_dir: config.working_dir.clone().unwrap_or_else(|| ".".into()),
+        cgroup_procs: Vec::new(),
+    }
+}
+
+/// The instance's cgroup, or why it may not start. Creation failure is
+/// fatal only for a plugin that declares limits under the `required`
+/// policy; otherwise the instance runs unconfined and says so.
+fn confine(
+    plugin: &str,
+    index: u32,
+    config: &PoolConfig,
+    context: &PoolContext,
+) -> (Option<Arc<dyn Cgroup>>, Option<String>) {
+    match context.cgroups.create(plugin, index, &config.limits) {
+        Ok(cgroup) => (Some(cgroup), None),
+        Err(error) if config.limits.is_empty() => {
+            tracing::info!(plugin, instance = index, %error, "running without a cgroup (no limits declared)");
+            (None, None)
+        }
+        Err(error) if context.cgroup_policy == CgroupPolicy::Optional => {
+            tracing::warn!(
+                plugin,
+                instance = index,
+                %error,
+                "LIMITS NOT ENFORCED: running unconfined because cgroup_policy = \"optional\""
+            );
+            (None, None)
+        }
+        Err(error) => (
+            None,
+            Some(format!(
+                "{error}; [plugins.{plugin}.limits] needs cgroups: run the conductor as root on a \
+                 host with the memory, cpu and pids controllers (on cgroup v2 under systemd, in a \
+                 delegated subtree: Delegate=yes), or set [conductor] cgroup_policy = \"optional\" \
+                 to run it without limits"
+            )),
+        ),
     }
 }

@@ -21,6 +21,7 @@ use tracing::Instrument as _;
 use super::breaker::Breaker;
 use super::config::PoolConfig;
 use super::instance::{Action, Event, ExitReason, Instance, State};
+use crate::process::cgroup::{Cgroup, Usage};
 use crate::process::output::{self, Origin};
 use crate::process::{SpawnSpec, Spawner, signal_group};
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
@@ -41,6 +42,10 @@ pub struct InstanceStatus {
     pub breaker: Breaker,
     pub restarts: u64,
     pub last_exit: Option<ExitReason>,
+    /// Whether the instance runs in its own cgroup.
+    pub confined: bool,
+    /// The last usage read from the cgroup.
+    pub usage: Option<Usage>,
 }
 
 /// Where the instance lives and how to start it.
@@ -50,6 +55,10 @@ pub struct InstanceSpec {
     pub config: Arc<PoolConfig>,
     pub spawn: SpawnSpec,
     pub socket: PathBuf,
+    pub cgroup: Option<Arc<dyn Cgroup>>,
+    /// Set when the instance must not be started (see [`Event::Unlaunchable`]).
+    pub unlaunchable: Option<String>,
+    pub usage_interval: Duration,
 }
 
 /// Pause between `Describe` attempts of an instance that fails them.
@@ -96,6 +105,8 @@ pub async fn run(
         child: None,
         connection: None,
         outputs: JoinSet::new(),
+        oom_kills_at_spawn: 0,
+        usage: None,
     }
     .drive(&mut commands, &cancel)
     .instrument(span)
@@ -111,6 +122,9 @@ struct Runner {
     connection: Option<PluginConnection>,
     /// Tasks forwarding the child's stdout and stderr; they end with the pipes.
     outputs: JoinSet<()>,
+    /// The cgroup's OOM kill count when the current process was spawned.
+    oom_kills_at_spawn: u64,
+    usage: Option<Usage>,
 }
 
 impl Runner {
@@ -118,6 +132,8 @@ impl Runner {
         let health = self.spec.config.health.clone();
         let mut tick = tokio::time::interval(health.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut usage_tick = tokio::time::interval(self.spec.usage_interval);
+        usage_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut probe: Pending<(PluginConnection, u32)> = None;
         let mut check: Pending<Result<(), String>> = None;
         let mut terminate: Pending<()> = None;
@@ -154,9 +170,12 @@ impl Runner {
                     self.connection = None;
                     terminate = None;
                     let reason = match exit {
-                        Ok(status) => exit_reason(status),
+                        Ok(status) => self.exit_reason(status),
                         Err(error) => ExitReason::SpawnFailed(format!("wait failed: {error}")),
                     };
+                    // Whatever escaped the process group (a double-forked
+                    // daemon) dies before a successor starts.
+                    self.empty_cgroup().await;
                     Event::Exited { reason }
                 }
                 (connection, protocol_version) = maybe(&mut probe) => {
@@ -188,6 +207,10 @@ impl Runner {
                     }
                     continue;
                 }
+                _ = usage_tick.tick(), if self.spec.cgroup.is_some() => {
+                    self.sample_usage();
+                    continue;
+                }
                 command = commands.recv(), if commands_open => match command {
                     Some(Command::Start) => Event::StartRequested,
                     Some(Command::Stop) => Event::StopRequested,
@@ -211,6 +234,66 @@ impl Runner {
         }
         // Whatever the plugin left in its pipes is still worth logging.
         while self.outputs.join_next().await.is_some() {}
+        if let Some(cgroup) = self.spec.cgroup.clone() {
+            let removed = tokio::task::spawn_blocking(move || {
+                cgroup.kill_all()?;
+                cgroup.remove()
+            })
+            .await;
+            match removed {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "cannot remove the instance's cgroup"),
+                Err(error) => tracing::error!(%error, "cgroup removal panicked"),
+            }
+        }
+    }
+
+    /// Kills every process left in the instance's cgroup.
+    async fn empty_cgroup(&self) {
+        let Some(cgroup) = self.spec.cgroup.clone() else {
+            return;
+        };
+        if cgroup.procs().is_empty() {
+            return;
+        }
+        match tokio::task::spawn_blocking(move || cgroup.kill_all()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot empty the instance's cgroup"),
+            Err(error) => tracing::error!(%error, "emptying the cgroup panicked"),
+        }
+    }
+
+    fn sample_usage(&mut self) {
+        let Some(cgroup) = &self.spec.cgroup else {
+            return;
+        };
+        let usage = cgroup.usage();
+        tracing::debug!(
+            pid = self.machine.pid(),
+            memory_bytes = usage.memory_bytes,
+            memory_peak_bytes = usage.memory_peak_bytes,
+            cpu_ms = usage.cpu.as_millis() as u64,
+            throttled_ms = usage.throttled.as_millis() as u64,
+            throttled_periods = usage.throttled_periods,
+            pids = usage.pids,
+            oom_kills = usage.oom_kills,
+            "instance usage"
+        );
+        self.usage = Some(usage);
+        self.publish();
+    }
+
+    /// How the process ended. A SIGKILL counts as an OOM kill only if the
+    /// cgroup's OOM counter moved while the process lived.
+    fn exit_reason(&self, status: std::process::ExitStatus) -> ExitReason {
+        let reason = exit_reason(status);
+        let oom = reason == ExitReason::Signal(Signal::SIGKILL as i32)
+            && self
+                .spec
+                .cgroup
+                .as_ref()
+                .is_some_and(|c| c.oom_kills() > self.oom_kills_at_spawn);
+        if oom { ExitReason::Oom } else { reason }
     }
 
     /// Steps the machine, spawning right away when asked (the spawn's
@@ -270,9 +353,17 @@ impl Runner {
     }
 
     async fn spawn(&mut self) -> Event {
+        if let Some(reason) = &self.spec.unlaunchable {
+            return Event::Unlaunchable {
+                reason: reason.clone(),
+            };
+        }
         // A socket left by the previous instance would answer nothing, or
         // worse, pass a probe before the new process has bound.
         let _ = std::fs::remove_file(&self.spec.socket);
+        if let Some(cgroup) = &self.spec.cgroup {
+            self.oom_kills_at_spawn = cgroup.oom_kills();
+        }
         match self.spawner.spawn(self.spec.spawn.clone()).await {
             Ok(mut child) => {
                 let Some(pid) = child.id() else {
@@ -309,6 +400,8 @@ impl Runner {
             breaker: self.machine.breaker(),
             restarts: self.machine.restarts(),
             last_exit: self.machine.last_exit().cloned(),
+            confined: self.spec.cgroup.is_some(),
+            usage: self.usage,
         };
         self.status.send_if_modified(|current| {
             let changed = *current != status;

@@ -35,6 +35,12 @@ struct Args {
     /// Spin this many threads on the CPU forever.
     #[arg(long, env = "ECHO_SPIN_THREADS")]
     spin_threads: Option<u32>,
+    /// Start spinning only when SIGUSR1 arrives.
+    #[arg(long, env = "ECHO_SPIN_ON_USR1")]
+    spin_on_usr1: bool,
+    /// Leave a double-forked daemon behind, outside the process group.
+    #[arg(long, env = "ECHO_DAEMONIZE")]
+    daemonize: bool,
     /// Fork this many children that sleep until killed.
     #[arg(long, env = "ECHO_FORK")]
     fork: Option<u32>,
@@ -109,7 +115,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    misbehave(&args);
+    misbehave(&args, &runtime);
     log(
         "echo starting",
         &format!(
@@ -135,7 +141,7 @@ fn main() -> ExitCode {
 }
 
 /// Starts the resource and liveness misbehaviours asked for on the command line.
-fn misbehave(args: &Args) {
+fn misbehave(args: &Args, runtime: &tokio::runtime::Runtime) {
     if let Some(after) = args.hang_after {
         std::thread::spawn(move || {
             std::thread::sleep(after);
@@ -162,13 +168,23 @@ fn misbehave(args: &Args) {
             }
         });
     }
-    for _ in 0..args.spin_threads.unwrap_or(0) {
-        std::thread::spawn(|| {
-            let mut x = 0u64;
-            loop {
-                x = std::hint::black_box(x.wrapping_add(1));
+    let spinners = args.spin_threads.unwrap_or(0);
+    if args.spin_on_usr1 {
+        let _guard = runtime.enter();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+            Ok(mut usr1) => {
+                runtime.spawn(async move {
+                    usr1.recv().await;
+                    spin(spinners);
+                });
             }
-        });
+            Err(error) => eprintln!("echo: cannot wait for SIGUSR1: {error}"),
+        }
+    } else {
+        spin(spinners);
+    }
+    if args.daemonize {
+        daemonize();
     }
     if let Some(count) = args.fork {
         let mut forked = 0;
@@ -183,5 +199,56 @@ fn misbehave(args: &Args) {
             }
         }
         log("forked", &format!("\"asked\":{count},\"forked\":{forked}"));
+    }
+}
+
+fn spin(threads: u32) {
+    for _ in 0..threads {
+        std::thread::spawn(|| {
+            let mut x = 0u64;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        });
+    }
+    if threads > 0 {
+        log("spinning", &format!("\"threads\":{threads}"));
+    }
+}
+
+/// The classic double fork: the grandchild starts its own session, so it
+/// is in neither the plugin's process group nor its parentage.
+fn daemonize() {
+    use nix::unistd::{ForkResult, fork, pause, setsid};
+    use std::io::Write as _;
+    // SAFETY: after a fork in a multi-threaded process the children make
+    // only system calls and format into a stack buffer: no allocation, no
+    // locks another thread might have held.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            let _ = setsid();
+            match unsafe { fork() } {
+                Ok(ForkResult::Child) => {
+                    let mut line = [0u8; 96];
+                    let mut cursor = std::io::Cursor::new(&mut line[..]);
+                    let _ = writeln!(
+                        cursor,
+                        "{{\"level\":\"info\",\"msg\":\"daemonized\",\"daemon_pid\":{}}}",
+                        nix::unistd::getpid()
+                    );
+                    let len = cursor.position() as usize;
+                    let _ = nix::unistd::write(std::io::stdout(), &line[..len]);
+                    loop {
+                        pause();
+                    }
+                }
+                // _exit: no atexit handlers or stdio flushing after a fork.
+                _ => unsafe { nix::libc::_exit(0) },
+            }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            let _ = nix::sys::wait::waitpid(child, None);
+        }
+        Err(error) => eprintln!("echo: cannot daemonize: {error}"),
     }
 }

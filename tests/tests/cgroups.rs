@@ -1,0 +1,355 @@
+//! Resource isolation end to end, with real cgroups (the tests run as root).
+
+use std::time::{Duration, Instant};
+
+use demi_e2e::grpc::{self, pb};
+use demi_e2e::{Conductor, alive, cgroup_dirs, signal_pid, wait_all_gone};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const SERVING: i32 = 1;
+
+fn plugin(name: &str, extra: &str) -> String {
+    format!("[plugins.{name}]\ncommand = \"{{echo}}\"\nshutdown_grace = \"2s\"\n{extra}\n")
+}
+
+/// A plugin's own log line `message` (plugin output, not conductor events),
+/// with its JSON fields parsed.
+fn plugin_line(conductor: &Conductor, plugin: &str, message: &str) -> Value {
+    let (_, line) = conductor.wait_for(0, &format!("{plugin} says {message}"), |e| {
+        e["target"] == "plugin" && e["plugin"] == plugin && e["message"] == message
+    });
+    serde_json::from_str(line["fields"].as_str().unwrap_or("{}")).unwrap()
+}
+
+/// The next usage event of `plugin` at or after `from` matching `pred`.
+fn usage(
+    conductor: &Conductor,
+    from: usize,
+    plugin: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> (usize, Value) {
+    conductor.wait_for(from, &format!("{plugin} usage"), |e| {
+        e["message"] == "instance usage" && e["span"]["plugin"] == plugin && pred(e)
+    })
+}
+
+/// Medians of `n` sequential echo jobs, in microseconds.
+async fn job_latency_us(
+    client: &mut pb::plugin_client::PluginClient<tonic::transport::Channel>,
+    n: usize,
+) -> f64 {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = Instant::now();
+        let result = client
+            .handle(pb::Job {
+                id: format!("job-{i}"),
+                payload: b"x".to_vec(),
+                attempt: 1,
+                ..Default::default()
+            })
+            .await
+            .expect("job")
+            .into_inner();
+        assert_eq!(result.payload, b"x");
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[n / 2]
+}
+
+#[test]
+fn an_instance_past_its_memory_limit_is_oom_killed_reported_and_restarted() {
+    let conductor = Conductor::start(&format!(
+        "{}{}",
+        plugin(
+            "hog",
+            "args = [\"--alloc-mib\", \"200\"]\n[plugins.hog.limits]\nmemory = \"64MiB\"\n\
+             [plugins.hog.restart]\ninitial_delay = \"50ms\"\nstart_limit_burst = 4\n"
+        ),
+        plugin(
+            "steady",
+            "[plugins.steady.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n"
+        ),
+    ));
+    let (_, steady) = conductor.wait_serving(0, "steady", 0);
+    let (at, exited) = conductor.wait_event(0, "hog", "instance exited");
+    assert_eq!(exited["reason"], "oom", "{exited}");
+    let (at, _) = conductor.wait_event(at, "hog", "restart scheduled");
+    let (at, _) = conductor.wait_event(at, "hog", "instance spawned");
+    let (_, again) = conductor.wait_event(at, "hog", "instance exited");
+    assert_eq!(again["reason"], "oom");
+    let (_, failed) = conductor.wait_event(0, "hog", "instance failed");
+    assert!(failed["reason"].as_str().unwrap().contains("start limit"));
+
+    // The neighbour never blinked.
+    assert!(alive(steady));
+    assert_eq!(conductor.count("steady", "instance spawned"), 1);
+    assert_eq!(conductor.count("steady", "health check failed"), 0);
+    grpc::runtime().block_on(async {
+        let channel = grpc::connect(&conductor.socket("steady", 0)).await;
+        assert_eq!(grpc::health(&channel, "steady").await.unwrap(), SERVING);
+    });
+}
+
+#[test]
+fn a_fork_bomb_is_held_at_its_pids_limit() {
+    let conductor = Conductor::builder()
+        .conductor("usage_interval = \"200ms\"")
+        .start(&format!(
+            "{}{}",
+            plugin(
+                "forker",
+                "args = [\"--fork\", \"1000\"]\n[plugins.forker.limits]\npids = 32\n"
+            ),
+            plugin("steady", ""),
+        ));
+    let forked = plugin_line(&conductor, "forker", "forked");
+    let forked = forked["forked"].as_u64().unwrap();
+    assert!(
+        forked < 32,
+        "only {forked} forks fit under pids.max = 32 (threads count too)"
+    );
+    let (_, sample) = usage(&conductor, 0, "forker", |e| e["pids"].as_u64() == Some(32));
+    eprintln!(
+        "forker held at {} tasks after {forked} forks",
+        sample["pids"]
+    );
+
+    // The instance still serves, and so does everybody else.
+    conductor.wait_serving(0, "forker", 0);
+    conductor.wait_serving(0, "steady", 0);
+    grpc::runtime().block_on(async {
+        let channel = grpc::connect(&conductor.socket("steady", 0)).await;
+        let mut client = pb::plugin_client::PluginClient::new(channel);
+        job_latency_us(&mut client, 10).await;
+    });
+}
+
+#[test]
+fn a_spinner_is_throttled_to_its_cpu_limit_and_its_neighbour_keeps_its_latency() {
+    let conductor = Conductor::builder().conductor("usage_interval = \"250ms\"").start(&format!(
+        "{}{}",
+        plugin(
+            "spinner",
+            "args = [\"--spin-threads\", \"2\", \"--spin-on-usr1\"]\n[plugins.spinner.limits]\ncpu = 0.2\n"
+        ),
+        plugin("steady", ""),
+    ));
+    let (_, spinner) = conductor.wait_serving(0, "spinner", 0);
+    conductor.wait_serving(0, "steady", 0);
+    let rt = grpc::runtime();
+    let channel = rt.block_on(grpc::connect(&conductor.socket("steady", 0)));
+    let mut client = pb::plugin_client::PluginClient::new(channel);
+    rt.block_on(job_latency_us(&mut client, 50)); // warm up
+    let idle = rt.block_on(job_latency_us(&mut client, 300));
+
+    signal_pid(spinner, Signal::SIGUSR1);
+    plugin_line(&conductor, "spinner", "spinning");
+    let (at, first) = usage(&conductor, conductor.cursor(), "spinner", |e| {
+        e["throttled_ms"].as_u64() > Some(0)
+    });
+    let busy = rt.block_on(job_latency_us(&mut client, 300));
+    let (_, last) = usage(&conductor, at + 1, "spinner", |e| {
+        e["cpu_ms"].as_u64() > first["cpu_ms"].as_u64()
+    });
+
+    // CPU used over wall time between two samples, in cores.
+    let cpu = (last["cpu_ms"].as_f64().unwrap() - first["cpu_ms"].as_f64().unwrap())
+        / (demi_e2e::timestamp_ms(&last) - demi_e2e::timestamp_ms(&first));
+    eprintln!(
+        "spinner: {cpu:.2} cores, throttled {} ms in {} periods; neighbour p50 {idle:.0} µs idle, {busy:.0} µs beside the spinner",
+        last["throttled_ms"], last["throttled_periods"]
+    );
+    assert!(last["throttled_periods"].as_u64() > Some(0));
+    assert!(
+        cpu < 0.3,
+        "two spinning threads held near 0.2 cores, got {cpu:.2}"
+    );
+    assert!(
+        busy < idle * 2.0,
+        "neighbour latency {busy:.0} µs vs {idle:.0} µs idle"
+    );
+}
+
+#[test]
+fn a_double_forked_daemon_dies_with_its_instance() {
+    let mut conductor = Conductor::start(&plugin("daemonizer", "args = [\"--daemonize\"]"));
+    let (_, first) = conductor.wait_serving(0, "daemonizer", 0);
+    let daemon = plugin_line(&conductor, "daemonizer", "daemonized")["daemon_pid"]
+        .as_u64()
+        .unwrap() as u32;
+    assert!(alive(daemon));
+    assert_ne!(
+        nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(daemon as i32)))
+            .unwrap()
+            .as_raw() as u32,
+        first,
+        "escaped the process group"
+    );
+
+    // Killing the instance takes its daemon along before the restart.
+    let cursor = conductor.cursor();
+    signal_pid(first, Signal::SIGKILL);
+    let (at, _) = conductor.wait_event(cursor, "daemonizer", "instance exited");
+    wait_all_gone(&[daemon], Duration::from_secs(2)).expect("daemon outlived its instance");
+    conductor.wait_serving(at, "daemonizer", 0);
+    let (_, line) = conductor.wait_for(at, "second daemon", |e| {
+        e["target"] == "plugin" && e["message"] == "daemonized"
+    });
+    let fields: Value = serde_json::from_str(line["fields"].as_str().unwrap()).unwrap();
+    let second = fields["daemon_pid"].as_u64().unwrap() as u32;
+
+    // And stopping the conductor takes the second one.
+    conductor.signal(Signal::SIGTERM);
+    assert_eq!(conductor.wait_exit().code(), Some(0));
+    wait_all_gone(&[second], Duration::from_secs(2)).expect("daemon outlived the conductor");
+}
+
+#[test]
+fn no_cgroup_is_left_after_sigterm_and_a_restart_cleans_up_after_sigkill() {
+    let plugins = format!(
+        "{}{}",
+        plugin(
+            "a",
+            "replicas = 2\n[plugins.a.limits]\nmemory = \"128MiB\"\npids = 64\n"
+        ),
+        plugin("b", "[plugins.b.limits]\ncpu = 0.5\n"),
+    );
+    let mut conductor = Conductor::start(&plugins);
+    for (p, i) in [("a", 0), ("a", 1), ("b", 0)] {
+        conductor.wait_serving(0, p, i);
+    }
+    let root = conductor.cgroup_root().to_owned();
+    assert!(!cgroup_dirs(&root).is_empty());
+    conductor.signal(Signal::SIGTERM);
+    assert_eq!(conductor.wait_exit().code(), Some(0));
+    assert_eq!(
+        cgroup_dirs(&root),
+        Vec::<std::path::PathBuf>::new(),
+        "left behind"
+    );
+
+    // SIGKILL leaves the tree; the next start removes what is not its own.
+    let conductor = conductor.restart();
+    for (p, i) in [("a", 0), ("a", 1), ("b", 0)] {
+        conductor.wait_serving(0, p, i);
+    }
+    conductor.signal(Signal::SIGKILL);
+    let mut conductor = conductor.restart();
+    let (_, ready) = conductor.wait_for(0, "cgroups ready", |e| e["message"] == "cgroups ready");
+    assert_eq!(ready["leftovers"], 3, "{ready}");
+    for (p, i) in [("a", 0), ("a", 1), ("b", 0)] {
+        conductor.wait_serving(0, p, i);
+    }
+    let mut names: Vec<String> = cgroup_dirs(&root)
+        .iter()
+        .filter_map(|d| d.strip_prefix("/sys/fs/cgroup").ok())
+        .filter_map(|d| d.to_str().map(str::to_owned))
+        .filter_map(|d| {
+            d.split_once(&format!("/{root}"))
+                .map(|(_, rest)| rest.to_owned())
+        })
+        .filter(|rest| rest.matches('/').count() == 2)
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names, ["/a/0", "/a/1", "/b/0"]);
+    conductor.signal(Signal::SIGTERM);
+    conductor.wait_exit();
+    assert!(cgroup_dirs(&root).is_empty());
+}
+
+#[test]
+fn without_usable_cgroups_required_refuses_and_optional_runs_unconfined() {
+    let plugins = format!(
+        "{}{}",
+        plugin("limited", "[plugins.limited.limits]\nmemory = \"64MiB\"\n"),
+        plugin("free", ""),
+    );
+    // cgroup.procs is a file: no cgroup can be created below it.
+    let required = Conductor::builder()
+        .conductor("cgroup_root = \"cgroup.procs/demi\"")
+        .start(&plugins);
+    let (_, failed) = required.wait_event(0, "limited", "instance failed");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("cgroups are unavailable"), "{reason}");
+    assert!(
+        reason.contains("cgroup_policy = \"optional\""),
+        "says how to fix it: {reason}"
+    );
+    assert_eq!(required.count("limited", "instance spawned"), 0);
+    required.wait_serving(0, "free", 0);
+
+    let optional = Conductor::builder()
+        .conductor("cgroup_root = \"cgroup.procs/demi\"\ncgroup_policy = \"optional\"")
+        .start(&plugins);
+    optional.wait_serving(0, "limited", 0);
+    let (_, warning) = optional.wait_for(0, "the warning", |e| {
+        e["level"] == "WARN"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("LIMITS NOT ENFORCED"))
+    });
+    assert_eq!(warning["plugin"], "limited");
+}
+
+/// The v2 code path on this v1 host: in a private mount namespace, the
+/// controller-less cgroup2 hierarchy at `unified/` is bind-mounted over
+/// `/sys/fs/cgroup`, so detection reports v2, instances join v2 cgroups and
+/// are killed with `cgroup.kill`; declared limits fail for want of controllers.
+#[test]
+fn the_v2_path_confines_kills_and_refuses_limits_without_controllers() {
+    let unified = std::path::Path::new("/sys/fs/cgroup/unified");
+    let is_cgroup2 = nix::sys::statfs::statfs(unified)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC);
+    if !is_cgroup2 {
+        eprintln!(
+            "SKIPPED: no cgroup2 hierarchy at {} on this host",
+            unified.display()
+        );
+        return;
+    }
+    let mut conductor = Conductor::builder()
+        .wrap(&[
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            "mount --bind /sys/fs/cgroup/unified /sys/fs/cgroup && exec \"$@\"",
+            "sh",
+        ])
+        .start(&format!(
+            "{}{}",
+            plugin("free", "args = [\"--daemonize\"]"),
+            plugin("limited", "[plugins.limited.limits]\nmemory = \"64MiB\"\n"),
+        ));
+    let (_, ready) = conductor.wait_for(0, "cgroups ready", |e| e["message"] == "cgroups ready");
+    assert_eq!(ready["setup"], "v2 (unified)");
+    let (_, failed) = conductor.wait_event(0, "limited", "instance failed");
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("memory controller is unavailable"),
+        "{failed}"
+    );
+
+    let (_, pid) = conductor.wait_serving(0, "free", 0);
+    let daemon = plugin_line(&conductor, "free", "daemonized")["daemon_pid"]
+        .as_u64()
+        .unwrap() as u32;
+    let root = conductor.cgroup_root().to_owned();
+    for p in [pid, daemon] {
+        let membership = std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();
+        assert!(
+            membership.contains(&format!("0::/{root}/free/0")),
+            "{p}: {membership}"
+        );
+    }
+    conductor.signal(Signal::SIGTERM);
+    assert_eq!(conductor.wait_exit().code(), Some(0));
+    wait_all_gone(&[pid, daemon], Duration::from_secs(2)).expect("cgroup.kill left a process");
+    assert!(!unified.join(&root).exists(), "v2 cgroup tree removed");
+}
