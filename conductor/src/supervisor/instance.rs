@@ -488,6 +488,17 @@ impl State {
         }
     }
 
+    /// When the process this state holds was spawned.
+    pub fn since(&self) -> Option<Instant> {
+        match *self {
+            State::Starting { since, .. }
+            | State::Serving { since, .. }
+            | State::Unhealthy { since, .. }
+            | State::Stopping { since, .. } => Some(since),
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             State::Starting { .. } => "starting",

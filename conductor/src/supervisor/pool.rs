@@ -79,6 +79,7 @@ impl Pool {
                     last_exit: None,
                     confined: cgroup.is_some(),
                     usage: None,
+                    history: Vec::new(),
                 });
                 tasks.spawn(runner::run(
                     spec,

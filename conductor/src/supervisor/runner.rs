@@ -4,11 +4,12 @@
 //! command): nothing polls, so a crash is noticed the moment it happens and
 //! the next fork follows at once.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 use tokio::process::Child;
@@ -46,7 +47,22 @@ pub struct InstanceStatus {
     pub confined: bool,
     /// The last usage read from the cgroup.
     pub usage: Option<Usage>,
+    /// The most recent exits, oldest first (at most [`HISTORY`]).
+    pub history: Vec<ExitRecord>,
 }
+
+/// One past exit of an instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExitRecord {
+    pub at: SystemTime,
+    pub pid: Option<u32>,
+    pub reason: ExitReason,
+    /// How long the process had run.
+    pub ran: Duration,
+}
+
+/// Exits kept per instance: enough to see a crash loop's pattern.
+pub const HISTORY: usize = 10;
 
 /// Where the instance lives and how to start it.
 pub struct InstanceSpec {
@@ -107,6 +123,7 @@ pub async fn run(
         outputs: JoinSet::new(),
         oom_kills_at_spawn: 0,
         usage: None,
+        history: VecDeque::with_capacity(HISTORY),
     }
     .drive(&mut commands, &cancel)
     .instrument(span)
@@ -125,6 +142,7 @@ struct Runner {
     /// The cgroup's OOM kill count when the current process was spawned.
     oom_kills_at_spawn: u64,
     usage: Option<Usage>,
+    history: VecDeque<ExitRecord>,
 }
 
 impl Runner {
@@ -263,6 +281,18 @@ impl Runner {
         }
     }
 
+    fn record_exit(&mut self, before: &State, reason: ExitReason) {
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(ExitRecord {
+            at: SystemTime::now(),
+            pid: before.pid(),
+            reason,
+            ran: before.since().map_or(Duration::ZERO, |s| s.elapsed()),
+        });
+    }
+
     fn sample_usage(&mut self) {
         let Some(cgroup) = &self.spec.cgroup else {
             return;
@@ -315,6 +345,9 @@ impl Runner {
                 }
             };
             events::transition(&before, &next, &self.machine, breaker_before);
+            if let Event::Exited { reason } = &next {
+                self.record_exit(&before, reason.clone());
+            }
             for action in actions {
                 if action == Action::Spawn {
                     event = Some(self.spawn().await);
@@ -402,6 +435,7 @@ impl Runner {
             last_exit: self.machine.last_exit().cloned(),
             confined: self.spec.cgroup.is_some(),
             usage: self.usage,
+            history: self.history.iter().cloned().collect(),
         };
         self.status.send_if_modified(|current| {
             let changed = *current != status;

@@ -88,12 +88,7 @@ pub fn illegal_transition(plugin: &str, illegal: &IllegalTransition) {
 }
 
 fn since(state: &State, now: Instant) -> u64 {
-    let since = match state {
-        State::Starting { since, .. }
-        | State::Serving { since, .. }
-        | State::Unhealthy { since, .. }
-        | State::Stopping { since, .. } => *since,
-        _ => return 0,
-    };
-    now.saturating_duration_since(since).as_millis() as u64
+    state.since().map_or(0, |since| {
+        now.saturating_duration_since(since).as_millis() as u64
+    })
 }
