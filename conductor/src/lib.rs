@@ -4,6 +4,7 @@
 //! machine) → [`process`] (spawn, output) → [`rpc`]; [`telemetry`] reports
 //! along the way and [`daemon`] ties it together.
 
+pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod process;

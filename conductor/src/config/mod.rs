@@ -29,11 +29,18 @@ const MAX_SOCKET_PATH: usize = 107;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub file: PathBuf,
+    /// The file's text, as loaded.
+    pub text: String,
     pub conductor: DaemonConfig,
     pub plugins: BTreeMap<String, Arc<PoolConfig>>,
 }
 
 impl Config {
+    /// The file that defined `plugin`.
+    pub fn source_of(&self, _plugin: &str) -> PathBuf {
+        self.file.clone()
+    }
+
     /// Where instance `index` of `plugin` serves.
     pub fn socket_path(runtime_dir: &Path, plugin: &str, index: u32) -> PathBuf {
         runtime_dir
@@ -121,6 +128,17 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         .and_then(|f| f.parent().map(Path::to_owned))
         .unwrap_or_else(|| PathBuf::from("/"));
     conductor.runtime_dir = join(&base, &conductor.runtime_dir);
+    if let Some(token) = conductor.api.token_file.take() {
+        let token = join(&base, &token);
+        if let Err(error) = std::fs::metadata(&token) {
+            report.at(
+                doc,
+                &["conductor", "api", "token_file"],
+                format!("{}: {error}", token.display()),
+            );
+        }
+        conductor.api.token_file = Some(token);
+    }
     let mut resolved = BTreeMap::new();
     for (name, mut config) in plugins {
         match resolve_command(&config.command, &base) {
@@ -158,7 +176,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
     if report.errors.is_empty() {
         Ok(Config {
-            file: file.to_owned(),
+            file: std::path::absolute(file).unwrap_or_else(|_| file.to_owned()),
+            text: text.to_owned(),
             conductor,
             plugins: resolved,
         })

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::ApiConfig;
 use crate::process::cgroup::CgroupPolicy;
 use crate::telemetry::LogFormat;
 
@@ -29,6 +30,9 @@ pub struct DaemonConfig {
     /// How often each instance's resource usage is read from its cgroup.
     #[serde(default = "default_usage_interval", with = "humantime_serde")]
     pub usage_interval: Duration,
+    /// `[conductor.api]`: TCP listener and its token.
+    #[serde(default)]
+    pub api: ApiConfig,
 }
 
 impl DaemonConfig {
@@ -52,6 +56,7 @@ impl DaemonConfig {
         if self.usage_interval.is_zero() {
             out.push(("usage_interval", "must be longer than 0s".into()));
         }
+        out.extend(self.api.problems());
         out
     }
 }
@@ -64,6 +69,7 @@ impl Default for DaemonConfig {
             cgroup_root: default_cgroup_root(),
             cgroup_policy: CgroupPolicy::default(),
             usage_interval: default_usage_interval(),
+            api: ApiConfig::default(),
         }
     }
 }

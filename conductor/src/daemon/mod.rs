@@ -12,10 +12,12 @@ use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{self, ApiError};
 use crate::config::Config;
 use crate::process::Spawner;
 use crate::process::cgroup::Cgroups;
 use crate::supervisor::{PoolContext, Supervisor};
+use crate::telemetry::events::EventBus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -27,7 +29,12 @@ pub enum DaemonError {
     Signal(&'static str, std::io::Error),
     #[error("cgroup set-up panicked: {0}")]
     CgroupSetup(tokio::task::JoinError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
 }
+
+/// How long open API connections may take to close at shutdown.
+const API_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Detects the host's cgroups once, says what it found, and removes what
 /// an earlier run left under the root.
@@ -69,6 +76,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
     let spawner =
         Arc::new(Spawner::start(tokio::runtime::Handle::current()).map_err(DaemonError::Spawner)?);
     let cgroups = Arc::new(open_cgroups(&config).await?);
@@ -80,6 +88,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         cgroups: cgroups.clone(),
         cgroup_policy: config.conductor.cgroup_policy,
         usage_interval: config.conductor.usage_interval,
+        events: EventBus::default(),
         cancel: cancel.clone(),
     };
     let instances: u32 = config.plugins.values().map(|p| p.replicas).sum();
@@ -90,16 +99,44 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         runtime_dir = %runtime_dir.root().display(),
         "conductor starting"
     );
-    let supervisor = Supervisor::start(&config, &context);
-    drop(context);
+    let api_config = config.conductor.api.clone();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let supervisor = Supervisor::start(config, context, health.clone()).await;
+    let api_shutdown = CancellationToken::new();
+    let mut api = api::serve(
+        supervisor.clone(),
+        health_service,
+        &runtime_dir.conductor_socket(),
+        &api_config,
+        api_shutdown.clone(),
+    )
+    .await?;
 
-    let signal = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
+    let signal = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => match supervisor.reload().await {
+                Ok(summary) => tracing::info!(?summary, "reloaded on SIGHUP"),
+                Err(error) => tracing::error!(%error, "SIGHUP reload refused"),
+            },
+        }
     };
     tracing::info!(signal, "stopping every instance");
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     cancel.cancel();
     supervisor.wait().await;
+    // The API outlives the instances, so watchers see them stop.
+    api_shutdown.cancel();
+    let drained = tokio::time::timeout(API_DRAIN, async {
+        while api.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        api.abort_all();
+    }
     // Only now may the spawner thread end: its exit fires the death signal
     // of every child it forked.
     drop(spawner);

@@ -53,6 +53,9 @@ pub struct HealthConfig {
     pub failure_threshold: u32,
     /// Consecutive passed checks that close a half-open breaker.
     pub success_threshold: u32,
+    /// Instances that must be SERVING for the plugin's own health status
+    /// (on the conductor's Health service) to be SERVING.
+    pub min_serving: u32,
 }
 
 impl Default for HealthConfig {
@@ -62,6 +65,7 @@ impl Default for HealthConfig {
             timeout: Duration::from_secs(1),
             failure_threshold: 3,
             success_threshold: 1,
+            min_serving: 1,
         }
     }
 }
@@ -155,6 +159,16 @@ impl PoolConfig {
         }
         if h.success_threshold == 0 {
             bad("health.success_threshold", "must be at least 1".into());
+        }
+        // With replicas = 0 that error is enough on its own.
+        if self.replicas > 0 && h.min_serving > self.replicas {
+            bad(
+                "health.min_serving",
+                format!(
+                    "{} is more than replicas ({})",
+                    h.min_serving, self.replicas
+                ),
+            );
         }
         let r = &self.restart;
         if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {

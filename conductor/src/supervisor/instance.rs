@@ -56,8 +56,12 @@ pub enum Then {
 /// Why the conductor killed a live instance.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StopCause {
-    BreakerTripped { failures: u32 },
+    BreakerTripped {
+        failures: u32,
+    },
     StartupTimeout(Duration),
+    /// An operator asked for a restart.
+    Requested,
 }
 
 /// How a process ended.
@@ -117,6 +121,7 @@ pub enum Event {
     Deadline,
     StartRequested,
     StopRequested,
+    RestartRequested,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,6 +362,11 @@ impl Instance {
             (S::Stopping { since, then, .. }, Event::Exited { reason }) => {
                 let ran = now.saturating_duration_since(*since);
                 match then.clone() {
+                    // Not a crash: no backoff, no breaker, straight back up.
+                    Then::Restart(StopCause::Requested) => {
+                        self.last_exit = Some(reason);
+                        self.start(now)
+                    }
                     Then::Restart(_) => self.exited(reason, ran, now, unit),
                     Then::Stop => {
                         self.last_exit = Some(reason);
@@ -410,6 +420,26 @@ impl Instance {
                 vec![]
             }
             (S::Backoff { .. }, Event::StartRequested) => vec![],
+            (
+                S::Starting {
+                    pid: Some(pid),
+                    since,
+                    ..
+                }
+                | S::Serving { pid, since }
+                | S::Unhealthy { pid, since, .. },
+                Event::RestartRequested,
+            ) => {
+                let (pid, since) = (*pid, *since);
+                self.stop(pid, since, Then::Restart(StopCause::Requested), now)
+            }
+            (S::Stopped | S::Failed { .. }, Event::RestartRequested) => {
+                self.breaker = Breaker::default();
+                self.restarts = Restarts::default();
+                self.start(now)
+            }
+            (S::Backoff { .. }, Event::RestartRequested) => self.start(now),
+            (S::Stopping { .. }, Event::RestartRequested) => vec![],
             (from, event) => {
                 return Err(IllegalTransition {
                     from: from.name(),
@@ -559,6 +589,7 @@ impl fmt::Display for StopCause {
             StopCause::BreakerTripped { failures } => {
                 write!(f, "breaker tripped after {failures} failed health checks")
             }
+            StopCause::Requested => f.write_str("restart requested"),
             StopCause::StartupTimeout(t) => write!(
                 f,
                 "not SERVING within startup_timeout ({})",

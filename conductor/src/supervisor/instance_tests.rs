@@ -525,3 +525,40 @@ fn an_oom_kill_is_a_crash_like_any_other() {
     assert_eq!(i.last_exit(), Some(&ExitReason::Oom));
     assert_eq!(ExitReason::Oom.to_string(), "oom");
 }
+
+#[test]
+fn a_requested_restart_is_not_a_crash() {
+    let t0 = Instant::now();
+    let mut i = serving(t0);
+    let actions = i.step(Event::RestartRequested, t0, 0.5).unwrap();
+    assert!(matches!(actions[..], [Action::Terminate { .. }]));
+    assert_eq!(
+        i.step(Event::RestartRequested, t0, 0.5),
+        Ok(vec![]),
+        "already on its way"
+    );
+    assert_eq!(i.step(exited(0), t0, 0.5), Ok(vec![Action::Spawn]));
+    assert_eq!(i.breaker(), Breaker::Closed { failures: 0 });
+    assert_eq!(i.consecutive_crashes(), 0);
+    assert_eq!(i.last_exit(), Some(&ExitReason::Code(0)));
+
+    // From backoff it skips the wait; from failed it starts afresh.
+    let mut i = serving(t0);
+    drive(
+        &mut i,
+        t0,
+        &[exited(1), Event::Spawned { pid: 1 }, exited(1)],
+    );
+    assert!(matches!(i.state(), State::Backoff { .. }));
+    assert_eq!(
+        i.step(Event::RestartRequested, t0, 0.5),
+        Ok(vec![Action::Spawn])
+    );
+    let mut i = serving(t0);
+    i.step(exited(78), t0, 0.5).unwrap();
+    assert_eq!(
+        i.step(Event::RestartRequested, t0, 0.5),
+        Ok(vec![Action::Spawn])
+    );
+    assert_eq!(StopCause::Requested.to_string(), "restart requested");
+}

@@ -1,5 +1,5 @@
-//! One plugin's replicas: starts a runner per instance and keeps the
-//! handles an operator needs to query or command them.
+//! One plugin's replicas: a runner task per instance, each with its own
+//! cancel token so the pool can grow, shrink and replace instances.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use demi_proto::handshake as hs;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::config::PoolConfig;
@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::process::cgroup::{Cgroup, CgroupPolicy, Cgroups};
 use crate::process::{SpawnSpec, Spawner};
 use crate::rpc::ACCEPTED_PROTOCOLS;
+use crate::telemetry::events::EventBus;
 
 /// What every pool shares.
 #[derive(Clone)]
@@ -27,79 +28,126 @@ pub struct PoolContext {
     pub cgroups: Arc<Cgroups>,
     pub cgroup_policy: CgroupPolicy,
     pub usage_interval: Duration,
+    pub events: EventBus,
+    /// Fires on conductor shutdown; every instance token is a child of it.
     pub cancel: CancellationToken,
 }
 
 /// A handle to one running instance.
 pub struct InstanceHandle {
+    pub index: u32,
     pub commands: mpsc::Sender<Command>,
     pub status: watch::Receiver<InstanceStatus>,
     /// For usage read on demand; `None` when the instance runs unconfined.
     pub cgroup: Option<Arc<dyn Cgroup>>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl InstanceHandle {
+    /// Stops the instance gracefully and waits until its runner is done
+    /// (process gone, cgroup removed).
+    pub async fn retire(self) {
+        self.cancel.cancel();
+        if let Err(error) = self.task.await {
+            tracing::error!(%error, index = self.index, "an instance runner panicked");
+        }
+    }
 }
 
 pub struct Pool {
     pub name: Arc<str>,
     pub config: Arc<PoolConfig>,
+    /// Instances wanted now (config, then `ScalePlugin`).
+    pub replicas: u32,
+    /// The file that defined the plugin.
+    pub source: PathBuf,
     pub instances: Vec<InstanceHandle>,
 }
 
 impl Pool {
-    /// Starts `config.replicas` instances; their runners join `tasks`.
+    /// Starts `config.replicas` instances.
     pub fn start(
         name: &str,
         config: Arc<PoolConfig>,
+        source: PathBuf,
         context: &PoolContext,
-        tasks: &mut JoinSet<()>,
     ) -> Self {
-        let name: Arc<str> = Arc::from(name);
-        let instances = (0..config.replicas)
-            .map(|index| {
-                let socket = Config::socket_path(&context.runtime_dir, &name, index);
-                let (cgroup, unlaunchable) = confine(&name, index, &config, context);
-                let mut spawn =
-                    spawn_spec(&name, index, &config, &socket, &context.conductor_socket);
-                spawn.cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
-                let spec = InstanceSpec {
-                    plugin: name.clone(),
-                    index,
-                    config: config.clone(),
-                    spawn,
-                    socket,
-                    cgroup: cgroup.clone(),
-                    unlaunchable,
-                    usage_interval: context.usage_interval,
-                };
-                let (commands, command_rx) = mpsc::channel(8);
-                let (status_tx, status) = watch::channel(InstanceStatus {
-                    state: "stopped",
-                    pid: None,
-                    breaker: Default::default(),
-                    restarts: 0,
-                    last_exit: None,
-                    confined: cgroup.is_some(),
-                    usage: None,
-                    history: Vec::new(),
-                });
-                tasks.spawn(runner::run(
-                    spec,
-                    context.spawner.clone(),
-                    command_rx,
-                    status_tx,
-                    context.cancel.clone(),
-                ));
-                InstanceHandle {
-                    commands,
-                    status,
-                    cgroup,
-                }
-            })
-            .collect();
-        Self {
-            name,
+        let mut pool = Self {
+            name: Arc::from(name),
+            replicas: config.replicas,
             config,
-            instances,
+            source,
+            instances: Vec::new(),
+        };
+        pool.grow_to(pool.replicas, context);
+        pool
+    }
+
+    /// Adds instances up to `replicas`.
+    pub fn grow_to(&mut self, replicas: u32, context: &PoolContext) {
+        while (self.instances.len() as u32) < replicas {
+            let index = self.instances.len() as u32;
+            self.instances.push(self.launch(index, context));
         }
+        self.replicas = self.replicas.max(replicas);
+    }
+
+    /// Detaches instances beyond `replicas`, highest index first; the
+    /// caller retires them.
+    pub fn shrink_to(&mut self, replicas: u32) -> Vec<InstanceHandle> {
+        self.replicas = replicas;
+        let keep = (replicas as usize).min(self.instances.len());
+        let mut removed = self.instances.split_off(keep);
+        removed.reverse();
+        removed
+    }
+
+    /// Starts instance `index` with the pool's current config.
+    pub fn launch(&self, index: u32, context: &PoolContext) -> InstanceHandle {
+        let name = &self.name;
+        let config = &self.config;
+        let socket = Config::socket_path(&context.runtime_dir, name, index);
+        let (cgroup, unlaunchable) = confine(name, index, config, context);
+        let mut spawn = spawn_spec(name, index, config, &socket, &context.conductor_socket);
+        spawn.cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+        let spec = InstanceSpec {
+            plugin: name.clone(),
+            index,
+            config: config.clone(),
+            spawn,
+            socket,
+            cgroup: cgroup.clone(),
+            unlaunchable,
+            usage_interval: context.usage_interval,
+            events: context.events.clone(),
+        };
+        let (commands, command_rx) = mpsc::channel(8);
+        let (status_tx, status) = watch::channel(InstanceStatus::new(cgroup.is_some()));
+        let cancel = context.cancel.child_token();
+        let task = tokio::spawn(runner::run(
+            spec,
+            context.spawner.clone(),
+            command_rx,
+            status_tx,
+            cancel.clone(),
+        ));
+        InstanceHandle {
+            index,
+            commands,
+            status,
+            cgroup,
+            cancel,
+            task,
+        }
+    }
+
+    /// Instances SERVING now.
+    pub fn serving(&self) -> u32 {
+        self.instances
+            .iter()
+            .filter(|i| i.status.borrow().state == "serving")
+            .count() as u32
     }
 }
 

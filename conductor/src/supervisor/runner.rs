@@ -26,13 +26,14 @@ use crate::process::cgroup::{Cgroup, Usage};
 use crate::process::output::{self, Origin};
 use crate::process::{SpawnSpec, Spawner, signal_group};
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
-use crate::telemetry::events;
+use crate::telemetry::events::{self, EventBus};
 
 /// What an operator can ask of a running instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     Start,
     Stop,
+    Restart,
 }
 
 /// A snapshot of an instance for status queries.
@@ -49,6 +50,28 @@ pub struct InstanceStatus {
     pub usage: Option<Usage>,
     /// The most recent exits, oldest first (at most [`HISTORY`]).
     pub history: Vec<ExitRecord>,
+    /// When the current process was spawned.
+    pub spawned: Option<Instant>,
+    /// Why the instance is failed, when it is.
+    pub failure: Option<String>,
+}
+
+impl InstanceStatus {
+    /// The status of an instance whose runner is about to start it.
+    pub fn new(confined: bool) -> Self {
+        Self {
+            state: "starting",
+            pid: None,
+            breaker: Breaker::default(),
+            restarts: 0,
+            last_exit: None,
+            confined,
+            usage: None,
+            history: Vec::new(),
+            spawned: None,
+            failure: None,
+        }
+    }
 }
 
 /// One past exit of an instance.
@@ -75,6 +98,7 @@ pub struct InstanceSpec {
     /// Set when the instance must not be started (see [`Event::Unlaunchable`]).
     pub unlaunchable: Option<String>,
     pub usage_interval: Duration,
+    pub events: EventBus,
 }
 
 /// Pause between `Describe` attempts of an instance that fails them.
@@ -232,6 +256,7 @@ impl Runner {
                 command = commands.recv(), if commands_open => match command {
                     Some(Command::Start) => Event::StartRequested,
                     Some(Command::Stop) => Event::StopRequested,
+                    Some(Command::Restart) => Event::RestartRequested,
                     // The pool is gone: nobody can start us again, so stop.
                     None => {
                         commands_open = false;
@@ -344,10 +369,17 @@ impl Runner {
                     return pending;
                 }
             };
-            events::transition(&before, &next, &self.machine, breaker_before);
             if let Event::Exited { reason } = &next {
                 self.record_exit(&before, reason.clone());
             }
+            // Status first: whoever reacts to the event reads fresh status.
+            self.publish();
+            let subject = events::Subject {
+                bus: &self.spec.events,
+                plugin: &self.spec.plugin,
+                instance: self.spec.index,
+            };
+            events::transition(&subject, &before, &next, &self.machine, breaker_before);
             for action in actions {
                 if action == Action::Spawn {
                     event = Some(self.spawn().await);
@@ -356,7 +388,6 @@ impl Runner {
                 }
             }
         }
-        self.publish();
         pending
     }
 
@@ -436,6 +467,11 @@ impl Runner {
             confined: self.spec.cgroup.is_some(),
             usage: self.usage,
             history: self.history.iter().cloned().collect(),
+            spawned: self.machine.state().since(),
+            failure: match self.machine.state() {
+                State::Failed { reason } => Some(reason.to_string()),
+                _ => None,
+            },
         };
         self.status.send_if_modified(|current| {
             let changed = *current != status;

@@ -1,17 +1,108 @@
 //! Named lifecycle events of instances: one fixed message each, variables in
-//! fields, emitted from this one place so logs (and later metrics) agree.
+//! fields, emitted from this one place so the log and the event stream
+//! (`WatchEvents`, health aggregation) always agree.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::broadcast;
 
 use crate::supervisor::breaker::Breaker;
-use crate::supervisor::instance::{Event, IllegalTransition, Instance, State, Then};
+use crate::supervisor::instance::{Event, IllegalTransition, Instance, State, StopCause, Then};
+
+/// What happened, as the admin API names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Started,
+    Serving,
+    Unhealthy,
+    BreakerTripped,
+    Exited,
+    Backoff,
+    Failed,
+    Stopped,
+    Scaled,
+    Reloaded,
+}
+
+/// One lifecycle event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lifecycle {
+    pub at: SystemTime,
+    pub plugin: Arc<str>,
+    pub instance: u32,
+    pub kind: Kind,
+    pub pid: Option<u32>,
+    pub detail: String,
+}
+
+/// Everyone who wants lifecycle events subscribes here. A slow subscriber
+/// loses the oldest events (and is told so), never slows an instance.
+#[derive(Debug, Clone)]
+pub struct EventBus(broadcast::Sender<Lifecycle>);
+
+/// Events kept for slow subscribers.
+const BUS_CAPACITY: usize = 4096;
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self(broadcast::channel(BUS_CAPACITY).0)
+    }
+}
+
+impl EventBus {
+    pub fn subscribe(&self) -> broadcast::Receiver<Lifecycle> {
+        self.0.subscribe()
+    }
+
+    pub fn send(
+        &self,
+        plugin: &Arc<str>,
+        instance: u32,
+        kind: Kind,
+        pid: Option<u32>,
+        detail: String,
+    ) {
+        // No subscriber is fine: the log has it anyway.
+        let _ = self.0.send(Lifecycle {
+            at: SystemTime::now(),
+            plugin: plugin.clone(),
+            instance,
+            kind,
+            pid,
+            detail,
+        });
+    }
+}
+
+/// Who an instance event is about.
+pub struct Subject<'a> {
+    pub bus: &'a EventBus,
+    pub plugin: &'a Arc<str>,
+    pub instance: u32,
+}
+
+impl Subject<'_> {
+    fn send(&self, kind: Kind, pid: Option<u32>, detail: String) {
+        self.bus.send(self.plugin, self.instance, kind, pid, detail);
+    }
+}
 
 /// Reports what one step of the state machine did.
-pub fn transition(before: &State, event: &Event, after: &Instance, breaker_before: Breaker) {
+pub fn transition(
+    subject: &Subject<'_>,
+    before: &State,
+    event: &Event,
+    after: &Instance,
+    breaker_before: Breaker,
+) {
     let now = Instant::now();
     let state = after.state();
     match event {
-        Event::Spawned { pid } => tracing::info!(pid, "instance spawned"),
+        Event::Spawned { pid } => {
+            tracing::info!(pid, "instance spawned");
+            subject.send(Kind::Started, Some(*pid), String::new());
+        }
         Event::SpawnFailed { error } => tracing::error!(error, "instance spawn failed"),
         Event::Exited { reason } => {
             let ran_ms = since(before, now);
@@ -28,16 +119,16 @@ pub fn transition(before: &State, event: &Event, after: &Instance, breaker_befor
             } else {
                 tracing::warn!(pid, reason = %reason, ran_ms, "instance exited");
             }
+            subject.send(Kind::Exited, pid, reason.to_string());
         }
-        Event::HealthFailed { why } => tracing::warn!(
-            pid = before.pid(),
-            why,
-            failures = match state {
+        Event::HealthFailed { why } => {
+            let failures = match state {
                 State::Unhealthy { failures, .. } => *failures,
                 _ => after.breaker().failures(),
-            },
-            "health check failed"
-        ),
+            };
+            tracing::warn!(pid = before.pid(), why, failures, "health check failed");
+            subject.send(Kind::Unhealthy, before.pid(), why.clone());
+        }
         _ => {}
     }
     let restarted = matches!(event, Event::SpawnFailed { .. } | Event::Exited { .. });
@@ -49,14 +140,23 @@ pub fn transition(before: &State, event: &Event, after: &Instance, breaker_befor
         State::Serving { pid, since } if !matches!(before, State::Unhealthy { .. }) => {
             let startup_ms = now.saturating_duration_since(*since).as_millis() as u64;
             tracing::info!(pid, startup_ms, breaker = %after.breaker(), "instance serving");
+            subject.send(
+                Kind::Serving,
+                Some(*pid),
+                format!("ready in {startup_ms} ms"),
+            );
         }
-        State::Serving { pid, .. } => tracing::info!(pid, "instance healthy again"),
+        State::Serving { pid, .. } => {
+            tracing::info!(pid, "instance healthy again");
+            subject.send(Kind::Serving, Some(*pid), "healthy again".into());
+        }
         State::Stopping { pid, then, .. } => {
             if breaker_before != Breaker::Open
                 && after.breaker() == Breaker::Open
                 && let Then::Restart(cause) = then
             {
                 tracing::warn!(pid, cause = %cause, "breaker tripped");
+                subject.send(Kind::BreakerTripped, Some(*pid), cause.to_string());
             }
             let then = match then {
                 Then::Restart(cause) => format!("restart: {cause}"),
@@ -68,16 +168,40 @@ pub fn transition(before: &State, event: &Event, after: &Instance, breaker_befor
         State::Backoff { attempt, until } => {
             let delay_ms = until.saturating_duration_since(now).as_millis() as u64;
             tracing::info!(delay_ms, attempt, "restart scheduled");
+            subject.send(
+                Kind::Backoff,
+                None,
+                format!("restart in {delay_ms} ms (attempt {attempt})"),
+            );
         }
-        State::Failed { reason } => tracing::error!(reason = %reason, "instance failed"),
-        State::Stopped => tracing::info!("instance stopped"),
+        State::Starting { .. }
+            if matches!(
+                before,
+                State::Stopping {
+                    then: Then::Restart(StopCause::Requested),
+                    ..
+                }
+            ) =>
+        {
+            tracing::info!("instance restarting on request");
+        }
         // Leaving a live state straight for Starting is an immediate restart.
         State::Starting { .. } if restarted => {
-            tracing::info!(
-                delay_ms = 0u64,
-                attempt = after.consecutive_crashes(),
-                "restart scheduled"
+            let attempt = after.consecutive_crashes();
+            tracing::info!(delay_ms = 0u64, attempt, "restart scheduled");
+            subject.send(
+                Kind::Backoff,
+                None,
+                format!("restart in 0 ms (attempt {attempt})"),
             );
+        }
+        State::Failed { reason } => {
+            tracing::error!(reason = %reason, "instance failed");
+            subject.send(Kind::Failed, None, reason.to_string());
+        }
+        State::Stopped => {
+            tracing::info!("instance stopped");
+            subject.send(Kind::Stopped, None, String::new());
         }
         State::Starting { .. } | State::Unhealthy { .. } => {}
     }

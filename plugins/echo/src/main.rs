@@ -23,6 +23,9 @@ struct Args {
     /// Abort the process (SIGABRT) on the Nth job.
     #[arg(long, env = "ECHO_CRASH_AFTER")]
     crash_after: Option<u64>,
+    /// Wait this long before serving, like a plugin with a slow start.
+    #[arg(long, env = "ECHO_START_DELAY", value_parser = humantime::parse_duration)]
+    start_delay: Option<Duration>,
     /// Exit at once with this code, before the handshake.
     #[arg(long, env = "ECHO_EXIT_CODE")]
     exit_code: Option<u8>,
@@ -115,6 +118,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(delay) = args.start_delay {
+        std::thread::sleep(delay);
+    }
     misbehave(&args, &runtime);
     log(
         "echo starting",

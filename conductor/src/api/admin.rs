@@ -1,0 +1,246 @@
+//! `demi.conductor.v1.Conductor`: the operator's view and levers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use demi_proto::conductor::v1 as pb;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::supervisor::{InstanceStatus, PluginView, Supervisor, SupervisorError};
+use crate::telemetry::events::{Kind, Lifecycle};
+
+pub struct Admin {
+    supervisor: Arc<Supervisor>,
+    /// Ends open event streams when the conductor stops.
+    shutdown: CancellationToken,
+}
+
+impl Admin {
+    pub fn new(supervisor: Arc<Supervisor>, shutdown: CancellationToken) -> Self {
+        Self {
+            supervisor,
+            shutdown,
+        }
+    }
+}
+
+fn name_of(request: Request<pb::PluginRef>) -> Result<String, Status> {
+    let name = request.into_inner().name;
+    if name.is_empty() {
+        return Err(Status::invalid_argument("name: must name a plugin"));
+    }
+    Ok(name)
+}
+
+type Answer<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl pb::conductor_server::Conductor for Admin {
+    #[tracing::instrument(skip_all)]
+    async fn list_plugins(
+        &self,
+        _: Request<pb::ListPluginsRequest>,
+    ) -> Answer<pb::ListPluginsResponse> {
+        let plugins = self.supervisor.list().into_iter().map(plugin).collect();
+        Ok(Response::new(pb::ListPluginsResponse { plugins }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
+        let name = name_of(request)?;
+        answer(self.supervisor.get(&name))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn start_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
+        let name = name_of(request)?;
+        answer(self.supervisor.start_plugin(&name).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn stop_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
+        let name = name_of(request)?;
+        answer(self.supervisor.stop_plugin(&name).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn restart_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
+        let name = name_of(request)?;
+        answer(self.supervisor.restart_plugin(&name).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn scale_plugin(&self, request: Request<pb::ScalePluginRequest>) -> Answer<pb::Plugin> {
+        let request = request.into_inner();
+        if request.name.is_empty() {
+            return Err(Status::invalid_argument("name: must name a plugin"));
+        }
+        answer(self.supervisor.scale(&request.name, request.replicas).await)
+    }
+
+    type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+    #[tracing::instrument(skip_all)]
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Answer<Self::WatchEventsStream> {
+        let only = request.into_inner().plugin;
+        if !only.is_empty() && self.supervisor.get(&only).is_err() {
+            return Err(Status::not_found(format!("no plugin named {only:?}")));
+        }
+        let mut events = self.supervisor.events().subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let shutdown = self.shutdown.clone();
+        // Ends when the conductor stops or the watcher goes away.
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    event = events.recv() => event,
+                };
+                match event {
+                    Ok(event)
+                        if only.is_empty()
+                            || *event.plugin == *only
+                            || event.kind == Kind::Reloaded =>
+                    {
+                        if tx.send(Ok(event_of(&event))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(
+                            missed,
+                            "an event watcher fell behind; events were dropped for it"
+                        );
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn reload(&self, _: Request<pb::ReloadRequest>) -> Answer<pb::ReloadResponse> {
+        let summary = self.supervisor.reload().await.map_err(status)?;
+        Ok(Response::new(pb::ReloadResponse {
+            added: summary.added,
+            removed: summary.removed,
+            changed: summary.changed,
+            unchanged: summary.unchanged,
+            ignored: summary.ignored,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_config(&self, _: Request<pb::GetConfigRequest>) -> Answer<pb::GetConfigResponse> {
+        let (path, text) = self.supervisor.config().await;
+        Ok(Response::new(pb::GetConfigResponse { path, text }))
+    }
+}
+
+fn answer(view: Result<PluginView, SupervisorError>) -> Answer<pb::Plugin> {
+    view.map(|v| Response::new(plugin(v))).map_err(status)
+}
+
+/// Typed errors to gRPC codes, at the edge.
+fn status(error: SupervisorError) -> Status {
+    match &error {
+        SupervisorError::NotFound(_) => Status::not_found(error.to_string()),
+        SupervisorError::InvalidArgument { .. } | SupervisorError::Config(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+        SupervisorError::NotServing { .. } => Status::aborted(error.to_string()),
+    }
+}
+
+fn duration(d: Duration) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(d).ok()
+}
+
+pub(crate) fn plugin(view: PluginView) -> pb::Plugin {
+    let serving = view.serving();
+    let healthy = view.healthy();
+    pb::Plugin {
+        name: view.name,
+        replicas: view.replicas,
+        serving,
+        healthy,
+        min_serving: view.min_serving,
+        command: view.command,
+        source: view.source,
+        instances: view
+            .instances
+            .into_iter()
+            .map(|(i, s)| instance(i, s))
+            .collect(),
+    }
+}
+
+fn instance(index: u32, s: InstanceStatus) -> pb::Instance {
+    pb::Instance {
+        index,
+        state: s.state.into(),
+        pid: s.pid.unwrap_or(0),
+        breaker: s.breaker.to_string(),
+        restarts: s.restarts,
+        last_exit: s.last_exit.map(|e| e.to_string()).unwrap_or_default(),
+        failure: s.failure.unwrap_or_default(),
+        uptime: s
+            .spawned
+            .and_then(|t| duration(Instant::now().saturating_duration_since(t))),
+        confined: s.confined,
+        usage: s.usage.map(|u| pb::Usage {
+            memory_bytes: u.memory_bytes,
+            memory_peak_bytes: u.memory_peak_bytes,
+            cpu: duration(u.cpu),
+            throttled: duration(u.throttled),
+            throttled_periods: u.throttled_periods,
+            pids: u.pids,
+            oom_kills: u.oom_kills,
+        }),
+        history: s
+            .history
+            .into_iter()
+            .map(|e| pb::Exit {
+                at: Some(prost_types::Timestamp::from(e.at)),
+                pid: e.pid.unwrap_or(0),
+                reason: e.reason.to_string(),
+                ran: duration(e.ran),
+            })
+            .collect(),
+    }
+}
+
+fn event_of(event: &Lifecycle) -> pb::Event {
+    use pb::event::Kind as K;
+    let kind = match event.kind {
+        Kind::Started => K::Started,
+        Kind::Serving => K::Serving,
+        Kind::Unhealthy => K::Unhealthy,
+        Kind::BreakerTripped => K::BreakerTripped,
+        Kind::Exited => K::Exited,
+        Kind::Backoff => K::Backoff,
+        Kind::Failed => K::Failed,
+        Kind::Stopped => K::Stopped,
+        Kind::Scaled => K::Scaled,
+        Kind::Reloaded => K::Reloaded,
+    };
+    pb::Event {
+        at: Some(prost_types::Timestamp::from(event.at)),
+        plugin: event.plugin.to_string(),
+        instance: event.instance,
+        kind: kind as i32,
+        pid: event.pid.unwrap_or(0),
+        detail: event.detail.clone(),
+    }
+}

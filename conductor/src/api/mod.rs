@@ -1,0 +1,179 @@
+//! The conductor's own gRPC surface: the admin API
+//! (`demi.conductor.v1.Conductor`), `grpc.health.v1.Health` for the
+//! conductor and each plugin, and server reflection (v1 and v1alpha, as
+//! grpcurl up to 1.8.7 speaks only v1alpha) so `grpcurl` needs no protos.
+
+mod admin;
+mod auth;
+mod config;
+
+pub use admin::Admin;
+pub use auth::BearerToken;
+pub use config::ApiConfig;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use demi_proto::conductor::v1::conductor_server::ConductorServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic_health::pb::health_server::{Health, HealthServer};
+
+use crate::supervisor::Supervisor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot listen on {path}: {source}")]
+    Unix {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Tcp {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read the API token from {path}: {reason}")]
+    Token { path: PathBuf, reason: String },
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the API on `socket` (and on TCP when configured) until `shutdown`
+/// fires; the servers run in the returned tasks.
+pub async fn serve<H: Health>(
+    supervisor: Arc<Supervisor>,
+    health: HealthServer<H>,
+    socket: &Path,
+    config: &ApiConfig,
+    shutdown: CancellationToken,
+) -> Result<JoinSet<()>, ApiError> {
+    let mut tasks = JoinSet::new();
+    let token = match &config.token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+
+    // A socket file left by a crashed conductor would make bind fail.
+    let _ = std::fs::remove_file(socket);
+    let unix = UnixListener::bind(socket).map_err(|source| ApiError::Unix {
+        path: socket.to_owned(),
+        source,
+    })?;
+    // The folder is 0700 already; the socket itself is the owner's alone.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ApiError::Unix {
+            path: socket.to_owned(),
+            source,
+        }
+    })?;
+    let router = Server::builder()
+        // Health, so probes and `grpcurl … grpc.health.v1.Health/Check` work.
+        .add_service(health.clone())
+        // The operator's API.
+        .add_service(ConductorServer::new(Admin::new(
+            supervisor.clone(),
+            shutdown.clone(),
+        )))
+        // Reflection, both versions, so grpcurl needs no .proto files.
+        .add_service(reflection_v1()?)
+        .add_service(reflection_v1alpha()?);
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(error) = router
+            .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(%error, "admin API (unix socket) failed");
+        }
+    });
+    tracing::info!(socket = %socket.display(), "admin API listening");
+
+    if let Some(addr) = config.tcp {
+        let token = token.ok_or_else(|| ApiError::Token {
+            path: PathBuf::new(),
+            reason: "api.tcp needs api.token_file".into(),
+        })?;
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ApiError::Tcp { addr, source })?;
+        let check = move |request| token.check(request);
+        let router = Server::builder()
+            // Every TCP call, reflection included, shows the token first.
+            .add_service(InterceptedService::new(health, check.clone()))
+            .add_service(ConductorServer::with_interceptor(
+                Admin::new(supervisor, shutdown.clone()),
+                check.clone(),
+            ))
+            .add_service(InterceptedService::new(reflection_v1()?, check.clone()))
+            .add_service(InterceptedService::new(reflection_v1alpha()?, check));
+        tasks.spawn(async move {
+            if let Err(error) = router
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(tcp),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+            {
+                tracing::error!(%error, "admin API (tcp) failed");
+            }
+        });
+        tracing::info!(%addr, "admin API listening on TCP (bearer token required)");
+    }
+    Ok(tasks)
+}
+
+fn read_token(path: &Path) -> Result<BearerToken, ApiError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ApiError::Token {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if text.trim().is_empty() {
+        return Err(ApiError::Token {
+            path: path.to_owned(),
+            reason: "the file is empty".into(),
+        });
+    }
+    Ok(BearerToken::new(&text))
+}
+
+/// What reflection lists: what this server really serves. (The descriptor
+/// set also holds `demi.plugin.v1.Plugin`, which plugins serve, not us.)
+const SERVICES: [&str; 4] = [
+    "demi.conductor.v1.Conductor",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    SERVICES.iter().fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(demi_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+        |builder, service| builder.with_service_name(*service),
+    )
+}
+
+fn reflection_v1() -> Result<
+    tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<
+        impl tonic_reflection::pb::v1::server_reflection_server::ServerReflection,
+    >,
+    ApiError,
+> {
+    Ok(reflection_builder().build_v1()?)
+}
+
+fn reflection_v1alpha() -> Result<
+    tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer<
+        impl tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflection,
+    >,
+    ApiError,
+> {
+    Ok(reflection_builder().build_v1alpha()?)
+}

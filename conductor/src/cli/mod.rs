@@ -1,0 +1,224 @@
+//! The operator's commands: a client of the admin API on the conductor's
+//! Unix socket, the way systemctl talks to systemd.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use demi_proto::conductor::v1 as pb;
+use pb::conductor_client::ConductorClient;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+
+/// Where to find the conductor.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// The conductor's API socket (default: `conductor.sock` in the
+    /// runtime folder of --config).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// The conductor's config, to find its runtime folder.
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "/etc/demi-conductor/conductor.toml"
+    )]
+    pub config: PathBuf,
+}
+
+impl Target {
+    fn socket(&self) -> anyhow::Result<PathBuf> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        let config = demi_conductor::config::load(&self.config)
+            .map_err(|errors| anyhow::anyhow!("{errors}"))
+            .with_context(|| {
+                format!(
+                    "cannot find the API socket through {}",
+                    self.config.display()
+                )
+            })?;
+        Ok(config.conductor.runtime_dir.join("conductor.sock"))
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<ConductorClient<Channel>> {
+        let socket = self.socket()?;
+        let channel = connect(&socket)
+            .await
+            .with_context(|| format!("cannot reach the conductor at {}", socket.display()))?;
+        Ok(ConductorClient::new(channel))
+    }
+}
+
+async fn connect(socket: &Path) -> anyhow::Result<Channel> {
+    Ok(
+        Endpoint::from_shared(format!("unix://{}", socket.display()))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?,
+    )
+}
+
+/// Calls that carry a gRPC error become one readable line.
+pub fn rpc<T>(result: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+    match result {
+        Ok(response) => Ok(response.into_inner()),
+        Err(status) => bail!("{}: {}", status.code(), status.message()),
+    }
+}
+
+pub fn print_plugins(plugins: &[pb::Plugin], as_json: bool) {
+    if as_json {
+        let all: Vec<Value> = plugins.iter().map(plugin_json).collect();
+        println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
+        return;
+    }
+    let mut rows = vec![
+        [
+            "PLUGIN",
+            "INST",
+            "STATE",
+            "PID",
+            "BREAKER",
+            "RESTARTS",
+            "UPTIME",
+            "MEMORY",
+            "LAST EXIT",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for p in plugins {
+        for i in &p.instances {
+            rows.push(vec![
+                format!("{}{}", p.name, if p.healthy { "" } else { " (unhealthy)" }),
+                i.index.to_string(),
+                i.state.clone(),
+                if i.pid == 0 {
+                    "-".into()
+                } else {
+                    i.pid.to_string()
+                },
+                i.breaker.clone(),
+                i.restarts.to_string(),
+                i.uptime.as_ref().map_or("-".into(), |d| human(seconds(d))),
+                i.usage.as_ref().map_or("-".into(), |u| mib(u.memory_bytes)),
+                if !i.failure.is_empty() {
+                    i.failure.clone()
+                } else if i.last_exit.is_empty() {
+                    "-".into()
+                } else {
+                    i.last_exit.clone()
+                },
+            ]);
+        }
+    }
+    print_table(&rows);
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn seconds(d: &prost_types::Duration) -> f64 {
+    d.seconds as f64 + f64::from(d.nanos) / 1e9
+}
+
+fn human(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+fn plugin_json(p: &pb::Plugin) -> Value {
+    json!({
+        "name": p.name,
+        "replicas": p.replicas,
+        "serving": p.serving,
+        "healthy": p.healthy,
+        "min_serving": p.min_serving,
+        "command": p.command,
+        "source": p.source,
+        "instances": p.instances.iter().map(|i| json!({
+            "index": i.index,
+            "state": i.state,
+            "pid": (i.pid != 0).then_some(i.pid),
+            "breaker": i.breaker,
+            "restarts": i.restarts,
+            "last_exit": (!i.last_exit.is_empty()).then_some(&i.last_exit),
+            "failure": (!i.failure.is_empty()).then_some(&i.failure),
+            "uptime_s": i.uptime.as_ref().map(seconds),
+            "confined": i.confined,
+            "usage": i.usage.as_ref().map(|u| json!({
+                "memory_bytes": u.memory_bytes,
+                "memory_peak_bytes": u.memory_peak_bytes,
+                "cpu_s": u.cpu.as_ref().map(seconds),
+                "throttled_s": u.throttled.as_ref().map(seconds),
+                "throttled_periods": u.throttled_periods,
+                "pids": u.pids,
+                "oom_kills": u.oom_kills,
+            })),
+            "history": i.history.iter().map(|e| json!({
+                "at": e.at.as_ref().map(|t| t.seconds),
+                "pid": e.pid,
+                "reason": e.reason,
+                "ran_s": e.ran.as_ref().map(seconds),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One event as a line: time, plugin/instance, kind, pid, detail.
+pub fn event_line(e: &pb::Event) -> String {
+    let kind = pb::event::Kind::try_from(e.kind)
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("KIND_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| e.kind.to_string());
+    let at =
+        e.at.as_ref()
+            .map(|t| format!("{}.{:03}", t.seconds, t.nanos / 1_000_000))
+            .unwrap_or_default();
+    let plugin_wide = e.kind == pb::event::Kind::Scaled as i32;
+    let who = match (e.plugin.is_empty(), plugin_wide) {
+        (true, _) => "conductor".to_owned(),
+        (false, true) => e.plugin.clone(),
+        (false, false) => format!("{}/{}", e.plugin, e.instance),
+    };
+    let pid = if e.pid == 0 {
+        String::new()
+    } else {
+        format!(" pid={}", e.pid)
+    };
+    format!("{at} {who} {kind}{pid} {}", e.detail)
+        .trim_end()
+        .to_owned()
+}
