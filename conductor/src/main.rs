@@ -60,6 +60,8 @@ enum Command {
     Events { plugin: Option<String> },
     /// Re-read the config file and apply the difference.
     Reload,
+    /// List the plugins found in `plugin_dirs`, and broken manifests.
+    Plugins,
 }
 
 /// Exit code for a configuration error (sysexits.h `EX_CONFIG`).
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { path } => check_config(&path),
         Command::Run { log_format } => daemon(&cli.target.config, log_format),
+        Command::Plugins => discovered(&cli.target.config),
         command => match client(command, &cli.target) {
             Ok(code) => code,
             Err(error) => {
@@ -96,6 +99,32 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+/// Discovery is a look at the filesystem through the config: no daemon needed.
+fn discovered(path: &std::path::Path) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if config.conductor.plugin_dirs.is_empty() {
+        println!("no plugin_dirs in {}", path.display());
+    }
+    for (name, manifest) in &config.manifests {
+        let state = if config.disabled.contains(name) {
+            "disabled"
+        } else {
+            "enabled"
+        };
+        println!("{name:<24} {state:<9} {}", manifest.display());
+    }
+    for warning in &config.warnings {
+        println!("broken: {warning}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn daemon(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
@@ -180,6 +209,9 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
                     for ignored in s.ignored {
                         println!("not applied until restart: {ignored}");
                     }
+                    for warning in s.warnings {
+                        eprintln!("skipped: {warning}");
+                    }
                 }
                 Err(status) if status.code() == tonic::Code::InvalidArgument => {
                     eprintln!("{}", status.message());
@@ -187,7 +219,7 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
                 }
                 Err(status) => anyhow::bail!("{}: {}", status.code(), status.message()),
             },
-            Command::Run { .. } | Command::CheckConfig { .. } => {}
+            Command::Run { .. } | Command::CheckConfig { .. } | Command::Plugins => {}
         }
         Ok(ExitCode::SUCCESS)
     })

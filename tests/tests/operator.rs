@@ -449,3 +449,69 @@ fn watch_events_tells_a_kill_and_restart_in_order() {
     let _ = watcher.kill();
     let _ = watcher.wait();
 }
+
+#[test]
+fn a_plugin_dropped_into_a_plugin_folder_starts_on_reload_beside_a_broken_one() {
+    let conductor = Conductor::builder()
+        .conductor("plugin_dirs = [\"plugins.d\"]")
+        .start(&plugin("echo", ""));
+    conductor.wait_serving(0, "echo", 0);
+    let echo = pids_of(&conductor, "echo");
+
+    let folder = conductor.folder().join("plugins.d");
+    std::fs::create_dir_all(folder.join("greeter")).unwrap();
+    std::fs::create_dir_all(folder.join("broken")).unwrap();
+    let echo_bin = demi_e2e::bin("demi-plugin-echo");
+    std::fs::write(
+        folder.join("greeter/plugin.toml"),
+        format!(
+            "name = \"greeter\"\ncommand = \"{}\"\nreplicas = 2\n",
+            echo_bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("broken/plugin.toml"),
+        "name = \"broken\"\ncommand = 42\n",
+    )
+    .unwrap();
+
+    let reload = conductor.cli(&["reload"]);
+    let stdout = ok(reload.clone());
+    let stderr = String::from_utf8_lossy(&reload.stderr);
+    assert!(stdout.contains("added [\"greeter\"]"), "{stdout}");
+    assert!(
+        stderr.contains("broken/plugin.toml:2:11: command: invalid type"),
+        "{stderr}"
+    );
+    conductor.wait_serving(0, "greeter", 0);
+    conductor.wait_serving(0, "greeter", 1);
+    assert_eq!(pids_of(&conductor, "echo"), echo);
+
+    let listed = ok(std::process::Command::new(demi_e2e::bin("conductor"))
+        .arg("--config")
+        .arg(conductor.config_path())
+        .arg("plugins")
+        .output()
+        .unwrap());
+    assert!(
+        listed.lines().any(|l| l.starts_with("greeter")
+            && l.contains("enabled")
+            && l.contains("greeter/plugin.toml")),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("broken: ") && listed.contains("broken/plugin.toml"),
+        "{listed}"
+    );
+    let greeter = json(conductor.grpcurl(
+        &["-d", "{\"name\":\"greeter\"}"],
+        &["demi.conductor.v1.Conductor/GetPlugin"],
+    ));
+    assert!(
+        greeter["source"]
+            .as_str()
+            .unwrap()
+            .ends_with("greeter/plugin.toml")
+    );
+}

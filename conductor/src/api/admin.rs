@@ -138,6 +138,7 @@ impl pb::conductor_server::Conductor for Admin {
             changed: summary.changed,
             unchanged: summary.unchanged,
             ignored: summary.ignored,
+            warnings: summary.warnings,
         }))
     }
 

@@ -5,6 +5,7 @@
 //! ([`DaemonConfig`], [`PoolConfig`]); this module only parses, checks and
 //! resolves paths against the config file's folder.
 
+pub mod discovery;
 mod error;
 mod locate;
 
@@ -32,13 +33,25 @@ pub struct Config {
     /// The file's text, as loaded.
     pub text: String,
     pub conductor: DaemonConfig,
+    /// The plugins to run.
     pub plugins: BTreeMap<String, Arc<PoolConfig>>,
+    /// Where each plugin was defined: the config file or its manifest.
+    pub sources: BTreeMap<String, PathBuf>,
+    /// Plugins turned off with `enabled = false`.
+    pub disabled: Vec<String>,
+    /// Every valid manifest found in `plugin_dirs`, by plugin name.
+    pub manifests: BTreeMap<String, PathBuf>,
+    /// Broken manifests: reported, skipped, never fatal.
+    pub warnings: Vec<ConfigError>,
 }
 
 impl Config {
     /// The file that defined `plugin`.
-    pub fn source_of(&self, _plugin: &str) -> PathBuf {
-        self.file.clone()
+    pub fn source_of(&self, plugin: &str) -> PathBuf {
+        self.sources
+            .get(plugin)
+            .cloned()
+            .unwrap_or_else(|| self.file.clone())
     }
 
     /// Where instance `index` of `plugin` serves.
@@ -80,54 +93,37 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         }
         return Err(report.finish());
     }
-    let mut conductor = DaemonConfig::default();
-    let mut plugins = BTreeMap::new();
-    for (key, value) in doc.iter() {
-        match key.get_ref().as_ref() {
-            "conductor" => {
-                if let Some(c) = report.deserialize::<DaemonConfig>(value, doc) {
-                    for (field, reason) in c.problems() {
-                        report.at(doc, &["conductor", field], reason);
-                    }
-                    conductor = c;
-                }
-            }
-            "plugins" => match value.get_ref() {
-                DeValue::Table(table) => {
-                    for (name, plugin) in table.iter() {
-                        let name = name.get_ref().to_string();
-                        if let Some(reason) = invalid_name(&name) {
-                            report.at(doc, &["plugins", &name], reason);
-                        }
-                        if let Some(config) = report.deserialize::<PoolConfig>(plugin, doc) {
-                            for (field, reason) in config.problems() {
-                                let path: Vec<&str> = ["plugins", name.as_str()]
-                                    .into_iter()
-                                    .chain(field.split('.'))
-                                    .collect();
-                                report.at(doc, &path, reason);
-                            }
-                            plugins.insert(name, config);
-                        }
-                    }
-                }
-                _ => report.at(doc, &["plugins"], "must be a table: [plugins.NAME]".into()),
-            },
-            other => report.at(
-                doc,
-                &[other],
-                format!("unknown section `{other}`; expected `conductor` or `plugins`"),
-            ),
-        }
-    }
-
     // Children run in their own working directory, so every path handed to
     // them must be absolute.
     let base = std::path::absolute(file)
         .ok()
         .and_then(|f| f.parent().map(Path::to_owned))
         .unwrap_or_else(|| PathBuf::from("/"));
+
+    for key in doc.keys() {
+        let key = key.get_ref().as_ref();
+        if key != "conductor" && key != "plugins" {
+            report.at(
+                doc,
+                &[key],
+                format!("unknown section `{key}`; expected `conductor` or `plugins`"),
+            );
+        }
+    }
+    // [conductor] first: its plugin_dirs decide what is discovered.
+    let mut conductor = DaemonConfig::default();
+    if let Some(value) = doc.get("conductor")
+        && let Some(c) = report.deserialize::<DaemonConfig>(value, doc)
+    {
+        for (field, reason) in c.problems() {
+            report.at(doc, &["conductor", field], reason);
+        }
+        conductor = c;
+    }
     conductor.runtime_dir = join(&base, &conductor.runtime_dir);
+    for dir in &mut conductor.plugin_dirs {
+        *dir = join(&base, dir);
+    }
     if let Some(token) = conductor.api.token_file.take() {
         let token = join(&base, &token);
         if let Err(error) = std::fs::metadata(&token) {
@@ -139,20 +135,127 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         }
         conductor.api.token_file = Some(token);
     }
+    let scan = discovery::scan(&conductor.plugin_dirs);
+
+    // Each plugin with the folder its relative paths start from.
+    let mut plugins: BTreeMap<String, (PoolConfig, PathBuf, PathBuf)> = BTreeMap::new();
+    let mut disabled = Vec::new();
+    let tables = match doc.get("plugins").map(|v| v.get_ref()) {
+        Some(DeValue::Table(table)) => Some(table),
+        Some(_) => {
+            report.at(doc, &["plugins"], "must be a table: [plugins.NAME]".into());
+            None
+        }
+        None => None,
+    };
+    for (name, plugin) in tables.into_iter().flat_map(|t| t.iter()) {
+        let name = name.get_ref().to_string();
+        if let Some(reason) = invalid_name(&name) {
+            report.at(doc, &["plugins", &name], reason);
+        }
+        let DeValue::Table(table) = plugin.get_ref() else {
+            report.at(doc, &["plugins", &name], "must be a table".into());
+            continue;
+        };
+        // `enabled` belongs to the config, not to the plugin.
+        let mut table = table.clone();
+        let enabled = match table.remove("enabled").map(|v| v.into_inner()) {
+            None => true,
+            Some(DeValue::Boolean(b)) => b,
+            Some(_) => {
+                report.at(
+                    doc,
+                    &["plugins", &name, "enabled"],
+                    "must be true or false".into(),
+                );
+                true
+            }
+        };
+        let patch = toml::Spanned::new(plugin.span(), DeValue::Table(table));
+        let parsed = match scan.manifests.get(&name) {
+            // A discovered plugin: the config's table overrides its manifest.
+            Some(manifest) => {
+                let overrides = report
+                    .deserialize::<toml::Table>(&patch, doc)
+                    .unwrap_or_default();
+                let base_of_command =
+                    if overrides.contains_key("command") || overrides.contains_key("working_dir") {
+                        base.clone()
+                    } else {
+                        manifest.dir().to_owned()
+                    };
+                match toml::Value::Table(discovery::merge(manifest.table.clone(), overrides))
+                    .try_into::<PoolConfig>()
+                {
+                    Ok(config) => Some((config, base_of_command, manifest.path.clone())),
+                    Err(error) => {
+                        report.at(doc, &["plugins", &name], error.message().trim().to_owned());
+                        None
+                    }
+                }
+            }
+            None => report
+                .deserialize::<PoolConfig>(&patch, doc)
+                .map(|config| (config, base.clone(), file.to_owned())),
+        };
+        let Some((config, from, source)) = parsed else {
+            continue;
+        };
+        for (field, reason) in config.problems() {
+            let path: Vec<&str> = ["plugins", name.as_str()]
+                .into_iter()
+                .chain(field.split('.'))
+                .collect();
+            report.at(doc, &path, reason);
+        }
+        if enabled {
+            plugins.insert(name, (config, from, source));
+        } else {
+            disabled.push(name);
+        }
+    }
+    for (name, manifest) in &scan.manifests {
+        if plugins.contains_key(name) || disabled.contains(name) {
+            continue;
+        }
+        // Already checked when the manifest was read.
+        if let Ok(config) = toml::Value::Table(manifest.table.clone()).try_into::<PoolConfig>() {
+            plugins.insert(
+                name.clone(),
+                (config, manifest.dir().to_owned(), manifest.path.clone()),
+            );
+        }
+    }
+
     let mut resolved = BTreeMap::new();
-    for (name, mut config) in plugins {
-        match resolve_command(&config.command, &base) {
+    let mut sources = BTreeMap::new();
+    for (name, (mut config, from, source)) in plugins {
+        // Problems of a discovered plugin belong to its manifest.
+        let in_manifest = source != file;
+        let problem = |report: &mut Report<'_>, field: &str, reason: String| {
+            if in_manifest {
+                report.errors.push(ConfigError {
+                    file: source.clone(),
+                    position: None,
+                    field: field.to_owned(),
+                    reason,
+                });
+            } else {
+                report.at(doc, &["plugins", &name, field], reason);
+            }
+        };
+        match resolve_command(&config.command, &from) {
             Ok(command) => config.command = command,
-            Err(reason) => report.at(doc, &["plugins", &name, "command"], reason),
+            Err(reason) => problem(&mut report, "command", reason),
         }
         let working_dir = match &config.working_dir {
-            Some(dir) => join(&base, dir),
-            None => base.clone(),
+            Some(dir) => join(&from, dir),
+            None => from.clone(),
         };
         if !working_dir.is_dir() {
-            report.at(
-                doc,
-                &["plugins", &name, "working_dir"],
+            problem(
+                &mut report,
+                "working_dir",
                 format!("{} is not a directory", working_dir.display()),
             );
         }
@@ -172,6 +275,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 ),
             );
         }
+        sources.insert(name.clone(), source);
         resolved.insert(name, Arc::new(config));
     }
     if report.errors.is_empty() {
@@ -180,6 +284,14 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             text: text.to_owned(),
             conductor,
             plugins: resolved,
+            sources,
+            disabled,
+            manifests: scan
+                .manifests
+                .into_iter()
+                .map(|(n, m)| (n, m.path))
+                .collect(),
+            warnings: scan.problems,
         })
     } else {
         Err(report.finish())
@@ -256,8 +368,14 @@ impl Report<'_> {
 
     fn toml(&mut self, error: &toml::de::Error, doc: &DeTable<'_>) {
         let span = error.span();
+        // An error about the whole file (a manifest missing a field) is
+        // about no field in particular.
+        let whole = span
+            .as_ref()
+            .is_some_and(|s| s.start == 0 && s.end >= self.text.len());
         let field = span
             .as_ref()
+            .filter(|_| !whole)
             .map(|span| locate::path_at(doc, span.start))
             .unwrap_or_default();
         self.push(span, field, error.message().trim().to_owned());

@@ -244,3 +244,73 @@ fn an_unreadable_file_says_so() {
             .starts_with("/nonexistent/conductor.toml: cannot read")
     );
 }
+
+#[test]
+fn discovered_plugins_can_be_overridden_and_disabled() {
+    let f = Fixture::new();
+    let plugins = f.dir.path().join("plugins.d");
+    for (name, extra) in [
+        ("greeter", "replicas = 2\n[health]\ninterval = \"2s\"\n"),
+        ("quiet", ""),
+        ("bare", ""),
+    ] {
+        let dir = plugins.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let program = dir.join("run");
+        std::fs::write(&program, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(
+            dir.join("plugin.toml"),
+            format!("name = \"{name}\"\ncommand = \"./run\"\n{extra}"),
+        )
+        .unwrap();
+    }
+    std::fs::create_dir_all(plugins.join("broken")).unwrap();
+    std::fs::write(
+        plugins.join("broken/plugin.toml"),
+        "name = \"broken\"\nreplicas = 1\n",
+    )
+    .unwrap();
+
+    let config = f
+        .parse(
+            "[conductor]\nplugin_dirs = [\"plugins.d\"]\n\
+             [plugins.greeter]\nreplicas = 3\n[plugins.greeter.health]\ntimeout = \"500ms\"\n\
+             [plugins.quiet]\nenabled = false\n\
+             [plugins.local]\ncommand = \"./plugin\"\n",
+        )
+        .unwrap();
+    assert_eq!(
+        config.plugins.keys().collect::<Vec<_>>(),
+        ["bare", "greeter", "local"]
+    );
+    let greeter = &config.plugins["greeter"];
+    assert_eq!(greeter.replicas, 3, "the config overrides the manifest");
+    assert_eq!(
+        greeter.health.interval,
+        std::time::Duration::from_secs(2),
+        "the manifest's value stays"
+    );
+    assert_eq!(
+        greeter.health.timeout,
+        std::time::Duration::from_millis(500)
+    );
+    assert_eq!(
+        greeter.command,
+        plugins.join("greeter/run"),
+        "relative to the manifest"
+    );
+    assert_eq!(
+        config.source_of("greeter"),
+        plugins.join("greeter/plugin.toml")
+    );
+    assert_eq!(config.source_of("local"), f.file());
+    assert_eq!(config.disabled, ["quiet"]);
+    assert_eq!(config.manifests.len(), 3);
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 1);
+    assert!(
+        warnings[0].contains("broken/plugin.toml:1:1: missing field `command`"),
+        "{warnings:?}"
+    );
+}

@@ -30,6 +30,10 @@ pub struct DaemonConfig {
     /// How often each instance's resource usage is read from its cgroup.
     #[serde(default = "default_usage_interval", with = "humantime_serde")]
     pub usage_interval: Duration,
+    /// Folders whose sub-folders holding a `plugin.toml` are plugins
+    /// (relative to the config file); scanned at start and on reload.
+    #[serde(default)]
+    pub plugin_dirs: Vec<PathBuf>,
     /// `[conductor.api]`: TCP listener and its token.
     #[serde(default)]
     pub api: ApiConfig,
@@ -69,6 +73,7 @@ impl Default for DaemonConfig {
             cgroup_root: default_cgroup_root(),
             cgroup_policy: CgroupPolicy::default(),
             usage_interval: default_usage_interval(),
+            plugin_dirs: Vec::new(),
             api: ApiConfig::default(),
         }
     }

@@ -91,6 +91,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         events: EventBus::default(),
         cancel: cancel.clone(),
     };
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "plugin manifest skipped");
+    }
     let instances: u32 = config.plugins.values().map(|p| p.replicas).sum();
     tracing::info!(
         config = %config.file.display(),

@@ -27,6 +27,9 @@ pub struct PoolConfig {
     /// How many instances run side by side.
     #[serde(default = "default_replicas")]
     pub replicas: u32,
+    /// Whether the plugin takes jobs (`Handle` calls) from the conductor.
+    #[serde(default = "default_jobs")]
+    pub jobs: bool,
     /// How long an instance may take from spawn to SERVING.
     #[serde(default = "default_startup_timeout", with = "humantime_serde")]
     pub startup_timeout: Duration,
@@ -112,6 +115,10 @@ impl Default for RestartConfig {
 
 fn default_replicas() -> u32 {
     1
+}
+
+fn default_jobs() -> bool {
+    true
 }
 
 fn default_startup_timeout() -> Duration {

@@ -11,6 +11,7 @@ fn config() -> PoolConfig {
         env: Default::default(),
         working_dir: None,
         replicas: 1,
+        jobs: true,
         startup_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(5),
         health: HealthConfig {

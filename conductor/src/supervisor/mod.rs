@@ -73,6 +73,8 @@ pub struct ReloadSummary {
     pub changed: Vec<String>,
     pub unchanged: Vec<String>,
     pub ignored: Vec<String>,
+    /// Broken manifests, skipped.
+    pub warnings: Vec<String>,
 }
 
 /// Every pool of the conductor.
@@ -264,7 +266,13 @@ impl Supervisor {
     pub async fn reload(&self) -> Result<ReloadSummary, SupervisorError> {
         let mut current = self.operations.lock().await;
         let next = crate::config::load(&current.file).map_err(SupervisorError::Config)?;
-        let mut summary = ReloadSummary::default();
+        let mut summary = ReloadSummary {
+            warnings: next.warnings.iter().map(ToString::to_string).collect(),
+            ..ReloadSummary::default()
+        };
+        for warning in &next.warnings {
+            tracing::warn!(%warning, "plugin manifest skipped");
+        }
         if next.conductor != current.conductor {
             summary
                 .ignored
