@@ -20,7 +20,7 @@ build:
 # What CI runs: style and lints first (cheap, fail fast), then every test
 # against freshly built binaries.
 # nextest runs last so its summary closes the output.
-test: lint build $(GRPCURL)
+test: lint build $(GRPCURL) $(PROMTOOL)
 	$(CARGO) test --workspace --doc
 	$(CARGO) nextest run --workspace --no-fail-fast
 
@@ -30,6 +30,12 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+# promtool and a Prometheus server for the telemetry tests, from Debian.
+PROMTOOL := /usr/bin/promtool
+$(PROMTOOL):
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus
 
 $(GRPCURL):
 	python3 -m venv $(VENV)

@@ -118,8 +118,14 @@ impl Builder {
         } else {
             format!("cgroup_root = \"{cgroup_root}\"\n")
         };
+        // Parallel tests cannot share the default metrics port.
+        let metrics = if self.conductor.contains("[conductor.metrics]") {
+            ""
+        } else {
+            "[conductor.metrics]\nlisten = \"127.0.0.1:0\"\n"
+        };
         let preamble = format!(
-            "[conductor]\nruntime_dir = \"run\"\n{root_line}{}\n\n",
+            "[conductor]\nruntime_dir = \"run\"\n{root_line}{}\n{metrics}\n",
             self.conductor
         );
         let config = dir.path().join("conductor.toml");
@@ -222,6 +228,21 @@ impl Conductor {
     /// Writes `text` verbatim as the config file.
     pub fn write_config(&self, text: &str) {
         std::fs::write(&self.config, text).expect("rewrite config");
+    }
+
+    /// Where `/metrics` listens, from the conductor's log.
+    pub fn metrics_addr(&self) -> String {
+        let (_, event) = self.wait_for(0, "metrics listening", |e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("metrics listening"))
+        });
+        event["addr"].as_str().expect("addr").to_owned()
+    }
+
+    /// One scrape of `/metrics`.
+    pub fn scrape(&self) -> String {
+        http_get(&self.metrics_addr(), "/metrics")
     }
 
     /// The admin API socket.
@@ -436,6 +457,39 @@ pub fn remove_cgroup_tree(root: &str) {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// A plain HTTP/1.0 GET; returns the body. Panics on anything but 200.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The value of the series `name{labels}` in a Prometheus text scrape,
+/// where every label in `labels` must match.
+pub fn series(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let (metric, value) = line.rsplit_once(' ')?;
+        let (series_name, rest) = metric.split_once('{').unwrap_or((metric, "}"));
+        if series_name != name {
+            return None;
+        }
+        let all = labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        all.then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// Whether `pid` is a live (not zombie) process.

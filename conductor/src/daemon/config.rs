@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::api::ApiConfig;
 use crate::process::cgroup::CgroupPolicy;
 use crate::telemetry::LogFormat;
+use crate::telemetry::metrics::MetricsConfig;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +35,9 @@ pub struct DaemonConfig {
     /// (relative to the config file); scanned at start and on reload.
     #[serde(default)]
     pub plugin_dirs: Vec<PathBuf>,
+    /// `[conductor.metrics]`: the Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// `[conductor.api]`: TCP listener and its token.
     #[serde(default)]
     pub api: ApiConfig,
@@ -74,6 +78,7 @@ impl Default for DaemonConfig {
             cgroup_policy: CgroupPolicy::default(),
             usage_interval: default_usage_interval(),
             plugin_dirs: Vec::new(),
+            metrics: MetricsConfig::default(),
             api: ApiConfig::default(),
         }
     }

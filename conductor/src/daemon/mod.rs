@@ -17,7 +17,8 @@ use crate::config::Config;
 use crate::process::Spawner;
 use crate::process::cgroup::Cgroups;
 use crate::supervisor::{PoolContext, Supervisor};
-use crate::telemetry::events::EventBus;
+use crate::telemetry::events::{EventBus, Reporter};
+use crate::telemetry::metrics::{self, Metrics, MetricsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -31,6 +32,13 @@ pub enum DaemonError {
     CgroupSetup(tokio::task::JoinError),
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error(transparent)]
+    MetricsSetup(#[from] MetricsError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// How long open API connections may take to close at shutdown.
@@ -80,6 +88,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let spawner =
         Arc::new(Spawner::start(tokio::runtime::Handle::current()).map_err(DaemonError::Spawner)?);
     let cgroups = Arc::new(open_cgroups(&config).await?);
+    let metrics = Metrics::new()?;
     let cancel = CancellationToken::new();
     let context = PoolContext {
         runtime_dir: runtime_dir.root().to_owned(),
@@ -88,7 +97,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         cgroups: cgroups.clone(),
         cgroup_policy: config.conductor.cgroup_policy,
         usage_interval: config.conductor.usage_interval,
-        events: EventBus::default(),
+        reporter: Reporter {
+            bus: EventBus::default(),
+            metrics: metrics.clone(),
+        },
         cancel: cancel.clone(),
     };
     for warning in &config.warnings {
@@ -103,9 +115,24 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "conductor starting"
     );
     let api_config = config.conductor.api.clone();
+    let metrics_config = config.conductor.metrics.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     let supervisor = Supervisor::start(config, context, health.clone()).await;
+    metrics.observe(Arc::downgrade(&supervisor));
     let api_shutdown = CancellationToken::new();
+    let metrics_endpoint = if metrics_config.enabled {
+        let (addr, task) =
+            metrics::serve(metrics.clone(), metrics_config.listen, api_shutdown.clone())
+                .await
+                .map_err(|source| DaemonError::Metrics {
+                    addr: metrics_config.listen,
+                    source,
+                })?;
+        tracing::info!(%addr, "metrics listening on http://{addr}/metrics");
+        Some(task)
+    } else {
+        None
+    };
     let mut api = api::serve(
         supervisor.clone(),
         health_service,
@@ -140,6 +167,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if drained.is_err() {
         api.abort_all();
     }
+    if let Some(task) = metrics_endpoint {
+        let _ = tokio::time::timeout(API_DRAIN, task).await;
+    }
+    metrics.shutdown();
     // Only now may the spawner thread end: its exit fires the death signal
     // of every child it forked.
     drop(spawner);

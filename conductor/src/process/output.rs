@@ -18,6 +18,8 @@ pub struct Origin {
     pub plugin: Arc<str>,
     pub instance: u32,
     pub pid: u32,
+    /// The process life's correlation id (see the runner).
+    pub lifecycle: Arc<str>,
 }
 
 /// Reads `stream` to its end, logging each line. Ends when every process
@@ -115,6 +117,7 @@ fn emit(line: &str, stream: &'static str, origin: &Origin) {
     let p = parse(line, stream);
     let plugin = &*origin.plugin;
     let (instance, pid, fields) = (origin.instance, origin.pid, p.fields.as_deref());
+    let lifecycle = &*origin.lifecycle;
     // tracing needs the level at compile time, hence one arm per level.
     macro_rules! event {
         ($level:expr) => {
@@ -124,6 +127,7 @@ fn emit(line: &str, stream: &'static str, origin: &Origin) {
                 plugin,
                 instance,
                 pid,
+                lifecycle,
                 stream,
                 fields,
                 "{}",

@@ -123,7 +123,7 @@ impl Supervisor {
     }
 
     pub fn events(&self) -> &EventBus {
-        &self.context.events
+        &self.context.reporter.bus
     }
 
     pub fn list(&self) -> Vec<PluginView> {

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::process::cgroup::{Cgroup, CgroupPolicy, Cgroups};
 use crate::process::{SpawnSpec, Spawner};
 use crate::rpc::ACCEPTED_PROTOCOLS;
-use crate::telemetry::events::EventBus;
+use crate::telemetry::events::Reporter;
 
 /// What every pool shares.
 #[derive(Clone)]
@@ -28,7 +28,7 @@ pub struct PoolContext {
     pub cgroups: Arc<Cgroups>,
     pub cgroup_policy: CgroupPolicy,
     pub usage_interval: Duration,
-    pub events: EventBus,
+    pub reporter: Reporter,
     /// Fires on conductor shutdown; every instance token is a child of it.
     pub cancel: CancellationToken,
 }
@@ -120,7 +120,7 @@ impl Pool {
             cgroup: cgroup.clone(),
             unlaunchable,
             usage_interval: context.usage_interval,
-            events: context.events.clone(),
+            reporter: context.reporter.clone(),
         };
         let (commands, command_rx) = mpsc::channel(8);
         let (status_tx, status) = watch::channel(InstanceStatus::new(cgroup.is_some()));

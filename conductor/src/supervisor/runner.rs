@@ -25,8 +25,9 @@ use super::instance::{Action, Event, ExitReason, Instance, State};
 use crate::process::cgroup::{Cgroup, Usage};
 use crate::process::output::{self, Origin};
 use crate::process::{SpawnSpec, Spawner, signal_group};
+use crate::rpc::HealthError;
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
-use crate::telemetry::events::{self, EventBus};
+use crate::telemetry::events::{self, CheckOutcome, Reporter};
 
 /// What an operator can ask of a running instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +99,7 @@ pub struct InstanceSpec {
     /// Set when the instance must not be started (see [`Event::Unlaunchable`]).
     pub unlaunchable: Option<String>,
     pub usage_interval: Duration,
-    pub events: EventBus,
+    pub reporter: Reporter,
 }
 
 /// Pause between `Describe` attempts of an instance that fails them.
@@ -136,7 +137,14 @@ pub async fn run(
     status: watch::Sender<InstanceStatus>,
     cancel: CancellationToken,
 ) {
-    let span = tracing::info_span!("instance", plugin = %spec.plugin, instance = spec.index);
+    // `lifecycle` is set anew at every spawn: one id per process life, on
+    // every event of that life and every line the process prints.
+    let span = tracing::info_span!(
+        "instance",
+        plugin = %spec.plugin,
+        instance = spec.index,
+        lifecycle = tracing::field::Empty
+    );
     Runner {
         machine: Instance::new(spec.config.clone(), Arc::from(ACCEPTED_PROTOCOLS)),
         spec,
@@ -177,7 +185,7 @@ impl Runner {
         let mut usage_tick = tokio::time::interval(self.spec.usage_interval);
         usage_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut probe: Pending<(PluginConnection, u32)> = None;
-        let mut check: Pending<Result<(), String>> = None;
+        let mut check: Pending<(Result<(), HealthError>, Duration)> = None;
         let mut terminate: Pending<()> = None;
         let mut shutting_down = false;
         let mut commands_open = true;
@@ -227,11 +235,18 @@ impl Runner {
                     tick.reset();
                     Event::Ready { protocol_version }
                 }
-                result = maybe(&mut check) => {
+                (result, took) = maybe(&mut check) => {
                     check = None;
+                    let outcome = match &result {
+                        Ok(()) => CheckOutcome::Serving,
+                        Err(HealthError::NotServing(_)) => CheckOutcome::NotServing,
+                        Err(HealthError::Timeout(_)) => CheckOutcome::Timeout,
+                        Err(HealthError::Rpc(_)) => CheckOutcome::Error,
+                    };
+                    events::health_check(&self.subject(), outcome, took);
                     match result {
                         Ok(()) => Event::HealthPassed,
-                        Err(why) => Event::HealthFailed { why },
+                        Err(why) => Event::HealthFailed { why: why.to_string() },
                     }
                 }
                 () = maybe(&mut terminate) => {
@@ -244,7 +259,9 @@ impl Runner {
                         let service = self.spec.plugin.to_string();
                         let timeout = health.timeout;
                         check = Some(Box::pin(async move {
-                            connection.check(&service, timeout).await.map_err(|e| e.to_string())
+                            let started = Instant::now();
+                            let result = connection.check(&service, timeout).await;
+                            (result, started.elapsed())
                         }));
                     }
                     continue;
@@ -303,6 +320,14 @@ impl Runner {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "cannot empty the instance's cgroup"),
             Err(error) => tracing::error!(%error, "emptying the cgroup panicked"),
+        }
+    }
+
+    fn subject(&self) -> events::Subject<'_> {
+        events::Subject {
+            reporter: &self.spec.reporter,
+            plugin: &self.spec.plugin,
+            instance: self.spec.index,
         }
     }
 
@@ -374,11 +399,7 @@ impl Runner {
             }
             // Status first: whoever reacts to the event reads fresh status.
             self.publish();
-            let subject = events::Subject {
-                bus: &self.spec.events,
-                plugin: &self.spec.plugin,
-                instance: self.spec.index,
-            };
+            let subject = self.subject();
             events::transition(&subject, &before, &next, &self.machine, breaker_before);
             for action in actions {
                 if action == Action::Spawn {
@@ -428,6 +449,8 @@ impl Runner {
         if let Some(cgroup) = &self.spec.cgroup {
             self.oom_kills_at_spawn = cgroup.oom_kills();
         }
+        let lifecycle: Arc<str> = Arc::from(format!("{:016x}", fastrand::u64(..)));
+        tracing::Span::current().record("lifecycle", &*lifecycle);
         match self.spawner.spawn(self.spec.spawn.clone()).await {
             Ok(mut child) => {
                 let Some(pid) = child.id() else {
@@ -439,6 +462,7 @@ impl Runner {
                     plugin: self.spec.plugin.clone(),
                     instance: self.spec.index,
                     pid,
+                    lifecycle,
                 };
                 if let Some(stdout) = child.stdout.take() {
                     self.outputs

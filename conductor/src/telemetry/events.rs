@@ -5,10 +5,14 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use opentelemetry::KeyValue;
 use tokio::sync::broadcast;
 
+use super::metrics::Metrics;
 use crate::supervisor::breaker::Breaker;
-use crate::supervisor::instance::{Event, IllegalTransition, Instance, State, StopCause, Then};
+use crate::supervisor::instance::{
+    Event, ExitReason, IllegalTransition, Instance, State, StopCause, Then,
+};
 
 /// What happened, as the admin API names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,16 +79,79 @@ impl EventBus {
     }
 }
 
+/// Where lifecycle events go: the event bus and the metrics.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    pub bus: EventBus,
+    pub metrics: Arc<Metrics>,
+}
+
 /// Who an instance event is about.
 pub struct Subject<'a> {
-    pub bus: &'a EventBus,
+    pub reporter: &'a Reporter,
     pub plugin: &'a Arc<str>,
     pub instance: u32,
 }
 
 impl Subject<'_> {
     fn send(&self, kind: Kind, pid: Option<u32>, detail: String) {
-        self.bus.send(self.plugin, self.instance, kind, pid, detail);
+        self.reporter
+            .bus
+            .send(self.plugin, self.instance, kind, pid, detail);
+    }
+
+    fn plugin_label(&self) -> [KeyValue; 1] {
+        [KeyValue::new("plugin", self.plugin.to_string())]
+    }
+
+    fn restarted(&self, reason: &str) {
+        let labels = [
+            KeyValue::new("plugin", self.plugin.to_string()),
+            KeyValue::new("reason", reason.to_owned()),
+        ];
+        self.reporter.metrics.restarts.add(1, &labels);
+    }
+}
+
+/// How a periodic health check ended, as the metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckOutcome {
+    Serving,
+    NotServing,
+    Timeout,
+    Error,
+}
+
+impl CheckOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            CheckOutcome::Serving => "serving",
+            CheckOutcome::NotServing => "not_serving",
+            CheckOutcome::Timeout => "timeout",
+            CheckOutcome::Error => "error",
+        }
+    }
+}
+
+/// Counts one periodic health check (the state machine hears of it too).
+pub fn health_check(subject: &Subject<'_>, outcome: CheckOutcome, took: std::time::Duration) {
+    let metrics = &subject.reporter.metrics;
+    let platform = KeyValue::new("platform", subject.plugin.to_string());
+    metrics.health_checks.add(
+        1,
+        &[platform.clone(), KeyValue::new("status", outcome.label())],
+    );
+    metrics
+        .health_check_duration
+        .record(took.as_secs_f64(), &[platform]);
+}
+
+/// The restart reason label: bounded, so spawn errors are one class.
+fn reason_label(instance: &Instance) -> String {
+    match instance.last_exit() {
+        Some(ExitReason::SpawnFailed(_)) => "spawn failed".into(),
+        Some(reason) => reason.to_string(),
+        None => "unknown".into(),
     }
 }
 
@@ -138,8 +205,14 @@ pub fn transition(
     tracing::debug!(from = before.name(), to = state.name(), "state changed");
     match state {
         State::Serving { pid, since } if !matches!(before, State::Unhealthy { .. }) => {
-            let startup_ms = now.saturating_duration_since(*since).as_millis() as u64;
+            let startup = now.saturating_duration_since(*since);
+            let startup_ms = startup.as_millis() as u64;
             tracing::info!(pid, startup_ms, breaker = %after.breaker(), "instance serving");
+            subject
+                .reporter
+                .metrics
+                .start_duration
+                .record(startup.as_secs_f64(), &subject.plugin_label());
             subject.send(
                 Kind::Serving,
                 Some(*pid),
@@ -156,6 +229,11 @@ pub fn transition(
                 && let Then::Restart(cause) = then
             {
                 tracing::warn!(pid, cause = %cause, "breaker tripped");
+                subject
+                    .reporter
+                    .metrics
+                    .breaker_trips
+                    .add(1, &subject.plugin_label());
                 subject.send(Kind::BreakerTripped, Some(*pid), cause.to_string());
             }
             let then = match then {
@@ -184,11 +262,13 @@ pub fn transition(
             ) =>
         {
             tracing::info!("instance restarting on request");
+            subject.restarted("requested");
         }
         // Leaving a live state straight for Starting is an immediate restart.
         State::Starting { .. } if restarted => {
             let attempt = after.consecutive_crashes();
             tracing::info!(delay_ms = 0u64, attempt, "restart scheduled");
+            subject.restarted(&reason_label(after));
             subject.send(
                 Kind::Backoff,
                 None,

@@ -1,6 +1,7 @@
-//! Logs (and, later, metrics) of the conductor.
+//! Logs, lifecycle events and Prometheus metrics of the conductor.
 
 pub mod events;
+pub mod metrics;
 
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;

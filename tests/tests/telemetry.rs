@@ -1,0 +1,265 @@
+//! Telemetry end to end: /metrics, promtool, a real Prometheus, JSON logs.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use demi_e2e::{Conductor, WAIT, http_get, series, signal_pid};
+use nix::sys::signal::Signal;
+
+fn plugin(name: &str, extra: &str) -> String {
+    format!("[plugins.{name}]\ncommand = \"{{echo}}\"\nshutdown_grace = \"2s\"\n{extra}\n")
+}
+
+/// Debian's prometheus package, which `make test` installs.
+fn prometheus_tool(name: &str) -> PathBuf {
+    let path = PathBuf::from("/usr/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `make test` installs Debian's prometheus package",
+        path.display()
+    );
+    path
+}
+
+fn health_checks(scrape: &str, plugin: &str) -> f64 {
+    series(
+        scrape,
+        "health_checks_total",
+        &[("platform", plugin), ("status", "serving")],
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_show_restarts_with_their_reason_and_health_checks_per_interval() {
+    let conductor = Conductor::start(&plugin(
+        "echo",
+        "replicas = 2\n[plugins.echo.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"",
+    ));
+    let (_, pid) = conductor.wait_serving(0, "echo", 0);
+    conductor.wait_serving(0, "echo", 1);
+    let before = conductor.scrape();
+    assert_eq!(
+        series(&before, "demi_replicas_serving", &[("plugin", "echo")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        series(
+            &before,
+            "demi_instance_up",
+            &[("plugin", "echo"), ("instance", "0")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(&before, "demi_restarts_total", &[("plugin", "echo")]),
+        None
+    );
+
+    let cursor = conductor.cursor();
+    signal_pid(pid, Signal::SIGKILL);
+    conductor.wait_serving(cursor, "echo", 0);
+    let after = conductor.scrape();
+    assert_eq!(
+        series(
+            &after,
+            "demi_restarts_total",
+            &[("plugin", "echo"), ("reason", "signal SIGKILL")]
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        series(
+            &after,
+            "demi_instance_start_duration_seconds_count",
+            &[("plugin", "echo")]
+        ),
+        Some(3.0)
+    );
+
+    // About one check per interval per instance: 2 instances x 200 ms.
+    let start = Instant::now();
+    let first = health_checks(&conductor.scrape(), "echo");
+    std::thread::sleep(Duration::from_millis(2000));
+    let last = conductor.scrape();
+    let second = health_checks(&last, "echo");
+    let expected = 2.0 * start.elapsed().as_secs_f64() / 0.2;
+    let grown = second - first;
+    eprintln!(
+        "health checks grew by {grown} in {:?}, {expected:.1} expected",
+        start.elapsed()
+    );
+    assert!(
+        grown >= expected * 0.7 && grown <= expected * 1.3 + 2.0,
+        "grew {grown}, expected ~{expected:.1}"
+    );
+    assert!(
+        series(
+            &last,
+            "health_check_duration_seconds_count",
+            &[("platform", "echo")]
+        )
+        .is_some_and(|n| n >= second)
+    );
+}
+
+#[test]
+fn promtool_finds_no_problem_in_a_scrape() {
+    let conductor = Conductor::start(&format!(
+        "{}{}",
+        plugin(
+            "echo",
+            "replicas = 2\n[plugins.echo.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\n[plugins.echo.limits]\nmemory = \"128MiB\""
+        ),
+        plugin(
+            "crashy",
+            "args = [\"--exit-code\", \"3\"]\n[plugins.crashy.restart]\nstart_limit_burst = 2"
+        ),
+    ));
+    conductor.wait_serving(0, "echo", 1);
+    conductor.wait_event(0, "crashy", "instance failed");
+    // A scrape with every kind of series: wait for the first health checks.
+    let deadline = Instant::now() + WAIT;
+    let scrape = loop {
+        let scrape = conductor.scrape();
+        if health_checks(&scrape, "echo") > 0.0 {
+            break scrape;
+        }
+        assert!(Instant::now() < deadline, "no health check counted");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut promtool = Command::new(prometheus_tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), scrape.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool ({:?}): {said}\n--- scrape:\n{scrape}",
+        out.status
+    );
+    assert!(scrape.contains("health_checks_total{"), "{scrape}");
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_restart_counter() {
+    let conductor = Conductor::start(&plugin("echo", ""));
+    let (at, pid) = conductor.wait_serving(0, "echo", 0);
+    signal_pid(pid, Signal::SIGKILL);
+    conductor.wait_serving(at + 1, "echo", 0);
+    let target = conductor.metrics_addr();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: conductor\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    /// Stops the Prometheus server however the test ends.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Server(
+        Command::new(prometheus_tool("prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus"),
+    );
+
+    // Poll Prometheus's query API until its scrape has landed.
+    let deadline = Instant::now() + WAIT * 2;
+    let query = "/api/v1/query?query=demi_restarts_total%7Bplugin%3D%22echo%22%7D";
+    loop {
+        let answer = std::net::TcpStream::connect(&listen)
+            .ok()
+            .map(|_| http_get(&listen, query));
+        if let Some(answer) = answer {
+            let parsed: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+            if let Some(value) = parsed["data"]["result"][0]["value"][1].as_str() {
+                assert_eq!(value, "1", "{answer}");
+                assert_eq!(
+                    parsed["data"]["result"][0]["metric"]["reason"],
+                    "signal SIGKILL"
+                );
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never reported the restart counter"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn json_logs_are_json_on_every_line_and_plugin_lines_name_their_source() {
+    let mut conductor = Conductor::start(&plugin("echo", "replicas = 2"));
+    conductor.wait_serving(0, "echo", 0);
+    conductor.wait_serving(0, "echo", 1);
+    conductor.signal(Signal::SIGTERM);
+    conductor.wait_exit();
+    let events = conductor.events();
+    assert!(events.len() > 10);
+    for event in &events {
+        assert!(event.is_object(), "not a JSON object: {event}");
+    }
+    let plugin_lines: Vec<_> = events.iter().filter(|e| e["target"] == "plugin").collect();
+    assert!(plugin_lines.len() >= 2, "echo prints a line at start");
+    for line in plugin_lines {
+        assert_eq!(line["plugin"], "echo", "{line}");
+        assert!(
+            line["instance"].as_u64().is_some() && line["pid"].as_u64().is_some(),
+            "{line}"
+        );
+        assert!(
+            line["lifecycle"].as_str().is_some_and(|l| !l.is_empty()),
+            "{line}"
+        );
+    }
+    // Every event of an instance's life carries its lifecycle id.
+    let serving: Vec<_> = events
+        .iter()
+        .filter(|e| e["message"] == "instance serving")
+        .collect();
+    let ids: std::collections::BTreeSet<_> = serving
+        .iter()
+        .filter_map(|e| e["span"]["lifecycle"].as_str())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        2,
+        "one lifecycle id per instance life: {serving:?}"
+    );
+}
