@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use demi_proto::plugin::v1 as pb;
+pub use demi_proto::trace::TraceParent;
 
 /// One unit of work the conductor hands to a plugin.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -20,6 +21,9 @@ pub struct Job {
     pub attempt: u32,
     /// When the submitter stops caring about the answer.
     pub deadline: Option<SystemTime>,
+    /// The W3C trace this job belongs to (from the `traceparent` the
+    /// conductor sent), to parent the plugin's own spans on.
+    pub trace: Option<TraceParent>,
 }
 
 /// How a job ended.
@@ -42,6 +46,7 @@ impl From<pb::Job> for Job {
             attributes: job.attributes,
             attempt: job.attempt,
             deadline: job.deadline.and_then(|t| SystemTime::try_from(t).ok()),
+            trace: None,
         }
     }
 }

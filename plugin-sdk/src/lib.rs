@@ -42,7 +42,7 @@ pub use handshake::{
     CONDUCTOR_SOCKET_KEY, EXIT_CONFIG, Handshake, HandshakeError, INSTANCE_KEY, MAGIC_COOKIE_KEY,
     MAGIC_COOKIE_VALUE, NAME_KEY, PROTOCOL_VERSIONS_KEY, SOCKET_KEY,
 };
-pub use job::{Job, Outcome};
+pub use job::{Job, Outcome, TraceParent};
 pub use server::{DEFAULT_GRACE, ServeError, run, serve, serve_with};
 
 use std::future::Future;

@@ -16,6 +16,8 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use demi_proto::trace::{TRACEPARENT, TraceParent};
+
 use crate::handshake::{EXIT_CONFIG, Handshake, HandshakeError};
 use crate::{Job, Plugin, parent};
 
@@ -230,9 +232,22 @@ impl<P: Plugin> pb::plugin_server::Plugin for PluginService<P> {
         }
         // Counts as in flight until the result is built, so a drain waits for it.
         let _in_flight = self.in_flight.token();
-        let job = Job::from(request.into_inner());
+        let trace = request
+            .metadata()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
+        let mut job = Job::from(request.into_inner());
+        job.trace = trace;
         let id = job.id.clone();
-        let outcome = self.plugin.handle(job).await;
+        // The plugin's own events inside `handle` carry the job and trace.
+        let span = tracing::info_span!(
+            "handle",
+            job = %id,
+            attempt = job.attempt,
+            trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default()
+        );
+        let outcome = tracing::Instrument::instrument(self.plugin.handle(job), span).await;
         Ok(Response::new(outcome.into_result(id)))
     }
 

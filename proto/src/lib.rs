@@ -46,3 +46,133 @@ pub mod handshake {
     /// (sysexits.h `EX_CONFIG`).
     pub const EXIT_CONFIG: u8 = 78;
 }
+
+/// W3C trace context (`traceparent`), which the conductor sends on every
+/// call to a plugin so a plugin's spans join the conductor's trace.
+pub mod trace {
+    use std::fmt;
+
+    /// The gRPC metadata key (lower case, as HTTP/2 requires).
+    pub const TRACEPARENT: &str = "traceparent";
+
+    /// One `traceparent`: version 00, a 16-byte trace id, the caller's
+    /// 8-byte span id, and whether the trace is sampled.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct TraceParent {
+        pub trace_id: u128,
+        pub parent_id: u64,
+        pub sampled: bool,
+    }
+
+    impl TraceParent {
+        /// A new trace, from `random` (the caller's random source keeps
+        /// this crate free of one). Ids of zero are invalid in W3C, so zero
+        /// becomes one.
+        pub fn new(random: impl Fn() -> u64) -> Self {
+            let trace_id = (u128::from(random()) << 64 | u128::from(random())).max(1);
+            Self {
+                trace_id,
+                parent_id: random().max(1),
+                sampled: true,
+            }
+        }
+
+        /// The same trace, one hop further: a new parent span id.
+        pub fn child(self, random: impl Fn() -> u64) -> Self {
+            Self {
+                parent_id: random().max(1),
+                ..self
+            }
+        }
+
+        /// Parses `00-<32 hex>-<16 hex>-<2 hex>`; anything else is `None`.
+        pub fn parse(text: &str) -> Option<Self> {
+            let mut parts = text.trim().split('-');
+            let (version, trace, parent, flags) =
+                (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+            let hex = |s: &str, len: usize| {
+                s.len() == len
+                    && s.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            };
+            if version != "00"
+                || parts.next().is_some()
+                || !hex(trace, 32)
+                || !hex(parent, 16)
+                || !hex(flags, 2)
+            {
+                return None;
+            }
+            let trace_id = u128::from_str_radix(trace, 16).ok().filter(|t| *t != 0)?;
+            let parent_id = u64::from_str_radix(parent, 16).ok().filter(|p| *p != 0)?;
+            let flags = u8::from_str_radix(flags, 16).ok()?;
+            Some(Self {
+                trace_id,
+                parent_id,
+                sampled: flags & 1 == 1,
+            })
+        }
+
+        /// The trace id as 32 lower-case hex digits.
+        pub fn trace_id_hex(&self) -> String {
+            format!("{:032x}", self.trace_id)
+        }
+    }
+
+    impl fmt::Display for TraceParent {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "00-{:032x}-{:016x}-{:02x}",
+                self.trace_id,
+                self.parent_id,
+                u8::from(self.sampled)
+            )
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn round_trips_the_w3c_example() {
+            let text = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+            let parsed = TraceParent::parse(text).unwrap();
+            assert_eq!(parsed.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_eq!(parsed.parent_id, 0x00f0_67aa_0ba9_02b7);
+            assert!(parsed.sampled);
+            assert_eq!(parsed.to_string(), text);
+        }
+
+        #[test]
+        fn refuses_malformed_and_all_zero_ids() {
+            for bad in [
+                "",
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            ] {
+                assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+            }
+        }
+
+        #[test]
+        fn new_traces_are_valid_and_children_keep_the_trace() {
+            let zero = TraceParent::new(|| 0);
+            assert_eq!(TraceParent::parse(&zero.to_string()), Some(zero));
+            let n = std::cell::Cell::new(7u64);
+            let next = || {
+                n.set(n.get() * 31 + 1);
+                n.get()
+            };
+            let parent = TraceParent::new(next);
+            let child = parent.child(next);
+            assert_eq!(child.trace_id, parent.trace_id);
+            assert_ne!(child.parent_id, parent.parent_id);
+        }
+    }
+}

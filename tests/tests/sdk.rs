@@ -177,3 +177,34 @@ fn prost_types_duration(d: Duration) -> demi_e2e::grpc::ProstDuration {
         nanos: d.subsec_nanos() as i32,
     }
 }
+
+#[test]
+fn handle_receives_the_callers_trace_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("echo.sock");
+    let mut echo = start_echo(&socket, &[]);
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    grpc::runtime().block_on(async {
+        let mut client = pb::plugin_client::PluginClient::new(grpc::connect(&socket).await);
+        let mut request = tonic::Request::new(pb::Job {
+            id: "traced".into(),
+            kind: "trace".into(),
+            attempt: 1,
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+        let answer = client.handle(request).await.unwrap().into_inner();
+        assert_eq!(answer.payload, b"4bf92f3577b34da6a3ce929d0e0e4736");
+        // Without one, there is none.
+        let bare = pb::Job {
+            id: "bare".into(),
+            kind: "trace".into(),
+            ..Default::default()
+        };
+        assert_eq!(client.handle(bare).await.unwrap().into_inner().payload, b"");
+    });
+    signal_pid(echo.id(), Signal::SIGTERM);
+    exit_code_within(&mut echo, Duration::from_secs(5));
+}

@@ -263,3 +263,57 @@ fn json_logs_are_json_on_every_line_and_plugin_lines_name_their_source() {
         "one lifecycle id per instance life: {serving:?}"
     );
 }
+
+#[test]
+fn every_metric_the_grafana_dashboard_queries_exists() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(demi_e2e::repo_root().join("dashboards/demi-conductor.json"))
+            .unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    // Every kind of event once: a crash, a breaker trip (the first
+    // instance stops answering after 300 ms), usage samples.
+    let conductor = Conductor::builder().conductor("usage_interval = \"100ms\"").start(&format!(
+        "{}{}",
+        plugin(
+            "echo",
+            "[plugins.echo.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\n[plugins.echo.limits]\nmemory = \"64MiB\"",
+        ),
+        plugin(
+            "hangs",
+            "args = [\"--hang-after\", \"300ms\"]\n\
+             [plugins.hangs.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\nfailure_threshold = 2",
+        ),
+    ));
+    let (at, pid) = conductor.wait_serving(0, "echo", 0);
+    signal_pid(pid, Signal::SIGKILL);
+    conductor.wait_serving(at + 1, "echo", 0);
+    conductor.wait_event(0, "hangs", "breaker tripped");
+    let deadline = Instant::now() + WAIT;
+    let scrape = loop {
+        let scrape = conductor.scrape();
+        if health_checks(&scrape, "echo") > 0.0 {
+            break scrape;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                let is_metric = word.starts_with("demi_") || word.starts_with("health_check");
+                if is_metric {
+                    assert!(
+                        scrape.lines().any(|l| l.starts_with(word)),
+                        "panel {:?} queries {word}, which the conductor does not export",
+                        panel["title"]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 15, "only {checked} metric references found");
+}

@@ -16,12 +16,12 @@ pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// The dotted path of the innermost key whose key or value covers
-/// `offset`, or else of the last key before it (a syntax error often sits
-/// just past the value it broke).
+/// `offset` (`true`), or else of the last key before it (`false`: a syntax
+/// error often sits just past the value it broke).
 ///
 /// The whole tree is searched: a `[table]` header's value spans only the
 /// header line, while its keys sit on the lines below.
-pub fn path_at(table: &DeTable<'_>, offset: usize) -> String {
+pub fn path_at(table: &DeTable<'_>, offset: usize) -> (String, bool) {
     #[derive(Default)]
     struct Found {
         covering: Vec<String>,
@@ -47,13 +47,10 @@ pub fn path_at(table: &DeTable<'_>, offset: usize) -> String {
     let mut found = Found::default();
     search(table, offset, &mut Vec::new(), &mut found);
     if found.covering.is_empty() {
-        found
-            .preceding
-            .map(|(_, p)| p)
-            .unwrap_or_default()
-            .join(".")
+        let preceding = found.preceding.map(|(_, p)| p).unwrap_or_default();
+        (preceding.join("."), false)
     } else {
-        found.covering.join(".")
+        (found.covering.join("."), true)
     }
 }
 
@@ -100,7 +97,12 @@ mod tests {
         let offset = text.find("\"1s\"").unwrap();
         assert_eq!(
             path_at(doc.get_ref(), offset),
-            "plugins.echo.health.timeout"
+            ("plugins.echo.health.timeout".to_owned(), true)
+        );
+        // Past the end of the file, the last key is the nearest one.
+        assert_eq!(
+            path_at(doc.get_ref(), text.len()),
+            ("plugins.echo.health.timeout".to_owned(), false)
         );
         let span = span_of(doc.get_ref(), &["plugins", "echo", "health", "timeout"]).unwrap();
         assert_eq!(&text[span], "timeout");

@@ -376,7 +376,23 @@ impl Report<'_> {
         let field = span
             .as_ref()
             .filter(|_| !whole)
-            .map(|span| locate::path_at(doc, span.start))
+            .map(|span| {
+                let (path, exact) = locate::path_at(doc, span.start);
+                // A key the parser refused (a duplicate) is not in the tree:
+                // name it from the text under the error instead.
+                let token: String = self.text[span.start.min(self.text.len())..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+                    .collect();
+                if exact || token.is_empty() {
+                    path
+                } else {
+                    match path.rsplit_once('.') {
+                        Some((parent, _)) => format!("{parent}.{token}"),
+                        None => token,
+                    }
+                }
+            })
             .unwrap_or_default();
         self.push(span, field, error.message().trim().to_owned());
     }

@@ -167,6 +167,13 @@ const BROKEN: &[(&str, &str, usize, &str, &str)] = &[
         "between 0.0 and 1.0",
     ),
     (
+        "duplicate key",
+        "[plugins.echo]\ncommand = \"./plugin\"\nargs = []\ncommand = \"./plugin\"\n",
+        4,
+        "plugins.echo.command",
+        "duplicate key",
+    ),
+    (
         "bad plugin name",
         "[plugins.\"my plugin\"]\ncommand = \"./plugin\"\n",
         1,

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use demi_proto::plugin::v1 as pb;
+use demi_proto::trace::{TRACEPARENT, TraceParent};
 use pb::plugin_client::PluginClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -60,9 +61,9 @@ impl PluginConnection {
     /// One `grpc.health.v1.Health/Check` for `service`.
     pub async fn check(&self, service: &str, timeout: Duration) -> Result<(), HealthError> {
         let mut client = HealthClient::new(self.channel.clone());
-        let request = HealthCheckRequest {
+        let request = traced(HealthCheckRequest {
             service: service.to_owned(),
-        };
+        });
         let answer = tokio::time::timeout(timeout, client.check(request))
             .await
             .map_err(|_| HealthError::Timeout(timeout))??;
@@ -74,7 +75,7 @@ impl PluginConnection {
 
     pub async fn describe(&self, timeout: Duration) -> Result<pb::DescribeResponse, tonic::Status> {
         let mut client = PluginClient::new(self.channel.clone());
-        let mut request = tonic::Request::new(pb::DescribeRequest {});
+        let mut request = traced(pb::DescribeRequest {});
         request.set_timeout(timeout);
         tokio::time::timeout(timeout, client.describe(request))
             .await
@@ -85,14 +86,29 @@ impl PluginConnection {
     /// Asks the instance to drain and leave within `grace`.
     pub async fn shutdown(&self, grace: Duration, timeout: Duration) -> Result<(), tonic::Status> {
         let mut client = PluginClient::new(self.channel.clone());
-        let request = pb::ShutdownRequest {
+        let request = traced(pb::ShutdownRequest {
             grace: prost_types::Duration::try_from(grace).ok(),
-        };
+        });
         tokio::time::timeout(timeout, client.shutdown(request))
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("Shutdown timed out"))?
             .map(|_| ())
     }
+}
+
+/// A request carrying a new W3C `traceparent`, so whatever the plugin logs
+/// or traces for this call joins a trace the conductor started.
+pub fn traced<T>(message: T) -> tonic::Request<T> {
+    with_trace(message, TraceParent::new(|| fastrand::u64(..)))
+}
+
+/// A request carrying `trace` (a job's trace, kept across its attempts).
+pub fn with_trace<T>(message: T, trace: TraceParent) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = trace.to_string().parse() {
+        request.metadata_mut().insert(TRACEPARENT, value);
+    }
+    request
 }
 
 fn endpoint(socket: &Path) -> Endpoint {

@@ -74,6 +74,11 @@ impl Plugin for Echo {
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
         }
+        // Kind "trace" answers with the trace id the job arrived with.
+        if job.kind == "trace" {
+            let id = job.trace.map(|t| t.trace_id_hex()).unwrap_or_default();
+            return Outcome::Ok(id.into_bytes());
+        }
         let roll = fastrand::f64();
         if roll < self.fail_permanent {
             Outcome::Permanent(format!("echo: injected permanent failure (job {})", job.id))
