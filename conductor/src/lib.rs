@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod dispatch;
 pub mod process;
 pub mod rpc;
 pub mod supervisor;

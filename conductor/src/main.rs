@@ -62,6 +62,42 @@ enum Command {
     Reload,
     /// List the plugins found in `plugin_dirs`, and broken manifests.
     Plugins,
+    /// Submit a job to a plugin's replicas.
+    Submit {
+        plugin: String,
+        /// The job's kind.
+        #[arg(long, default_value = "")]
+        kind: String,
+        /// The payload, as text.
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// Wait for the answer and print it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The dead-letter queue: jobs that failed for good.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// One line per dead letter.
+    List,
+    /// A dead letter with every attempt's error.
+    Show { id: String },
+    /// Deliver dead letters again.
+    Replay {
+        /// The jobs to replay.
+        ids: Vec<String>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete every dead letter.
+    Purge,
 }
 
 /// Exit code for a configuration error (sysexits.h `EX_CONFIG`).
@@ -219,6 +255,80 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
                 }
                 Err(status) => anyhow::bail!("{}: {}", status.code(), status.message()),
             },
+            Command::Submit {
+                plugin,
+                kind,
+                payload,
+                wait,
+            } => {
+                let request = pb::SubmitRequest {
+                    plugin,
+                    kind,
+                    payload: payload.into_bytes(),
+                    ..Default::default()
+                };
+                if wait {
+                    let outcome = cli::rpc(api.submit_and_wait(request).await)?;
+                    if outcome.status == pb::job_outcome::Status::Completed as i32 {
+                        println!("{}", String::from_utf8_lossy(&outcome.payload));
+                    } else {
+                        eprintln!("job {} did not complete:", outcome.job_id);
+                        for error in outcome.errors {
+                            eprintln!("  {error}");
+                        }
+                        return Ok(ExitCode::FAILURE);
+                    }
+                } else {
+                    println!("{}", cli::rpc(api.submit(request).await)?.job_id);
+                }
+            }
+            Command::Dlq { command } => {
+                let letters = || async {
+                    let list = api
+                        .clone()
+                        .list_dead_letters(pb::ListDeadLettersRequest {})
+                        .await;
+                    cli::rpc(list).map(|l| l.dead_letters)
+                };
+                match command {
+                    DlqCommand::List => {
+                        for l in letters().await? {
+                            let last = l.errors.last().cloned().unwrap_or_default();
+                            println!(
+                                "{}  {}  attempts={}  {last}",
+                                l.job_id, l.plugin, l.attempts
+                            );
+                        }
+                    }
+                    DlqCommand::Show { id } => {
+                        let letter = letters().await?.into_iter().find(|l| l.job_id == id);
+                        let Some(l) = letter else {
+                            anyhow::bail!("no dead letter with id {id}");
+                        };
+                        println!(
+                            "job      {}\nplugin   {}\nkind     {}\nattempts {}",
+                            l.job_id, l.plugin, l.kind, l.attempts
+                        );
+                        println!("payload  {}", String::from_utf8_lossy(&l.payload));
+                        for error in &l.errors {
+                            println!("error    {error}");
+                        }
+                    }
+                    DlqCommand::Replay { ids, all } => {
+                        if ids.is_empty() && !all {
+                            anyhow::bail!("name the dead letters to replay, or pass --all");
+                        }
+                        let request = pb::ReplayDeadLettersRequest { job_ids: ids, all };
+                        let replayed = cli::rpc(api.replay_dead_letters(request).await)?;
+                        println!("replayed {} jobs", replayed.job_ids.len());
+                    }
+                    DlqCommand::Purge => {
+                        let purged =
+                            cli::rpc(api.purge_dead_letters(pb::PurgeDeadLettersRequest {}).await)?;
+                        println!("purged {} dead letters", purged.purged);
+                    }
+                }
+            }
             Command::Run { .. } | Command::CheckConfig { .. } | Command::Plugins => {}
         }
         Ok(ExitCode::SUCCESS)

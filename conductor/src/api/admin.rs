@@ -9,22 +9,70 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use std::time::SystemTime;
+
+use demi_proto::trace::{TRACEPARENT, TraceParent};
+
+use crate::dispatch::{DispatchError, Dispatcher, Finished, Submission};
 use crate::supervisor::{InstanceStatus, PluginView, Supervisor, SupervisorError};
 use crate::telemetry::events::{Kind, Lifecycle};
 
 pub struct Admin {
     supervisor: Arc<Supervisor>,
+    dispatcher: Arc<Dispatcher>,
     /// Ends open event streams when the conductor stops.
     shutdown: CancellationToken,
 }
 
 impl Admin {
-    pub fn new(supervisor: Arc<Supervisor>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        supervisor: Arc<Supervisor>,
+        dispatcher: Arc<Dispatcher>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             supervisor,
+            dispatcher,
             shutdown,
         }
     }
+}
+
+fn submission(request: Request<pb::SubmitRequest>) -> Submission {
+    let trace = request
+        .metadata()
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse);
+    let r = request.into_inner();
+    Submission {
+        plugin: r.plugin,
+        kind: r.kind,
+        payload: r.payload,
+        attributes: r.attributes,
+        idempotency_key: Some(r.idempotency_key).filter(|k| !k.is_empty()),
+        deadline: r.deadline.and_then(|d| SystemTime::try_from(d).ok()),
+        trace,
+    }
+}
+
+/// Dispatch errors to gRPC codes, at the edge.
+fn job_status(error: DispatchError) -> Status {
+    match &error {
+        DispatchError::NotFound(_) => Status::not_found(error.to_string()),
+        DispatchError::NoJobs(_) => Status::failed_precondition(error.to_string()),
+        DispatchError::QueueFull { .. } => Status::resource_exhausted(error.to_string()),
+        DispatchError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
+        DispatchError::Store(_) => Status::internal(error.to_string()),
+        DispatchError::Stopping => Status::unavailable(error.to_string()),
+    }
+}
+
+fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
 }
 
 fn name_of(request: Request<pb::PluginRef>) -> Result<String, Status> {
@@ -139,6 +187,101 @@ impl pb::conductor_server::Conductor for Admin {
             unchanged: summary.unchanged,
             ignored: summary.ignored,
             warnings: summary.warnings,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn submit(&self, request: Request<pb::SubmitRequest>) -> Answer<pb::SubmitResponse> {
+        let receipt = self
+            .dispatcher
+            .submit(submission(request))
+            .await
+            .map_err(job_status)?;
+        Ok(Response::new(pb::SubmitResponse {
+            job_id: receipt.id,
+            duplicate: receipt.duplicate,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn submit_and_wait(&self, request: Request<pb::SubmitRequest>) -> Answer<pb::JobOutcome> {
+        use pb::job_outcome::Status as S;
+        let (receipt, finished) = self
+            .dispatcher
+            .submit_and_wait(submission(request))
+            .await
+            .map_err(job_status)?;
+        let mut outcome = pb::JobOutcome {
+            job_id: receipt.id,
+            ..Default::default()
+        };
+        match finished {
+            None => outcome.status = S::Duplicate as i32,
+            Some(Finished::Completed { payload, attempts }) => {
+                outcome.status = S::Completed as i32;
+                outcome.payload = payload;
+                outcome.attempts = attempts;
+            }
+            Some(Finished::DeadLettered { errors, attempts }) => {
+                outcome.status = S::DeadLettered as i32;
+                outcome.errors = errors;
+                outcome.attempts = attempts;
+            }
+        }
+        Ok(Response::new(outcome))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_dead_letters(
+        &self,
+        _: Request<pb::ListDeadLettersRequest>,
+    ) -> Answer<pb::ListDeadLettersResponse> {
+        let letters = self.dispatcher.dead_letters().await.map_err(job_status)?;
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: letters
+                .into_iter()
+                .map(|l| pb::DeadLetter {
+                    job_id: l.job.id,
+                    plugin: l.job.plugin,
+                    kind: l.job.kind,
+                    payload: l.job.payload,
+                    attributes: l.job.attributes,
+                    attempts: l.job.attempts,
+                    errors: l.errors,
+                    accepted_at: timestamp(l.job.accepted_ms),
+                    dead_at: timestamp(l.dead_ms),
+                })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn replay_dead_letters(
+        &self,
+        request: Request<pb::ReplayDeadLettersRequest>,
+    ) -> Answer<pb::ReplayDeadLettersResponse> {
+        let request = request.into_inner();
+        let ids = match (request.all, request.job_ids.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(request.job_ids),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "job_ids: name the dead letters to replay, or set all (not both)",
+                ));
+            }
+        };
+        let job_ids = self.dispatcher.replay(ids).await.map_err(job_status)?;
+        Ok(Response::new(pb::ReplayDeadLettersResponse { job_ids }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn purge_dead_letters(
+        &self,
+        _: Request<pb::PurgeDeadLettersRequest>,
+    ) -> Answer<pb::PurgeDeadLettersResponse> {
+        let purged = self.dispatcher.purge().await.map_err(job_status)?;
+        Ok(Response::new(pb::PurgeDeadLettersResponse {
+            purged: purged as u64,
         }))
     }
 

@@ -24,6 +24,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
+use crate::dispatch::Dispatcher;
 use crate::supervisor::Supervisor;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,7 @@ pub enum ApiError {
 /// fires; the servers run in the returned tasks.
 pub async fn serve<H: Health>(
     supervisor: Arc<Supervisor>,
+    dispatcher: Arc<Dispatcher>,
     health: HealthServer<H>,
     socket: &Path,
     config: &ApiConfig,
@@ -78,6 +80,7 @@ pub async fn serve<H: Health>(
         // The operator's API.
         .add_service(ConductorServer::new(Admin::new(
             supervisor.clone(),
+            dispatcher.clone(),
             shutdown.clone(),
         )))
         // Reflection, both versions, so grpcurl needs no .proto files.
@@ -107,7 +110,7 @@ pub async fn serve<H: Health>(
             // Every TCP call, reflection included, shows the token first.
             .add_service(InterceptedService::new(health, check.clone()))
             .add_service(ConductorServer::with_interceptor(
-                Admin::new(supervisor, shutdown.clone()),
+                Admin::new(supervisor, dispatcher, shutdown.clone()),
                 check.clone(),
             ))
             .add_service(InterceptedService::new(reflection_v1()?, check.clone()))

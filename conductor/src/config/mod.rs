@@ -121,6 +121,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         conductor = c;
     }
     conductor.runtime_dir = join(&base, &conductor.runtime_dir);
+    conductor.state_dir = join(&base, &conductor.state_dir);
     for dir in &mut conductor.plugin_dirs {
         *dir = join(&base, dir);
     }

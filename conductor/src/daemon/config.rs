@@ -17,6 +17,10 @@ pub struct DaemonConfig {
     /// Created with mode 0700.
     #[serde(default = "default_runtime_dir")]
     pub runtime_dir: PathBuf,
+    /// Durable state (the job store) lives here (relative to the config
+    /// file). Created with mode 0700.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     /// `human` or `json`; `--log-format` overrides it.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -73,6 +77,7 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             runtime_dir: default_runtime_dir(),
+            state_dir: default_state_dir(),
             log_format: LogFormat::default(),
             cgroup_root: default_cgroup_root(),
             cgroup_policy: CgroupPolicy::default(),
@@ -90,6 +95,10 @@ fn default_cgroup_root() -> String {
 
 fn default_usage_interval() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/demi-conductor")
 }
 
 fn default_runtime_dir() -> PathBuf {

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiError};
 use crate::config::Config;
+use crate::dispatch::store::Store;
+use crate::dispatch::{DispatchError, Dispatcher, StoreError};
 use crate::process::Spawner;
 use crate::process::cgroup::Cgroups;
 use crate::supervisor::{PoolContext, Supervisor};
@@ -34,11 +36,35 @@ pub enum DaemonError {
     Api(#[from] ApiError),
     #[error(transparent)]
     MetricsSetup(#[from] MetricsError),
+    #[error("cannot prepare state folder {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// How long deliveries in flight may take to finish at shutdown.
+const DISPATCH_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The job store in `state_dir`, which is created private (0700).
+fn open_store(state_dir: &std::path::Path) -> Result<Store, DaemonError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let io = |source| DaemonError::StateDir {
+        path: state_dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(state_dir).map_err(io)?;
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    Ok(Store::open(&state_dir.join("jobs.db"))?)
 }
 
 /// How long open API connections may take to close at shutdown.
@@ -115,10 +141,22 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "conductor starting"
     );
     let api_config = config.conductor.api.clone();
+    let state_dir = config.conductor.state_dir.clone();
     let metrics_config = config.conductor.metrics.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     let supervisor = Supervisor::start(config, context, health.clone()).await;
     metrics.observe(Arc::downgrade(&supervisor));
+    let store = open_store(&state_dir)?;
+    let dispatch_cancel = CancellationToken::new();
+    let dispatcher = Dispatcher::start(
+        store.clone(),
+        supervisor.clone(),
+        runtime_dir.root().to_owned(),
+        metrics.clone(),
+        dispatch_cancel.clone(),
+    )
+    .await?;
+    metrics.observe_dispatch(Arc::downgrade(&dispatcher));
     let api_shutdown = CancellationToken::new();
     let metrics_endpoint = if metrics_config.enabled {
         let (addr, task) =
@@ -135,6 +173,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     let mut api = api::serve(
         supervisor.clone(),
+        dispatcher.clone(),
         health_service,
         &runtime_dir.conductor_socket(),
         &api_config,
@@ -156,6 +195,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    // Jobs in flight get a moment to finish; the rest stay in the store
+    // and are delivered again at the next start.
+    dispatcher.stop(DISPATCH_DRAIN).await;
+    dispatch_cancel.cancel();
+    if let Err(error) = store.flush().await {
+        tracing::error!(%error, "cannot flush the job store");
+    }
     cancel.cancel();
     supervisor.wait().await;
     // The API outlives the instances, so watchers see them stop.

@@ -83,10 +83,30 @@ pub fn delay(config: &RestartConfig, attempt: u32, unit: f64) -> Duration {
     if attempt <= 1 {
         return Duration::ZERO;
     }
-    let max = config.max_delay.as_secs_f64();
-    let exponent = i32::try_from(attempt - 2).unwrap_or(i32::MAX);
-    let base = (config.initial_delay.as_secs_f64() * config.multiplier.powi(exponent)).min(max);
-    let jittered = base * (1.0 + config.jitter * (2.0 * unit - 1.0));
+    exponential(
+        config.initial_delay,
+        config.multiplier,
+        config.max_delay,
+        config.jitter,
+        attempt - 2,
+        unit,
+    )
+}
+
+/// `initial × multiplier^step`, capped at `max`, scaled by a random factor
+/// in `1 ± jitter` (from `unit`, uniform in `[0, 1)`) and never above `max`.
+pub fn exponential(
+    initial: Duration,
+    multiplier: f64,
+    max: Duration,
+    jitter: f64,
+    step: u32,
+    unit: f64,
+) -> Duration {
+    let max = max.as_secs_f64();
+    let exponent = i32::try_from(step).unwrap_or(i32::MAX);
+    let base = (initial.as_secs_f64() * multiplier.powi(exponent)).min(max);
+    let jittered = base * (1.0 + jitter * (2.0 * unit - 1.0));
     Duration::from_secs_f64(jittered.clamp(0.0, max))
 }
 

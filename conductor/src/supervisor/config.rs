@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::dispatch::DispatchConfig;
 use crate::process::cgroup::LimitsConfig;
 
 /// One plugin's pool: what to run, how many, and how to keep it alive.
@@ -42,6 +43,8 @@ pub struct PoolConfig {
     pub restart: RestartConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub dispatch: DispatchConfig,
 }
 
 /// `[plugins.NAME.health]`: periodic `grpc.health.v1.Health/Check` calls.
@@ -200,6 +203,7 @@ impl PoolConfig {
             bad("restart.start_limit_burst", "must be at least 1".into());
         }
         out.extend(self.limits.problems());
+        out.extend(self.dispatch.problems());
         out
     }
 }

@@ -27,6 +27,7 @@ fn config() -> PoolConfig {
             ..RestartConfig::default()
         },
         limits: Default::default(),
+        dispatch: Default::default(),
     }
 }
 

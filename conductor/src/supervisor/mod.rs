@@ -253,7 +253,7 @@ impl Supervisor {
         Ok(())
     }
 
-    fn pool_config(&self, name: &str) -> Result<Arc<PoolConfig>, SupervisorError> {
+    pub fn pool_config(&self, name: &str) -> Result<Arc<PoolConfig>, SupervisorError> {
         self.pools()
             .get(name)
             .map(|p| p.config.clone())

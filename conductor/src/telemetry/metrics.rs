@@ -57,6 +57,14 @@ pub struct Metrics {
     pub breaker_trips: Counter<u64>,
     /// Spawn to SERVING.
     pub start_duration: Histogram<f64>,
+    pub jobs_submitted: Counter<u64>,
+    pub jobs_completed: Counter<u64>,
+    /// Failed deliveries (each attempt counts).
+    pub jobs_failed: Counter<u64>,
+    pub jobs_retried: Counter<u64>,
+    pub jobs_dead_lettered: Counter<u64>,
+    /// Accepted to answered.
+    pub job_duration: Histogram<f64>,
     /// Observable instruments live as long as their registration.
     observers: Mutex<Vec<Box<dyn std::any::Any + Send + Sync>>>,
 }
@@ -105,6 +113,32 @@ impl Metrics {
                 .with_unit("s")
                 .with_boundaries(SECONDS.to_vec())
                 .with_description("Time from spawn to SERVING")
+                .build(),
+            jobs_submitted: meter
+                .u64_counter("demi_jobs_submitted")
+                .with_description("Jobs accepted; its rate is the arrival rate")
+                .build(),
+            jobs_completed: meter
+                .u64_counter("demi_jobs_completed")
+                .with_description("Jobs a replica answered")
+                .build(),
+            jobs_failed: meter
+                .u64_counter("demi_jobs_failed")
+                .with_description("Failed deliveries (every attempt counts)")
+                .build(),
+            jobs_retried: meter
+                .u64_counter("demi_jobs_retried")
+                .with_description("Deliveries retried after a retryable failure")
+                .build(),
+            jobs_dead_lettered: meter
+                .u64_counter("demi_jobs_dead_lettered")
+                .with_description("Jobs moved to the dead-letter queue")
+                .build(),
+            job_duration: meter
+                .f64_histogram("demi_job_duration")
+                .with_unit("s")
+                .with_boundaries(SECONDS.to_vec())
+                .with_description("Time from acceptance to answer")
                 .build(),
             registry,
             provider,
@@ -240,6 +274,37 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(observers);
+    }
+
+    /// Queue depth and jobs in flight per plugin, read from `dispatcher`.
+    pub fn observe_dispatch(&self, dispatcher: Weak<crate::dispatch::Dispatcher>) {
+        let gauge =
+            |name: &'static str, help: &'static str, pick: fn(&(String, usize, usize)) -> usize| {
+                let dispatcher = dispatcher.clone();
+                self.meter
+                    .u64_observable_gauge(name)
+                    .with_description(help)
+                    .with_callback(move |observer| {
+                        if let Some(dispatcher) = dispatcher.upgrade() {
+                            for lane in dispatcher.lanes() {
+                                observer.observe(
+                                    pick(&lane) as u64,
+                                    &[KeyValue::new("plugin", lane.0.clone())],
+                                );
+                            }
+                        }
+                    })
+                    .build()
+            };
+        let queued = gauge("demi_jobs_queued", "Jobs waiting for a replica", |l| l.1);
+        let in_flight = gauge("demi_jobs_in_flight", "Jobs being delivered", |l| l.2);
+        self.observers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([
+                Box::new(queued) as Box<dyn std::any::Any + Send + Sync>,
+                Box::new(in_flight),
+            ]);
     }
 
     /// `demi_instance_state{state=…}`: 1 for the current state, 0 for the

@@ -47,12 +47,20 @@ struct Args {
     /// Fork this many children that sleep until killed.
     #[arg(long, env = "ECHO_FORK")]
     fork: Option<u32>,
+    /// Append "JOB_ID ATTEMPT OUTCOME" to this file for every job handled.
+    #[arg(long, env = "ECHO_JOURNAL")]
+    journal: Option<std::path::PathBuf>,
+    /// Kind of job that never answers (the call hangs until cancelled).
+    #[arg(long, env = "ECHO_HANG_KIND")]
+    hang_kind: Option<String>,
     /// Claim this protocol version in Describe, whatever was negotiated.
     #[arg(long, env = "ECHO_CLAIM_PROTOCOL")]
     claim_protocol: Option<u32>,
 }
 
 struct Echo {
+    journal: Option<std::fs::File>,
+    hang_kind: Option<String>,
     delay: Option<Duration>,
     fail_retryable: f64,
     fail_permanent: f64,
@@ -71,6 +79,9 @@ impl Plugin for Echo {
             log("crashing on purpose", &format!("\"jobs\":{n}"));
             std::process::abort();
         }
+        if self.hang_kind.as_deref() == Some(job.kind.as_str()) {
+            std::future::pending::<()>().await;
+        }
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
         }
@@ -80,13 +91,25 @@ impl Plugin for Echo {
             return Outcome::Ok(id.into_bytes());
         }
         let roll = fastrand::f64();
-        if roll < self.fail_permanent {
+        let outcome = if roll < self.fail_permanent {
             Outcome::Permanent(format!("echo: injected permanent failure (job {})", job.id))
         } else if roll < self.fail_permanent + self.fail_retryable {
             Outcome::Retryable(format!("echo: injected retryable failure (job {})", job.id))
         } else {
             Outcome::Ok(job.payload)
+        };
+        if let Some(mut journal) = self.journal.as_ref() {
+            let word = match outcome {
+                Outcome::Ok(_) => "ok",
+                Outcome::Retryable(_) => "retryable",
+                Outcome::Permanent(_) => "permanent",
+            };
+            // One write per line: O_APPEND keeps lines from several
+            // replicas whole.
+            let line = format!("{} {} {word}\n", job.id, job.attempt);
+            let _ = std::io::Write::write_all(&mut journal, line.as_bytes());
         }
+        outcome
     }
 }
 
@@ -135,7 +158,26 @@ fn main() -> ExitCode {
             handshake.socket.display()
         ),
     );
+    let journal = match &args.journal {
+        Some(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(file) => Some(file),
+            Err(error) => {
+                eprintln!(
+                    "demi-plugin-echo: cannot open the journal {}: {error}",
+                    path.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => None,
+    };
     let echo = Echo {
+        journal,
+        hang_kind: args.hang_kind.clone(),
         delay: args.delay,
         fail_retryable: args.fail_retryable,
         fail_permanent: args.fail_permanent,

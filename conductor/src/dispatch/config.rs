@@ -1,0 +1,85 @@
+//! `[plugins.NAME.dispatch]`: how jobs reach a plugin's replicas.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// Jobs waiting for a replica; past it, Submit answers
+    /// RESOURCE_EXHAUSTED at once instead of growing memory.
+    pub queue_capacity: usize,
+    /// Jobs in flight to the whole plugin (the bulkhead): a slow plugin
+    /// holds at most this many tasks of the conductor.
+    pub max_in_flight: usize,
+    /// Jobs in flight to one replica.
+    pub max_in_flight_per_replica: usize,
+    /// How long one delivery may take before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Deliveries before a job that keeps failing is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before the first retry; later ones grow by `retry_multiplier`.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    pub retry_multiplier: f64,
+    /// Each retry delay is scaled by a random factor in `1 ± retry_jitter`.
+    pub retry_jitter: f64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 10_000,
+            max_in_flight: 256,
+            max_in_flight_per_replica: 64,
+            attempt_timeout: Duration::from_secs(30),
+            max_attempts: 5,
+            retry_initial: Duration::from_millis(50),
+            retry_max: Duration::from_secs(5),
+            retry_multiplier: 2.0,
+            retry_jitter: 0.2,
+        }
+    }
+}
+
+impl DispatchConfig {
+    /// Problems serde cannot see, as (field below the plugin, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (field, value) in [
+            ("dispatch.queue_capacity", self.queue_capacity),
+            ("dispatch.max_in_flight", self.max_in_flight),
+            (
+                "dispatch.max_in_flight_per_replica",
+                self.max_in_flight_per_replica,
+            ),
+        ] {
+            if value == 0 {
+                out.push((field, "must be at least 1".to_owned()));
+            }
+        }
+        if self.max_attempts == 0 {
+            out.push(("dispatch.max_attempts", "must be at least 1".into()));
+        }
+        if self.attempt_timeout.is_zero() {
+            out.push(("dispatch.attempt_timeout", "must be longer than 0s".into()));
+        }
+        if !(self.retry_multiplier >= 1.0 && self.retry_multiplier.is_finite()) {
+            out.push((
+                "dispatch.retry_multiplier",
+                format!("{} must be at least 1.0", self.retry_multiplier),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.retry_jitter) {
+            out.push((
+                "dispatch.retry_jitter",
+                format!("{} must be between 0.0 and 1.0", self.retry_jitter),
+            ));
+        }
+        out
+    }
+}

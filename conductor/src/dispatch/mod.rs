@@ -1,0 +1,549 @@
+//! Jobs to worker replicas: a bounded queue per plugin, a bulkhead
+//! (in-flight limits per plugin and per replica), retries with backoff on
+//! another replica, and a durable dead-letter queue.
+//!
+//! A job is acknowledged only once it is in the store; it leaves the store
+//! when a replica answered it or it was dead-lettered. A crash in between
+//! means one more delivery of the same id with a higher attempt number:
+//! at-least-once, with duplicates a plugin can recognise.
+
+pub mod config;
+mod lane;
+pub mod retry;
+pub mod store;
+
+pub use config::DispatchConfig;
+pub use store::{DeadLetter, StoreError, StoredJob};
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use demi_proto::plugin::v1 as pb;
+use demi_proto::trace::TraceParent;
+use opentelemetry::KeyValue;
+use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::rpc::with_trace;
+use crate::supervisor::Supervisor;
+use crate::telemetry::events::{Kind, Lifecycle};
+use crate::telemetry::metrics::Metrics;
+use lane::Lane;
+use retry::Verdict;
+use store::{Accepted, Store, now_ms};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("no plugin named {0:?}")]
+    NotFound(String),
+    #[error("plugin {0:?} does not take jobs (jobs = false)")]
+    NoJobs(String),
+    #[error("the queue of {plugin:?} is full ({capacity} jobs waiting); try again later")]
+    QueueFull { plugin: String, capacity: usize },
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the conductor is stopping")]
+    Stopping,
+}
+
+/// A job as a submitter hands it in.
+#[derive(Debug, Clone, Default)]
+pub struct Submission {
+    pub plugin: String,
+    pub kind: String,
+    pub payload: Vec<u8>,
+    pub attributes: HashMap<String, String>,
+    pub idempotency_key: Option<String>,
+    pub deadline: Option<SystemTime>,
+    /// The submitter's trace, if it sent one.
+    pub trace: Option<TraceParent>,
+}
+
+/// Proof of acceptance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub id: String,
+    /// An earlier job with the same idempotency key was returned instead.
+    pub duplicate: bool,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finished {
+    Completed { payload: Vec<u8>, attempts: u32 },
+    DeadLettered { errors: Vec<String>, attempts: u32 },
+}
+
+pub struct Dispatcher {
+    store: Store,
+    supervisor: Arc<Supervisor>,
+    runtime_dir: PathBuf,
+    metrics: Arc<Metrics>,
+    lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    waiters: Mutex<HashMap<String, oneshot::Sender<Finished>>>,
+    cancel: CancellationToken,
+    /// Every delivery in flight; drained at shutdown.
+    tasks: TaskTracker,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Dispatcher {
+    /// Starts dispatching, re-queues every job an earlier run accepted and
+    /// did not finish, and follows replicas as they come and go.
+    pub async fn start(
+        store: Store,
+        supervisor: Arc<Supervisor>,
+        runtime_dir: PathBuf,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Self>, DispatchError> {
+        let events = supervisor.events().subscribe();
+        let dispatcher = Arc::new(Self {
+            store,
+            supervisor,
+            runtime_dir,
+            metrics,
+            lanes: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
+            cancel,
+            tasks: TaskTracker::new(),
+        });
+        tokio::spawn(follow_replicas(Arc::downgrade(&dispatcher), events));
+        let pending = dispatcher.store.pending().await?;
+        if !pending.is_empty() {
+            tracing::info!(
+                jobs = pending.len(),
+                "re-queueing jobs accepted before the last stop"
+            );
+        }
+        for job in pending {
+            match dispatcher.lane(&job.plugin) {
+                Ok(lane) => {
+                    // Beyond the queue's capacity the sends wait their turn.
+                    let queue = lane.queue.clone();
+                    dispatcher.tasks.spawn(async move {
+                        let _ = queue.send(job).await;
+                    });
+                }
+                Err(error) => {
+                    let errors = vec![format!("cannot deliver after a restart: {error}")];
+                    dispatcher.bury(job, errors).await;
+                }
+            }
+        }
+        Ok(dispatcher)
+    }
+
+    /// The lane of `plugin`, made on first use.
+    fn lane(self: &Arc<Self>, plugin: &str) -> Result<Arc<Lane>, DispatchError> {
+        if let Some(lane) = lock(&self.lanes).get(plugin) {
+            return Ok(lane.clone());
+        }
+        let view = self
+            .supervisor
+            .get(plugin)
+            .map_err(|_| DispatchError::NotFound(plugin.to_owned()))?;
+        let config = self
+            .supervisor
+            .pool_config(plugin)
+            .map_err(|_| DispatchError::NotFound(plugin.to_owned()))?;
+        if !config.jobs {
+            return Err(DispatchError::NoJobs(plugin.to_owned()));
+        }
+        let mut lanes = lock(&self.lanes);
+        if let Some(lane) = lanes.get(plugin) {
+            return Ok(lane.clone());
+        }
+        let (lane, jobs) = Lane::new(plugin, config.dispatch.clone());
+        for (index, status) in &view.instances {
+            if let (Some(pid), "serving") = (status.pid, status.state) {
+                lane.add(
+                    *index,
+                    pid,
+                    &Config::socket_path(&self.runtime_dir, plugin, *index),
+                );
+            }
+        }
+        lanes.insert(plugin.to_owned(), lane.clone());
+        tokio::spawn(work(self.clone(), lane.clone(), jobs));
+        Ok(lane)
+    }
+
+    /// Every lane, for metrics.
+    pub fn lanes(&self) -> Vec<(String, usize, usize)> {
+        lock(&self.lanes)
+            .values()
+            .map(|l| (l.plugin.to_string(), l.queued(), l.in_flight()))
+            .collect()
+    }
+
+    /// Accepts a job: answers once it is queued and stored, or at once
+    /// with [`DispatchError::QueueFull`].
+    pub async fn submit(
+        self: &Arc<Self>,
+        submission: Submission,
+    ) -> Result<Receipt, DispatchError> {
+        self.accept(submission, None).await
+    }
+
+    /// Accepts a job and waits until it completes or is dead-lettered.
+    pub async fn submit_and_wait(
+        self: &Arc<Self>,
+        submission: Submission,
+    ) -> Result<(Receipt, Option<Finished>), DispatchError> {
+        let (tx, rx) = oneshot::channel();
+        let receipt = self.accept(submission, Some(tx)).await?;
+        if receipt.duplicate {
+            return Ok((receipt, None));
+        }
+        let finished = tokio::select! {
+            finished = rx => finished.map_err(|_| DispatchError::Stopping)?,
+            () = self.cancel.cancelled() => return Err(DispatchError::Stopping),
+        };
+        Ok((receipt, Some(finished)))
+    }
+
+    async fn accept(
+        self: &Arc<Self>,
+        submission: Submission,
+        waiter: Option<oneshot::Sender<Finished>>,
+    ) -> Result<Receipt, DispatchError> {
+        if submission.plugin.is_empty() {
+            return Err(DispatchError::InvalidArgument {
+                field: "plugin",
+                reason: "must name the plugin that does the job".into(),
+            });
+        }
+        let lane = self.lane(&submission.plugin)?;
+        // Reserve the queue slot first: a full queue refuses before
+        // anything is written, and memory stays bounded.
+        let permit = lane
+            .queue
+            .try_reserve()
+            .map_err(|_| DispatchError::QueueFull {
+                plugin: submission.plugin.clone(),
+                capacity: lane.config.queue_capacity,
+            })?;
+        let trace = submission
+            .trace
+            .map_or_else(|| TraceParent::new(random), |t| t.child(random));
+        let job = StoredJob {
+            id: format!(
+                "{:032x}",
+                (u128::from(random()) << 64) | u128::from(random())
+            ),
+            plugin: submission.plugin,
+            kind: submission.kind,
+            payload: submission.payload,
+            attributes: submission.attributes,
+            idempotency_key: submission.idempotency_key.filter(|k| !k.is_empty()),
+            deadline_ms: submission
+                .deadline
+                .and_then(|d| d.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as i64),
+            accepted_ms: now_ms(),
+            attempts: 0,
+            trace: Some(trace.to_string()),
+        };
+        match self.store.accept(job.clone()).await? {
+            Accepted::Duplicate(id) => Ok(Receipt {
+                id,
+                duplicate: true,
+            }),
+            Accepted::New => {
+                if let Some(waiter) = waiter {
+                    lock(&self.waiters).insert(job.id.clone(), waiter);
+                }
+                self.metrics
+                    .jobs_submitted
+                    .add(1, &[plugin_label(&job.plugin)]);
+                let id = job.id.clone();
+                permit.send(job);
+                Ok(Receipt {
+                    id,
+                    duplicate: false,
+                })
+            }
+        }
+    }
+
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, DispatchError> {
+        Ok(self.store.dead_letters().await?)
+    }
+
+    /// Delivers dead letters again (`None`: all); returns their ids.
+    pub async fn replay(
+        self: &Arc<Self>,
+        ids: Option<Vec<String>>,
+    ) -> Result<Vec<String>, DispatchError> {
+        let jobs = self.store.replay(ids).await?;
+        let mut replayed = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            replayed.push(job.id.clone());
+            match self.lane(&job.plugin) {
+                Ok(lane) => {
+                    let queue = lane.queue.clone();
+                    self.tasks.spawn(async move {
+                        let _ = queue.send(job).await;
+                    });
+                }
+                Err(error) => self.bury(job, vec![format!("replay: {error}")]).await,
+            }
+        }
+        Ok(replayed)
+    }
+
+    pub async fn purge(&self) -> Result<usize, DispatchError> {
+        Ok(self.store.purge().await?)
+    }
+
+    /// Stops taking jobs from the queues and waits (bounded) for the
+    /// deliveries in flight; what is left stays in the store for next time.
+    pub async fn stop(&self, patience: Duration) {
+        self.tasks.close();
+        let _ = tokio::time::timeout(patience, self.tasks.wait()).await;
+    }
+
+    async fn bury(&self, job: StoredJob, errors: Vec<String>) {
+        let attempts = job.attempts;
+        let plugin = job.plugin.clone();
+        let id = job.id.clone();
+        tracing::warn!(job = %id, plugin, attempts, errors = ?errors, "job dead-lettered");
+        let letter = DeadLetter {
+            job,
+            dead_ms: now_ms(),
+            errors: errors.clone(),
+        };
+        if let Err(error) = self.store.dead_letter(letter).await {
+            // Still in the jobs table: delivered again at the next start.
+            tracing::error!(job = %id, %error, "cannot store a dead letter");
+        }
+        self.metrics
+            .jobs_dead_lettered
+            .add(1, &[plugin_label(&plugin)]);
+        self.finish(&id, Finished::DeadLettered { errors, attempts });
+    }
+
+    fn finish(&self, id: &str, finished: Finished) {
+        if let Some(waiter) = lock(&self.waiters).remove(id) {
+            let _ = waiter.send(finished);
+        }
+    }
+}
+
+fn random() -> u64 {
+    fastrand::u64(..)
+}
+
+fn plugin_label(plugin: &str) -> KeyValue {
+    KeyValue::new("plugin", plugin.to_owned())
+}
+
+/// Takes jobs off a lane's queue as the bulkhead lets them through.
+async fn work(
+    dispatcher: Arc<Dispatcher>,
+    lane: Arc<Lane>,
+    mut jobs: tokio::sync::mpsc::Receiver<StoredJob>,
+) {
+    loop {
+        let job = tokio::select! {
+            job = jobs.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+            () = dispatcher.cancel.cancelled() => return,
+        };
+        let permit = tokio::select! {
+            permit = lane.bulkhead.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = dispatcher.cancel.cancelled() => return,
+        };
+        if dispatcher.tasks.is_closed() {
+            return;
+        }
+        dispatcher
+            .tasks
+            .spawn(deliver(dispatcher.clone(), lane.clone(), job, permit));
+    }
+}
+
+/// Delivers one job until it is answered, dead-lettered, or the conductor
+/// stops (then it stays in the store).
+async fn deliver(
+    dispatcher: Arc<Dispatcher>,
+    lane: Arc<Lane>,
+    mut job: StoredJob,
+    _permit: OwnedSemaphorePermit,
+) {
+    let config = &lane.config;
+    let label = [plugin_label(&job.plugin)];
+    let trace = job
+        .trace
+        .as_deref()
+        .and_then(TraceParent::parse)
+        .unwrap_or_else(|| TraceParent::new(random));
+    let deadline = job.deadline_ms.map(|ms| {
+        let left = ms.saturating_sub(now_ms()).max(0) as u64;
+        tokio::time::Instant::now() + Duration::from_millis(left)
+    });
+    let started = Instant::now();
+    let mut errors = Vec::new();
+    let mut avoid = None;
+    loop {
+        let give_up = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let slot = tokio::select! {
+            slot = lane.slot(avoid, give_up) => slot,
+            () = dispatcher.cancel.cancelled() => return,
+        };
+        let Some(slot) = slot else {
+            errors.push("deadline passed while waiting for a replica".to_owned());
+            return dispatcher.bury(job, errors).await;
+        };
+        job.attempts += 1;
+        dispatcher.store.attempt(&job.id, job.attempts);
+        let request = with_trace(
+            pb::Job {
+                id: job.id.clone(),
+                kind: job.kind.clone(),
+                payload: job.payload.clone(),
+                attributes: job.attributes.clone(),
+                attempt: job.attempts,
+                deadline: job.deadline_ms.map(|ms| prost_types::Timestamp {
+                    seconds: ms.div_euclid(1000),
+                    nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+                }),
+            },
+            trace.child(random),
+        );
+        let timeout = match deadline {
+            Some(at) => config
+                .attempt_timeout
+                .min(at.saturating_duration_since(tokio::time::Instant::now())),
+            None => config.attempt_timeout,
+        };
+        let mut client = slot.client.clone();
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(timeout, client.handle(request)) => answer.ok().map(|r| r.map(tonic::Response::into_inner)),
+            () = dispatcher.cancel.cancelled() => return,
+        };
+        let replica = slot.index;
+        drop(slot);
+        match retry::classify(answer, timeout) {
+            Verdict::Done(payload) => {
+                dispatcher.store.complete(&job.id);
+                dispatcher.metrics.jobs_completed.add(1, &label);
+                dispatcher
+                    .metrics
+                    .job_duration
+                    .record(started.elapsed().as_secs_f64(), &label);
+                dispatcher.finish(
+                    &job.id,
+                    Finished::Completed {
+                        payload,
+                        attempts: job.attempts,
+                    },
+                );
+                return;
+            }
+            Verdict::Permanent(error) => {
+                dispatcher.metrics.jobs_failed.add(1, &label);
+                errors.push(format!(
+                    "attempt {} on {}-{replica}: {error}",
+                    job.attempts, job.plugin
+                ));
+                return dispatcher.bury(job, errors).await;
+            }
+            Verdict::Retry(error) => {
+                dispatcher.metrics.jobs_failed.add(1, &label);
+                errors.push(format!(
+                    "attempt {} on {}-{replica}: {error}",
+                    job.attempts, job.plugin
+                ));
+                if job.attempts >= config.max_attempts {
+                    errors.push(format!("gave up after {} attempts", job.attempts));
+                    return dispatcher.bury(job, errors).await;
+                }
+                dispatcher.metrics.jobs_retried.add(1, &label);
+                avoid = Some(replica);
+                let pause = retry::delay(config, job.attempts, fastrand::f64());
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = dispatcher.cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Keeps each lane's replicas in step with lifecycle events: a replica
+/// takes jobs from SERVING until it turns unhealthy, trips or exits.
+async fn follow_replicas(dispatcher: Weak<Dispatcher>, mut events: broadcast::Receiver<Lifecycle>) {
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "dispatch missed lifecycle events; resynchronising");
+                let Some(dispatcher) = dispatcher.upgrade() else {
+                    return;
+                };
+                let lanes: Vec<String> = lock(&dispatcher.lanes).keys().cloned().collect();
+                for plugin in lanes {
+                    if let Ok(view) = dispatcher.supervisor.get(&plugin)
+                        && let Some(lane) = lock(&dispatcher.lanes).get(&plugin).cloned()
+                    {
+                        for (index, status) in &view.instances {
+                            match (status.pid, status.state) {
+                                (Some(pid), "serving") => lane.add(
+                                    *index,
+                                    pid,
+                                    &Config::socket_path(&dispatcher.runtime_dir, &plugin, *index),
+                                ),
+                                _ => lane.remove(*index, None),
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(dispatcher) = dispatcher.upgrade() else {
+            return;
+        };
+        match event.kind {
+            Kind::Serving => {
+                if let (Some(pid), Ok(lane)) = (event.pid, dispatcher.lane(&event.plugin)) {
+                    let socket =
+                        Config::socket_path(&dispatcher.runtime_dir, &event.plugin, event.instance);
+                    lane.add(event.instance, pid, &socket);
+                }
+            }
+            Kind::Unhealthy
+            | Kind::BreakerTripped
+            | Kind::Exited
+            | Kind::Stopped
+            | Kind::Failed => {
+                if let Some(lane) = lock(&dispatcher.lanes).get(&*event.plugin) {
+                    lane.remove(event.instance, event.pid);
+                }
+            }
+            _ => {}
+        }
+    }
+}

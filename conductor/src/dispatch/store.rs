@@ -1,0 +1,558 @@
+//! Durable job state in SQLite: accepted-but-unfinished jobs and dead
+//! letters, so a crash or restart of the conductor loses no accepted job.
+//!
+//! One thread owns the connection. It drains every pending operation into
+//! one transaction and answers only after the commit (group commit): a
+//! job is acknowledged once it is on disk, and a burst of submissions
+//! costs one fsync, not one each.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+use tokio::sync::oneshot;
+
+/// Operations written in one transaction, at most.
+const BATCH: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("job store {path}: {reason}")]
+    Sqlite { path: PathBuf, reason: String },
+    #[error("the job store is gone (the conductor is stopping)")]
+    Gone,
+}
+
+/// A job as it is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredJob {
+    pub id: String,
+    pub plugin: String,
+    pub kind: String,
+    pub payload: Vec<u8>,
+    pub attributes: HashMap<String, String>,
+    pub idempotency_key: Option<String>,
+    /// Milliseconds since the epoch.
+    pub deadline_ms: Option<i64>,
+    pub accepted_ms: i64,
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// W3C traceparent of the job's trace.
+    pub trace: Option<String>,
+}
+
+/// A job that will not be delivered again unless replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub job: StoredJob,
+    pub dead_ms: i64,
+    /// One entry per failed attempt (and the final reason).
+    pub errors: Vec<String>,
+}
+
+/// What accepting a job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    New,
+    /// A job with the same idempotency key is already accepted: its id.
+    Duplicate(String),
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Op {
+    Accept(StoredJob, Reply<Accepted>),
+    Attempt {
+        id: String,
+        attempts: u32,
+    },
+    Complete {
+        id: String,
+    },
+    DeadLetter(DeadLetter, Reply<()>),
+    Pending(Reply<Vec<StoredJob>>),
+    ListDead(Reply<Vec<DeadLetter>>),
+    Replay(Option<Vec<String>>, Reply<Vec<StoredJob>>),
+    Purge(Reply<usize>),
+    /// Answered once everything sent before it is committed.
+    Flush(Reply<()>),
+}
+
+/// Handle to the store's thread. Cloning shares the thread; it ends when
+/// the last handle is dropped, after writing what was sent.
+#[derive(Clone)]
+pub struct Store {
+    ops: std_mpsc::Sender<Op>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let error = |e: rusqlite::Error| StoreError::Sqlite {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        };
+        let connection = Connection::open(path).map_err(error)?;
+        // WAL: readers never block the writer. synchronous=NORMAL in WAL
+        // survives any crash of the conductor (not of the machine's power).
+        connection.execute_batch(SCHEMA).map_err(error)?;
+        let (ops, rx) = std_mpsc::channel();
+        let owned = path.to_owned();
+        std::thread::Builder::new()
+            .name("demi-store".into())
+            .spawn(move || {
+                Writer {
+                    db: connection,
+                    path: owned,
+                }
+                .run(rx)
+            })
+            .map_err(|e| StoreError::Sqlite {
+                path: path.to_owned(),
+                reason: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(Self { ops })
+    }
+
+    async fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.ops.send(op(reply)).map_err(|_| StoreError::Gone)?;
+        answer.await.map_err(|_| StoreError::Gone)?
+    }
+
+    /// Persists `job`; returns once it is committed.
+    pub async fn accept(&self, job: StoredJob) -> Result<Accepted, StoreError> {
+        self.ask(|reply| Op::Accept(job, reply)).await
+    }
+
+    /// Records a delivery (not awaited: it rides the next commit).
+    pub fn attempt(&self, id: &str, attempts: u32) {
+        let _ = self.ops.send(Op::Attempt {
+            id: id.to_owned(),
+            attempts,
+        });
+    }
+
+    /// Forgets a finished job (not awaited: a crash before the commit
+    /// means one more delivery, which at-least-once allows).
+    pub fn complete(&self, id: &str) {
+        let _ = self.ops.send(Op::Complete { id: id.to_owned() });
+    }
+
+    /// Moves a job to the dead letters; returns once committed.
+    pub async fn dead_letter(&self, letter: DeadLetter) -> Result<(), StoreError> {
+        self.ask(|reply| Op::DeadLetter(letter, reply)).await
+    }
+
+    /// Every accepted, unfinished job, oldest first.
+    pub async fn pending(&self) -> Result<Vec<StoredJob>, StoreError> {
+        self.ask(Op::Pending).await
+    }
+
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.ask(Op::ListDead).await
+    }
+
+    /// Moves dead letters (`None`: all) back to the jobs, with their
+    /// attempts reset; returns them for delivery.
+    pub async fn replay(&self, ids: Option<Vec<String>>) -> Result<Vec<StoredJob>, StoreError> {
+        self.ask(|reply| Op::Replay(ids, reply)).await
+    }
+
+    /// Waits until every operation sent so far is on disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.ask(Op::Flush).await
+    }
+
+    /// Deletes every dead letter; returns how many there were.
+    pub async fn purge(&self) -> Result<usize, StoreError> {
+        self.ask(Op::Purge).await
+    }
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    plugin TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    attributes TEXT NOT NULL,
+    idempotency_key TEXT,
+    deadline_ms INTEGER,
+    accepted_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    trace TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
+    ON jobs (plugin, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    plugin TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    attributes TEXT NOT NULL,
+    idempotency_key TEXT,
+    deadline_ms INTEGER,
+    accepted_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    trace TEXT,
+    dead_ms INTEGER NOT NULL,
+    errors TEXT NOT NULL
+);
+";
+
+const JOB_COLUMNS: &str = "id, plugin, kind, payload, attributes, idempotency_key, deadline_ms, accepted_ms, attempts, trace";
+
+struct Writer {
+    db: Connection,
+    path: PathBuf,
+}
+
+/// Replies held until the batch's commit.
+enum Done {
+    Accept(Reply<Accepted>, Result<Accepted, StoreError>),
+    Unit(Reply<()>, Result<(), StoreError>),
+}
+
+impl Writer {
+    fn run(mut self, rx: std_mpsc::Receiver<Op>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.apply(batch);
+        }
+    }
+
+    fn error(&self, e: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn apply(&mut self, batch: Vec<Op>) {
+        let mut done = Vec::new();
+        let tx = match self.db.transaction() {
+            Ok(tx) => tx,
+            Err(e) => {
+                let error = StoreError::Sqlite {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                };
+                for op in batch {
+                    fail(op, error.clone());
+                }
+                return;
+            }
+        };
+        for op in batch {
+            match op {
+                Op::Accept(job, reply) => {
+                    let result = insert_job(&tx, &job).map_err(|e| sqlite(&self.path, e));
+                    done.push(Done::Accept(reply, result));
+                }
+                Op::Attempt { id, attempts } => {
+                    let _ = tx.execute(
+                        "UPDATE jobs SET attempts = ?1 WHERE id = ?2",
+                        params![attempts, id],
+                    );
+                }
+                Op::Complete { id } => {
+                    let _ = tx.execute("DELETE FROM jobs WHERE id = ?1", params![id]);
+                }
+                Op::DeadLetter(letter, reply) => {
+                    let result = bury(&tx, &letter).map_err(|e| sqlite(&self.path, e));
+                    done.push(Done::Unit(reply, result));
+                }
+                // Reads and bulk moves answer at once: they see this
+                // transaction's writes, and commit with it.
+                Op::Pending(reply) => {
+                    let _ = reply.send(pending(&tx).map_err(|e| sqlite(&self.path, e)));
+                }
+                Op::ListDead(reply) => {
+                    let _ = reply.send(dead_letters(&tx).map_err(|e| sqlite(&self.path, e)));
+                }
+                Op::Replay(ids, reply) => {
+                    let _ = reply.send(replay(&tx, ids).map_err(|e| sqlite(&self.path, e)));
+                }
+                Op::Flush(reply) => done.push(Done::Unit(reply, Ok(()))),
+                Op::Purge(reply) => {
+                    let _ = reply.send(
+                        tx.execute("DELETE FROM dead_letters", [])
+                            .map_err(|e| sqlite(&self.path, e)),
+                    );
+                }
+            }
+        }
+        let committed = tx.commit().map_err(|e| self.error(e));
+        for item in done {
+            match item {
+                Done::Accept(reply, result) => {
+                    let _ = reply.send(committed.clone().and(result));
+                }
+                Done::Unit(reply, result) => {
+                    let _ = reply.send(committed.clone().and(result));
+                }
+            }
+        }
+    }
+}
+
+fn sqlite(path: &Path, e: rusqlite::Error) -> StoreError {
+    StoreError::Sqlite {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn fail(op: Op, error: StoreError) {
+    match op {
+        Op::Accept(_, reply) => drop(reply.send(Err(error))),
+        Op::DeadLetter(_, reply) | Op::Flush(reply) => drop(reply.send(Err(error))),
+        Op::Pending(reply) | Op::Replay(_, reply) => drop(reply.send(Err(error))),
+        Op::ListDead(reply) => drop(reply.send(Err(error))),
+        Op::Purge(reply) => drop(reply.send(Err(error))),
+        Op::Attempt { .. } | Op::Complete { .. } => {}
+    }
+}
+
+fn insert_job(tx: &rusqlite::Transaction<'_>, job: &StoredJob) -> rusqlite::Result<Accepted> {
+    if let Some(key) = &job.idempotency_key {
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT id FROM jobs WHERE plugin = ?1 AND idempotency_key = ?2
+                 UNION ALL
+                 SELECT id FROM dead_letters WHERE plugin = ?1 AND idempotency_key = ?2
+                 LIMIT 1",
+                params![job.plugin, key],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(id) = existing {
+            return Ok(Accepted::Duplicate(id));
+        }
+    }
+    tx.execute(
+        &format!(
+            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+        ),
+        params![
+            job.id,
+            job.plugin,
+            job.kind,
+            job.payload,
+            attributes_json(&job.attributes),
+            job.idempotency_key,
+            job.deadline_ms,
+            job.accepted_ms,
+            job.attempts,
+            job.trace,
+        ],
+    )?;
+    Ok(Accepted::New)
+}
+
+fn bury(tx: &rusqlite::Transaction<'_>, letter: &DeadLetter) -> rusqlite::Result<()> {
+    let job = &letter.job;
+    tx.execute("DELETE FROM jobs WHERE id = ?1", params![job.id])?;
+    tx.execute(
+        &format!(
+            "INSERT OR REPLACE INTO dead_letters ({JOB_COLUMNS}, dead_ms, errors)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        ),
+        params![
+            job.id,
+            job.plugin,
+            job.kind,
+            job.payload,
+            attributes_json(&job.attributes),
+            job.idempotency_key,
+            job.deadline_ms,
+            job.accepted_ms,
+            job.attempts,
+            job.trace,
+            letter.dead_ms,
+            serde_json::to_string(&letter.errors).unwrap_or_else(|_| "[]".into()),
+        ],
+    )?;
+    Ok(())
+}
+
+fn attributes_json(attributes: &HashMap<String, String>) -> String {
+    serde_json::to_string(attributes).unwrap_or_else(|_| "{}".into())
+}
+
+fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
+    let attributes: String = row.get(4)?;
+    Ok(StoredJob {
+        id: row.get(0)?,
+        plugin: row.get(1)?,
+        kind: row.get(2)?,
+        payload: row.get(3)?,
+        attributes: serde_json::from_str(&attributes).unwrap_or_default(),
+        idempotency_key: row.get(5)?,
+        deadline_ms: row.get(6)?,
+        accepted_ms: row.get(7)?,
+        attempts: row.get(8)?,
+        trace: row.get(9)?,
+    })
+}
+
+fn pending(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<StoredJob>> {
+    let mut statement = tx.prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY seq"))?;
+    statement.query_map([], job_from_row)?.collect()
+}
+
+fn dead_letters(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<DeadLetter>> {
+    let mut statement = tx.prepare(&format!(
+        "SELECT {JOB_COLUMNS}, dead_ms, errors FROM dead_letters ORDER BY seq"
+    ))?;
+    statement
+        .query_map([], |row| {
+            let errors: String = row.get(11)?;
+            Ok(DeadLetter {
+                job: job_from_row(row)?,
+                dead_ms: row.get(10)?,
+                errors: serde_json::from_str(&errors).unwrap_or_default(),
+            })
+        })?
+        .collect()
+}
+
+fn replay(
+    tx: &rusqlite::Transaction<'_>,
+    ids: Option<Vec<String>>,
+) -> rusqlite::Result<Vec<StoredJob>> {
+    let letters = dead_letters(tx)?;
+    let chosen: Vec<StoredJob> = letters
+        .into_iter()
+        .filter(|l| ids.as_ref().is_none_or(|ids| ids.contains(&l.job.id)))
+        .map(|l| StoredJob {
+            attempts: 0,
+            ..l.job
+        })
+        .collect();
+    for job in &chosen {
+        tx.execute("DELETE FROM dead_letters WHERE id = ?1", params![job.id])?;
+        if let Accepted::Duplicate(_) = insert_job(tx, job)? {
+            // A newer job holds the key now: replay this one without it.
+            insert_job(
+                tx,
+                &StoredJob {
+                    idempotency_key: None,
+                    ..job.clone()
+                },
+            )?;
+        }
+    }
+    Ok(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, key: Option<&str>) -> StoredJob {
+        StoredJob {
+            id: id.into(),
+            plugin: "echo".into(),
+            kind: "k".into(),
+            payload: id.as_bytes().to_vec(),
+            attributes: HashMap::from([("a".into(), "1".into())]),
+            idempotency_key: key.map(str::to_owned),
+            deadline_ms: None,
+            accepted_ms: now_ms(),
+            attempts: 0,
+            trace: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn accepted_jobs_survive_a_reopen_until_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let store = Store::open(&path).unwrap();
+        for i in 0..100 {
+            assert_eq!(
+                store.accept(job(&format!("j{i}"), None)).await,
+                Ok(Accepted::New)
+            );
+        }
+        store.attempt("j0", 2);
+        store.complete("j1");
+        store.flush().await.unwrap();
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        let pending = store.pending().await.unwrap();
+        assert_eq!(pending.len(), 99);
+        assert_eq!(pending[0].id, "j0");
+        assert_eq!(pending[0].attempts, 2);
+        assert_eq!(pending[0].attributes["a"], "1");
+        assert_eq!(pending[1].id, "j2", "oldest first, j1 gone");
+    }
+
+    #[tokio::test]
+    async fn idempotency_keys_return_the_first_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        assert_eq!(store.accept(job("a", Some("k1"))).await, Ok(Accepted::New));
+        assert_eq!(
+            store.accept(job("b", Some("k1"))).await,
+            Ok(Accepted::Duplicate("a".into()))
+        );
+        assert_eq!(store.accept(job("c", Some("k2"))).await, Ok(Accepted::New));
+        assert_eq!(store.pending().await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_keep_their_errors_and_replay_resets_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let store = Store::open(&path).unwrap();
+        store.accept(job("a", Some("k"))).await.unwrap();
+        store.accept(job("b", None)).await.unwrap();
+        let letter = |id: &str| DeadLetter {
+            job: StoredJob {
+                attempts: 3,
+                ..job(id, None)
+            },
+            dead_ms: now_ms(),
+            errors: vec!["attempt 1: boom".into(), "attempt 2: boom".into()],
+        };
+        store.dead_letter(letter("a")).await.unwrap();
+        store.dead_letter(letter("b")).await.unwrap();
+        assert!(store.pending().await.unwrap().is_empty());
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        let letters = store.dead_letters().await.unwrap();
+        assert_eq!(letters.len(), 2);
+        assert_eq!(letters[0].errors.len(), 2);
+        assert_eq!(letters[0].job.attempts, 3);
+        let replayed = store.replay(Some(vec!["a".into()])).await.unwrap();
+        assert_eq!(replayed.len(), 1);
+        assert_eq!(replayed[0].attempts, 0);
+        assert_eq!(store.pending().await.unwrap().len(), 1);
+        assert_eq!(store.dead_letters().await.unwrap().len(), 1);
+        assert_eq!(store.purge().await, Ok(1));
+        assert!(store.dead_letters().await.unwrap().is_empty());
+    }
+}
