@@ -66,7 +66,8 @@ struct Log {
 /// A running conductor.
 pub struct Conductor {
     pid: u32,
-    exit: mpsc::Receiver<ExitStatus>,
+    /// Behind a mutex so a conductor can be shared with helper threads.
+    exit: Mutex<mpsc::Receiver<ExitStatus>>,
     log: Arc<Log>,
     dir: Arc<tempfile::TempDir>,
     config: PathBuf,
@@ -125,7 +126,7 @@ impl Builder {
             "[conductor.metrics]\nlisten = \"127.0.0.1:0\"\n"
         };
         let preamble = format!(
-            "[conductor]\nruntime_dir = \"run\"\n{root_line}{}\n{metrics}\n",
+            "[conductor]\nruntime_dir = \"run\"\nstate_dir = \"state\"\n{root_line}{}\n{metrics}\n",
             self.conductor
         );
         let config = dir.path().join("conductor.toml");
@@ -189,7 +190,7 @@ impl Conductor {
         });
         Self {
             pid,
-            exit,
+            exit: Mutex::new(exit),
             log,
             dir,
             config,
@@ -395,6 +396,8 @@ impl Conductor {
     pub fn wait_exit(&mut self) -> ExitStatus {
         let status = self
             .exit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .recv_timeout(WAIT)
             .expect("conductor did not exit");
         self.exited = Some(status);
@@ -404,10 +407,12 @@ impl Conductor {
 
 impl Drop for Conductor {
     fn drop(&mut self) {
-        if self.exited.is_none() && self.exit.try_recv().is_err() {
+        let exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if self.exited.is_none() && exit.try_recv().is_err() {
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
-            let _ = self.exit.recv_timeout(WAIT);
+            let _ = exit.recv_timeout(WAIT);
         }
+        drop(exit);
         // A failed test must not leave cgroups behind.
         if !self.cgroup_root.is_empty() {
             remove_cgroup_tree(&self.cgroup_root);
@@ -503,6 +508,34 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// Resident memory of `pid` in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Lines of an echo `--journal`: (job id, attempt, outcome).
+pub fn journal(path: &Path) -> Vec<(String, u32, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split(' ');
+            Some((
+                parts.next()?.to_owned(),
+                parts.next()?.parse().ok()?,
+                parts.next()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
 /// Live processes whose process group is `pgid`.
 pub fn group_members(pgid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -581,6 +614,7 @@ pub mod grpc {
     use std::path::Path;
     use std::time::Duration;
 
+    pub use demi_proto::conductor::v1 as admin_pb;
     pub use demi_proto::plugin::v1 as pb;
     pub use prost_types::Duration as ProstDuration;
     use tonic::transport::{Channel, Endpoint};
@@ -605,6 +639,13 @@ pub mod grpc {
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("health check"))?
             .map(|r| r.into_inner().status)
+    }
+
+    /// A client of the conductor's admin API.
+    pub async fn admin(
+        socket: &Path,
+    ) -> demi_proto::conductor::v1::conductor_client::ConductorClient<Channel> {
+        demi_proto::conductor::v1::conductor_client::ConductorClient::new(connect(socket).await)
     }
 
     pub fn runtime() -> tokio::runtime::Runtime {

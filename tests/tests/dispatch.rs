@@ -1,0 +1,435 @@
+//! Jobs end to end: submit, deliver, retry, dead-letter, survive crashes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use demi_e2e::grpc::{self, admin_pb as pb};
+use demi_e2e::{Conductor, WAIT, alive, journal, rss_kib};
+use nix::sys::signal::Signal;
+use tonic::Code;
+
+fn plugin(name: &str, extra: &str) -> String {
+    format!("[plugins.{name}]\ncommand = \"{{echo}}\"\nshutdown_grace = \"2s\"\n{extra}\n")
+}
+
+fn job(plugin: &str, kind: &str, payload: &str) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        plugin: plugin.into(),
+        kind: kind.into(),
+        payload: payload.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+fn completed() -> i32 {
+    pb::job_outcome::Status::Completed as i32
+}
+
+fn dead_lettered() -> i32 {
+    pb::job_outcome::Status::DeadLettered as i32
+}
+
+#[test]
+fn submit_and_wait_answers_and_the_plugin_sees_the_submitters_trace() {
+    let conductor = Conductor::start(&plugin("echo", "replicas = 2"));
+    conductor.wait_serving(0, "echo", 1);
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        let outcome = api
+            .submit_and_wait(job("echo", "echo", "hello"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (outcome.status, outcome.payload.as_slice(), outcome.attempts),
+            (completed(), &b"hello"[..], 1)
+        );
+
+        // The conductor continues the submitter's trace down to the plugin.
+        let mut request = tonic::Request::new(job("echo", "trace", ""));
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        request
+            .metadata_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+        let outcome = api.submit_and_wait(request).await.unwrap().into_inner();
+        assert_eq!(
+            String::from_utf8_lossy(&outcome.payload),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+
+        let missing = api.submit(job("nope", "", "")).await.unwrap_err();
+        assert_eq!(missing.code(), Code::NotFound);
+        assert!(missing.message().contains("\"nope\""));
+        let unnamed = api.submit(job("", "", "")).await.unwrap_err();
+        assert_eq!(unnamed.code(), Code::InvalidArgument);
+        assert!(unnamed.message().starts_with("plugin:"));
+    });
+}
+
+#[test]
+fn permanent_failures_are_dead_lettered_survive_a_restart_and_replay_after_a_fix() {
+    let journal_file = tempfile::NamedTempFile::new().unwrap();
+    let worker = |extra: &str| {
+        plugin(
+            "worker",
+            &format!(
+                "args = [\"--journal\", \"{}\"{extra}]",
+                journal_file.path().display()
+            ),
+        )
+    };
+    let conductor = Conductor::start(&worker(", \"--fail-permanent\", \"1.0\""));
+    conductor.wait_serving(0, "worker", 0);
+    let rt = grpc::runtime();
+    let ids: Vec<String> = rt.block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let outcome = api
+                .submit_and_wait(job("worker", "k", &format!("job {i}")))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(outcome.status, dead_lettered());
+            assert_eq!(outcome.attempts, 1, "a permanent failure is not retried");
+            assert!(
+                outcome.errors[0].contains("injected permanent failure"),
+                "{:?}",
+                outcome.errors
+            );
+            ids.push(outcome.job_id);
+        }
+        ids
+    });
+    let listed = String::from_utf8_lossy(&conductor.cli(&["dlq", "list"]).stdout).into_owned();
+    assert_eq!(listed.lines().count(), 5, "{listed}");
+    let shown =
+        String::from_utf8_lossy(&conductor.cli(&["dlq", "show", &ids[0]]).stdout).into_owned();
+    assert!(
+        shown.contains("payload  job 0") && shown.contains("error    attempt 1 on worker-0"),
+        "{shown}"
+    );
+
+    // The dead letters survive a restart of the conductor.
+    conductor.signal(Signal::SIGTERM);
+    let mut conductor = conductor;
+    conductor.wait_exit();
+    let conductor = conductor.restart();
+    conductor.wait_serving(0, "worker", 0);
+    let listed = String::from_utf8_lossy(&conductor.cli(&["dlq", "list"]).stdout).into_owned();
+    assert_eq!(listed.lines().count(), 5, "after restart: {listed}");
+
+    // Fix the worker, replay, and every job completes.
+    conductor.write_plugins(&worker(""));
+    let reload = conductor.cli(&["reload"]);
+    assert!(
+        reload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+    let replay = conductor.cli(&["dlq", "replay", "--all"]);
+    assert!(String::from_utf8_lossy(&replay.stdout).contains("replayed 5 jobs"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let done: BTreeSet<String> = journal(journal_file.path())
+            .into_iter()
+            .filter(|(_, _, outcome)| outcome == "ok")
+            .map(|(id, _, _)| id)
+            .collect();
+        if ids.iter().all(|id| done.contains(id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replayed jobs did not complete: {done:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let listed = conductor.cli(&["dlq", "list"]);
+    assert!(
+        listed.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
+}
+
+#[test]
+fn a_full_queue_answers_resource_exhausted_at_once_and_memory_stays_bounded() {
+    let conductor = Conductor::start(&plugin(
+        "slow",
+        "args = [\"--delay\", \"30s\"]\n[plugins.slow.dispatch]\nqueue_capacity = 50\nmax_in_flight = 2\nmax_in_flight_per_replica = 2",
+    ));
+    conductor.wait_serving(0, "slow", 0);
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        let mut accepted = 0;
+        let mut refused = None;
+        for i in 0..100 {
+            match api.submit(job("slow", "k", &i.to_string())).await {
+                Ok(_) => accepted += 1,
+                Err(status) => {
+                    refused = Some(status);
+                    break;
+                }
+            }
+        }
+        let refused = refused.expect("the queue filled up");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("50 jobs waiting"),
+            "{}",
+            refused.message()
+        );
+        // 50 queued, 2 in flight, and the one waiting for the bulkhead.
+        assert!((50..=53).contains(&accepted), "{accepted}");
+
+        // A flood of refused submissions leaves memory where it was.
+        let before = rss_kib(conductor.pid());
+        let started = Instant::now();
+        for i in 0..20_000 {
+            let status = api
+                .submit(job("slow", "k", &format!("flood {i}")))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::ResourceExhausted);
+        }
+        let after = rss_kib(conductor.pid());
+        eprintln!(
+            "20,000 refusals in {:?}; RSS {before} KiB -> {after} KiB",
+            started.elapsed()
+        );
+        assert!(
+            after < before + 16 * 1024,
+            "RSS grew from {before} KiB to {after} KiB"
+        );
+    });
+}
+
+#[test]
+fn a_sigkilled_conductor_delivers_every_accepted_job_after_its_restart() {
+    let journal_file = tempfile::NamedTempFile::new().unwrap();
+    let conductor = Conductor::start(&plugin(
+        "worker",
+        &format!(
+            "replicas = 2\nargs = [\"--delay\", \"20ms\", \"--journal\", \"{}\"]\n[plugins.worker.dispatch]\nmax_in_flight = 4",
+            journal_file.path().display()
+        ),
+    ));
+    conductor.wait_serving(0, "worker", 1);
+    let ids: Vec<String> = grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        let mut ids = Vec::new();
+        for i in 0..1000 {
+            ids.push(
+                api.submit(job("worker", "k", &i.to_string()))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .job_id,
+            );
+        }
+        ids
+    });
+    let done_before = journal(journal_file.path()).len();
+    conductor.signal(Signal::SIGKILL);
+    assert!(
+        done_before < 1000,
+        "the kill must come while jobs are unfinished ({done_before} done)"
+    );
+    let conductor = conductor.restart();
+    let (_, requeued) = conductor.wait_for(0, "re-queueing", |e| {
+        e["message"] == "re-queueing jobs accepted before the last stop"
+    });
+    eprintln!(
+        "{done_before} jobs done before the SIGKILL, {} re-queued after it",
+        requeued["jobs"]
+    );
+
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        let done: BTreeSet<String> = journal(journal_file.path())
+            .into_iter()
+            .filter(|(_, _, o)| o == "ok")
+            .map(|(id, _, _)| id)
+            .collect();
+        let missing = ids.iter().filter(|id| !done.contains(*id)).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} accepted jobs never completed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let listed = conductor.cli(&["dlq", "list"]);
+    assert!(listed.stdout.is_empty());
+}
+
+#[test]
+fn ten_thousand_jobs_under_chaos_are_all_accounted_for() {
+    let journal_file = tempfile::NamedTempFile::new().unwrap();
+    let conductor = Conductor::start(&plugin(
+        "worker",
+        &format!(
+            "replicas = 4\nargs = [\"--journal\", \"{}\"]\n\
+             [plugins.worker.restart]\ninitial_delay = \"10ms\"\nmax_delay = \"100ms\"\nstart_limit_burst = 10000\n\
+             [plugins.worker.dispatch]\nmax_attempts = 20\nattempt_timeout = \"5s\"\nretry_initial = \"5ms\"\nretry_max = \"100ms\"",
+            journal_file.path().display()
+        ),
+    ));
+    for i in 0..4 {
+        conductor.wait_serving(0, "worker", i);
+    }
+    let conductor = Arc::new(conductor);
+    let stop = Arc::new(AtomicBool::new(false));
+    let chaos = {
+        let (conductor, stop) = (conductor.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let live: Vec<u32> = conductor
+                    .spawned_pids()
+                    .into_iter()
+                    .filter(|p| alive(*p))
+                    .collect();
+                if !live.is_empty() {
+                    let pid = live[fastrand::usize(..live.len())];
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        Signal::SIGKILL,
+                    );
+                    kills += 1;
+                }
+            }
+            kills
+        })
+    };
+    let started = Instant::now();
+    let outcomes: Vec<pb::JobOutcome> = grpc::runtime().block_on(async {
+        let api = grpc::admin(&conductor.api_socket()).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for _ in 0..64 {
+            let (mut api, next) = (api.clone(), next.clone());
+            tasks.spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= 10_000 {
+                        return mine;
+                    }
+                    loop {
+                        match api
+                            .submit_and_wait(job("worker", "k", &i.to_string()))
+                            .await
+                        {
+                            Ok(outcome) => {
+                                mine.push(outcome.into_inner());
+                                break;
+                            }
+                            // Not accepted: back off and submit again.
+                            Err(status) if status.code() == Code::ResourceExhausted => {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err(status) => panic!("job {i}: {status}"),
+                        }
+                    }
+                }
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(mine) = tasks.join_next().await {
+            all.extend(mine.unwrap());
+        }
+        all
+    });
+    stop.store(true, Ordering::Relaxed);
+    let kills = chaos.join().unwrap();
+
+    let completed_jobs = outcomes.iter().filter(|o| o.status == completed()).count();
+    let dead = outcomes
+        .iter()
+        .filter(|o| o.status == dead_lettered())
+        .count();
+    eprintln!(
+        "10,000 jobs in {:?} with {kills} replicas killed: {completed_jobs} completed, {dead} dead-lettered",
+        started.elapsed()
+    );
+    assert_eq!(
+        completed_jobs + dead,
+        10_000,
+        "completed + dead-lettered = accepted"
+    );
+    let unique: BTreeSet<&str> = outcomes.iter().map(|o| o.job_id.as_str()).collect();
+    assert_eq!(unique.len(), 10_000, "no job missing, none answered twice");
+    assert!(kills >= 3, "the chaos really happened ({kills} kills)");
+
+    // Every delivery the replicas saw: a second delivery of a job is a
+    // retry, same id with a higher attempt number, never a copy.
+    let mut deliveries: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (id, attempt, _) in journal(journal_file.path()) {
+        deliveries.entry(id).or_default().push(attempt);
+    }
+    let mut retried = 0;
+    for (id, attempts) in &deliveries {
+        let distinct: BTreeSet<u32> = attempts.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            attempts.len(),
+            "job {id} delivered twice as attempt {attempts:?}"
+        );
+        retried += usize::from(attempts.len() > 1);
+    }
+    eprintln!("{retried} jobs delivered more than once (retries after a kill)");
+}
+
+#[test]
+fn a_plugin_whose_jobs_hang_does_not_slow_another_plugins_jobs() {
+    let conductor = Conductor::start(&format!(
+        "{}{}",
+        plugin(
+            "stuck",
+            "replicas = 2\nargs = [\"--hang-kind\", \"hang\"]\n[plugins.stuck.dispatch]\nmax_in_flight = 32\nqueue_capacity = 1000\nattempt_timeout = \"1h\""
+        ),
+        plugin("quick", "replicas = 2"),
+    ));
+    conductor.wait_serving(0, "stuck", 1);
+    conductor.wait_serving(0, "quick", 1);
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        let median = |mut v: Vec<Duration>| {
+            v.sort();
+            v[v.len() / 2]
+        };
+        let mut measure = async |n: usize| {
+            let mut samples = Vec::with_capacity(n);
+            for i in 0..n {
+                let started = Instant::now();
+                let outcome = api.submit_and_wait(job("quick", "k", &i.to_string())).await.unwrap().into_inner();
+                assert_eq!(outcome.status, completed());
+                samples.push(started.elapsed());
+            }
+            median(samples)
+        };
+        measure(50).await;
+        let idle = measure(300).await;
+
+        let mut flood = grpc::admin(&conductor.api_socket()).await;
+        for i in 0..500 {
+            flood.submit(job("stuck", "hang", &i.to_string())).await.unwrap();
+        }
+        let busy = measure(300).await;
+        eprintln!("quick's median latency: {idle:?} with stuck idle, {busy:?} with stuck's 32 slots hung and 468 jobs queued");
+        assert!(busy < idle * 2, "{busy:?} vs {idle:?}");
+    });
+    let scrape = conductor.scrape();
+    assert_eq!(
+        demi_e2e::series(&scrape, "demi_jobs_in_flight", &[("plugin", "stuck")]),
+        Some(32.0),
+        "the bulkhead holds"
+    );
+}
