@@ -28,16 +28,21 @@
 //! }
 //! ```
 //!
+//! A plugin can hand work to other plugins through the conductor that
+//! launched it, with [`Conductor::from_env`] and [`Submit`].
+//!
 //! Run by hand, such a binary prints one line saying it must be started by
 //! the conductor and exits with [`EXIT_CONFIG`] (78), which the conductor
 //! never restarts. The protocol itself is described in `proto/README.md`
 //! for authors in other languages.
 
+mod client;
 mod handshake;
 mod job;
 mod parent;
 mod server;
 
+pub use client::{Answer, ClientError, Conductor, Submit};
 pub use handshake::{
     CONDUCTOR_SOCKET_KEY, EXIT_CONFIG, Handshake, HandshakeError, INSTANCE_KEY, MAGIC_COOKIE_KEY,
     MAGIC_COOKIE_VALUE, NAME_KEY, PROTOCOL_VERSIONS_KEY, SOCKET_KEY,

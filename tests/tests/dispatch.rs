@@ -433,3 +433,57 @@ fn a_plugin_whose_jobs_hang_does_not_slow_another_plugins_jobs() {
         "the bulkhead holds"
     );
 }
+
+#[test]
+fn a_platform_plugin_hands_jobs_to_a_worker_pool_and_gets_the_answers_back() {
+    let journal_file = tempfile::NamedTempFile::new().unwrap();
+    let conductor = Conductor::start(&format!(
+        "{}{}",
+        plugin("platform", "args = [\"--forward-to\", \"workers\"]"),
+        plugin(
+            "workers",
+            &format!(
+                "replicas = 3\nargs = [\"--journal\", \"{}\"]",
+                journal_file.path().display()
+            )
+        ),
+    ));
+    conductor.wait_serving(0, "platform", 0);
+    for i in 0..3 {
+        conductor.wait_serving(0, "workers", i);
+    }
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        for i in 0..20 {
+            let outcome = api
+                .submit_and_wait(job("platform", "echo", &format!("req {i}")))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(outcome.status, completed());
+            assert_eq!(
+                String::from_utf8_lossy(&outcome.payload),
+                format!("req {i}")
+            );
+        }
+        // One trace from the submitter through the platform to a worker.
+        let mut request = tonic::Request::new(job("platform", "trace", ""));
+        request.metadata_mut().insert(
+            "traceparent",
+            "00-11111111111111112222222222222222-3333333333333333-01"
+                .parse()
+                .unwrap(),
+        );
+        let outcome = api.submit_and_wait(request).await.unwrap().into_inner();
+        assert_eq!(
+            String::from_utf8_lossy(&outcome.payload),
+            "11111111111111112222222222222222"
+        );
+    });
+    // The workers did the work (platform jobs are not journaled).
+    let worked = journal(journal_file.path())
+        .iter()
+        .filter(|(_, _, o)| o == "ok")
+        .count();
+    assert_eq!(worked, 20);
+}

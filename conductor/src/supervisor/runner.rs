@@ -137,14 +137,7 @@ pub async fn run(
     status: watch::Sender<InstanceStatus>,
     cancel: CancellationToken,
 ) {
-    // `lifecycle` is set anew at every spawn: one id per process life, on
-    // every event of that life and every line the process prints.
-    let span = tracing::info_span!(
-        "instance",
-        plugin = %spec.plugin,
-        instance = spec.index,
-        lifecycle = tracing::field::Empty
-    );
+    let span = tracing::info_span!("instance", plugin = %spec.plugin, instance = spec.index);
     Runner {
         machine: Instance::new(spec.config.clone(), Arc::from(ACCEPTED_PROTOCOLS)),
         spec,
@@ -156,6 +149,7 @@ pub async fn run(
         oom_kills_at_spawn: 0,
         usage: None,
         history: VecDeque::with_capacity(HISTORY),
+        life: tracing::Span::none(),
     }
     .drive(&mut commands, &cancel)
     .instrument(span)
@@ -175,6 +169,11 @@ struct Runner {
     oom_kills_at_spawn: u64,
     usage: Option<Usage>,
     history: VecDeque<ExitRecord>,
+    /// The span of the current process life: plugin, instance and the
+    /// `lifecycle` id that is on every event of that life and every line
+    /// the process prints. A new span per life (recording a new value on
+    /// one long-lived span would append, not replace).
+    life: tracing::Span,
 }
 
 impl Runner {
@@ -400,7 +399,9 @@ impl Runner {
             // Status first: whoever reacts to the event reads fresh status.
             self.publish();
             let subject = self.subject();
-            events::transition(&subject, &before, &next, &self.machine, breaker_before);
+            self.life.in_scope(|| {
+                events::transition(&subject, &before, &next, &self.machine, breaker_before)
+            });
             for action in actions {
                 if action == Action::Spawn {
                     event = Some(self.spawn().await);
@@ -450,7 +451,13 @@ impl Runner {
             self.oom_kills_at_spawn = cgroup.oom_kills();
         }
         let lifecycle: Arc<str> = Arc::from(format!("{:016x}", fastrand::u64(..)));
-        tracing::Span::current().record("lifecycle", &*lifecycle);
+        self.life = tracing::info_span!(
+            parent: None,
+            "instance",
+            plugin = %self.spec.plugin,
+            instance = self.spec.index,
+            lifecycle = %lifecycle
+        );
         match self.spawner.spawn(self.spec.spawn.clone()).await {
             Ok(mut child) => {
                 let Some(pid) = child.id() else {

@@ -50,6 +50,10 @@ struct Args {
     /// Append "JOB_ID ATTEMPT OUTCOME" to this file for every job handled.
     #[arg(long, env = "ECHO_JOURNAL")]
     journal: Option<std::path::PathBuf>,
+    /// Hand every job to this plugin through the conductor and answer with
+    /// its answer (a "platform" in front of a worker pool).
+    #[arg(long, env = "ECHO_FORWARD_TO")]
+    forward_to: Option<String>,
     /// Kind of job that never answers (the call hangs until cancelled).
     #[arg(long, env = "ECHO_HANG_KIND")]
     hang_kind: Option<String>,
@@ -59,6 +63,7 @@ struct Args {
 }
 
 struct Echo {
+    forward: Option<(String, demi_plugin_sdk::Conductor)>,
     journal: Option<std::fs::File>,
     hang_kind: Option<String>,
     delay: Option<Duration>,
@@ -78,6 +83,17 @@ impl Plugin for Echo {
         if self.crash_after.is_some_and(|limit| n >= limit) {
             log("crashing on purpose", &format!("\"jobs\":{n}"));
             std::process::abort();
+        }
+        if let Some((target, conductor)) = &self.forward {
+            let submit =
+                demi_plugin_sdk::Submit::new(target.clone(), job.kind.clone(), job.payload.clone())
+                    .attributes(job.attributes.clone())
+                    .trace(job.trace);
+            return match conductor.clone().submit_and_wait(submit).await {
+                Ok(demi_plugin_sdk::Answer::Completed(payload)) => Outcome::Ok(payload),
+                Ok(other) => Outcome::Permanent(format!("{target} did not answer: {other:?}")),
+                Err(error) => Outcome::Retryable(format!("cannot reach {target}: {error}")),
+            };
         }
         if self.hang_kind.as_deref() == Some(job.kind.as_str()) {
             std::future::pending::<()>().await;
@@ -175,7 +191,20 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    // The client's lazy channel needs the runtime it will run on.
+    let _runtime = runtime.enter();
+    let forward = match &args.forward_to {
+        Some(target) => match demi_plugin_sdk::Conductor::from_env() {
+            Ok(conductor) => Some((target.clone(), conductor)),
+            Err(error) => {
+                eprintln!("demi-plugin-echo: --forward-to: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => None,
+    };
     let echo = Echo {
+        forward,
         journal,
         hang_kind: args.hang_kind.clone(),
         delay: args.delay,
