@@ -75,6 +75,8 @@ pub struct Conductor {
     cgroup_root: String,
     /// The `[conductor]` table, kept for config rewrites.
     preamble: String,
+    /// `RUST_LOG`, kept for restarts.
+    log_filter: String,
     exited: Option<ExitStatus>,
 }
 
@@ -83,12 +85,19 @@ pub struct Conductor {
 pub struct Builder {
     conductor: String,
     wrapper: Vec<String>,
+    log: Option<String>,
 }
 
 impl Builder {
     /// Extra lines for the `[conductor]` table.
     pub fn conductor(mut self, lines: &str) -> Self {
         self.conductor = lines.to_owned();
+        self
+    }
+
+    /// `RUST_LOG` for the conductor (debug by default, for the tests).
+    pub fn log(mut self, filter: &str) -> Self {
+        self.log = Some(filter.to_owned());
         self
     }
 
@@ -131,7 +140,17 @@ impl Builder {
         );
         let config = dir.path().join("conductor.toml");
         std::fs::write(&config, format!("{preamble}{}", expand(plugins))).expect("write config");
-        Conductor::launch(Arc::new(dir), config, self.wrapper, cgroup_root, preamble)
+        let log = self
+            .log
+            .unwrap_or_else(|| "debug,h2=info,tower=info,hyper_util=info".into());
+        Conductor::launch(
+            Arc::new(dir),
+            config,
+            self.wrapper,
+            cgroup_root,
+            preamble,
+            log,
+        )
     }
 }
 
@@ -151,6 +170,7 @@ impl Conductor {
         wrapper: Vec<String>,
         cgroup_root: String,
         preamble: String,
+        log_filter: String,
     ) -> Self {
         let conductor = bin("conductor");
         let mut command = match wrapper.split_first() {
@@ -164,7 +184,7 @@ impl Conductor {
         let mut child = command
             .args(["run", "--log-format", "json", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "debug,h2=info,tower=info,hyper_util=info")
+            .env("RUST_LOG", &log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -197,6 +217,7 @@ impl Conductor {
             wrapper,
             cgroup_root,
             preamble,
+            log_filter,
             exited: None,
         }
     }
@@ -214,6 +235,7 @@ impl Conductor {
             std::mem::take(&mut self.wrapper),
             std::mem::take(&mut self.cgroup_root),
             std::mem::take(&mut self.preamble),
+            std::mem::take(&mut self.log_filter),
         )
     }
 

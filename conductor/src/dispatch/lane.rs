@@ -38,6 +38,8 @@ impl Drop for Slot {
 
 pub struct Lane {
     pub plugin: Arc<str>,
+    /// `plugin="…"`, built once: metrics are recorded for every job.
+    pub label: opentelemetry::KeyValue,
     pub config: DispatchConfig,
     pub queue: mpsc::Sender<StoredJob>,
     /// The plugin-wide in-flight limit.
@@ -50,8 +52,10 @@ pub struct Lane {
 impl Lane {
     pub fn new(plugin: &str, config: DispatchConfig) -> (Arc<Self>, mpsc::Receiver<StoredJob>) {
         let (queue, jobs) = mpsc::channel(config.queue_capacity);
+        let plugin: Arc<str> = Arc::from(plugin);
         let lane = Arc::new(Self {
-            plugin: Arc::from(plugin),
+            label: opentelemetry::KeyValue::new("plugin", plugin.clone()),
+            plugin,
             bulkhead: Arc::new(Semaphore::new(config.max_in_flight)),
             config,
             queue,

@@ -387,7 +387,7 @@ async fn deliver(
     _permit: OwnedSemaphorePermit,
 ) {
     let config = &lane.config;
-    let label = [plugin_label(&job.plugin)];
+    let label = std::slice::from_ref(&lane.label);
     let trace = job
         .trace
         .as_deref()
@@ -447,11 +447,11 @@ async fn deliver(
         match retry::classify(answer, timeout) {
             Verdict::Done(payload) => {
                 dispatcher.store.complete(&job.id);
-                dispatcher.metrics.jobs_completed.add(1, &label);
+                dispatcher.metrics.jobs_completed.add(1, label);
                 dispatcher
                     .metrics
                     .job_duration
-                    .record(started.elapsed().as_secs_f64(), &label);
+                    .record(started.elapsed().as_secs_f64(), label);
                 dispatcher.finish(
                     &job.id,
                     Finished::Completed {
@@ -462,7 +462,7 @@ async fn deliver(
                 return;
             }
             Verdict::Permanent(error) => {
-                dispatcher.metrics.jobs_failed.add(1, &label);
+                dispatcher.metrics.jobs_failed.add(1, label);
                 errors.push(format!(
                     "attempt {} on {}-{replica}: {error}",
                     job.attempts, job.plugin
@@ -470,7 +470,7 @@ async fn deliver(
                 return dispatcher.bury(job, errors).await;
             }
             Verdict::Retry(error) => {
-                dispatcher.metrics.jobs_failed.add(1, &label);
+                dispatcher.metrics.jobs_failed.add(1, label);
                 errors.push(format!(
                     "attempt {} on {}-{replica}: {error}",
                     job.attempts, job.plugin
@@ -479,7 +479,7 @@ async fn deliver(
                     errors.push(format!("gave up after {} attempts", job.attempts));
                     return dispatcher.bury(job, errors).await;
                 }
-                dispatcher.metrics.jobs_retried.add(1, &label);
+                dispatcher.metrics.jobs_retried.add(1, label);
                 avoid = Some(replica);
                 let pause = retry::delay(config, job.attempts, fastrand::f64());
                 tokio::select! {

@@ -249,6 +249,13 @@ impl Writer {
 
     fn apply(&mut self, batch: Vec<Op>) {
         let mut done = Vec::new();
+        let finished: std::collections::HashSet<String> = batch
+            .iter()
+            .filter_map(|op| match op {
+                Op::Complete { id } => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
         let tx = match self.db.transaction() {
             Ok(tx) => tx,
             Err(e) => {
@@ -269,13 +276,18 @@ impl Writer {
                     done.push(Done::Accept(reply, result));
                 }
                 Op::Attempt { id, attempts } => {
-                    let _ = tx.execute(
-                        "UPDATE jobs SET attempts = ?1 WHERE id = ?2",
-                        params![attempts, id],
-                    );
+                    // A job finished in this same batch needs no update:
+                    // its row is about to go.
+                    if !finished.contains(id.as_str()) {
+                        let _ = tx
+                            .prepare_cached("UPDATE jobs SET attempts = ?1 WHERE id = ?2")
+                            .and_then(|mut s| s.execute(params![attempts, id]));
+                    }
                 }
                 Op::Complete { id } => {
-                    let _ = tx.execute("DELETE FROM jobs WHERE id = ?1", params![id]);
+                    let _ = tx
+                        .prepare_cached("DELETE FROM jobs WHERE id = ?1")
+                        .and_then(|mut s| s.execute(params![id]));
                 }
                 Op::DeadLetter(letter, reply) => {
                     let result = bury(&tx, &letter).map_err(|e| sqlite(&self.path, e));
@@ -336,14 +348,13 @@ fn fail(op: Op, error: StoreError) {
 fn insert_job(tx: &rusqlite::Transaction<'_>, job: &StoredJob) -> rusqlite::Result<Accepted> {
     if let Some(key) = &job.idempotency_key {
         let existing: Option<String> = tx
-            .query_row(
+            .prepare_cached(
                 "SELECT id FROM jobs WHERE plugin = ?1 AND idempotency_key = ?2
                  UNION ALL
                  SELECT id FROM dead_letters WHERE plugin = ?1 AND idempotency_key = ?2
                  LIMIT 1",
-                params![job.plugin, key],
-                |row| row.get(0),
-            )
+            )?
+            .query_row(params![job.plugin, key], |row| row.get(0))
             .optional()?;
         if let Some(id) = existing {
             return Ok(Accepted::Duplicate(id));
