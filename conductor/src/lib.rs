@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod conformance;
 pub mod daemon;
 pub mod dispatch;
 pub mod process;

@@ -68,6 +68,22 @@ enum Command {
     Reload,
     /// List the plugins found in `plugin_dirs`, and broken manifests.
     Plugins,
+    /// Check a plugin against the contract (proto/README.md) by launching it
+    /// as the conductor would: `conductor plugin-check -- ./my-plugin --flag`.
+    PluginCheck {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// DEMI_PLUGIN_NAME to give the plugin.
+        #[arg(long, default_value = "plugin-check")]
+        name: String,
+        /// How long the plugin may take to report SERVING.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        startup_timeout: std::time::Duration,
+        /// The plugin's command and arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Submit a job to a plugin's replicas.
     Submit {
         plugin: String,
@@ -115,6 +131,12 @@ fn main() -> ExitCode {
         Command::CheckConfig { path } => check_config(&path),
         Command::Run { log_format } => daemon(&cli.target.config, log_format),
         Command::Plugins => discovered(&cli.target.config),
+        Command::PluginCheck {
+            json,
+            name,
+            startup_timeout,
+            command,
+        } => plugin_check(command, name, startup_timeout, json),
         command => match client(command, &cli.target) {
             Ok(code) => code,
             Err(error) => {
@@ -140,6 +162,54 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             eprintln!("{errors}");
             ExitCode::from(EXIT_CONFIG)
         }
+    }
+}
+
+fn plugin_check(
+    command: Vec<String>,
+    name: String,
+    startup_timeout: std::time::Duration,
+    json: bool,
+) -> ExitCode {
+    use demi_conductor::conformance;
+    let Some((program, args)) = command.split_first() else {
+        eprintln!("conductor plugin-check: name the plugin's command");
+        return ExitCode::from(2);
+    };
+    // A bare name is looked up in PATH, as the conductor's config would.
+    let program = if program.contains('/') {
+        std::path::absolute(program).unwrap_or_else(|_| program.into())
+    } else {
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| program.into())
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("conductor plugin-check: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = conformance::Options {
+        name,
+        startup_timeout,
+        ..conformance::Options::default()
+    };
+    let report = runtime.block_on(conformance::run(program, args.to_vec(), options));
+    if json {
+        println!("{}", conformance::json(&report));
+    } else {
+        print!("{}", conformance::table(&report));
+    }
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -335,7 +405,10 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            Command::Run { .. } | Command::CheckConfig { .. } | Command::Plugins => {}
+            Command::Run { .. }
+            | Command::CheckConfig { .. }
+            | Command::Plugins
+            | Command::PluginCheck { .. } => {}
         }
         Ok(ExitCode::SUCCESS)
     })

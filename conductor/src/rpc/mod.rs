@@ -83,6 +83,21 @@ impl PluginConnection {
             .map(tonic::Response::into_inner)
     }
 
+    /// One `Handle` call, bounded by `timeout`.
+    pub async fn handle(
+        &self,
+        job: pb::Job,
+        timeout: Duration,
+    ) -> Result<pb::JobResult, tonic::Status> {
+        let mut client = PluginClient::new(self.channel.clone());
+        let mut request = traced(job);
+        request.set_timeout(timeout);
+        tokio::time::timeout(timeout + Duration::from_millis(500), client.handle(request))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("Handle timed out"))?
+            .map(tonic::Response::into_inner)
+    }
+
     /// Asks the instance to drain and leave within `grace`.
     pub async fn shutdown(&self, grace: Duration, timeout: Duration) -> Result<(), tonic::Status> {
         let mut client = PluginClient::new(self.channel.clone());

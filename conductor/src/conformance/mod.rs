@@ -1,0 +1,658 @@
+//! `conductor plugin-check`: launches any plugin through the real
+//! handshake, the way the conductor would (spawner, death signal, its own
+//! cgroup when the host allows), and checks it against the contract in
+//! proto/README.md, one named check at a time.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use demi_proto::handshake as hs;
+use demi_proto::plugin::v1 as pb;
+use nix::sys::signal::Signal;
+use tokio::io::AsyncReadExt as _;
+use tokio::process::Child;
+
+use crate::process::cgroup::Cgroups;
+use crate::process::{SpawnSpec, Spawner, signal_group};
+use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
+
+/// One check's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Fail,
+    /// Not run: an earlier check it needs failed, or it does not apply.
+    Skip,
+}
+
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    pub verdict: Verdict,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub checks: Vec<Check>,
+    /// How the plugin was confined (or why not).
+    pub confinement: String,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.verdict != Verdict::Fail)
+    }
+}
+
+/// How long the checks wait.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub name: String,
+    pub startup_timeout: Duration,
+    pub grace: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            name: "plugin-check".into(),
+            startup_timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(2),
+        }
+    }
+}
+
+struct Bench {
+    spawner: Spawner,
+    cgroups: Option<Cgroups>,
+    dir: PathBuf,
+    program: PathBuf,
+    args: Vec<String>,
+    options: Options,
+    runs: u32,
+}
+
+struct Launched {
+    child: Child,
+    pid: u32,
+    socket: PathBuf,
+}
+
+impl Bench {
+    fn socket(&self) -> PathBuf {
+        self.dir
+            .join(format!("{}-{}.sock", self.options.name, self.runs))
+    }
+
+    fn env(&self, socket: &Path, cookie: bool) -> Vec<(OsString, OsString)> {
+        let versions = ACCEPTED_PROTOCOLS
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut env: Vec<(OsString, OsString)> = vec![
+            (hs::PROTOCOL_VERSIONS_KEY.into(), versions.into()),
+            (hs::SOCKET_KEY.into(), socket.into()),
+            (hs::NAME_KEY.into(), self.options.name.clone().into()),
+            (hs::INSTANCE_KEY.into(), "0".into()),
+            (
+                hs::CONDUCTOR_SOCKET_KEY.into(),
+                self.dir.join("conductor.sock").into(),
+            ),
+        ];
+        if cookie {
+            env.push((hs::MAGIC_COOKIE_KEY.into(), hs::MAGIC_COOKIE_VALUE.into()));
+        }
+        env
+    }
+
+    async fn launch(
+        &mut self,
+        program: PathBuf,
+        args: Vec<String>,
+        cookie: bool,
+    ) -> Result<Launched, String> {
+        self.runs += 1;
+        let socket = self.socket();
+        let cgroup_procs = match &self.cgroups {
+            Some(cgroups) => cgroups
+                .create(&self.options.name, self.runs, &Default::default())
+                .map(|c| c.procs_files())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let spec = SpawnSpec {
+            program,
+            args,
+            env: self.env(&socket, cookie),
+            working_dir: std::env::current_dir().unwrap_or_else(|_| "/".into()),
+            cgroup_procs,
+        };
+        let child = self.spawner.spawn(spec).await.map_err(|e| e.to_string())?;
+        let pid = child.id().ok_or("exited before it could be observed")?;
+        Ok(Launched { child, pid, socket })
+    }
+
+    async fn launch_plugin(&mut self) -> Result<Launched, String> {
+        self.launch(self.program.clone(), self.args.clone(), true)
+            .await
+    }
+}
+
+/// Waits up to `within` for `child` to exit; `None` if it is still running.
+async fn exit_within(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    tokio::time::timeout(within, child.wait())
+        .await
+        .ok()
+        .and_then(Result::ok)
+}
+
+async fn kill(launched: &mut Launched) {
+    signal_group(launched.pid, Signal::SIGKILL);
+    signal_group(launched.pid, Signal::SIGCONT);
+    let _ = launched.child.wait().await;
+}
+
+/// Runs every check against `program args`.
+pub async fn run(program: PathBuf, args: Vec<String>, options: Options) -> Report {
+    let dir = std::env::temp_dir().join(format!("demi-plugin-check-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let cgroups = Cgroups::open(&format!("demi-plugin-check-{}", std::process::id()));
+    let confinement = match cgroups.unavailable() {
+        None => format!("own cgroup ({})", cgroups.setup()),
+        Some(why) => format!("unconfined: {why}"),
+    };
+    let cgroups = cgroups.unavailable().is_none().then_some(cgroups);
+    let spawner = match Spawner::start(tokio::runtime::Handle::current()) {
+        Ok(spawner) => spawner,
+        Err(error) => {
+            return Report {
+                checks: vec![Check {
+                    name: "launch",
+                    verdict: Verdict::Fail,
+                    detail: format!("cannot start the spawner thread: {error}"),
+                }],
+                confinement,
+            };
+        }
+    };
+    let mut bench = Bench {
+        spawner,
+        cgroups,
+        dir: dir.clone(),
+        program,
+        args,
+        options,
+        runs: 0,
+    };
+    let checks = checks(&mut bench).await;
+    if let Some(cgroups) = &bench.cgroups {
+        for run in 1..=bench.runs {
+            let _ = cgroups
+                .create(&bench.options.name, run, &Default::default())
+                .map(|c| {
+                    let _ = c.kill_all();
+                    let _ = c.remove();
+                });
+        }
+        cgroups.remove_root();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Report {
+        checks,
+        confinement,
+    }
+}
+
+async fn checks(bench: &mut Bench) -> Vec<Check> {
+    let mut out = Vec::new();
+    let mut record = |name, verdict, detail: String| {
+        out.push(Check {
+            name,
+            verdict,
+            detail,
+        })
+    };
+
+    // 1. Run without the cookie: one line on stderr, exit 78.
+    match bench
+        .launch(bench.program.clone(), bench.args.clone(), false)
+        .await
+    {
+        Err(error) => record(
+            "refuses-without-cookie",
+            Verdict::Fail,
+            format!("cannot launch: {error}"),
+        ),
+        Ok(mut launched) => {
+            let mut stderr = launched.child.stderr.take();
+            match exit_within(&mut launched.child, Duration::from_secs(5)).await {
+                Some(status) if status.code() == Some(i32::from(hs::EXIT_CONFIG)) => {
+                    let mut said = String::new();
+                    if let Some(stderr) = stderr.as_mut() {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            stderr.read_to_string(&mut said),
+                        )
+                        .await;
+                    }
+                    let line = said.lines().next().unwrap_or("").trim().to_owned();
+                    if line.is_empty() {
+                        record(
+                            "refuses-without-cookie",
+                            Verdict::Fail,
+                            "exited 78 but said nothing on stderr".into(),
+                        );
+                    } else {
+                        record(
+                            "refuses-without-cookie",
+                            Verdict::Pass,
+                            format!("exit 78: {line}"),
+                        );
+                    }
+                }
+                Some(status) => record(
+                    "refuses-without-cookie",
+                    Verdict::Fail,
+                    format!("exited with {status}, not 78"),
+                ),
+                None => {
+                    kill(&mut launched).await;
+                    record(
+                        "refuses-without-cookie",
+                        Verdict::Fail,
+                        "kept running without the magic cookie".into(),
+                    );
+                }
+            }
+        }
+    }
+
+    // 2. The real launch: SERVING within the startup timeout.
+    let timeout = bench.options.startup_timeout;
+    let mut launched = match bench.launch_plugin().await {
+        Ok(launched) => launched,
+        Err(error) => {
+            record("serving", Verdict::Fail, format!("cannot launch: {error}"));
+            return out;
+        }
+    };
+    let started = Instant::now();
+    let connection = tokio::select! {
+        connection = PluginConnection::await_serving(&launched.socket) => Some(connection),
+        _ = tokio::time::sleep(timeout) => None,
+        exit = launched.child.wait() => {
+            let status = exit.map(|s| s.to_string()).unwrap_or_default();
+            record("serving", Verdict::Fail, format!("exited ({status}) before it was SERVING"));
+            for name in ["health-for-name", "describe", "handle", "deadline", "shutdown"] {
+                record(name, Verdict::Skip, "not serving".into());
+            }
+            return finish(bench, out).await;
+        }
+    };
+    let Some(connection) = connection else {
+        let seen = if launched.socket.exists() {
+            "the socket exists but health never answered SERVING"
+        } else {
+            "nothing listens on DEMI_PLUGIN_SOCKET"
+        };
+        record(
+            "serving",
+            Verdict::Fail,
+            format!("not SERVING within {timeout:?}: {seen}"),
+        );
+        for name in [
+            "health-for-name",
+            "describe",
+            "handle",
+            "deadline",
+            "shutdown",
+        ] {
+            record(name, Verdict::Skip, "not serving".into());
+        }
+        kill(&mut launched).await;
+        return finish(bench, out).await;
+    };
+    record(
+        "serving",
+        Verdict::Pass,
+        format!(
+            "health \"\" SERVING after {} ms",
+            started.elapsed().as_millis()
+        ),
+    );
+
+    // 3. Health for its own name.
+    let name = bench.options.name.clone();
+    match connection.check(&name, Duration::from_secs(2)).await {
+        Ok(()) => record(
+            "health-for-name",
+            Verdict::Pass,
+            format!("health {name:?} SERVING"),
+        ),
+        Err(error) => record(
+            "health-for-name",
+            Verdict::Fail,
+            format!("health {name:?}: {error}"),
+        ),
+    }
+
+    // 4. Describe is consistent with the handshake.
+    let mut takes_jobs = false;
+    match connection.describe(Duration::from_secs(2)).await {
+        Ok(d) => {
+            takes_jobs = d.capabilities.iter().any(|c| c == "jobs");
+            let mut problems = Vec::new();
+            if d.name != name {
+                problems.push(format!("name {:?}, not {name:?}", d.name));
+            }
+            if !ACCEPTED_PROTOCOLS.contains(&d.protocol_version) {
+                problems.push(format!(
+                    "protocol {} is not one offered ({ACCEPTED_PROTOCOLS:?})",
+                    d.protocol_version
+                ));
+            }
+            if d.version.is_empty() {
+                problems.push("no version".into());
+            }
+            if problems.is_empty() {
+                record(
+                    "describe",
+                    Verdict::Pass,
+                    format!(
+                        "{} {} protocol {} capabilities {:?}",
+                        d.name, d.version, d.protocol_version, d.capabilities
+                    ),
+                );
+            } else {
+                record("describe", Verdict::Fail, problems.join("; "));
+            }
+        }
+        Err(status) => record(
+            "describe",
+            Verdict::Fail,
+            format!("{}: {}", status.code(), status.message()),
+        ),
+    }
+
+    // 5. A job round trip, where the plugin says it takes jobs.
+    if takes_jobs {
+        let job = pb::Job {
+            id: "plugin-check-1".into(),
+            kind: "echo".into(),
+            payload: b"demi plugin-check".to_vec(),
+            attempt: 1,
+            ..Default::default()
+        };
+        match connection.handle(job, Duration::from_secs(5)).await {
+            Ok(result) if result.job_id != "plugin-check-1" => record(
+                "handle",
+                Verdict::Fail,
+                format!("answered for job {:?}", result.job_id),
+            ),
+            Ok(result) if !(1..=3).contains(&result.outcome) => record(
+                "handle",
+                Verdict::Fail,
+                format!("no outcome ({})", result.outcome),
+            ),
+            Ok(result) => record(
+                "handle",
+                Verdict::Pass,
+                format!(
+                    "outcome {}, {} bytes back",
+                    result.outcome,
+                    result.payload.len()
+                ),
+            ),
+            Err(status) => record(
+                "handle",
+                Verdict::Fail,
+                format!("{}: {}", status.code(), status.message()),
+            ),
+        }
+        // 6. A job with a deadline a moment away gets an answer (or an
+        // error) by then, not long after.
+        let deadline = std::time::SystemTime::now() + Duration::from_millis(300);
+        let job = pb::Job {
+            id: "plugin-check-2".into(),
+            kind: "echo".into(),
+            payload: b"deadline".to_vec(),
+            attempt: 1,
+            deadline: Some(prost_types::Timestamp::from(deadline)),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let answered = connection.handle(job, Duration::from_millis(300)).await;
+        let took = started.elapsed();
+        if took <= Duration::from_millis(1500) {
+            let how = match answered {
+                Ok(_) => "answered".to_owned(),
+                Err(status) => format!("{}", status.code()),
+            };
+            record(
+                "deadline",
+                Verdict::Pass,
+                format!("{how} in {} ms with a 300 ms deadline", took.as_millis()),
+            );
+        } else {
+            record(
+                "deadline",
+                Verdict::Fail,
+                format!("took {} ms with a 300 ms deadline", took.as_millis()),
+            );
+        }
+    } else {
+        record(
+            "handle",
+            Verdict::Skip,
+            "the plugin does not list the \"jobs\" capability".into(),
+        );
+        record(
+            "deadline",
+            Verdict::Skip,
+            "the plugin does not list the \"jobs\" capability".into(),
+        );
+    }
+
+    // 7. Shutdown: gone within the grace.
+    let grace = bench.options.grace;
+    let _ = connection.shutdown(grace, Duration::from_secs(2)).await;
+    match exit_within(&mut launched.child, grace + Duration::from_secs(1)).await {
+        Some(status) => record(
+            "shutdown",
+            Verdict::Pass,
+            format!("exited ({status}) after Shutdown({grace:?})"),
+        ),
+        None => {
+            record(
+                "shutdown",
+                Verdict::Fail,
+                format!(
+                    "still running {:?} after Shutdown({grace:?})",
+                    grace + Duration::from_secs(1)
+                ),
+            );
+            kill(&mut launched).await;
+        }
+    }
+    finish(bench, out).await
+}
+
+/// The checks that launch the plugin afresh: SIGTERM and parent death.
+async fn finish(bench: &mut Bench, mut out: Vec<Check>) -> Vec<Check> {
+    let serving_failed = out
+        .iter()
+        .any(|c| c.name == "serving" && c.verdict == Verdict::Fail);
+    if serving_failed {
+        for name in ["sigterm", "parent-death"] {
+            out.push(Check {
+                name,
+                verdict: Verdict::Skip,
+                detail: "not serving".into(),
+            });
+        }
+        return out;
+    }
+    let timeout = bench.options.startup_timeout;
+    // 8. SIGTERM: a graceful exit.
+    match bench.launch_plugin().await {
+        Err(error) => out.push(Check {
+            name: "sigterm",
+            verdict: Verdict::Fail,
+            detail: format!("cannot launch: {error}"),
+        }),
+        Ok(mut launched) => {
+            let ready =
+                tokio::time::timeout(timeout, PluginConnection::await_serving(&launched.socket))
+                    .await
+                    .is_ok();
+            signal_group(launched.pid, Signal::SIGTERM);
+            let check = match exit_within(&mut launched.child, Duration::from_secs(5)).await {
+                Some(status) if ready => Check {
+                    name: "sigterm",
+                    verdict: Verdict::Pass,
+                    detail: format!("exited ({status})"),
+                },
+                Some(status) => Check {
+                    name: "sigterm",
+                    verdict: Verdict::Fail,
+                    detail: format!("exited ({status}) but never served"),
+                },
+                None => {
+                    kill(&mut launched).await;
+                    Check {
+                        name: "sigterm",
+                        verdict: Verdict::Fail,
+                        detail: "still running 5 s after SIGTERM".into(),
+                    }
+                }
+            };
+            out.push(check);
+        }
+    }
+    // 9. Parent death: started by a shell that is then SIGKILLed, the
+    // plugin has no death signal of its own and must notice by itself.
+    out.push(parent_death(bench, timeout).await);
+    out
+}
+
+async fn parent_death(bench: &mut Bench, timeout: Duration) -> Check {
+    let fail = |detail: String| Check {
+        name: "parent-death",
+        verdict: Verdict::Fail,
+        detail,
+    };
+    let mut args = vec![
+        "-c".to_owned(),
+        "\"$0\" \"$@\" & echo $!; wait".to_owned(),
+        bench.program.display().to_string(),
+    ];
+    args.extend(bench.args.clone());
+    let mut shell = match bench.launch(PathBuf::from("/bin/sh"), args, true).await {
+        Ok(shell) => shell,
+        Err(error) => return fail(format!("cannot launch through /bin/sh: {error}")),
+    };
+    let mut first = String::new();
+    if let Some(stdout) = shell.child.stdout.as_mut() {
+        let mut byte = [0u8; 1];
+        while tokio::time::timeout(Duration::from_secs(5), stdout.read_exact(&mut byte))
+            .await
+            .is_ok_and(|r| r.is_ok())
+            && byte[0] != b'\n'
+        {
+            first.push(byte[0] as char);
+        }
+    }
+    let Ok(plugin) = first.trim().parse::<u32>() else {
+        kill(&mut shell).await;
+        return fail("could not learn the plugin's pid from the shell".into());
+    };
+    if tokio::time::timeout(timeout, PluginConnection::await_serving(&shell.socket))
+        .await
+        .is_err()
+    {
+        kill(&mut shell).await;
+        signal_group(plugin, Signal::SIGKILL);
+        return fail("not SERVING when started by a shell".into());
+    }
+    // Only the shell dies; the plugin's own group is the shell's group,
+    // so signal the shell alone.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shell.pid as i32),
+        Signal::SIGKILL,
+    );
+    let _ = shell.child.wait().await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(plugin as i32), None).is_err()
+            || zombie(plugin)
+        {
+            return Check {
+                name: "parent-death",
+                verdict: Verdict::Pass,
+                detail: format!(
+                    "exited {} ms after its parent",
+                    started.elapsed().as_millis()
+                ),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal_group(shell.pid, Signal::SIGKILL);
+    fail("still running 3 s after its parent died".into())
+}
+
+/// Whether `pid` exited and awaits reaping (by init, now).
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// The report as a table, one check a line.
+pub fn table(report: &Report) -> String {
+    let mut out = format!("plugin-check ({})\n", report.confinement);
+    for check in &report.checks {
+        let verdict = match check.verdict {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+            Verdict::Skip => "SKIP",
+        };
+        out.push_str(&format!("{verdict}  {:<24} {}\n", check.name, check.detail));
+    }
+    let failed = report
+        .checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Fail)
+        .count();
+    out.push_str(&format!(
+        "{} passed, {failed} failed\n",
+        report
+            .checks
+            .iter()
+            .filter(|c| c.verdict == Verdict::Pass)
+            .count()
+    ));
+    out
+}
+
+pub fn json(report: &Report) -> serde_json::Value {
+    serde_json::json!({
+        "confinement": report.confinement,
+        "passed": report.passed(),
+        "checks": report.checks.iter().map(|c| serde_json::json!({
+            "name": c.name,
+            "verdict": match c.verdict { Verdict::Pass => "pass", Verdict::Fail => "fail", Verdict::Skip => "skip" },
+            "detail": c.detail,
+        })).collect::<Vec<_>>(),
+    })
+}
