@@ -360,49 +360,50 @@ fn insert_job(tx: &rusqlite::Transaction<'_>, job: &StoredJob) -> rusqlite::Resu
             return Ok(Accepted::Duplicate(id));
         }
     }
-    tx.execute(
-        &format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
-        ),
-        params![
-            job.id,
-            job.plugin,
-            job.kind,
-            job.payload,
-            attributes_json(&job.attributes),
-            job.idempotency_key,
-            job.deadline_ms,
-            job.accepted_ms,
-            job.attempts,
-            job.trace,
-        ],
-    )?;
+    insert_row(tx, INSERT_JOB, job, &[])?;
     Ok(Accepted::New)
 }
 
 fn bury(tx: &rusqlite::Transaction<'_>, letter: &DeadLetter) -> rusqlite::Result<()> {
     let job = &letter.job;
-    tx.execute("DELETE FROM jobs WHERE id = ?1", params![job.id])?;
-    tx.execute(
-        &format!(
-            "INSERT OR REPLACE INTO dead_letters ({JOB_COLUMNS}, dead_ms, errors)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-        ),
-        params![
-            job.id,
-            job.plugin,
-            job.kind,
-            job.payload,
-            attributes_json(&job.attributes),
-            job.idempotency_key,
-            job.deadline_ms,
-            job.accepted_ms,
-            job.attempts,
-            job.trace,
-            letter.dead_ms,
-            serde_json::to_string(&letter.errors).unwrap_or_else(|_| "[]".into()),
-        ],
-    )?;
+    tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+        .execute(params![job.id])?;
+    let errors = serde_json::to_string(&letter.errors).unwrap_or_else(|_| "[]".into());
+    insert_row(tx, INSERT_DEAD_LETTER, job, &[&letter.dead_ms, &errors])?;
+    Ok(())
+}
+
+const INSERT_JOB: &str = "INSERT INTO jobs (id, plugin, kind, payload, attributes, \
+    idempotency_key, deadline_ms, accepted_ms, attempts, trace) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+
+const INSERT_DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters (id, plugin, kind, \
+    payload, attributes, idempotency_key, deadline_ms, accepted_ms, attempts, trace, dead_ms, \
+    errors) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
+/// Inserts `job`'s columns, then `extra`, with the cached statement `sql`.
+fn insert_row(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    job: &StoredJob,
+    extra: &[&dyn rusqlite::ToSql],
+) -> rusqlite::Result<()> {
+    let attributes = attributes_json(&job.attributes);
+    let mut values: Vec<&dyn rusqlite::ToSql> = vec![
+        &job.id,
+        &job.plugin,
+        &job.kind,
+        &job.payload,
+        &attributes,
+        &job.idempotency_key,
+        &job.deadline_ms,
+        &job.accepted_ms,
+        &job.attempts,
+        &job.trace,
+    ];
+    values.extend_from_slice(extra);
+    tx.prepare_cached(sql)?
+        .execute(rusqlite::params_from_iter(values))?;
     Ok(())
 }
 

@@ -174,46 +174,34 @@ impl Metrics {
         );
         let serving = plugin_gauge("demi_replicas_serving", "Instances SERVING", |p| p.serving);
 
-        let instance_gauge =
-            |name: &'static str,
-             unit: &'static str,
-             help: &'static str,
-             value: fn(&InstanceSample) -> Option<f64>| {
-                let supervisor = supervisor.clone();
-                self.meter
-                    .f64_observable_gauge(name)
-                    .with_unit(unit)
-                    .with_description(help)
-                    .with_callback(move |observer| {
-                        for plugin in samples(&supervisor) {
-                            for instance in &plugin.instances {
-                                if let Some(v) = value(instance) {
-                                    observer.observe(v, &instance.labels);
-                                }
-                            }
+        // One callback shape for every per-instance value, gauge or counter.
+        let per_instance = |value: fn(&InstanceSample) -> Option<f64>| {
+            let supervisor = supervisor.clone();
+            move |observer: &dyn opentelemetry::metrics::AsyncInstrument<f64>| {
+                for plugin in samples(&supervisor) {
+                    for instance in &plugin.instances {
+                        if let Some(v) = value(instance) {
+                            observer.observe(v, &instance.labels);
                         }
-                    })
-                    .build()
-            };
+                    }
+                }
+            }
+        };
+        let instance_gauge = |name: &'static str, unit: &'static str, help: &'static str, value| {
+            self.meter
+                .f64_observable_gauge(name)
+                .with_unit(unit)
+                .with_description(help)
+                .with_callback(per_instance(value))
+                .build()
+        };
         let instance_counter =
-            |name: &'static str,
-             unit: &'static str,
-             help: &'static str,
-             value: fn(&InstanceSample) -> Option<f64>| {
-                let supervisor = supervisor.clone();
+            |name: &'static str, unit: &'static str, help: &'static str, value| {
                 self.meter
                     .f64_observable_counter(name)
                     .with_unit(unit)
                     .with_description(help)
-                    .with_callback(move |observer| {
-                        for plugin in samples(&supervisor) {
-                            for instance in &plugin.instances {
-                                if let Some(v) = value(instance) {
-                                    observer.observe(v, &instance.labels);
-                                }
-                            }
-                        }
-                    })
+                    .with_callback(per_instance(value))
                     .build()
             };
         let observers: Vec<Box<dyn std::any::Any + Send + Sync>> = vec![

@@ -491,6 +491,14 @@ fn kill_pids(
     })
 }
 
+/// Removes an (empty) cgroup; idempotent (cgroups-rs retries EBUSY).
+fn delete(cgroup: &cgroups_rs::fs::Cgroup, name: &str) -> Result<(), CgroupError> {
+    cgroup.delete().map_err(|e| CgroupError::Remove {
+        cgroup: name.to_owned(),
+        reason: error_text(&e),
+    })
+}
+
 /// cgroups-rs errors print only their kind; the cause says what happened.
 fn error_text(error: &cgroups_rs::fs::error::Error) -> String {
     match std::error::Error::source(error) {

@@ -160,10 +160,7 @@ impl Cgroup for V1Cgroup {
     }
 
     fn remove(&self) -> Result<(), CgroupError> {
-        self.cgroup.delete().map_err(|e| CgroupError::Remove {
-            cgroup: self.name.clone(),
-            reason: e.to_string(),
-        })
+        super::delete(&self.cgroup, &self.name)
     }
 }
 

@@ -75,10 +75,7 @@ impl Cgroup for V2Cgroup {
     }
 
     fn remove(&self) -> Result<(), CgroupError> {
-        self.cgroup.delete().map_err(|e| CgroupError::Remove {
-            cgroup: self.name.clone(),
-            reason: e.to_string(),
-        })
+        super::delete(&self.cgroup, &self.name)
     }
 }
 
