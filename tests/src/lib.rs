@@ -268,8 +268,12 @@ impl Conductor {
         http_get(&self.metrics_addr(), "/metrics")
     }
 
-    /// The admin API socket.
+    /// The admin API socket, once the conductor says it listens (it binds
+    /// after starting the instances).
     pub fn api_socket(&self) -> PathBuf {
+        self.wait_for(0, "admin API listening", |e| {
+            e["message"] == "admin API listening"
+        });
         self.runtime_dir().join("conductor.sock")
     }
 

@@ -243,3 +243,42 @@ fn describe_and_handle_answer_on_the_instance_socket() {
         assert_eq!(result.payload, b"hello");
     });
 }
+
+#[test]
+fn a_plain_process_with_health_none_is_supervised_without_grpc() {
+    let mut conductor = Conductor::start(
+        "[plugins.plain]\ncommand = \"sleep\"\nargs = [\"1000\"]\nhealth = \"none\"\nreplicas = 2\nshutdown_grace = \"1s\"\n",
+    );
+    let (_, first) = conductor.wait_serving(0, "plain", 0);
+    conductor.wait_serving(0, "plain", 1);
+    // Liveness is the process: killed, it is replaced at once.
+    let cursor = conductor.cursor();
+    signal_pid(first, Signal::SIGKILL);
+    let (_, second) = conductor.wait_serving(cursor, "plain", 0);
+    assert_ne!(second, first);
+    assert_eq!(
+        conductor.count("plain", "health check failed"),
+        0,
+        "no gRPC checks"
+    );
+    // It takes no jobs.
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        let request = demi_e2e::grpc::admin_pb::SubmitRequest {
+            plugin: "plain".into(),
+            ..Default::default()
+        };
+        let refused = api.submit(request).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refused.message().contains("health = \"none\""),
+            "{}",
+            refused.message()
+        );
+    });
+    // And it stops by signal, without a Shutdown call.
+    let pids = conductor.spawned_pids();
+    conductor.signal(Signal::SIGTERM);
+    assert_eq!(conductor.wait_exit().code(), Some(0));
+    assert!(pids.iter().all(|p| !alive(*p)));
+}

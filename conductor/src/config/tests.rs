@@ -60,8 +60,11 @@ fn a_good_config_resolves_paths_and_keeps_defaults() {
     assert_eq!(echo.command, f.dir.path().join("plugin"));
     assert_eq!(echo.working_dir.as_deref(), Some(f.dir.path()));
     assert_eq!(echo.replicas, 2);
-    assert_eq!(echo.health.interval, std::time::Duration::from_millis(250));
-    assert_eq!(echo.health.failure_threshold, 3, "default kept");
+    assert_eq!(
+        echo.health.config().interval,
+        std::time::Duration::from_millis(250)
+    );
+    assert_eq!(echo.health.config().failure_threshold, 3, "default kept");
     assert_eq!(echo.restart.never_restart_exit_codes, [78, 64]);
     assert_eq!(echo.shutdown_grace, std::time::Duration::from_secs(5));
 }
@@ -294,12 +297,12 @@ fn discovered_plugins_can_be_overridden_and_disabled() {
     let greeter = &config.plugins["greeter"];
     assert_eq!(greeter.replicas, 3, "the config overrides the manifest");
     assert_eq!(
-        greeter.health.interval,
+        greeter.health.config().interval,
         std::time::Duration::from_secs(2),
         "the manifest's value stays"
     );
     assert_eq!(
-        greeter.health.timeout,
+        greeter.health.config().timeout,
         std::time::Duration::from_millis(500)
     );
     assert_eq!(
@@ -319,5 +322,31 @@ fn discovered_plugins_can_be_overridden_and_disabled() {
     assert!(
         warnings[0].contains("broken/plugin.toml:1:1: missing field `command`"),
         "{warnings:?}"
+    );
+}
+
+#[test]
+fn health_is_a_table_or_none() {
+    let f = Fixture::new();
+    let plain = f
+        .parse("[plugins.p]\ncommand = \"./plugin\"\nhealth = \"none\"\n")
+        .unwrap();
+    assert!(plain.plugins["p"].health.is_none());
+    let errors = f
+        .parse("[plugins.p]\ncommand = \"./plugin\"\nhealth = \"off\"\n")
+        .unwrap_err();
+    let shown = errors.to_string();
+    assert!(
+        shown.contains(":3:10: plugins.p.health:") && shown.contains("\"none\" or a table"),
+        "{shown}"
+    );
+    let errors = f
+        .parse("[plugins.p]\ncommand = \"./plugin\"\n[plugins.p.health]\nintervall = \"1s\"\n")
+        .unwrap_err();
+    assert!(
+        errors
+            .to_string()
+            .contains("plugins.p.health.intervall: unknown field"),
+        "{errors}"
     );
 }

@@ -40,7 +40,7 @@ use store::{Accepted, Store, now_ms};
 pub enum DispatchError {
     #[error("no plugin named {0:?}")]
     NotFound(String),
-    #[error("plugin {0:?} does not take jobs (jobs = false)")]
+    #[error("plugin {0:?} does not take jobs (jobs = false, or health = \"none\")")]
     NoJobs(String),
     #[error("the queue of {plugin:?} is full ({capacity} jobs waiting); try again later")]
     QueueFull { plugin: String, capacity: usize },
@@ -156,7 +156,7 @@ impl Dispatcher {
             .supervisor
             .pool_config(plugin)
             .map_err(|_| DispatchError::NotFound(plugin.to_owned()))?;
-        if !config.jobs {
+        if !config.jobs || config.health.is_none() {
             return Err(DispatchError::NoJobs(plugin.to_owned()));
         }
         let mut lanes = lock(&self.lanes);

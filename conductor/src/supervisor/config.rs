@@ -37,14 +37,73 @@ pub struct PoolConfig {
     /// How long an instance may drain after `Shutdown` before SIGKILL.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// gRPC health checks (a table), or `"none"`: a plain process that
+    /// speaks no gRPC, alive while it runs (like systemd's Type=simple).
     #[serde(default)]
-    pub health: HealthConfig,
+    pub health: Health,
     #[serde(default)]
     pub restart: RestartConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
     pub dispatch: DispatchConfig,
+}
+
+/// How an instance's health is known.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Health {
+    /// Readiness and periodic checks over `grpc.health.v1.Health`.
+    Grpc(HealthConfig),
+    /// None: ready once spawned, healthy while alive; no Plugin RPCs and
+    /// no jobs. For legacy helpers that speak no gRPC.
+    None,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::Grpc(HealthConfig::default())
+    }
+}
+
+impl Health {
+    /// The check settings; a plain process uses the defaults' values where
+    /// one is needed (`min_serving`).
+    pub fn config(&self) -> HealthConfig {
+        match self {
+            Health::Grpc(config) => config.clone(),
+            Health::None => HealthConfig::default(),
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == Health::None
+    }
+}
+
+impl<'de> Deserialize<'de> for Health {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Health;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"none\" or a table of health check settings")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Health, E> {
+                match value {
+                    "none" => Ok(Health::None),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Health, A::Error> {
+                HealthConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Health::Grpc)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// `[plugins.NAME.health]`: periodic `grpc.health.v1.Health/Check` calls.
@@ -148,7 +207,7 @@ impl PoolConfig {
                 bad("env", format!("`{key}` is reserved for the handshake"));
             }
         }
-        let h = &self.health;
+        let h = &self.health.config();
         if h.interval.is_zero() {
             bad("health.interval", "must be longer than 0s".into());
         }

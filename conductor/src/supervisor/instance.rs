@@ -305,7 +305,7 @@ impl Instance {
             }
             (S::Serving { pid, since } | S::Unhealthy { pid, since, .. }, Event::HealthPassed) => {
                 self.breaker
-                    .on_success(self.config.health.success_threshold);
+                    .on_success(self.config.health.config().success_threshold);
                 self.state = S::Serving {
                     pid: *pid,
                     since: *since,
@@ -320,7 +320,7 @@ impl Instance {
                 let failures = self.breaker.failures() + 1;
                 match self
                     .breaker
-                    .on_failure(self.config.health.failure_threshold)
+                    .on_failure(self.config.health.config().failure_threshold)
                 {
                     Trip::Holding => {
                         self.state = S::Unhealthy {

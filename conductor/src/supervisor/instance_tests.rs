@@ -2,7 +2,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::supervisor::config::{HealthConfig, RestartConfig};
+use crate::supervisor::config::{Health, HealthConfig, RestartConfig};
 
 fn config() -> PoolConfig {
     PoolConfig {
@@ -14,11 +14,11 @@ fn config() -> PoolConfig {
         jobs: true,
         startup_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(5),
-        health: HealthConfig {
+        health: Health::Grpc(HealthConfig {
             failure_threshold: 3,
             success_threshold: 1,
             ..HealthConfig::default()
-        },
+        }),
         restart: RestartConfig {
             initial_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),

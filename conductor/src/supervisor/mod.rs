@@ -9,7 +9,7 @@ pub mod instance;
 pub mod pool;
 pub mod runner;
 
-pub use config::{HealthConfig, PoolConfig, RestartConfig};
+pub use config::{Health, HealthConfig, PoolConfig, RestartConfig};
 pub use pool::{Pool, PoolContext};
 pub use runner::InstanceStatus;
 
@@ -206,12 +206,12 @@ impl Supervisor {
     pub async fn scale(&self, name: &str, replicas: u32) -> Result<PluginView, SupervisorError> {
         let _op = self.operations.lock().await;
         let config = self.pool_config(name)?;
-        if replicas < config.health.min_serving {
+        if replicas < config.health.config().min_serving {
             return Err(SupervisorError::InvalidArgument {
                 field: "replicas",
                 reason: format!(
                     "{replicas} is below the plugin's health.min_serving ({})",
-                    config.health.min_serving
+                    config.health.config().min_serving
                 ),
             });
         }
@@ -387,7 +387,7 @@ impl Supervisor {
         let healthy = self
             .pools()
             .get(name)
-            .map(|p| p.serving() >= p.config.health.min_serving);
+            .map(|p| p.serving() >= p.config.health.config().min_serving);
         if let Some(healthy) = healthy {
             let status = if healthy {
                 ServingStatus::Serving
@@ -453,7 +453,7 @@ fn view(pool: &Pool) -> PluginView {
     PluginView {
         name: pool.name.to_string(),
         replicas: pool.replicas,
-        min_serving: pool.config.health.min_serving,
+        min_serving: pool.config.health.config().min_serving,
         command: pool.config.command.display().to_string(),
         source: pool.source.display().to_string(),
         instances: pool

@@ -178,7 +178,8 @@ struct Runner {
 
 impl Runner {
     async fn drive(&mut self, commands: &mut mpsc::Receiver<Command>, cancel: &CancellationToken) {
-        let health = self.spec.config.health.clone();
+        let health = self.spec.config.health.config();
+        let plain = self.spec.config.health.is_none();
         let mut tick = tokio::time::interval(health.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut usage_tick = tokio::time::interval(self.spec.usage_interval);
@@ -196,7 +197,7 @@ impl Runner {
             {
                 break;
             }
-            if self.machine.awaits_readiness() && probe.is_none() {
+            if self.machine.awaits_readiness() && probe.is_none() && !plain {
                 probe = Some(Box::pin(ready(
                     self.spec.socket.clone(),
                     self.spec.config.startup_timeout,
@@ -253,7 +254,7 @@ impl Runner {
                     continue;
                 }
                 () = sleep_until(deadline) => Event::Deadline,
-                _ = tick.tick(), if self.machine.checks_health() && check.is_none() => {
+                _ = tick.tick(), if self.machine.checks_health() && check.is_none() && !plain => {
                     if let Some(connection) = self.connection.clone() {
                         let service = self.spec.plugin.to_string();
                         let timeout = health.timeout;
@@ -409,6 +410,15 @@ impl Runner {
                     pending.push(action);
                 }
             }
+            // A plain process (health = "none") is ready once it runs.
+            if event.is_none()
+                && self.spec.config.health.is_none()
+                && self.machine.awaits_readiness()
+            {
+                event = Some(Event::Ready {
+                    protocol_version: ACCEPTED_PROTOCOLS[0],
+                });
+            }
         }
         pending
     }
@@ -418,7 +428,7 @@ impl Runner {
             Action::Spawn => None,
             Action::Terminate { pid, grace } => {
                 let connection = self.connection.clone();
-                let timeout = self.spec.config.health.timeout;
+                let timeout = self.spec.config.health.config().timeout;
                 Some(Box::pin(async move {
                     if let Some(connection) = connection
                         && let Err(status) = connection.shutdown(grace, timeout.min(grace)).await
