@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Restart latency: SIGKILL a supervised child 50 times and measure kill ->
+new process started, under the conductor (with and without per-instance
+cgroups), supervisord and s6, on the same static C child in one run; and,
+for the conductor, kill -> SERVING again over gRPC for the Rust echo plugin.
+
+Usage: scripts/bench/restart [KILLS]    (run from the repository root)
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KILLS = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+# Between a start and the next kill. s6-supervise holds at least a second
+# between two launches, and a cgroup join after a quiet spell pays an RCU
+# grace period: spacing kills past a second measures every supervisor in
+# the state a real, occasional crash finds it in.
+GAP = float(os.environ.get("BENCH_GAP_SECONDS", "1.1"))
+TARGET = os.path.join(ROOT, "target", "bench")
+CHILD = os.path.join(TARGET, "child")
+CONDUCTOR = os.path.join(ROOT, "target", "release", "conductor")
+ECHO = os.path.join(ROOT, "target", "release", "demi-plugin-echo")
+VENV = os.path.join(ROOT, ".venv")
+
+
+def sh(*args, **kw):
+    subprocess.run(args, check=True, **kw)
+
+
+def setup():
+    os.makedirs(TARGET, exist_ok=True)
+    sh("cargo", "build", "--release", "--workspace", "--bins", cwd=ROOT)
+    sh("gcc", "-O2", "-static", "-o", CHILD, os.path.join(ROOT, "scripts", "bench", "child.c"))
+    if not os.path.exists(os.path.join(VENV, "bin", "supervisord")):
+        if not os.path.exists(VENV):
+            sh(sys.executable, "-m", "venv", VENV)
+        sh(os.path.join(VENV, "bin", "pip"), "install", "--quiet", "supervisor", "grpcio", "grpcio-health-checking")
+    if shutil.which("s6-svscan") is None:
+        sh("apt-get", "update")
+        sh("apt-get", "install", "-y", "--no-install-recommends", "s6", env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def starts(path):
+    """(pid, start ns) for every start recorded so far."""
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2:
+            seconds, nanos = parts[1].split(".")
+            out.append((int(parts[0]), int(seconds) * 1_000_000_000 + int(nanos)))
+    return out
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.0002)
+    raise TimeoutError(what)
+
+
+def kill_loop(record):
+    """Kills the newest recorded child KILLS times; latency = next start - kill."""
+    latencies = []
+    wait_for(lambda: starts(record), 30, "first start")
+    time.sleep(0.2)
+    for _ in range(KILLS):
+        known = starts(record)
+        pid = known[-1][0]
+        killed = time.time_ns()
+        os.kill(pid, signal.SIGKILL)
+        new = wait_for(lambda: len(starts(record)) > len(known) and starts(record)[-1], 10, "restart")
+        latencies.append((new[1] - killed) / 1e6)
+        time.sleep(GAP)
+    return latencies
+
+
+def conductor_config(folder, command, args, extra):
+    health = 'health = "none"' if command == CHILD else ""
+    text = f'''[conductor]
+runtime_dir = "{folder}/run"
+state_dir = "{folder}/state"
+{extra}
+[conductor.metrics]
+enabled = false
+
+[plugins.child]
+command = "{command}"
+args = {json.dumps(args)}
+{health}
+[plugins.child.restart]
+initial_delay = "0ms"
+start_limit_burst = 100000
+'''
+    path = os.path.join(folder, "conductor.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def run_conductor(cgroups):
+    folder = tempfile.mkdtemp(prefix="demi-bench-")
+    record = os.path.join(folder, "starts")
+    extra = f'cgroup_root = "demi-bench-{os.getpid()}"' if cgroups else 'cgroup_root = "cgroup.procs/none"\ncgroup_policy = "optional"'
+    config = conductor_config(folder, CHILD, [record], extra)
+    daemon = subprocess.Popen([CONDUCTOR, "run", "--config", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
+    try:
+        return kill_loop(record)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_supervisord():
+    folder = tempfile.mkdtemp(prefix="demi-bench-sv-")
+    record = os.path.join(folder, "starts")
+    config = os.path.join(folder, "supervisord.conf")
+    with open(config, "w") as f:
+        f.write(f"""[supervisord]
+nodaemon=true
+logfile={folder}/supervisord.log
+pidfile={folder}/supervisord.pid
+[program:child]
+command={CHILD} {record}
+startsecs=0
+autorestart=true
+startretries=1000000
+""")
+    daemon = subprocess.Popen([os.path.join(VENV, "bin", "supervisord"), "-c", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return kill_loop(record)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_s6():
+    folder = tempfile.mkdtemp(prefix="demi-bench-s6-")
+    record = os.path.join(folder, "starts")
+    service = os.path.join(folder, "scan", "child")
+    os.makedirs(service)
+    with open(os.path.join(service, "run"), "w") as f:
+        f.write(f"#!/bin/sh\nexec {CHILD} {record} 3\n")
+    os.chmod(os.path.join(service, "run"), 0o755)
+    # Readiness notification on fd 3: without it s6 waits a second between starts.
+    with open(os.path.join(service, "notification-fd"), "w") as f:
+        f.write("3\n")
+    daemon = subprocess.Popen(["s6-svscan", os.path.join(folder, "scan")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return kill_loop(record)
+    finally:
+        subprocess.run(["s6-svscanctl", "-t", os.path.join(folder, "scan")], check=False)
+        daemon.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_conductor_grpc():
+    """Kill -> SERVING again over gRPC, for the Rust SDK echo plugin."""
+    sys.path.insert(0, os.path.join(VENV, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}", "site-packages"))
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    folder = tempfile.mkdtemp(prefix="demi-bench-grpc-")
+    config = conductor_config(folder, ECHO, [], f'cgroup_root = "demi-bench-grpc-{os.getpid()}"')
+    daemon = subprocess.Popen([CONDUCTOR, "run", "--log-format", "json", "--config", config], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "info"}, text=True)
+    socket = os.path.join(folder, "run", "plugins", "child-0.sock")
+
+    def serving():
+        try:
+            with grpc.insecure_channel("unix:" + socket, options=[("grpc.default_authority", "localhost")]) as channel:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=0.05)
+                return answer.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def pid():
+        for line in iter(daemon.stdout.readline, ""):
+            event = json.loads(line)
+            if event.get("message") == "instance serving":
+                return event["pid"]
+        raise RuntimeError("conductor stopped")
+
+    latencies = []
+    try:
+        current = pid()
+        wait_for(serving, 30, "first SERVING")
+        for _ in range(KILLS):
+            killed = time.monotonic_ns()
+            os.kill(current, signal.SIGKILL)
+            current = pid()
+            wait_for(serving, 10, "SERVING again")
+            latencies.append((time.monotonic_ns() - killed) / 1e6)
+            time.sleep(GAP)
+        return latencies
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def stats(latencies):
+    s = sorted(latencies)
+    pick = lambda p: s[min(len(s) - 1, round((len(s) - 1) * p))]
+    return {"min": s[0], "p50": pick(0.5), "p90": pick(0.9), "max": s[-1], "n": len(s)}
+
+
+def favordynmods():
+    with open("/proc/self/mountinfo") as f:
+        return any("cgroup" in line and "favordynmods" in line for line in f)
+
+
+def main():
+    setup()
+    results = {
+        "conductor (own cgroup)": stats(run_conductor(True)),
+        "conductor (no cgroup)": stats(run_conductor(False)),
+        "s6 (readiness notification)": stats(run_s6()),
+        "supervisord": stats(run_supervisord()),
+        "conductor, kill -> SERVING over gRPC": stats(run_conductor_grpc()),
+    }
+    print(f"restart latency, {KILLS} kills each {GAP} s apart, kill -> new process started (ms); favordynmods: {favordynmods()}")
+    print(f"{'':38} {'min':>8} {'p50':>8} {'p90':>8} {'max':>8}")
+    for name, r in results.items():
+        print(f"{name:38} {r['min']:8.2f} {r['p50']:8.2f} {r['p90']:8.2f} {r['max']:8.2f}")
+    base = results["conductor (no cgroup)"]["p50"]
+    for name in ("conductor (no cgroup)", "conductor (own cgroup)"):
+        for peer in ("s6 (readiness notification)", "supervisord"):
+            ratio = results[name]["p50"] / results[peer]["p50"]
+            print(f"p50 {name} / {peer}: {ratio:.3f}")
+    out = os.path.join(TARGET, "restart.json")
+    with open(out, "w") as f:
+        json.dump({"kills": KILLS, "gap_s": GAP, "favordynmods": favordynmods(), "results": results}, f, indent=2)
+    print(f"result written to {out}")
+
+
+if __name__ == "__main__":
+    main()
