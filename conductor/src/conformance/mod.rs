@@ -13,7 +13,9 @@ use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt as _;
 use tokio::process::Child;
 
-use crate::process::cgroup::Cgroups;
+use std::sync::Arc;
+
+use crate::process::cgroup::{Cgroup, Cgroups};
 use crate::process::{SpawnSpec, Spawner, signal_group};
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
 
@@ -72,6 +74,8 @@ struct Bench {
     args: Vec<String>,
     options: Options,
     runs: u32,
+    /// Every cgroup a launch made, emptied and removed at the end.
+    made: Vec<Arc<dyn Cgroup>>,
 }
 
 struct Launched {
@@ -116,13 +120,12 @@ impl Bench {
     ) -> Result<Launched, String> {
         self.runs += 1;
         let socket = self.socket();
-        let cgroup_procs = match &self.cgroups {
-            Some(cgroups) => cgroups
-                .create(&self.options.name, self.runs, &Default::default())
-                .map(|c| c.procs_files())
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
+        let cgroup = self.cgroups.as_ref().and_then(|c| {
+            c.create(&self.options.name, self.runs, &Default::default())
+                .ok()
+        });
+        let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+        self.made.extend(cgroup);
         let spec = SpawnSpec {
             program,
             args,
@@ -190,17 +193,13 @@ pub async fn run(program: PathBuf, args: Vec<String>, options: Options) -> Repor
         args,
         options,
         runs: 0,
+        made: Vec::new(),
     };
     let checks = checks(&mut bench).await;
+    for cgroup in &bench.made {
+        let _ = cgroup.kill_all().and_then(|()| cgroup.remove());
+    }
     if let Some(cgroups) = &bench.cgroups {
-        for run in 1..=bench.runs {
-            let _ = cgroups
-                .create(&bench.options.name, run, &Default::default())
-                .map(|c| {
-                    let _ = c.kill_all();
-                    let _ = c.remove();
-                });
-        }
         cgroups.remove_root();
     }
     let _ = std::fs::remove_dir_all(&dir);
