@@ -11,5 +11,6 @@ pub mod daemon;
 pub mod dispatch;
 pub mod process;
 pub mod rpc;
+pub mod scaler;
 pub mod supervisor;
 pub mod telemetry;

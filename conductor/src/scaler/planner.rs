@@ -1,0 +1,332 @@
+//! A plugin's load history, its latest forecast and the decision memory,
+//! driven the same way by the live scaler and the simulator: observe a
+//! bucket, refit when due (the caller chooses where the fit runs), decide.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::decision::{self, Decision, Observation, Outlook, Policy, State};
+use super::forecast::{self, FitParams, Forecast};
+
+/// What the planner knows besides the policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannerConfig {
+    pub policy: Policy,
+    /// Buckets kept and fitted on.
+    pub window: usize,
+    /// Seasonal periods in buckets.
+    pub periods: Vec<usize>,
+    /// Buckets between fits.
+    pub refit_every: usize,
+    /// Nominal coverage of the forecast's interval.
+    pub level: f64,
+}
+
+/// A fit to run: self-contained, so it can move to a blocking thread.
+#[derive(Debug)]
+pub struct FitJob {
+    history: Vec<f64>,
+    params: FitParams,
+    /// Clock time the forecast's first bucket starts at.
+    origin: Duration,
+}
+
+impl FitJob {
+    pub fn points(&self) -> usize {
+        self.history.len()
+    }
+
+    /// The CPU-heavy part.
+    pub fn run(self) -> Fitted {
+        Fitted {
+            forecast: Arc::new(forecast::fit(&self.history, &self.params)),
+            origin: self.origin,
+        }
+    }
+}
+
+/// A finished fit, ready for [`Planner::install`].
+#[derive(Debug, Clone)]
+pub struct Fitted {
+    pub forecast: Arc<Forecast>,
+    pub origin: Duration,
+}
+
+#[derive(Debug)]
+pub struct Planner {
+    config: PlannerConfig,
+    history: VecDeque<f64>,
+    /// End of the last observed bucket on the scaler's clock.
+    clock: Duration,
+    since_fit: Option<usize>,
+    fitted: Option<Fitted>,
+    state: State,
+}
+
+impl Planner {
+    pub fn new(config: PlannerConfig) -> Self {
+        Self {
+            history: VecDeque::with_capacity(config.window.min(4096)),
+            config,
+            clock: Duration::ZERO,
+            since_fit: None,
+            fitted: None,
+            state: State::default(),
+        }
+    }
+
+    pub fn config(&self) -> &PlannerConfig {
+        &self.config
+    }
+
+    /// Records one complete bucket ending at `at`; `NaN` when its load is
+    /// unknown.
+    pub fn observe(&mut self, at: Duration, value: f64) {
+        if self.history.len() == self.config.window {
+            self.history.pop_front();
+        }
+        self.history.push_back(value);
+        self.clock = at;
+        if let Some(n) = &mut self.since_fit {
+            *n += 1;
+        }
+    }
+
+    /// The last bucket's load, if known.
+    pub fn last(&self) -> f64 {
+        self.history.back().copied().unwrap_or(f64::NAN)
+    }
+
+    pub fn history(&self) -> &VecDeque<f64> {
+        &self.history
+    }
+
+    /// A fit when one is due: the first one, then every `refit_every`
+    /// buckets. The forecast reaches `lead` past the next refit.
+    pub fn refit_due(&mut self, lead: Duration) -> Option<FitJob> {
+        if self.history.is_empty()
+            || self
+                .since_fit
+                .is_some_and(|n| n < self.config.refit_every.max(1))
+        {
+            return None;
+        }
+        self.since_fit = Some(0);
+        let bucket = self.config.policy.bucket.as_secs_f64().max(1e-3);
+        let lead_buckets = (lead.as_secs_f64() / bucket).ceil() as usize;
+        Some(FitJob {
+            history: self.history.iter().copied().collect(),
+            params: FitParams {
+                periods: self.config.periods.clone(),
+                level: self.config.level,
+                horizon: self.config.refit_every.max(1) + lead_buckets + 1,
+            },
+            origin: self.clock,
+        })
+    }
+
+    pub fn install(&mut self, fitted: Fitted) {
+        self.fitted = Some(fitted);
+    }
+
+    pub fn fitted(&self) -> Option<&Fitted> {
+        self.fitted.as_ref()
+    }
+
+    /// Decides at the end of the last observed bucket.
+    pub fn decide(&mut self, queued: f64, capacity: f64, current: u32, lead: Duration) -> Decision {
+        let seen = Observation {
+            now: self.clock,
+            rate: self.last(),
+            queued,
+            capacity,
+            current,
+            lead,
+            outlook: self.fitted.as_ref().map(|f| Outlook {
+                forecast: &f.forecast,
+                origin: f.origin,
+            }),
+        };
+        decision::decide(&self.config.policy, &seen, &mut self.state)
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scaler::decision::Reason;
+    use crate::scaler::forecast::Method;
+
+    const BUCKET: Duration = Duration::from_secs(10);
+    const LEAD: Duration = Duration::from_secs(30);
+
+    fn planner(periods: Vec<usize>) -> Planner {
+        Planner::new(PlannerConfig {
+            policy: Policy {
+                min: 1,
+                max: 20,
+                target_utilisation: 0.7,
+                headroom: 0.1,
+                tolerance: 0.1,
+                stabilization: Duration::from_secs(300),
+                cooldown: Duration::from_secs(60),
+                max_step_up: 4,
+                bucket: BUCKET,
+            },
+            window: 2_000,
+            periods,
+            refit_every: 6,
+            level: 0.95,
+        })
+    }
+
+    /// Runs a load series through the planner with a pool that does what
+    /// it is told; returns each decision.
+    fn run(planner: &mut Planner, load: &[f64], capacity: f64) -> Vec<Decision> {
+        let mut current = planner.config().policy.min;
+        let mut out = Vec::new();
+        for (i, v) in load.iter().enumerate() {
+            planner.observe(BUCKET * (i as u32 + 1), *v);
+            if let Some(job) = planner.refit_due(LEAD) {
+                let fitted = job.run();
+                planner.install(fitted);
+            }
+            let d = planner.decide(0.0, capacity, current, LEAD);
+            current = d.desired;
+            out.push(d);
+        }
+        out
+    }
+
+    fn served(decisions: &[Decision], load: &[f64], capacity: f64) -> usize {
+        // Buckets where the replicas asked for one lead time earlier
+        // could not carry the load.
+        let lead = (LEAD.as_secs() / BUCKET.as_secs()) as usize;
+        (lead..load.len())
+            .filter(|&i| f64::from(decisions[i - lead].desired) * capacity < load[i])
+            .count()
+    }
+
+    fn daily(days: usize, per_day: usize, base: f64, amplitude: f64) -> Vec<f64> {
+        (0..days * per_day)
+            .map(|i| {
+                let phase = (i % per_day) as f64 / per_day as f64 * std::f64::consts::TAU;
+                base + amplitude * phase.sin()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ramp_is_followed_upwards_ahead_of_the_load() {
+        let load: Vec<f64> = (0..120).map(|i| 5.0 + i as f64).collect();
+        let mut p = planner(vec![]);
+        let decisions = run(&mut p, &load, 10.0);
+        assert!(decisions.last().is_some_and(|d| d.desired >= 13));
+        assert_eq!(p.state().direction_changes, 0);
+        assert_eq!(served(&decisions, &load, 10.0), 0);
+    }
+
+    #[test]
+    fn step_up_is_met_at_once_within_the_step_limit() {
+        let mut load = vec![10.0; 40];
+        load.extend(vec![100.0; 40]);
+        let mut p = planner(vec![]);
+        let decisions = run(&mut p, &load, 10.0);
+        // 100 / (10 × 0.7) = 15: +4 per bucket from 2.
+        assert_eq!(decisions[40].desired, decisions[39].desired + 4);
+        assert!(decisions[45].desired >= 15);
+        assert_eq!(p.state().direction_changes, 0);
+    }
+
+    #[test]
+    fn seasonal_load_is_forecast_and_met_before_each_peak() {
+        // Six "days" of 48 buckets; the scaler sees the peaks coming.
+        let load = daily(6, 48, 60.0, 50.0);
+        let mut p = planner(vec![48]);
+        let decisions = run(&mut p, &load, 10.0);
+        let fitted = p.fitted().map(|f| f.forecast.method);
+        assert_eq!(fitted, Some(Method::Mstl));
+        // After two days of history, upward decisions are made for the
+        // forecast, not only for the load already there.
+        let ahead = decisions[96..]
+            .iter()
+            .filter(|d| d.reason == Reason::UpForForecast)
+            .count();
+        assert!(ahead > 0, "no decision used the forecast");
+        let misses: usize = served(&decisions[96..], &load[96..], 10.0);
+        assert_eq!(misses, 0, "under-provisioned buckets after warm-up");
+    }
+
+    #[test]
+    fn flat_noisy_load_does_not_oscillate() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let load: Vec<f64> = (0..600).map(|_| 50.0 + 10.0 * (rng.f64() - 0.5)).collect();
+        let mut p = planner(vec![]);
+        run(&mut p, &load, 10.0);
+        assert_eq!(
+            p.state().direction_changes,
+            0,
+            "changes: {}",
+            p.state().changes
+        );
+        assert!(p.state().changes <= 3, "changes: {}", p.state().changes);
+    }
+
+    #[test]
+    fn flat_load_holds_steady() {
+        let load = vec![21.0; 200];
+        let mut p = planner(vec![]);
+        let decisions = run(&mut p, &load, 10.0);
+        assert!(
+            decisions[1..]
+                .iter()
+                .all(|d| d.desired == decisions[0].desired)
+        );
+        assert_eq!(decisions[0].desired, 4);
+    }
+
+    #[test]
+    fn missing_buckets_are_interpolated_not_read_as_zero() {
+        let mut load = vec![70.0; 100];
+        for v in &mut load[50..60] {
+            *v = f64::NAN;
+        }
+        let mut p = planner(vec![]);
+        let decisions = run(&mut p, &load, 10.0);
+        // The gap neither scales the pool down nor breaks the forecast.
+        assert!(decisions[50..60].iter().all(|d| d.desired >= 10));
+        assert!(
+            p.fitted()
+                .is_some_and(|f| f.forecast.imputed >= 10 || f.forecast.point[0] > 60.0)
+        );
+    }
+
+    #[test]
+    fn fit_failure_falls_back_and_still_decides() {
+        // Too short for AutoETS: the last value, with the reason kept.
+        let mut p = planner(vec![48]);
+        let decisions = run(&mut p, &[30.0, 31.0, 29.0], 10.0);
+        let fitted = p
+            .fitted()
+            .map(|f| (f.forecast.method, f.forecast.fallback.clone()));
+        assert!(
+            matches!(fitted, Some((Method::LastValue, Some(_)))),
+            "{fitted:?}"
+        );
+        assert!(decisions.last().is_some_and(|d| d.desired >= 5));
+    }
+
+    #[test]
+    fn history_is_capped_at_the_window() {
+        let mut p = planner(vec![]);
+        for i in 0..2_500 {
+            p.observe(BUCKET * i, 1.0);
+        }
+        assert_eq!(p.history().len(), 2_000);
+    }
+}
