@@ -11,6 +11,8 @@ CONFIG ?= examples/conductor.toml
 VENV := .venv
 GRPCURL := $(VENV)/bin/grpcurl
 PROMTOOL := /usr/bin/promtool
+# The scale-sim plot's labels: plotters renders text with a system font.
+PLOT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 PYTHON_PLUGIN := plugins/python-echo/gen/demi/plugin/v1/plugin_pb2_grpc.py
 
 .PHONY: run build test lint fmt python-plugin
@@ -24,7 +26,7 @@ build:
 # What CI runs: style and lints first (cheap, fail fast), then every test
 # against freshly built binaries; nextest runs last so its summary closes
 # the output.
-test: lint build $(GRPCURL) $(PROMTOOL) $(PYTHON_PLUGIN)
+test: lint build $(GRPCURL) $(PROMTOOL) $(PLOT_FONT) $(PYTHON_PLUGIN)
 	$(CARGO) test --workspace --doc
 	$(CARGO) nextest run --workspace --no-fail-fast
 
@@ -44,6 +46,10 @@ $(GRPCURL):
 $(PROMTOOL):
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus
+
+$(PLOT_FONT):
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends fonts-dejavu-core
 
 # The Python plugin: grpcio from PyPI, its code generated from proto/ here.
 python-plugin: $(PYTHON_PLUGIN)

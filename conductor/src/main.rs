@@ -97,6 +97,9 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Replay a load trace (CSV) against the predictive scaler, the
+    /// Kubernetes HPA and a static pool; print a table and write a plot.
+    ScaleSim(Box<cli::scale_sim::Args>),
     /// The dead-letter queue: jobs that failed for good.
     Dlq {
         #[command(subcommand)]
@@ -131,6 +134,13 @@ fn main() -> ExitCode {
         Command::CheckConfig { path } => check_config(&path),
         Command::Run { log_format } => daemon(&cli.target.config, log_format),
         Command::Plugins => discovered(&cli.target.config),
+        Command::ScaleSim(args) => match cli::scale_sim::run(*args, &cli.target.config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("conductor scale-sim: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::PluginCheck {
             json,
             name,
@@ -408,6 +418,7 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
             Command::Run { .. }
             | Command::CheckConfig { .. }
             | Command::Plugins
+            | Command::ScaleSim(_)
             | Command::PluginCheck { .. } => {}
         }
         Ok(ExitCode::SUCCESS)

@@ -1,6 +1,8 @@
 //! The operator's commands: a client of the admin API on the conductor's
 //! Unix socket, the way systemctl talks to systemd.
 
+pub mod scale_sim;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

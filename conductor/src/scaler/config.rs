@@ -55,7 +55,7 @@ pub struct AutoscaleConfig {
     /// allowed it (the Kubernetes HPA default is 300 s).
     #[serde(with = "humantime_serde")]
     pub scale_down_stabilization: Duration,
-    /// No scale-down sooner than this after any change.
+    /// No scale-down sooner than this after a scale-up.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
     /// Most replicas added in one decision.
@@ -63,6 +63,9 @@ pub struct AutoscaleConfig {
     /// Extra share on top of the forecast's upper bound: nominal 95 %
     /// intervals cover 75-90 % of real load.
     pub headroom: f64,
+    /// Nominal coverage of the forecast interval whose upper bound is
+    /// planned for.
+    pub forecast_level: f64,
     /// Changes of the needed capacity smaller than this share are ignored.
     pub tolerance: f64,
     /// Longest acceptable queue wait; reported, and the simulator counts
@@ -95,6 +98,7 @@ impl Default for AutoscaleConfig {
             cooldown: Duration::from_secs(60),
             max_step_up: 4,
             headroom: 0.1,
+            forecast_level: 0.95,
             tolerance: 0.1,
             queue_wait_slo: Duration::from_secs(1),
         }
@@ -174,6 +178,12 @@ impl AutoscaleConfig {
             bad(
                 "autoscale.seasonal_periods",
                 "each period must span at least two buckets".into(),
+            );
+        }
+        if !(self.forecast_level >= 0.5 && self.forecast_level < 1.0) {
+            bad(
+                "autoscale.forecast_level",
+                format!("{} must be at least 0.5 and below 1", self.forecast_level),
             );
         }
         if self.max_step_up == 0 {

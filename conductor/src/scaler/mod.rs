@@ -7,3 +7,4 @@ pub mod forecast;
 pub mod planner;
 
 pub use config::{AutoscaleConfig, Signal};
+pub mod sim;

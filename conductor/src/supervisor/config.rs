@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::dispatch::DispatchConfig;
 use crate::process::cgroup::LimitsConfig;
+use crate::scaler::AutoscaleConfig;
 
 /// One plugin's pool: what to run, how many, and how to keep it alive.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -47,6 +48,9 @@ pub struct PoolConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub dispatch: DispatchConfig,
+    /// Replicas follow the load between min and max; `replicas` is then
+    /// only the count to start with.
+    pub autoscale: Option<AutoscaleConfig>,
 }
 
 /// How an instance's health is known.
@@ -263,6 +267,17 @@ impl PoolConfig {
         }
         out.extend(self.limits.problems());
         out.extend(self.dispatch.problems());
+        if let Some(autoscale) = &self.autoscale {
+            out.extend(autoscale.problems(h.min_serving));
+            if self.health.is_none() {
+                out.push(("autoscale", "a plugin with health = \"none\" takes no jobs and reports no readiness; it cannot be autoscaled".into()));
+            } else if autoscale.signal == crate::scaler::Signal::Jobs && !self.jobs {
+                out.push((
+                    "autoscale.signal",
+                    "\"jobs\" needs a plugin that takes jobs (jobs = true); use \"cpu\"".into(),
+                ));
+            }
+        }
         out
     }
 }

@@ -28,6 +28,7 @@ fn config() -> PoolConfig {
         },
         limits: Default::default(),
         dispatch: Default::default(),
+        autoscale: None,
     }
 }
 

@@ -297,14 +297,31 @@ impl Supervisor {
                 }
                 Some(old) if old == config => summary.unchanged.push(name.clone()),
                 Some(old) => {
-                    let only_replicas = PoolConfig {
+                    // Counts alone change without touching an instance.
+                    let only_counts = PoolConfig {
                         replicas: config.replicas,
+                        autoscale: config.autoscale.clone(),
                         ..(**old).clone()
                     } == **config;
-                    if !only_replicas {
+                    let running = self
+                        .pools()
+                        .get(name)
+                        .map_or(config.replicas, |p| p.replicas);
+                    if only_counts {
+                        if let Some(pool) = self.pools().get_mut(name) {
+                            pool.config = config.clone();
+                            pool.source = source;
+                        }
+                    } else {
                         self.replace(name, config.clone(), source).await?;
                     }
-                    self.scale_locked(name, config.replicas).await?;
+                    // An autoscaled plugin keeps the count its scaler chose,
+                    // within the new bounds.
+                    let replicas = match &config.autoscale {
+                        Some(a) => running.clamp(a.min, a.max),
+                        None => config.replicas,
+                    };
+                    self.scale_locked(name, replicas).await?;
                     summary.changed.push(name.clone());
                 }
             }

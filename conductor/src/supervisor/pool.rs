@@ -66,16 +66,20 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts `config.replicas` instances.
+    /// Starts `config.replicas` instances (within the autoscale bounds).
     pub fn start(
         name: &str,
         config: Arc<PoolConfig>,
         source: PathBuf,
         context: &PoolContext,
     ) -> Self {
+        let replicas = match &config.autoscale {
+            Some(a) => config.replicas.clamp(a.min, a.max),
+            None => config.replicas,
+        };
         let mut pool = Self {
             name: Arc::from(name),
-            replicas: config.replicas,
+            replicas,
             config,
             source,
             instances: Vec::new(),

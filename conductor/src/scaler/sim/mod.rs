@@ -1,0 +1,437 @@
+//! `conductor scale-sim`: a load trace replayed in virtual time against a
+//! model of a worker pool (start-up lead time, per-replica capacity, a
+//! queue), for three policies side by side: the conductor's predictive
+//! scaler (the very [`Planner`] the daemon runs), the Kubernetes HPA
+//! algorithm with its defaults, and a static pool at max.
+
+pub mod plot;
+pub mod trace;
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use super::config::AutoscaleConfig;
+use super::decision::{self, Ahead, Outlook, Policy};
+use super::forecast::Method;
+use super::planner::{Planner, PlannerConfig};
+
+/// How the pool and the policies are modelled. Durations are virtual:
+/// every trace bucket lasts `bucket`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    pub autoscale: AutoscaleConfig,
+    /// Load one replica serves, in the trace's unit per second.
+    pub capacity: f64,
+    /// From asking for a replica to it taking load.
+    pub startup: Duration,
+    /// Longest acceptable queue wait.
+    pub slo: Duration,
+    /// Seasonal periods, in buckets.
+    pub periods: Vec<usize>,
+    /// Buckets of history the forecaster fits on.
+    pub window: usize,
+}
+
+impl SimConfig {
+    fn bucket(&self) -> Duration {
+        self.autoscale.bucket
+    }
+
+    fn refit_every(&self) -> usize {
+        let b = self.bucket().as_secs_f64();
+        ((self.autoscale.refit_every.as_secs_f64() / b).round() as usize).max(1)
+    }
+}
+
+/// One policy's replay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub policy: &'static str,
+    /// Replicas asked for at the end of each bucket.
+    pub replicas: Vec<u32>,
+    /// Time the queue wait exceeded the SLO.
+    pub violation: Duration,
+    pub replica_seconds: f64,
+    pub scale_events: u32,
+    pub direction_changes: u32,
+    /// Longest queue wait seen, seconds (infinite with no replica ready).
+    pub max_wait: f64,
+}
+
+/// Everything a replay produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub runs: Vec<Run>,
+    /// The forecast the predictive policy held for each bucket.
+    pub forecast: Vec<Option<Ahead>>,
+    pub fits: usize,
+    /// Fits per model, and the distinct fallback reasons with counts.
+    pub methods: Vec<(Method, usize)>,
+    pub fallbacks: Vec<(String, usize)>,
+    pub fit_time: Duration,
+}
+
+/// Sub-steps per bucket: the queue moves faster than the scaler looks.
+const SUBSTEPS: u32 = 10;
+/// The HPA's sync period and scale-up policies (`max(+100 %, +4)` per
+/// period), and its tolerance.
+const HPA_PERIOD: Duration = Duration::from_secs(15);
+const HPA_TOLERANCE: f64 = 0.1;
+/// The HPA's default scale-down stabilization.
+const HPA_STABILIZATION: Duration = Duration::from_secs(300);
+
+/// A pool of replicas that take `startup` to become ready, serving a
+/// queue at `capacity` each.
+struct Pool {
+    /// Virtual time each replica is (or becomes) ready, sorted.
+    ready_at: Vec<f64>,
+    queue: f64,
+    startup: f64,
+}
+
+impl Pool {
+    fn new(replicas: u32) -> Self {
+        Self {
+            ready_at: vec![0.0; replicas as usize],
+            queue: 0.0,
+            startup: 0.0,
+        }
+    }
+
+    fn requested(&self) -> u32 {
+        self.ready_at.len() as u32
+    }
+
+    fn ready(&self, t: f64) -> u32 {
+        self.ready_at.iter().filter(|r| **r <= t).count() as u32
+    }
+
+    /// Grows with replicas ready after the start-up time; shrinks the
+    /// youngest first (those still starting go before serving ones).
+    fn scale(&mut self, t: f64, to: u32) {
+        let to = to as usize;
+        while self.ready_at.len() < to {
+            self.ready_at.push(t + self.startup);
+        }
+        self.ready_at.truncate(to);
+    }
+}
+
+enum Controller {
+    Predictive {
+        planner: Box<Planner>,
+        lead: Duration,
+    },
+    Reactive(Hpa),
+    Static,
+}
+
+/// The Kubernetes HPA for an average-value metric: desired = ceil(load /
+/// (capacity × target)), skipped within the tolerance, scale-up limited
+/// to max(+100 %, +4) per period, scale-down to the highest
+/// recommendation of the stabilization window.
+struct Hpa {
+    min: u32,
+    max: u32,
+    per_replica: f64,
+    window: VecDeque<(f64, u32)>,
+}
+
+impl Hpa {
+    fn sync(&mut self, t: f64, rate: f64, current: u32) -> u32 {
+        let ratio = rate / (f64::from(current.max(1)) * self.per_replica);
+        let recommended = if (ratio - 1.0).abs() <= HPA_TOLERANCE {
+            current
+        } else {
+            ((rate / self.per_replica).ceil() as u32).clamp(self.min, self.max)
+        };
+        self.window.push_back((t, recommended));
+        let horizon = HPA_STABILIZATION.as_secs_f64();
+        while self.window.front().is_some_and(|(at, _)| t - at > horizon) {
+            self.window.pop_front();
+        }
+        let stabilized = if recommended < current {
+            self.window
+                .iter()
+                .map(|(_, r)| *r)
+                .max()
+                .unwrap_or(recommended)
+        } else {
+            recommended
+        };
+        let up_limit = current.saturating_mul(2).max(current.saturating_add(4));
+        stabilized.min(up_limit).clamp(self.min, self.max)
+    }
+}
+
+/// Replays `values` (one per bucket, `NaN` = no data, simulated as no
+/// load) for the three policies. `progress(done, total)` is called as
+/// buckets are simulated.
+pub fn simulate(
+    values: &[f64],
+    config: &SimConfig,
+    mut progress: impl FnMut(usize, usize),
+) -> Outcome {
+    let a = &config.autoscale;
+    let bucket = config.bucket();
+    let lead = config.startup + bucket;
+    let planner = Planner::new(PlannerConfig {
+        policy: Policy::from(a),
+        window: config.window.max(1),
+        periods: config.periods.clone(),
+        refit_every: config.refit_every(),
+        level: a.forecast_level,
+    });
+    let controllers = [
+        (
+            "predictive",
+            Controller::Predictive {
+                planner: Box::new(planner),
+                lead,
+            },
+        ),
+        (
+            "reactive (HPA)",
+            Controller::Reactive(Hpa {
+                min: a.min,
+                max: a.max,
+                per_replica: config.capacity * a.target_utilisation,
+                window: VecDeque::new(),
+            }),
+        ),
+        ("static at max", Controller::Static),
+    ];
+    let total = values.len() * controllers.len();
+    let mut done = 0;
+    let mut outcome = Outcome {
+        runs: Vec::new(),
+        forecast: vec![None; values.len()],
+        fits: 0,
+        methods: Vec::new(),
+        fallbacks: Vec::new(),
+        fit_time: Duration::ZERO,
+    };
+    for (name, mut controller) in controllers {
+        let run = replay(
+            values,
+            config,
+            name,
+            &mut controller,
+            &mut outcome,
+            &mut |n| {
+                progress(done + n, total);
+            },
+        );
+        done += values.len();
+        outcome.runs.push(run);
+    }
+    outcome
+}
+
+fn replay(
+    values: &[f64],
+    config: &SimConfig,
+    name: &'static str,
+    controller: &mut Controller,
+    outcome: &mut Outcome,
+    progress: &mut dyn FnMut(usize),
+) -> Run {
+    let a = &config.autoscale;
+    let bucket = config.bucket().as_secs_f64();
+    let dt = bucket / f64::from(SUBSTEPS);
+    let slo = config.slo.as_secs_f64();
+    // The trace starts with the system already running: sized for the
+    // first bucket's load, as any policy would have left it.
+    let first = values
+        .iter()
+        .copied()
+        .find(|v| v.is_finite())
+        .unwrap_or(0.0);
+    let warm = (first / (config.capacity * a.target_utilisation)).ceil() as u32;
+    let initial = match controller {
+        Controller::Static => a.max,
+        _ => warm.clamp(a.min, a.max),
+    };
+    let mut pool = Pool::new(initial);
+    pool.startup = config.startup.as_secs_f64();
+    let load = |i: usize| {
+        values
+            .get(i)
+            .copied()
+            .filter(|v| v.is_finite())
+            .unwrap_or(0.0)
+    };
+    let mut run = Run {
+        policy: name,
+        replicas: Vec::with_capacity(values.len()),
+        violation: Duration::ZERO,
+        replica_seconds: 0.0,
+        scale_events: 0,
+        direction_changes: 0,
+        max_wait: 0.0,
+    };
+    let mut violation = 0.0;
+    let mut last_direction: Option<bool> = None;
+    let mut apply = |pool: &mut Pool, t: f64, to: u32, run: &mut Run| {
+        let from = pool.requested();
+        if to == from {
+            return;
+        }
+        let up = to > from;
+        if last_direction.is_some_and(|d| d != up) {
+            run.direction_changes += 1;
+        }
+        last_direction = Some(up);
+        run.scale_events += 1;
+        pool.scale(t, to);
+    };
+    let hpa_period = HPA_PERIOD.as_secs_f64();
+    let mut next_sync = hpa_period;
+    let mut sync_arrivals = 0.0;
+    for (i, value) in values.iter().enumerate() {
+        let (from, to) = (load(i), load(i + 1));
+        let mut arrivals = 0.0;
+        for s in 0..SUBSTEPS {
+            let t = i as f64 * bucket + f64::from(s) * dt;
+            // Linear between bucket starts: ramps, not stairs.
+            let frac = (f64::from(s) + 0.5) / f64::from(SUBSTEPS);
+            let rate = from + (to - from) * frac;
+            let ready = f64::from(pool.ready(t));
+            let served = ready * config.capacity * dt;
+            pool.queue = (pool.queue + rate * dt - served).max(0.0);
+            let wait = if pool.queue <= 1e-9 {
+                0.0
+            } else if ready > 0.0 {
+                pool.queue / (ready * config.capacity)
+            } else {
+                f64::INFINITY
+            };
+            run.max_wait = run.max_wait.max(wait);
+            if wait > slo {
+                violation += dt;
+            }
+            run.replica_seconds += f64::from(pool.requested()) * dt;
+            arrivals += rate * dt;
+            sync_arrivals += rate * dt;
+            let end = t + dt;
+            if let Controller::Reactive(hpa) = controller
+                && end + 1e-9 >= next_sync
+            {
+                let desired = hpa.sync(end, sync_arrivals / hpa_period, pool.requested());
+                apply(&mut pool, end, desired, &mut run);
+                sync_arrivals = 0.0;
+                next_sync += hpa_period;
+            }
+        }
+        let end = (i + 1) as f64 * bucket;
+        if let Controller::Predictive { planner, lead } = controller {
+            let now = Duration::from_secs_f64(end);
+            let observed = if value.is_finite() {
+                arrivals / bucket
+            } else {
+                0.0
+            };
+            planner.observe(now, observed);
+            if let Some(job) = planner.refit_due(*lead) {
+                let fitted = job.run();
+                outcome.fits += 1;
+                outcome.fit_time += fitted.forecast.took;
+                count(&mut outcome.methods, fitted.forecast.method);
+                if let Some(why) = &fitted.forecast.fallback {
+                    count(&mut outcome.fallbacks, why.clone());
+                }
+                planner.install(fitted);
+            }
+            let d = planner.decide(pool.queue, config.capacity, pool.requested(), *lead);
+            apply(&mut pool, end, d.desired, &mut run);
+            if let (Some(f), Some(slot)) = (planner.fitted(), outcome.forecast.get_mut(i + 1)) {
+                let outlook = Outlook {
+                    forecast: &f.forecast,
+                    origin: f.origin,
+                };
+                *slot = decision::ahead(&outlook, now, now, config.bucket());
+            }
+        }
+        run.replicas.push(pool.requested());
+        progress(i + 1);
+    }
+    run.violation = Duration::from_secs_f64(violation);
+    run
+}
+
+fn count<T: PartialEq>(counts: &mut Vec<(T, usize)>, key: T) {
+    match counts.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((key, 1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(capacity: f64) -> SimConfig {
+        SimConfig {
+            autoscale: AutoscaleConfig {
+                min: 1,
+                max: 20,
+                refit_every: Duration::from_secs(60),
+                ..AutoscaleConfig::default()
+            },
+            capacity,
+            startup: Duration::from_secs(30),
+            slo: Duration::from_secs(1),
+            periods: vec![48],
+            window: 48 * 7,
+        }
+    }
+
+    #[test]
+    fn the_pool_model_queues_what_capacity_cannot_serve() {
+        // Twice the load one replica serves: the static pool of 20 keeps
+        // up, a pool stuck at min would not.
+        let values = vec![20.0; 30];
+        let mut c = config(10.0);
+        c.autoscale.max = 1;
+        let outcome = simulate(&values, &c, |_, _| {});
+        let stuck = &outcome.runs[2];
+        assert_eq!(stuck.replicas, vec![1; 30]);
+        // The queue grows by 10 jobs/s from the start: over the SLO after
+        // one second, so for nearly the whole 300 s.
+        assert!(
+            stuck.violation.as_secs_f64() > 290.0,
+            "{:?}",
+            stuck.violation
+        );
+        assert!((stuck.replica_seconds - 300.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn hpa_follows_the_kubernetes_rules() {
+        let mut hpa = Hpa {
+            min: 1,
+            max: 50,
+            per_replica: 10.0,
+            window: VecDeque::new(),
+        };
+        // 200/s needs 20; from 2 at most max(4, 6) = 6.
+        assert_eq!(hpa.sync(15.0, 200.0, 2), 6);
+        assert_eq!(hpa.sync(30.0, 200.0, 6), 12);
+        assert_eq!(hpa.sync(45.0, 200.0, 12), 20);
+        // Within 10 %: no change.
+        assert_eq!(hpa.sync(60.0, 215.0, 20), 20);
+        // Load gone: held by the 300 s window, then down.
+        assert_eq!(hpa.sync(75.0, 10.0, 20), 20);
+        assert_eq!(hpa.sync(350.0, 10.0, 20), 20);
+        assert_eq!(hpa.sync(400.0, 10.0, 20), 1);
+    }
+
+    #[test]
+    fn static_pool_costs_max_for_the_whole_trace() {
+        let values = vec![5.0; 10];
+        let outcome = simulate(&values, &config(10.0), |_, _| {});
+        let fixed = &outcome.runs[2];
+        assert_eq!(fixed.scale_events, 0);
+        assert!((fixed.replica_seconds - 20.0 * 100.0).abs() < 1e-6);
+    }
+}
