@@ -14,12 +14,14 @@ use std::time::SystemTime;
 use demi_proto::trace::{TRACEPARENT, TraceParent};
 
 use crate::dispatch::{DispatchError, Dispatcher, Finished, Submission};
+use crate::scaler::Scaler;
 use crate::supervisor::{InstanceStatus, PluginView, Supervisor, SupervisorError};
 use crate::telemetry::events::{Kind, Lifecycle};
 
 pub struct Admin {
     supervisor: Arc<Supervisor>,
     dispatcher: Arc<Dispatcher>,
+    scaler: Arc<Scaler>,
     /// Ends open event streams when the conductor stops.
     shutdown: CancellationToken,
 }
@@ -28,13 +30,52 @@ impl Admin {
     pub fn new(
         supervisor: Arc<Supervisor>,
         dispatcher: Arc<Dispatcher>,
+        scaler: Arc<Scaler>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             supervisor,
             dispatcher,
+            scaler,
             shutdown,
         }
+    }
+
+    fn plugin(&self, view: PluginView) -> pb::Plugin {
+        let autoscale = self.scaler.status(&view.name).map(autoscale);
+        pb::Plugin {
+            autoscale,
+            ..plugin(view)
+        }
+    }
+
+    fn answer(&self, view: Result<PluginView, SupervisorError>) -> Answer<pb::Plugin> {
+        view.map(|v| Response::new(self.plugin(v))).map_err(status)
+    }
+}
+
+fn autoscale(s: crate::scaler::live::Status) -> pb::Autoscale {
+    pb::Autoscale {
+        min: s.min,
+        max: s.max,
+        desired: s.desired,
+        signal: match s.signal {
+            crate::scaler::Signal::Jobs => "jobs",
+            crate::scaler::Signal::Cpu => "cpu",
+        }
+        .into(),
+        load: s.load,
+        forecast: s.ahead.map(|a| a.point),
+        forecast_lower: s.ahead.map(|a| a.lower),
+        forecast_upper: s.ahead.map(|a| a.upper),
+        capacity: s.capacity,
+        capacity_measured: s.capacity_measured,
+        lead: prost_types::Duration::try_from(s.lead).ok(),
+        model: s.model.map(|m| m.as_str().to_owned()).unwrap_or_default(),
+        fallback: s.fallback.unwrap_or_default(),
+        reason: s.reason,
+        decided_at: Some(prost_types::Timestamp::from(s.decided_at)),
+        history: s.history as u32,
     }
 }
 
@@ -92,32 +133,37 @@ impl pb::conductor_server::Conductor for Admin {
         &self,
         _: Request<pb::ListPluginsRequest>,
     ) -> Answer<pb::ListPluginsResponse> {
-        let plugins = self.supervisor.list().into_iter().map(plugin).collect();
+        let plugins = self
+            .supervisor
+            .list()
+            .into_iter()
+            .map(|v| self.plugin(v))
+            .collect();
         Ok(Response::new(pb::ListPluginsResponse { plugins }))
     }
 
     #[tracing::instrument(skip_all)]
     async fn get_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
         let name = name_of(request)?;
-        answer(self.supervisor.get(&name))
+        self.answer(self.supervisor.get(&name))
     }
 
     #[tracing::instrument(skip_all)]
     async fn start_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
         let name = name_of(request)?;
-        answer(self.supervisor.start_plugin(&name).await)
+        self.answer(self.supervisor.start_plugin(&name).await)
     }
 
     #[tracing::instrument(skip_all)]
     async fn stop_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
         let name = name_of(request)?;
-        answer(self.supervisor.stop_plugin(&name).await)
+        self.answer(self.supervisor.stop_plugin(&name).await)
     }
 
     #[tracing::instrument(skip_all)]
     async fn restart_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
         let name = name_of(request)?;
-        answer(self.supervisor.restart_plugin(&name).await)
+        self.answer(self.supervisor.restart_plugin(&name).await)
     }
 
     #[tracing::instrument(skip_all)]
@@ -126,7 +172,7 @@ impl pb::conductor_server::Conductor for Admin {
         if request.name.is_empty() {
             return Err(Status::invalid_argument("name: must name a plugin"));
         }
-        answer(self.supervisor.scale(&request.name, request.replicas).await)
+        self.answer(self.supervisor.scale(&request.name, request.replicas).await)
     }
 
     type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
@@ -292,10 +338,6 @@ impl pb::conductor_server::Conductor for Admin {
     }
 }
 
-fn answer(view: Result<PluginView, SupervisorError>) -> Answer<pb::Plugin> {
-    view.map(|v| Response::new(plugin(v))).map_err(status)
-}
-
 /// Typed errors to gRPC codes, at the edge.
 fn status(error: SupervisorError) -> Status {
     match &error {
@@ -304,6 +346,7 @@ fn status(error: SupervisorError) -> Status {
             Status::invalid_argument(error.to_string())
         }
         SupervisorError::NotServing { .. } => Status::aborted(error.to_string()),
+        SupervisorError::Autoscaled { .. } => Status::failed_precondition(error.to_string()),
     }
 }
 
@@ -327,6 +370,7 @@ pub(crate) fn plugin(view: PluginView) -> pb::Plugin {
             .into_iter()
             .map(|(i, s)| instance(i, s))
             .collect(),
+        autoscale: None,
     }
 }
 
@@ -378,6 +422,7 @@ fn event_of(event: &Lifecycle) -> pb::Event {
         Kind::Stopped => K::Stopped,
         Kind::Scaled => K::Scaled,
         Kind::Reloaded => K::Reloaded,
+        Kind::Autoscale => K::Autoscale,
     };
     pb::Event {
         at: Some(prost_types::Timestamp::from(event.at)),

@@ -25,6 +25,7 @@ use tonic::transport::Server;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::dispatch::Dispatcher;
+use crate::scaler::Scaler;
 use crate::supervisor::Supervisor;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,7 @@ pub enum ApiError {
 pub async fn serve<H: Health>(
     supervisor: Arc<Supervisor>,
     dispatcher: Arc<Dispatcher>,
+    scaler: Arc<Scaler>,
     health: HealthServer<H>,
     socket: &Path,
     config: &ApiConfig,
@@ -81,6 +83,7 @@ pub async fn serve<H: Health>(
         .add_service(ConductorServer::new(Admin::new(
             supervisor.clone(),
             dispatcher.clone(),
+            scaler.clone(),
             shutdown.clone(),
         )))
         // Reflection, both versions, so grpcurl needs no .proto files.
@@ -110,7 +113,7 @@ pub async fn serve<H: Health>(
             // Every TCP call, reflection included, shows the token first.
             .add_service(InterceptedService::new(health, check.clone()))
             .add_service(ConductorServer::with_interceptor(
-                Admin::new(supervisor, dispatcher, shutdown.clone()),
+                Admin::new(supervisor, dispatcher, scaler, shutdown.clone()),
                 check.clone(),
             ))
             .add_service(InterceptedService::new(reflection_v1()?, check.clone()))

@@ -261,6 +261,15 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             );
         }
         config.working_dir = Some(working_dir);
+        if let Some(autoscale) = &mut config.autoscale
+            && let Some(seed) = &autoscale.history_seed
+        {
+            let seed = join(&from, seed);
+            if let Err(error) = crate::scaler::seed::load(&seed, autoscale.bucket) {
+                problem(&mut report, "autoscale.history_seed", error.to_string());
+            }
+            autoscale.history_seed = Some(seed);
+        }
         let socket = Config::socket_path(
             &conductor.runtime_dir,
             &name,

@@ -18,6 +18,7 @@ use crate::dispatch::store::Store;
 use crate::dispatch::{DispatchError, Dispatcher, StoreError};
 use crate::process::Spawner;
 use crate::process::cgroup::Cgroups;
+use crate::scaler::Scaler;
 use crate::supervisor::{PoolContext, Supervisor};
 use crate::telemetry::events::{EventBus, Reporter};
 use crate::telemetry::metrics::{self, Metrics, MetricsError};
@@ -144,6 +145,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let state_dir = config.conductor.state_dir.clone();
     let metrics_config = config.conductor.metrics.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Before the pools start, so the scaler measures their first starts.
+    let scaler_events = context.reporter.bus.subscribe();
     let supervisor = Supervisor::start(config, context, health.clone()).await;
     metrics.observe(Arc::downgrade(&supervisor));
     let store = open_store(&state_dir)?;
@@ -157,6 +160,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     )
     .await?;
     metrics.observe_dispatch(Arc::downgrade(&dispatcher));
+    let scaler_cancel = CancellationToken::new();
+    let scaler = Scaler::start(
+        supervisor.clone(),
+        dispatcher.clone(),
+        scaler_events,
+        scaler_cancel.clone(),
+    );
+    metrics.observe_scaler(Arc::downgrade(&scaler));
     let api_shutdown = CancellationToken::new();
     let metrics_endpoint = if metrics_config.enabled {
         let (addr, task) =
@@ -174,6 +185,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut api = api::serve(
         supervisor.clone(),
         dispatcher.clone(),
+        scaler.clone(),
         health_service,
         &runtime_dir.conductor_socket(),
         &api_config,
@@ -192,6 +204,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     };
     tracing::info!(signal, "stopping every instance");
+    // No scaling decisions while everything stops.
+    scaler_cancel.cancel();
+    scaler.wait().await;
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;

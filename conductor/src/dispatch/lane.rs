@@ -1,7 +1,7 @@
 //! One plugin's lane: its bounded queue, its bulkhead (a semaphore for the
 //! plugin, a slot count per replica) and the replicas that can take jobs.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use demi_proto::plugin::v1::plugin_client::PluginClient;
@@ -47,6 +47,19 @@ pub struct Lane {
     replicas: Mutex<Vec<Replica>>,
     /// Fires when a replica joins or a slot frees up.
     changed: Notify,
+    /// What the autoscaler reads.
+    pub load: LoadCounters,
+}
+
+/// Running totals for the autoscaler, which takes differences per bucket.
+#[derive(Debug, Default)]
+pub struct LoadCounters {
+    /// Submissions that reached the lane, refused ones included: a full
+    /// queue is demand the pool failed to meet, not demand that vanished.
+    pub offered: AtomicU64,
+    pub completed: AtomicU64,
+    /// Time replicas spent on completed attempts, in microseconds.
+    pub busy_micros: AtomicU64,
 }
 
 impl Lane {
@@ -61,6 +74,7 @@ impl Lane {
             queue,
             replicas: Mutex::new(Vec::new()),
             changed: Notify::new(),
+            load: LoadCounters::default(),
         });
         (lane, jobs)
     }

@@ -17,6 +17,7 @@ pub use store::{DeadLetter, StoreError, StoredJob};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -71,6 +72,18 @@ pub struct Receipt {
     pub id: String,
     /// An earlier job with the same idempotency key was returned instead.
     pub duplicate: bool,
+}
+
+/// Running totals of one plugin's jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct JobLoad {
+    /// Submissions, accepted or refused because the queue was full.
+    pub offered: u64,
+    pub completed: u64,
+    /// Time replicas spent on completed attempts.
+    pub busy: Duration,
+    pub queued: usize,
+    pub slots_per_replica: usize,
 }
 
 /// How a job ended.
@@ -178,6 +191,19 @@ impl Dispatcher {
         Ok(lane)
     }
 
+    /// What the autoscaler reads of `plugin`'s jobs; `None` until its
+    /// first submission.
+    pub fn load(&self, plugin: &str) -> Option<JobLoad> {
+        let lane = lock(&self.lanes).get(plugin).cloned()?;
+        Some(JobLoad {
+            offered: lane.load.offered.load(Ordering::Relaxed),
+            completed: lane.load.completed.load(Ordering::Relaxed),
+            busy: Duration::from_micros(lane.load.busy_micros.load(Ordering::Relaxed)),
+            queued: lane.queued(),
+            slots_per_replica: lane.config.max_in_flight_per_replica,
+        })
+    }
+
     /// Every lane, for metrics.
     pub fn lanes(&self) -> Vec<(String, usize, usize)> {
         lock(&self.lanes)
@@ -224,6 +250,7 @@ impl Dispatcher {
             });
         }
         let lane = self.lane(&submission.plugin)?;
+        lane.load.offered.fetch_add(1, Ordering::Relaxed);
         // Reserve the queue slot first: a full queue refuses before
         // anything is written, and memory stays bounded.
         let permit = lane
@@ -438,6 +465,7 @@ async fn deliver(
             None => config.attempt_timeout,
         };
         let mut client = slot.client.clone();
+        let attempt_started = Instant::now();
         let answer = tokio::select! {
             answer = tokio::time::timeout(timeout, client.handle(request)) => answer.ok().map(|r| r.map(tonic::Response::into_inner)),
             () = dispatcher.cancel.cancelled() => return,
@@ -446,6 +474,9 @@ async fn deliver(
         drop(slot);
         match retry::classify(answer, timeout) {
             Verdict::Done(payload) => {
+                let busy = attempt_started.elapsed().as_micros() as u64;
+                lane.load.busy_micros.fetch_add(busy, Ordering::Relaxed);
+                lane.load.completed.fetch_add(1, Ordering::Relaxed);
                 dispatcher.store.complete(&job.id);
                 dispatcher.metrics.jobs_completed.add(1, label);
                 dispatcher

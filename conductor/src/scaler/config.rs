@@ -68,6 +68,10 @@ pub struct AutoscaleConfig {
     pub forecast_level: f64,
     /// Changes of the needed capacity smaller than this share are ignored.
     pub tolerance: f64,
+    /// A CSV of past load (time, value; the format `scale-sim` reads) with
+    /// the bucket's step, loaded as history at start, so forecasts need
+    /// not wait days for the conductor to gather its own.
+    pub history_seed: Option<std::path::PathBuf>,
     /// Longest acceptable queue wait; reported, and the simulator counts
     /// the time it is exceeded.
     #[serde(with = "humantime_serde")]
@@ -101,6 +105,7 @@ impl Default for AutoscaleConfig {
             forecast_level: 0.95,
             tolerance: 0.1,
             queue_wait_slo: Duration::from_secs(1),
+            history_seed: None,
         }
     }
 }

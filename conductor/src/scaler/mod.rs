@@ -4,7 +4,11 @@
 pub mod config;
 pub mod decision;
 pub mod forecast;
+pub mod live;
 pub mod planner;
+pub mod seed;
+pub mod signal;
 
 pub use config::{AutoscaleConfig, Signal};
+pub use live::Scaler;
 pub mod sim;

@@ -39,6 +39,11 @@ pub enum SupervisorError {
     },
     #[error("the configuration is invalid, nothing changed:\n{0}")]
     Config(ConfigErrors),
+    #[error(
+        "{plugin:?} is autoscaled between {min} and {max} replicas; change \
+         [plugins.{plugin}.autoscale] and reload instead"
+    )]
+    Autoscaled { plugin: String, min: u32, max: u32 },
 }
 
 /// What a plugin looks like from outside.
@@ -130,6 +135,19 @@ impl Supervisor {
         self.pools().values().map(view).collect()
     }
 
+    /// Every autoscaled plugin with its settings.
+    pub fn autoscaled(&self) -> Vec<(String, crate::scaler::AutoscaleConfig)> {
+        self.pools()
+            .iter()
+            .filter_map(|(name, pool)| Some((name.clone(), pool.config.autoscale.clone()?)))
+            .collect()
+    }
+
+    /// Instances wanted for `name` now.
+    pub fn replicas(&self, name: &str) -> Option<u32> {
+        self.pools().get(name).map(|p| p.replicas)
+    }
+
     pub fn get(&self, name: &str) -> Result<PluginView, SupervisorError> {
         self.pools()
             .get(name)
@@ -202,8 +220,29 @@ impl Supervisor {
         self.get(name)
     }
 
-    /// Sets the number of instances of `name`.
+    /// Sets the number of instances of `name`, for an operator: refused
+    /// for an autoscaled plugin, whose scaler would undo it.
     pub async fn scale(&self, name: &str, replicas: u32) -> Result<PluginView, SupervisorError> {
+        if let Some(a) = &self.pool_config(name)?.autoscale {
+            return Err(SupervisorError::Autoscaled {
+                plugin: name.to_owned(),
+                min: a.min,
+                max: a.max,
+            });
+        }
+        self.set_replicas(name, replicas).await
+    }
+
+    /// Sets the number of instances of `name` as its autoscaler decided.
+    pub async fn autoscale(
+        &self,
+        name: &str,
+        replicas: u32,
+    ) -> Result<PluginView, SupervisorError> {
+        self.set_replicas(name, replicas).await
+    }
+
+    async fn set_replicas(&self, name: &str, replicas: u32) -> Result<PluginView, SupervisorError> {
         let _op = self.operations.lock().await;
         let config = self.pool_config(name)?;
         if replicas < config.health.config().min_serving {

@@ -27,6 +27,8 @@ pub enum Kind {
     Stopped,
     Scaled,
     Reloaded,
+    /// An autoscaler decision.
+    Autoscale,
 }
 
 /// One lifecycle event.

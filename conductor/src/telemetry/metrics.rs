@@ -295,6 +295,78 @@ impl Metrics {
             ]);
     }
 
+    /// The autoscaler's latest decision per plugin, read at scrape time.
+    pub fn observe_scaler(&self, scaler: Weak<crate::scaler::Scaler>) {
+        type Pick = fn(&crate::scaler::live::Status) -> Vec<(Option<&'static str>, f64)>;
+        let gauge = |name: &'static str, unit: &'static str, help: &'static str, pick: Pick| {
+            let scaler = scaler.clone();
+            self.meter
+                .f64_observable_gauge(name)
+                .with_unit(unit)
+                .with_description(help)
+                .with_callback(move |observer| {
+                    let Some(scaler) = scaler.upgrade() else {
+                        return;
+                    };
+                    for (plugin, status) in scaler.statuses() {
+                        for (bound, value) in pick(&status) {
+                            let mut labels = vec![KeyValue::new("plugin", plugin.clone())];
+                            if let Some(bound) = bound {
+                                labels.push(KeyValue::new("bound", bound));
+                            }
+                            if value.is_finite() {
+                                observer.observe(value, &labels);
+                            }
+                        }
+                    }
+                })
+                .build()
+        };
+        let observers: Vec<Box<dyn std::any::Any + Send + Sync>> = vec![
+            Box::new(gauge(
+                "demi_autoscale_desired_replicas",
+                "",
+                "Replicas the autoscaler's last decision asked for",
+                |s| vec![(None, f64::from(s.desired))],
+            )),
+            Box::new(gauge(
+                "demi_autoscale_load",
+                "",
+                "Load of the last bucket (jobs/s, or cores for signal = cpu)",
+                |s| vec![(None, s.load)],
+            )),
+            Box::new(gauge(
+                "demi_autoscale_forecast",
+                "",
+                "Forecast load over the lead time: point, lower and upper bound",
+                |s| match s.ahead {
+                    Some(a) => vec![
+                        (Some("point"), a.point),
+                        (Some("lower"), a.lower),
+                        (Some("upper"), a.upper),
+                    ],
+                    None => Vec::new(),
+                },
+            )),
+            Box::new(gauge(
+                "demi_autoscale_capacity",
+                "",
+                "Load one replica carries at full utilisation",
+                |s| vec![(None, s.capacity)],
+            )),
+            Box::new(gauge(
+                "demi_autoscale_lead",
+                "s",
+                "Start-up time plus one bucket: how far ahead replicas are planned",
+                |s| vec![(None, s.lead.as_secs_f64())],
+            )),
+        ];
+        self.observers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(observers);
+    }
+
     /// `demi_instance_state{state=…}`: 1 for the current state, 0 for the
     /// others, so a dashboard can count instances per state.
     fn instance_states(

@@ -1,0 +1,344 @@
+//! Acceptance: a load generator plays a day compressed into a minute and a
+//! half against an autoscaled echo pool: replicas scale up before queue
+//! wait crosses the SLO, come down only after the stabilization window,
+//! and never thrash; GetPlugin and /metrics show the scaler's figures.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use demi_e2e::grpc::{self, admin_pb as pb};
+use demi_e2e::{Conductor, series, timestamp_ms};
+use serde_json::Value;
+
+const STABILIZATION_S: f64 = 15.0;
+const SLO: Duration = Duration::from_secs(1);
+/// Each job sleeps this long in the echo plugin.
+const SERVICE: Duration = Duration::from_millis(100);
+
+const PLUGINS: &str = r#"
+[plugins.worker]
+command = "{echo}"
+args = ["--delay", "100ms"]
+shutdown_grace = "2s"
+[plugins.worker.dispatch]
+# Two jobs of 100 ms at a time: 20 jobs/s per replica, measured.
+max_in_flight_per_replica = 2
+[plugins.worker.autoscale]
+min = 1
+max = 6
+target_utilisation = 0.7
+bucket = "1s"
+history = "10m"
+seasonal_periods = []
+refit_every = "5s"
+scale_down_stabilization = "15s"
+cooldown = "5s"
+queue_wait_slo = "1s"
+"#;
+
+/// Jobs/s at `t` seconds: night, a morning ramp, a plateau, an evening
+/// decline, night again.
+fn day(t: f64) -> f64 {
+    const NIGHT: f64 = 4.0;
+    const PEAK: f64 = 56.0;
+    match t {
+        t if t < 10.0 => NIGHT,
+        t if t < 35.0 => NIGHT + (PEAK - NIGHT) * (t - 10.0) / 25.0,
+        t if t < 50.0 => PEAK,
+        t if t < 60.0 => PEAK - (PEAK - NIGHT) * (t - 50.0) / 10.0,
+        _ => NIGHT,
+    }
+}
+const DAY_S: f64 = 95.0;
+
+fn decisions(conductor: &Conductor) -> Vec<Value> {
+    conductor
+        .events()
+        .into_iter()
+        .filter(|e| e["message"] == "autoscaler decision" && e["plugin"] == "worker")
+        .collect()
+}
+
+fn n(e: &Value, field: &str) -> u64 {
+    e[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {e}"))
+}
+
+#[test]
+fn replicas_follow_a_compressed_day_ahead_of_the_queue_and_never_thrash() {
+    let conductor = Conductor::start(PLUGINS);
+    conductor.wait_serving(0, "worker", 0);
+    let waits: Arc<Mutex<Vec<(f64, Duration)>>> = Arc::default();
+    let submitted = grpc::runtime().block_on(async {
+        let api = grpc::admin(&conductor.api_socket()).await;
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut due = 0.0;
+        let mut submitted = 0u32;
+        let mut jobs = tokio::task::JoinSet::new();
+        loop {
+            tick.tick().await;
+            let t = started.elapsed().as_secs_f64();
+            if t >= DAY_S {
+                break;
+            }
+            due += day(t) * 0.01;
+            while due >= 1.0 {
+                due -= 1.0;
+                submitted += 1;
+                let mut api = api.clone();
+                let waits = waits.clone();
+                jobs.spawn(async move {
+                    let sent = Instant::now();
+                    let request = pb::SubmitRequest {
+                        plugin: "worker".into(),
+                        kind: "echo".into(),
+                        ..Default::default()
+                    };
+                    let outcome = api.submit_and_wait(request).await;
+                    let took = sent.elapsed();
+                    assert!(outcome.is_ok(), "job failed: {outcome:?}");
+                    let queued = took.saturating_sub(SERVICE);
+                    waits.lock().unwrap().push((t, queued));
+                });
+            }
+        }
+        while let Some(joined) = jobs.join_next().await {
+            joined.expect("job task");
+        }
+        submitted
+    });
+    let waits = waits.lock().unwrap().clone();
+    assert_eq!(waits.len() as u32, submitted);
+    // The peak needs nearly three replicas at full use: without scaling the
+    // queue would grow by 36 jobs/s and the SLO would go within seconds.
+    assert!(day(40.0) > 2.5 * 20.0);
+    let (worst_t, worst) = waits
+        .iter()
+        .copied()
+        .max_by_key(|(_, w)| *w)
+        .unwrap_or((0.0, Duration::ZERO));
+    assert!(
+        worst < SLO,
+        "a job waited {worst:?} in the queue (submitted at {worst_t:.1}s): the pool scaled too late"
+    );
+
+    let decisions = decisions(&conductor);
+    let changes: Vec<&Value> = decisions
+        .iter()
+        .filter(|d| n(d, "from") != n(d, "to"))
+        .collect();
+    let summary: Vec<String> = changes
+        .iter()
+        .map(|d| format!("{}->{} ({})", n(d, "from"), n(d, "to"), d["reason"]))
+        .collect();
+    println!("{} decisions; changes: {summary:?}", decisions.len());
+    let peak = changes.iter().map(|d| n(d, "to")).max().unwrap_or(1);
+    assert!(peak >= 4, "never scaled past {peak}: {summary:?}");
+    assert!(
+        changes
+            .iter()
+            .any(|d| d["reason"] == "scale up: forecast within lead time"),
+        "no scale-up came from the forecast: {summary:?}"
+    );
+    // Up, then down: one reversal for one peak.
+    let directions: Vec<bool> = changes.iter().map(|d| n(d, "to") > n(d, "from")).collect();
+    let reversals = directions.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(reversals <= 1, "thrashed: {summary:?}");
+    // Every scale-down: no decision of the window before it recommended
+    // keeping as many as ran.
+    for down in changes.iter().filter(|d| n(d, "to") < n(d, "from")) {
+        let at = timestamp_ms(down);
+        let from = n(down, "from");
+        for d in &decisions {
+            let age = at - timestamp_ms(d);
+            if age > 0.0 && age < STABILIZATION_S * 1000.0 - 500.0 {
+                assert!(
+                    n(d, "recommended") < from,
+                    "scaled down from {from} although {} was recommended {:.1}s before",
+                    n(d, "recommended"),
+                    age / 1000.0
+                );
+            }
+        }
+    }
+    // Back at min for the night.
+    let last = decisions.last().expect("decisions");
+    assert_eq!(
+        n(last, "to"),
+        1,
+        "still {} at night: {summary:?}",
+        n(last, "to")
+    );
+
+    // GetPlugin and the metrics carry the scaler's inputs.
+    let plugin = grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        api.get_plugin(pb::PluginRef {
+            name: "worker".into(),
+        })
+        .await
+        .expect("get plugin")
+        .into_inner()
+    });
+    let a = plugin.autoscale.expect("autoscale status");
+    assert_eq!((a.min, a.max, a.signal.as_str()), (1, 6, "jobs"));
+    assert!(a.capacity_measured);
+    // 2 slots / ~100 ms, less the overhead of a debug build.
+    assert!(
+        (10.0..=21.0).contains(&a.capacity),
+        "capacity {}",
+        a.capacity
+    );
+    assert!(!a.model.is_empty() && a.forecast_upper.is_some(), "{a:?}");
+    let lead = a.lead.expect("lead");
+    assert!(lead.seconds >= 1, "lead {lead:?} is less than a bucket");
+    let scrape = conductor.scrape();
+    for name in [
+        "demi_autoscale_desired_replicas",
+        "demi_autoscale_load",
+        "demi_autoscale_capacity",
+        "demi_autoscale_lead_seconds",
+    ] {
+        assert!(
+            series(&scrape, name, &[("plugin", "worker")]).is_some(),
+            "{name} missing from /metrics"
+        );
+    }
+    assert!(
+        series(
+            &scrape,
+            "demi_autoscale_forecast",
+            &[("plugin", "worker"), ("bound", "upper")]
+        )
+        .is_some()
+    );
+}
+
+#[test]
+fn an_autoscaled_plugin_refuses_manual_scaling() {
+    let conductor = Conductor::start(PLUGINS);
+    conductor.wait_serving(0, "worker", 0);
+    let out = conductor.cli(&["scale", "worker", "3"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("autoscaled between 1 and 6")
+            && stderr.contains("[plugins.worker.autoscale]"),
+        "{stderr}"
+    );
+}
+
+/// Time of day in ms (UTC), the clock of the log's timestamps.
+fn now_ms() -> f64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    (since.as_millis() % 86_400_000) as f64
+}
+
+#[test]
+fn a_refit_on_ten_thousand_points_does_not_delay_health_checks() {
+    const INTERVAL_MS: f64 = 50.0;
+    const REPLICAS: f64 = 2.0;
+    let seed_dir = tempfile::tempdir().expect("temp dir");
+    let seed = seed_dir.path().join("seed.csv");
+    // 10,000 seconds of a 10-minute cycle with noise.
+    let mut rng = 17u64;
+    let mut text = String::from("timestamp,value\n");
+    for i in 0..10_000u64 {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let noise = (rng >> 33) as f64 / (1u64 << 31) as f64 - 0.5;
+        let phase = (i % 600) as f64 / 600.0 * std::f64::consts::TAU;
+        text.push_str(&format!(
+            "{},{:.3}\n",
+            1_700_000_000 + i,
+            50.0 + 30.0 * phase.sin() + 5.0 * noise
+        ));
+    }
+    std::fs::write(&seed, text).expect("write seed");
+    let plugins = format!(
+        r#"
+[plugins.worker]
+command = "{{echo}}"
+replicas = 2
+shutdown_grace = "2s"
+[plugins.worker.health]
+interval = "50ms"
+timeout = "50ms"
+[plugins.worker.autoscale]
+min = 2
+max = 4
+capacity = 1000.0
+bucket = "1s"
+history = "3h"
+seasonal_periods = ["10m", "1h"]
+refit_every = "1h"
+history_seed = "{}"
+"#,
+        seed.display()
+    );
+    // One runtime worker: a fit on it would stop every health check.
+    let conductor = Conductor::builder()
+        .wrap(&["env", "TOKIO_WORKER_THREADS=1"])
+        .start(&plugins);
+    let checks = || {
+        series(
+            &conductor.scrape(),
+            "health_checks_total",
+            &[("platform", "worker"), ("status", "serving")],
+        )
+        .unwrap_or(0.0)
+    };
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let refit = loop {
+        samples.push((now_ms(), checks()));
+        let fitted = conductor.events().into_iter().find(|e| {
+            e["plugin"] == "worker"
+                && (e["message"] == "autoscaler forecast refitted"
+                    || e["message"] == "autoscaler forecast fell back to a simpler model")
+        });
+        if let Some(e) = fitted {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no refit within 90 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // A few more samples past the end of the fit.
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(50));
+        samples.push((now_ms(), checks()));
+    }
+    assert_eq!(refit["points"].as_u64(), Some(10_001), "{refit}");
+    assert_eq!(refit["model"], "mstl", "{refit}");
+    let took = refit["took_ms"].as_f64().expect("took_ms");
+    let end = timestamp_ms(&refit);
+    let start = end - took;
+    assert!(
+        took >= 5.0 * INTERVAL_MS,
+        "the fit took only {took} ms: too short to tell"
+    );
+    let inside: Vec<&(f64, f64)> = samples
+        .iter()
+        .filter(|(t, _)| *t >= start && *t <= end)
+        .collect();
+    let (Some(first), Some(last)) = (inside.first(), inside.last()) else {
+        panic!("no scrape during the {took} ms fit: the runtime was blocked ({samples:?})");
+    };
+    let span = last.0 - first.0;
+    let expected = span / INTERVAL_MS * REPLICAS;
+    let seen = last.1 - first.1;
+    println!("fit took {took} ms; {seen} checks in {span:.0} ms, {expected:.1} expected");
+    assert!(
+        span >= took * 0.5,
+        "scrapes stalled during the fit: {inside:?}"
+    );
+    assert!(
+        seen >= expected * 0.7,
+        "{seen} health checks during {span:.0} ms of the fit, {expected:.1} expected"
+    );
+}
