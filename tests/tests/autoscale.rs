@@ -194,6 +194,12 @@ fn replicas_follow_a_compressed_day_ahead_of_the_queue_and_never_thrash() {
     assert!(!a.model.is_empty() && a.forecast_upper.is_some(), "{a:?}");
     let lead = a.lead.expect("lead");
     assert!(lead.seconds >= 1, "lead {lead:?} is less than a bucket");
+    let status = conductor.cli(&["status"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("worker: autoscaled 1..=6, wants 1; load"),
+        "{status}"
+    );
     let scrape = conductor.scrape();
     for name in [
         "demi_autoscale_desired_replicas",

@@ -118,6 +118,42 @@ pub fn print_plugins(plugins: &[pb::Plugin], as_json: bool) {
         }
     }
     print_table(&rows);
+    for p in plugins {
+        if let Some(a) = &p.autoscale {
+            println!("{}", autoscale_line(&p.name, a));
+        }
+    }
+}
+
+/// One line per autoscaled plugin under the table: what the scaler saw
+/// and decided.
+fn autoscale_line(name: &str, a: &pb::Autoscale) -> String {
+    let unit = if a.signal == "cpu" { "cores" } else { "jobs/s" };
+    let forecast = match (a.forecast, a.forecast_lower, a.forecast_upper) {
+        (Some(p), Some(l), Some(u)) => format!(
+            "forecast {p:.1} [{l:.1}, {u:.1}] within {} ({})",
+            a.lead.as_ref().map_or("?".into(), |d| human(seconds(d))),
+            a.model
+        ),
+        _ => "no forecast yet".into(),
+    };
+    let capacity = if a.capacity.is_finite() {
+        format!(
+            "{:.1} {unit}/replica{}",
+            a.capacity,
+            if a.capacity_measured {
+                " (measured)"
+            } else {
+                ""
+            }
+        )
+    } else {
+        "capacity not known yet".into()
+    };
+    format!(
+        "{name}: autoscaled {}..={}, wants {}; load {:.1} {unit}, {forecast}, {capacity}; {}",
+        a.min, a.max, a.desired, a.load, a.reason
+    )
 }
 
 fn print_table(rows: &[Vec<String>]) {
@@ -167,6 +203,23 @@ fn plugin_json(p: &pb::Plugin) -> Value {
         "min_serving": p.min_serving,
         "command": p.command,
         "source": p.source,
+        "autoscale": p.autoscale.as_ref().map(|a| json!({
+            "min": a.min,
+            "max": a.max,
+            "desired": a.desired,
+            "signal": a.signal,
+            "load": a.load,
+            "forecast": a.forecast,
+            "forecast_lower": a.forecast_lower,
+            "forecast_upper": a.forecast_upper,
+            "capacity": a.capacity.is_finite().then_some(a.capacity),
+            "capacity_measured": a.capacity_measured,
+            "lead_s": a.lead.as_ref().map(seconds),
+            "model": a.model,
+            "fallback": (!a.fallback.is_empty()).then_some(&a.fallback),
+            "reason": a.reason,
+            "history": a.history,
+        })),
         "instances": p.instances.iter().map(|i| json!({
             "index": i.index,
             "state": i.state,
