@@ -348,3 +348,49 @@ history_seed = "{}"
         "{seen} health checks during {span:.0} ms of the fit, {expected:.1} expected"
     );
 }
+
+#[test]
+fn the_cpu_signal_scales_a_pool_that_takes_no_jobs() {
+    // Each instance spins one thread against a quarter-core limit: the
+    // pool uses a quarter core per replica, which is its capacity, so at
+    // 70 % target every reading asks for more until max.
+    let conductor = Conductor::builder()
+        .conductor("usage_interval = \"200ms\"")
+        .start(
+            r#"
+[plugins.burner]
+command = "{echo}"
+args = ["--spin-threads", "1"]
+jobs = false
+shutdown_grace = "1s"
+[plugins.burner.limits]
+cpu = 0.25
+[plugins.burner.autoscale]
+signal = "cpu"
+min = 1
+max = 3
+bucket = "1s"
+history = "10m"
+seasonal_periods = []
+"#,
+        );
+    conductor.wait_serving(0, "burner", 0);
+    let (_, up) = conductor.wait_for(0, "scale-up on CPU", |e| {
+        e["message"] == "autoscaler decision" && e["plugin"] == "burner" && e["to"] == 3
+    });
+    assert_eq!(up["reason"], "scale up: current load", "{up}");
+    let load = up["load"].as_f64().expect("load");
+    assert!(load > 0.15, "cores used {load}");
+    assert_eq!(up["capacity"].as_f64(), Some(0.25));
+    let plugin = grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        api.get_plugin(pb::PluginRef {
+            name: "burner".into(),
+        })
+        .await
+        .expect("get plugin")
+        .into_inner()
+    });
+    let a = plugin.autoscale.expect("autoscale status");
+    assert_eq!((a.signal.as_str(), a.capacity_measured), ("cpu", false));
+}
