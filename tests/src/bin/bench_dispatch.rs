@@ -74,7 +74,8 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let duration = Duration::from_secs(seconds);
-    let conductor = Conductor::builder().log("warn").start(&format!(
+    // Quiet, but for the line that says the admin API is up.
+    let conductor = Conductor::builder().log("warn,demi_conductor::api=info").start(&format!(
         "[plugins.echo]\ncommand = \"{{echo}}\"\nreplicas = {REPLICAS}\n\
          [plugins.echo.dispatch]\nqueue_capacity = 100000\nmax_in_flight = 1024\nmax_in_flight_per_replica = 256\n"
     ));
