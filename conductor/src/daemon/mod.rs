@@ -27,7 +27,7 @@ use crate::telemetry::metrics::{self, Metrics, MetricsError};
 pub enum DaemonError {
     #[error(transparent)]
     RuntimeDir(#[from] RuntimeDirError),
-    #[error("cannot start the spawner thread: {0}")]
+    #[error("cannot start the spawner threads: {0}")]
     Spawner(std::io::Error),
     #[error("cannot install the {0} handler: {1}")]
     Signal(&'static str, std::io::Error),
@@ -232,8 +232,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         let _ = tokio::time::timeout(API_DRAIN, task).await;
     }
     metrics.shutdown();
-    // Only now may the spawner thread end: its exit fires the death signal
-    // of every child it forked.
+    // Only now may the spawner threads end: their exit fires the death signal
+    // of every child they forked.
     drop(spawner);
     let _ = tokio::task::spawn_blocking(move || cgroups.remove_root()).await;
     tracing::info!("conductor stopped");

@@ -1,15 +1,21 @@
-//! The one thread that forks plugin processes.
+//! The threads that fork plugin processes.
 //!
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits,
 //! not the process. Tokio's worker and blocking threads come and go, so a
 //! child forked from one of them could be SIGKILLed while the conductor is
-//! healthy. Every fork therefore happens on a dedicated thread that lives
+//! healthy. Every fork therefore happens on dedicated threads that live
 //! exactly as long as the [`Spawner`], which the daemon keeps until every
 //! instance has stopped.
+//!
+//! A spawn blocks its thread until the child has exec'd (that is how a
+//! failed exec is reported), so after a crash storm one thread would start
+//! a hundred children strictly one after another; a thread per core lets
+//! those waits overlap.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -52,34 +58,47 @@ struct Request {
 /// Handle to the spawner thread. Dropping the last handle ends the thread,
 /// which kills (by death signal) any child still running.
 pub struct Spawner {
-    requests: Option<mpsc::Sender<Request>>,
-    thread: Option<JoinHandle<()>>,
+    requests: Vec<mpsc::Sender<Request>>,
+    threads: Vec<JoinHandle<()>>,
+    next: AtomicUsize,
 }
 
 impl Spawner {
-    /// Starts the spawner thread. `runtime` receives the children, so that
-    /// their exit is observed through tokio's pidfd-based reaper.
+    /// Starts a spawner thread per core (at most [`MAX_THREADS`]).
+    /// `runtime` receives the children, so that their exit is observed
+    /// through tokio's pidfd-based reaper.
     pub fn start(runtime: tokio::runtime::Handle) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Request>();
-        let thread = std::thread::Builder::new()
-            .name("demi-spawner".into())
-            .spawn(move || {
-                let _runtime = runtime.enter();
-                while let Ok(request) = rx.recv() {
-                    let _ = request.reply.send(spawn(request.spec));
-                }
-            })?;
-        Ok(Self {
-            requests: Some(tx),
-            thread: Some(thread),
-        })
+        let count = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_THREADS);
+        let mut spawner = Self {
+            requests: Vec::with_capacity(count),
+            threads: Vec::with_capacity(count),
+            next: AtomicUsize::new(0),
+        };
+        for i in 0..count {
+            let (tx, rx) = mpsc::channel::<Request>();
+            let runtime = runtime.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("demi-spawner-{i}"))
+                .spawn(move || {
+                    let _runtime = runtime.enter();
+                    while let Ok(request) = rx.recv() {
+                        let _ = request.reply.send(spawn(request.spec));
+                    }
+                })?;
+            spawner.requests.push(tx);
+            spawner.threads.push(thread);
+        }
+        Ok(spawner)
     }
 
-    /// Forks and execs `spec` on the spawner thread.
+    /// Forks and execs `spec` on a spawner thread (round robin).
     pub async fn spawn(&self, spec: SpawnSpec) -> Result<Child, SpawnError> {
         let (reply, answer) = oneshot::channel();
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.requests.len().max(1);
         self.requests
-            .as_ref()
+            .get(index)
             .ok_or(SpawnError::SpawnerGone)?
             .send(Request { spec, reply })
             .map_err(|_| SpawnError::SpawnerGone)?;
@@ -87,10 +106,14 @@ impl Spawner {
     }
 }
 
+/// More threads than this only contend for the process's memory map,
+/// which every fork locks.
+const MAX_THREADS: usize = 4;
+
 impl Drop for Spawner {
     fn drop(&mut self) {
-        self.requests.take();
-        if let Some(thread) = self.thread.take() {
+        self.requests.clear();
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
