@@ -1,13 +1,14 @@
 //! The conductor's side of the plugin contract: readiness, health checks,
 //! `Describe` and `Shutdown` over the instance's Unix socket.
 
-use std::path::{Path, PathBuf};
+mod h2;
+
+use std::path::Path;
 use std::time::Duration;
 
 use demi_proto::plugin::v1 as pb;
 use demi_proto::trace::{TRACEPARENT, TraceParent};
 use pb::plugin_client::PluginClient;
-use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -20,6 +21,10 @@ pub const ACCEPTED_PROTOCOLS: &[u32] = &[demi_proto::PROTOCOL_VERSION];
 /// call. Doubling from the start would notice a plugin ready at 9 ms only
 /// at 15 ms, which is restart latency operators measure.
 const FAST_PROBING: Duration = Duration::from_millis(25);
+
+/// A plugin that accepted but does not finish the HTTP/2 handshake in
+/// this long is tried again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// After that the interval doubles up to this, so a slow starter costs few
 /// wake-ups.
@@ -38,7 +43,7 @@ pub enum HealthError {
 /// A connected instance.
 #[derive(Clone)]
 pub struct PluginConnection {
-    channel: Channel,
+    channel: h2::Connection,
 }
 
 impl PluginConnection {
@@ -48,9 +53,10 @@ impl PluginConnection {
     pub async fn await_serving(socket: &Path) -> Self {
         let mut pause = Duration::from_millis(1);
         let started = std::time::Instant::now();
-        let endpoint = endpoint(socket);
         loop {
-            if let Ok(channel) = endpoint.connect().await {
+            if let Ok(Ok(channel)) =
+                tokio::time::timeout(CONNECT_TIMEOUT, h2::connect(socket)).await
+            {
                 let connection = Self { channel };
                 if connection
                     .check("", pause.max(MAX_PROBE_INTERVAL))
@@ -133,13 +139,4 @@ pub fn with_trace<T>(message: T, trace: TraceParent) -> tonic::Request<T> {
         request.metadata_mut().insert(TRACEPARENT, value);
     }
     request
-}
-
-fn endpoint(socket: &Path) -> Endpoint {
-    let path: PathBuf = socket.to_owned();
-    // from_shared fails only on invalid UTF-8, which a String cannot hold;
-    // a Unix socket URI needs no DNS or TLS, it only names the path.
-    Endpoint::from_shared(format!("unix://{}", path.display()))
-        .unwrap_or_else(|_| Endpoint::from_static("unix:///invalid"))
-        .connect_timeout(Duration::from_secs(1))
 }
