@@ -135,7 +135,13 @@ pub fn traced<T>(message: T) -> tonic::Request<T> {
 /// A request carrying `trace` (a job's trace, kept across its attempts).
 pub fn with_trace<T>(message: T, trace: TraceParent) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    if let Ok(value) = trace.to_string().parse() {
+    if let Ok(mut value) = trace
+        .to_string()
+        .parse::<tonic::metadata::AsciiMetadataValue>()
+    {
+        // Never indexed by HPACK: every value is new, so indexing only fills
+        // both ends' header tables (4 KiB per connection) with dead entries.
+        value.set_sensitive(true);
         request.metadata_mut().insert(TRACEPARENT, value);
     }
     request
