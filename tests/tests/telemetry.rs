@@ -105,10 +105,14 @@ fn metrics_show_restarts_with_their_reason_and_health_checks_per_interval() {
     );
 }
 
+/// An autoscaled pool with a short bucket, so its series appear quickly.
+const SCALED_AUTOSCALE: &str = "[plugins.scaled.autoscale]\ncapacity = 10.0\nbucket = \"200ms\"\n\
+    refit_every = \"200ms\"\nhistory = \"1m\"\nseasonal_periods = []";
+
 #[test]
 fn promtool_finds_no_problem_in_a_scrape() {
     let conductor = Conductor::start(&format!(
-        "{}{}",
+        "{}{}{}",
         plugin(
             "echo",
             "replicas = 2\n[plugins.echo.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\n[plugins.echo.limits]\nmemory = \"128MiB\""
@@ -117,6 +121,7 @@ fn promtool_finds_no_problem_in_a_scrape() {
             "crashy",
             "args = [\"--exit-code\", \"3\"]\n[plugins.crashy.restart]\nstart_limit_burst = 2"
         ),
+        plugin("scaled", SCALED_AUTOSCALE),
     ));
     conductor.wait_serving(0, "echo", 1);
     conductor.wait_event(0, "crashy", "instance failed");
@@ -124,7 +129,8 @@ fn promtool_finds_no_problem_in_a_scrape() {
     let deadline = Instant::now() + WAIT;
     let scrape = loop {
         let scrape = conductor.scrape();
-        if health_checks(&scrape, "echo") > 0.0 {
+        // The autoscaler's forecast exists once it has fitted a bucket.
+        if health_checks(&scrape, "echo") > 0.0 && scrape.contains("demi_autoscale_forecast{") {
             break scrape;
         }
         assert!(Instant::now() < deadline, "no health check counted");
@@ -274,7 +280,7 @@ fn every_metric_the_grafana_dashboard_queries_exists() {
     // Every kind of event once: a crash, a breaker trip (the first
     // instance stops answering after 300 ms), usage samples.
     let conductor = Conductor::builder().conductor("usage_interval = \"100ms\"").start(&format!(
-        "{}{}",
+        "{}{}{}",
         plugin(
             "echo",
             "[plugins.echo.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\n[plugins.echo.limits]\nmemory = \"64MiB\"",
@@ -284,6 +290,7 @@ fn every_metric_the_grafana_dashboard_queries_exists() {
             "args = [\"--hang-after\", \"300ms\"]\n\
              [plugins.hangs.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\nfailure_threshold = 2",
         ),
+        plugin("scaled", SCALED_AUTOSCALE),
     ));
     let (at, pid) = conductor.wait_serving(0, "echo", 0);
     signal_pid(pid, Signal::SIGKILL);
@@ -292,7 +299,8 @@ fn every_metric_the_grafana_dashboard_queries_exists() {
     let deadline = Instant::now() + WAIT;
     let scrape = loop {
         let scrape = conductor.scrape();
-        if health_checks(&scrape, "echo") > 0.0 {
+        // The autoscaler's forecast exists once it has fitted a bucket.
+        if health_checks(&scrape, "echo") > 0.0 && scrape.contains("demi_autoscale_forecast{") {
             break scrape;
         }
         assert!(Instant::now() < deadline);
