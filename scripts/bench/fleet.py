@@ -11,7 +11,6 @@ Usage: scripts/bench/fleet [N] [STEADY_SECONDS]    (defaults: 100 10)
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -93,102 +92,58 @@ def conductor_child(cgroups):
     folder = tempfile.mkdtemp(prefix="demi-fleet-")
     record = os.path.join(folder, "starts")
     extra = f'cgroup_root = "demi-fleet-{os.getpid()}"' if cgroups else 'cgroup_root = "cgroup.procs/none"\ncgroup_policy = "optional"'
-    config = common.conductor_config(folder, common.CHILD, [record], extra)
-    with open(config) as f:
-        text = f.read().replace("[plugins.child]\n", f"[plugins.child]\nreplicas = {N}\n")
-    with open(config, "w") as f:
-        f.write(text)
+    config = common.conductor_config(folder, common.CHILD, [record], extra, replicas=N)
     launched = time.time()
-    daemon = subprocess.Popen([common.CONDUCTOR, "run", "--config", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
-    try:
+    with common.supervised([common.CONDUCTOR, "run", "--config", config], folder, env={**os.environ, "RUST_LOG": "warn"}) as daemon:
         return fleet(record, launched, lambda: [daemon.pid])
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=60)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def supervisord():
     folder = tempfile.mkdtemp(prefix="demi-fleet-sv-")
     record = os.path.join(folder, "starts")
-    config = os.path.join(folder, "supervisord.conf")
-    with open(config, "w") as f:
-        f.write(f"""[supervisord]
-nodaemon=true
-logfile={folder}/supervisord.log
-pidfile={folder}/supervisord.pid
-[program:child]
-command={common.CHILD} {record}
-process_name=%(program_name)s-%(process_num)d
-numprocs={N}
-startsecs=0
-autorestart=true
-startretries=1000000
-""")
+    config = common.supervisord_config(folder, record, N)
     launched = time.time()
-    daemon = subprocess.Popen([os.path.join(common.VENV, "bin", "supervisord"), "-c", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with common.supervised([os.path.join(common.VENV, "bin", "supervisord"), "-c", config], folder) as daemon:
         return fleet(record, launched, lambda: [daemon.pid])
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=60)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def s6():
     folder = tempfile.mkdtemp(prefix="demi-fleet-s6-")
     record = os.path.join(folder, "starts")
-    for i in range(N):
-        service = os.path.join(folder, "scan", f"child-{i}")
-        os.makedirs(service)
-        with open(os.path.join(service, "run"), "w") as f:
-            f.write(f"#!/bin/sh\nexec {common.CHILD} {record} 3\n")
-        os.chmod(os.path.join(service, "run"), 0o755)
-        with open(os.path.join(service, "notification-fd"), "w") as f:
-            f.write("3\n")
+    scan = common.s6_scan(folder, record, N)
     launched = time.time()
-    daemon = subprocess.Popen(["s6-svscan", os.path.join(folder, "scan")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    stop = lambda: subprocess.run(["s6-svscanctl", "-t", scan], check=False)  # noqa: E731
+    with common.supervised(["s6-svscan", scan], folder, stop=stop) as daemon:
         # s6-svscan and its s6-supervise processes (the children's parents).
         return fleet(record, launched, lambda: [daemon.pid] + children_of(daemon.pid))
-    finally:
-        subprocess.run(["s6-svscanctl", "-t", os.path.join(folder, "scan")], check=False)
-        daemon.wait(timeout=60)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def conductor_grpc():
     """The Rust echo plugin with gRPC health checks every second: to SERVING."""
     folder = tempfile.mkdtemp(prefix="demi-fleet-grpc-")
-    config = common.conductor_config(folder, common.ECHO, [], f'cgroup_root = "demi-fleet-grpc-{os.getpid()}"')
-    with open(config) as f:
-        text = f.read().replace("[plugins.child]\n", f"[plugins.child]\nreplicas = {N}\n")
-        text += '[plugins.child.health]\ninterval = "1s"\ntimeout = "1s"\n'
-    with open(config, "w") as f:
-        f.write(text)
+    health = '[plugins.child.health]\ninterval = "1s"\ntimeout = "1s"\n'
+    config = common.conductor_config(folder, common.ECHO, [], f'cgroup_root = "demi-fleet-grpc-{os.getpid()}"', replicas=N, tables=health)
     serving = []
     lock = threading.Condition()
     launched = time.monotonic()
-    daemon = subprocess.Popen([common.CONDUCTOR, "run", "--log-format", "json", "--config", config], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "info"}, text=True)
+    command = [common.CONDUCTOR, "run", "--log-format", "json", "--config", config]
+    with common.supervised(command, folder, stdout=subprocess.PIPE, env={**os.environ, "RUST_LOG": "info"}, text=True) as daemon:
+        def follow():
+            for line in iter(daemon.stdout.readline, ""):
+                event = json.loads(line)
+                if event.get("message") == "instance serving":
+                    with lock:
+                        serving.append((time.monotonic(), event["pid"]))
+                        lock.notify_all()
 
-    def follow():
-        for line in iter(daemon.stdout.readline, ""):
-            event = json.loads(line)
-            if event.get("message") == "instance serving":
-                with lock:
-                    serving.append((time.monotonic(), event["pid"]))
-                    lock.notify_all()
+        threading.Thread(target=follow, daemon=True).start()
 
-    reader = threading.Thread(target=follow, daemon=True)
-    reader.start()
+        def wait_serving(count):
+            with lock:
+                if not lock.wait_for(lambda: len(serving) >= count, timeout=60):
+                    raise TimeoutError(f"{count} SERVING")
+                return serving[count - 1][0]
 
-    def wait_serving(count):
-        with lock:
-            if not lock.wait_for(lambda: len(serving) >= count, timeout=60):
-                raise TimeoutError(f"{count} SERVING")
-            return serving[count - 1][0]
-
-    try:
         result = {"all_serving_s": wait_serving(N) - launched}
         result.update(steady(lambda: [daemon.pid]))
         with lock:
@@ -198,10 +153,6 @@ def conductor_grpc():
             os.kill(pid, signal.SIGKILL)
         result["storm_all_serving_s"] = wait_serving(2 * N) - killed
         return result
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=60)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main():

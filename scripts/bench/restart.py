@@ -7,6 +7,7 @@ for the conductor, kill -> SERVING again over gRPC for the Rust echo plugin.
 Usage: scripts/bench/restart [KILLS]    (run from the repository root)
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,7 +90,8 @@ def kill_loop(record):
     return latencies
 
 
-def conductor_config(folder, command, args, extra):
+def conductor_config(folder, command, args, extra, replicas=1, tables=""):
+    """`tables`: more `[plugins.child.*]` tables, appended."""
     health = 'health = "none"' if command == CHILD else ""
     text = f'''[conductor]
 runtime_dir = "{folder}/run"
@@ -101,15 +103,67 @@ enabled = false
 [plugins.child]
 command = "{command}"
 args = {json.dumps(args)}
+replicas = {replicas}
 {health}
 [plugins.child.restart]
 initial_delay = "0ms"
 start_limit_burst = 100000
-'''
+{tables}'''
     path = os.path.join(folder, "conductor.toml")
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def supervisord_config(folder, record, n=1):
+    """supervisord running `n` children, its fastest settings."""
+    many = f"process_name=%(program_name)s-%(process_num)d\nnumprocs={n}\n" if n > 1 else ""
+    path = os.path.join(folder, "supervisord.conf")
+    with open(path, "w") as f:
+        f.write(f"""[supervisord]
+nodaemon=true
+logfile={folder}/supervisord.log
+pidfile={folder}/supervisord.pid
+[program:child]
+command={CHILD} {record}
+{many}startsecs=0
+autorestart=true
+startretries=1000000
+""")
+    return path
+
+
+def s6_scan(folder, record, n=1):
+    """An s6 scan directory of `n` children that notify readiness on fd 3
+    (without it s6 waits a second between starts)."""
+    scan = os.path.join(folder, "scan")
+    for i in range(n):
+        service = os.path.join(scan, f"child-{i}")
+        os.makedirs(service)
+        with open(os.path.join(service, "run"), "w") as f:
+            f.write(f"#!/bin/sh\nexec {CHILD} {record} 3\n")
+        os.chmod(os.path.join(service, "run"), 0o755)
+        with open(os.path.join(service, "notification-fd"), "w") as f:
+            f.write("3\n")
+    return scan
+
+
+@contextlib.contextmanager
+def supervised(command, folder, stop=None, **popen):
+    """Runs a supervisor; afterwards stops it (SIGTERM, or `stop`), waits
+    for it and removes `folder`."""
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    daemon = subprocess.Popen(command, **popen)
+    try:
+        yield daemon
+    finally:
+        if stop is None:
+            daemon.send_signal(signal.SIGTERM)
+        else:
+            stop()
+        daemon.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_conductor(cgroups):
@@ -117,57 +171,25 @@ def run_conductor(cgroups):
     record = os.path.join(folder, "starts")
     extra = f'cgroup_root = "demi-bench-{os.getpid()}"' if cgroups else 'cgroup_root = "cgroup.procs/none"\ncgroup_policy = "optional"'
     config = conductor_config(folder, CHILD, [record], extra)
-    daemon = subprocess.Popen([CONDUCTOR, "run", "--config", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
-    try:
+    with supervised([CONDUCTOR, "run", "--config", config], folder, env={**os.environ, "RUST_LOG": "warn"}):
         return kill_loop(record)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_supervisord():
     folder = tempfile.mkdtemp(prefix="demi-bench-sv-")
     record = os.path.join(folder, "starts")
-    config = os.path.join(folder, "supervisord.conf")
-    with open(config, "w") as f:
-        f.write(f"""[supervisord]
-nodaemon=true
-logfile={folder}/supervisord.log
-pidfile={folder}/supervisord.pid
-[program:child]
-command={CHILD} {record}
-startsecs=0
-autorestart=true
-startretries=1000000
-""")
-    daemon = subprocess.Popen([os.path.join(VENV, "bin", "supervisord"), "-c", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    config = supervisord_config(folder, record)
+    with supervised([os.path.join(VENV, "bin", "supervisord"), "-c", config], folder):
         return kill_loop(record)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_s6():
     folder = tempfile.mkdtemp(prefix="demi-bench-s6-")
     record = os.path.join(folder, "starts")
-    service = os.path.join(folder, "scan", "child")
-    os.makedirs(service)
-    with open(os.path.join(service, "run"), "w") as f:
-        f.write(f"#!/bin/sh\nexec {CHILD} {record} 3\n")
-    os.chmod(os.path.join(service, "run"), 0o755)
-    # Readiness notification on fd 3: without it s6 waits a second between starts.
-    with open(os.path.join(service, "notification-fd"), "w") as f:
-        f.write("3\n")
-    daemon = subprocess.Popen(["s6-svscan", os.path.join(folder, "scan")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    scan = s6_scan(folder, record)
+    stop = lambda: subprocess.run(["s6-svscanctl", "-t", scan], check=False)  # noqa: E731
+    with supervised(["s6-svscan", scan], folder, stop=stop):
         return kill_loop(record)
-    finally:
-        subprocess.run(["s6-svscanctl", "-t", os.path.join(folder, "scan")], check=False)
-        daemon.wait(timeout=30)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_conductor_grpc():
@@ -178,7 +200,7 @@ def run_conductor_grpc():
 
     folder = tempfile.mkdtemp(prefix="demi-bench-grpc-")
     config = conductor_config(folder, ECHO, [], f'cgroup_root = "demi-bench-grpc-{os.getpid()}"')
-    daemon = subprocess.Popen([CONDUCTOR, "run", "--log-format", "json", "--config", config], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "info"}, text=True)
+    command = [CONDUCTOR, "run", "--log-format", "json", "--config", config]
     socket = os.path.join(folder, "run", "plugins", "child-0.sock")
 
     def serving():
@@ -189,15 +211,15 @@ def run_conductor_grpc():
         except grpc.RpcError:
             return False
 
-    def pid():
-        for line in iter(daemon.stdout.readline, ""):
-            event = json.loads(line)
-            if event.get("message") == "instance serving":
-                return event["pid"]
-        raise RuntimeError("conductor stopped")
+    with supervised(command, folder, stdout=subprocess.PIPE, env={**os.environ, "RUST_LOG": "info"}, text=True) as daemon:
+        def pid():
+            for line in iter(daemon.stdout.readline, ""):
+                event = json.loads(line)
+                if event.get("message") == "instance serving":
+                    return event["pid"]
+            raise RuntimeError("conductor stopped")
 
-    latencies = []
-    try:
+        latencies = []
         current = pid()
         wait_for(serving, 30, "first SERVING")
         for _ in range(KILLS):
@@ -208,10 +230,6 @@ def run_conductor_grpc():
             latencies.append((time.monotonic_ns() - killed) / 1e6)
             time.sleep(GAP)
         return latencies
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def stats(latencies):

@@ -59,6 +59,21 @@ fn decisions(conductor: &Conductor) -> Vec<Value> {
         .collect()
 }
 
+/// GetPlugin's `autoscale` message for `plugin`.
+fn autoscale_status(conductor: &Conductor, plugin: &str) -> pb::Autoscale {
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        api.get_plugin(pb::PluginRef {
+            name: plugin.into(),
+        })
+        .await
+        .expect("get plugin")
+        .into_inner()
+        .autoscale
+        .expect("autoscale status")
+    })
+}
+
 fn n(e: &Value, field: &str) -> u64 {
     e[field]
         .as_u64()
@@ -173,16 +188,7 @@ fn replicas_follow_a_compressed_day_ahead_of_the_queue_and_never_thrash() {
     );
 
     // GetPlugin and the metrics carry the scaler's inputs.
-    let plugin = grpc::runtime().block_on(async {
-        let mut api = grpc::admin(&conductor.api_socket()).await;
-        api.get_plugin(pb::PluginRef {
-            name: "worker".into(),
-        })
-        .await
-        .expect("get plugin")
-        .into_inner()
-    });
-    let a = plugin.autoscale.expect("autoscale status");
+    let a = autoscale_status(&conductor, "worker");
     assert_eq!((a.min, a.max, a.signal.as_str()), (1, 6, "jobs"));
     assert!(a.capacity_measured);
     // 2 slots / ~100 ms, less the overhead of a debug build.
@@ -382,15 +388,6 @@ seasonal_periods = []
     let load = up["load"].as_f64().expect("load");
     assert!(load > 0.15, "cores used {load}");
     assert_eq!(up["capacity"].as_f64(), Some(0.25));
-    let plugin = grpc::runtime().block_on(async {
-        let mut api = grpc::admin(&conductor.api_socket()).await;
-        api.get_plugin(pb::PluginRef {
-            name: "burner".into(),
-        })
-        .await
-        .expect("get plugin")
-        .into_inner()
-    });
-    let a = plugin.autoscale.expect("autoscale status");
+    let a = autoscale_status(&conductor, "burner");
     assert_eq!((a.signal.as_str(), a.capacity_measured), ("cpu", false));
 }

@@ -28,22 +28,30 @@ const POLICY: &[&str] = &[
     "120s",
 ];
 
+/// `conductor scale-sim --trace TRACE --plot PLOT` with `extra` flags.
+fn scale_sim(trace: &Path, plot: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(bin("conductor"))
+        .arg("scale-sim")
+        .arg("--trace")
+        .arg(trace)
+        .arg("--plot")
+        .arg(plot)
+        .args(extra)
+        .output()
+        .expect("run conductor scale-sim")
+}
+
 fn simulate(trace: &str) -> (String, Value, tempfile::TempDir) {
     let out = tempfile::tempdir().expect("temp dir");
     let trace = repo_root().join("tests/data").join(trace);
     let prefix = out.path().join("plot");
     let json = out.path().join("result.json");
-    let output = Command::new(bin("conductor"))
-        .arg("scale-sim")
-        .arg("--trace")
-        .arg(&trace)
-        .arg("--plot")
-        .arg(&prefix)
-        .arg("--json")
-        .arg(&json)
-        .args(POLICY)
-        .output()
-        .expect("run conductor scale-sim");
+    let json_arg = json.to_string_lossy().into_owned();
+    let flags: Vec<&str> = ["--json", json_arg.as_str()]
+        .into_iter()
+        .chain(POLICY.iter().copied())
+        .collect();
+    let output = scale_sim(&trace, &prefix, &flags);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -146,13 +154,7 @@ fn a_malformed_trace_is_refused_naming_its_line() {
         "timestamp,value\n2026-01-01T00:00:00Z,5\n2026-01-01T00:01:00Z,five\n",
     )
     .expect("write trace");
-    let output = Command::new(bin("conductor"))
-        .args(["scale-sim", "--trace"])
-        .arg(&trace)
-        .arg("--plot")
-        .arg(dir.path().join("p"))
-        .output()
-        .expect("run");
+    let output = scale_sim(&trace, &dir.path().join("p"), &[]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -180,13 +182,7 @@ fn gaps_and_irregular_rows_are_reported_not_fatal() {
     }
     text.push_str("2026-03-03 09:00:00,70\n");
     std::fs::write(&trace, text).expect("write trace");
-    let output = Command::new(bin("conductor"))
-        .args(["scale-sim", "--trace"])
-        .arg(&trace)
-        .arg("--plot")
-        .arg(dir.path().join("p"))
-        .output()
-        .expect("run");
+    let output = scale_sim(&trace, &dir.path().join("p"), &[]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

@@ -105,6 +105,23 @@ fn metrics_show_restarts_with_their_reason_and_health_checks_per_interval() {
     );
 }
 
+/// A scrape once echo's health checks are counted and the autoscaler has
+/// a forecast (after its first fit).
+fn scrape_with_every_kind(conductor: &Conductor) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let scrape = conductor.scrape();
+        if health_checks(&scrape, "echo") > 0.0 && scrape.contains("demi_autoscale_forecast{") {
+            return scrape;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no health check counted or no forecast yet"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// An autoscaled pool with a short bucket, so its series appear quickly.
 const SCALED_AUTOSCALE: &str = "[plugins.scaled.autoscale]\ncapacity = 10.0\nbucket = \"200ms\"\n\
     refit_every = \"200ms\"\nhistory = \"1m\"\nseasonal_periods = []";
@@ -126,16 +143,7 @@ fn promtool_finds_no_problem_in_a_scrape() {
     conductor.wait_serving(0, "echo", 1);
     conductor.wait_event(0, "crashy", "instance failed");
     // A scrape with every kind of series: wait for the first health checks.
-    let deadline = Instant::now() + WAIT;
-    let scrape = loop {
-        let scrape = conductor.scrape();
-        // The autoscaler's forecast exists once it has fitted a bucket.
-        if health_checks(&scrape, "echo") > 0.0 && scrape.contains("demi_autoscale_forecast{") {
-            break scrape;
-        }
-        assert!(Instant::now() < deadline, "no health check counted");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let scrape = scrape_with_every_kind(&conductor);
     let mut promtool = Command::new(prometheus_tool("promtool"))
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -296,16 +304,7 @@ fn every_metric_the_grafana_dashboard_queries_exists() {
     signal_pid(pid, Signal::SIGKILL);
     conductor.wait_serving(at + 1, "echo", 0);
     conductor.wait_event(0, "hangs", "breaker tripped");
-    let deadline = Instant::now() + WAIT;
-    let scrape = loop {
-        let scrape = conductor.scrape();
-        // The autoscaler's forecast exists once it has fitted a bucket.
-        if health_checks(&scrape, "echo") > 0.0 && scrape.contains("demi_autoscale_forecast{") {
-            break scrape;
-        }
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let scrape = scrape_with_every_kind(&conductor);
     let mut checked = 0;
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {

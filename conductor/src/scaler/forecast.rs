@@ -122,42 +122,29 @@ fn fit_models(data: &[f64], params: &FitParams, horizon: usize) -> Forecast {
     }
     if !periods.is_empty() {
         let ets = AutoETS::non_seasonal().into_trend_model();
-        let model = MSTLModel::new(periods.clone(), ets);
-        match model
+        let fitted = MSTLModel::new(periods.clone(), ets)
             .fit(data)
             .map_err(|e| e.to_string())
-            .and_then(|m| m.predict(horizon, params.level).map_err(|e| e.to_string()))
-        {
-            Ok(f) => match from_augurs(Method::Mstl, f, horizon) {
-                Some(forecast) => {
-                    return Forecast {
-                        fallback: joined(why),
-                        ..forecast
-                    };
-                }
-                None => why.push("MSTL forecast was not finite".to_owned()),
-            },
-            Err(e) => why.push(format!("MSTL fit failed: {e}")),
+            .and_then(|m| m.predict(horizon, params.level).map_err(|e| e.to_string()));
+        if let Some(forecast) = accepted(Method::Mstl, fitted, horizon, &mut why) {
+            return Forecast {
+                fallback: joined(why),
+                ..forecast
+            };
         }
     }
     if data.len() >= MIN_ETS_POINTS {
         // "ZZN" lets AutoETS pick error and trend; fixed specs with trend N
         // ("ANN") fail to fit in augurs.
-        match AutoETS::new(1, "ZZN")
+        let fitted = AutoETS::new(1, "ZZN")
             .map_err(|e| e.to_string())
             .and_then(|m| m.fit(data).map_err(|e| e.to_string()))
-            .and_then(|m| m.predict(horizon, params.level).map_err(|e| e.to_string()))
-        {
-            Ok(f) => match from_augurs(Method::Ets, f, horizon) {
-                Some(forecast) => {
-                    return Forecast {
-                        fallback: joined(why),
-                        ..forecast
-                    };
-                }
-                None => why.push("AutoETS forecast was not finite".to_owned()),
-            },
-            Err(e) => why.push(format!("AutoETS fit failed: {e}")),
+            .and_then(|m| m.predict(horizon, params.level).map_err(|e| e.to_string()));
+        if let Some(forecast) = accepted(Method::Ets, fitted, horizon, &mut why) {
+            return Forecast {
+                fallback: joined(why),
+                ..forecast
+            };
         }
     } else {
         why.push(format!(
@@ -180,6 +167,32 @@ fn fit_models(data: &[f64], params: &FitParams, horizon: usize) -> Forecast {
 
 fn joined(why: Vec<String>) -> Option<String> {
     (!why.is_empty()).then(|| why.join("; "))
+}
+
+/// A fitted model's forecast, or `None` with the reason added to `why`.
+fn accepted(
+    method: Method,
+    fitted: Result<augurs::Forecast, String>,
+    horizon: usize,
+    why: &mut Vec<String>,
+) -> Option<Forecast> {
+    let name = match method {
+        Method::Mstl => "MSTL",
+        _ => "AutoETS",
+    };
+    match fitted {
+        Ok(f) => {
+            let forecast = from_augurs(method, f, horizon);
+            if forecast.is_none() {
+                why.push(format!("{name} forecast was not finite"));
+            }
+            forecast
+        }
+        Err(e) => {
+            why.push(format!("{name} fit failed: {e}"));
+            None
+        }
+    }
 }
 
 fn from_augurs(method: Method, f: augurs::Forecast, horizon: usize) -> Option<Forecast> {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -126,18 +127,8 @@ fn draw<DB: DrawingBackend>(
         .fold(0.0, f64::max);
     let x_desc = format!("trace time ({})", labels.time_unit);
 
-    let mut load = ChartBuilder::on(&top)
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..x_end, 0.0..(highest * 1.05).max(1.0))
-        .map_err(e)?;
-    load.configure_mesh()
-        .x_desc(&x_desc)
-        .y_desc(format!("load ({})", labels.unit))
-        .label_style(("sans-serif", 16))
-        .draw()
-        .map_err(e)?;
+    let y_desc = format!("load ({})", labels.unit);
+    let mut load = panel(&top, x_end, (highest * 1.05).max(1.0), &x_desc, &y_desc).map_err(e)?;
     let band = RGBColor(0, 158, 115);
     for segment in segments(&outcome.forecast) {
         let mut polygon: Vec<(f64, f64)> = segment.iter().map(|&(i, a)| (x(i), a.upper)).collect();
@@ -174,13 +165,7 @@ fn draw<DB: DrawingBackend>(
     .map_err(e)?
     .label("load")
     .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
-    load.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 16))
-        .draw()
-        .map_err(e)?;
+    legend(&mut load).map_err(e)?;
 
     let most = outcome
         .runs
@@ -188,18 +173,7 @@ fn draw<DB: DrawingBackend>(
         .flat_map(|r| r.replicas.iter().copied())
         .max()
         .unwrap_or(1);
-    let mut pool = ChartBuilder::on(&bottom)
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..x_end, 0.0..f64::from(most) + 1.0)
-        .map_err(e)?;
-    pool.configure_mesh()
-        .x_desc(&x_desc)
-        .y_desc("replicas")
-        .label_style(("sans-serif", 16))
-        .draw()
-        .map_err(e)?;
+    let mut pool = panel(&bottom, x_end, f64::from(most) + 1.0, &x_desc, "replicas").map_err(e)?;
     for (run, color) in outcome.runs.iter().zip(POLICY_COLORS) {
         // Steps: a count holds until the next decision.
         let mut points = Vec::with_capacity(run.replicas.len() * 2);
@@ -219,15 +193,45 @@ fn draw<DB: DrawingBackend>(
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    pool.configure_series_labels()
+    legend(&mut pool).map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// One of the two stacked charts, its axes drawn and named.
+fn panel<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    x_end: f64,
+    y_top: f64,
+    x_desc: &str,
+    y_desc: &str,
+) -> Result<Chart<'a, DB>, DrawingAreaErrorKind<DB::ErrorType>> {
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..x_end, 0.0..y_top)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 16))
+        .draw()?;
+    Ok(chart)
+}
+
+fn legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, DB>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 16))
         .draw()
-        .map_err(e)?;
-    root.present().map_err(e)?;
-    Ok(())
 }
 
 /// Runs of consecutive buckets that have a forecast.
