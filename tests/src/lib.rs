@@ -226,7 +226,9 @@ impl Conductor {
     /// one has exited (or been killed).
     pub fn restart(mut self) -> Self {
         if self.exited.is_none() {
-            self.signal(Signal::SIGKILL);
+            // The caller may have killed it already and the waiter thread
+            // reaped it: ESRCH then only means there is nothing left to kill.
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
             self.wait_exit();
         }
         Self::launch(
