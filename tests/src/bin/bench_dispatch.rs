@@ -17,11 +17,19 @@ struct Run {
     jobs: usize,
     seconds: f64,
     latencies: Vec<Duration>,
+    /// CPU seconds spent during the run by the caller (this process), the
+    /// conductor and the replicas.
+    cpu: [f64; 3],
 }
 
 impl Run {
     fn rate(&self) -> f64 {
         self.jobs as f64 / self.seconds
+    }
+
+    /// Microseconds of CPU per job, per party.
+    fn cpu_per_job(&self) -> [f64; 3] {
+        self.cpu.map(|s| s * 1e6 / self.jobs.max(1) as f64)
     }
 
     fn percentile(&self, p: f64) -> Duration {
@@ -30,14 +38,72 @@ impl Run {
     }
 }
 
+/// utime + stime of `pid` in seconds (0 when it is gone).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name start with state (field 3); utime and
+    // stime are fields 14 and 15.
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    // SAFETY: sysconf reads a constant of the running system.
+    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// The caller, the conductor and the replicas (the conductor's children).
+#[derive(Clone)]
+struct Parties {
+    conductor: u32,
+    replicas: Vec<u32>,
+}
+
+impl Parties {
+    fn of(conductor: u32) -> Self {
+        let replicas = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.split(' ').nth(1).map(str::to_owned))
+                        .is_some_and(|ppid| ppid == conductor.to_string())
+                })
+            })
+            .collect();
+        Self {
+            conductor,
+            replicas,
+        }
+    }
+
+    fn cpu(&self) -> [f64; 3] {
+        [
+            cpu_seconds(std::process::id()),
+            cpu_seconds(self.conductor),
+            self.replicas.iter().map(|&p| cpu_seconds(p)).sum(),
+        ]
+    }
+}
+
 /// Runs `CONCURRENCY` loops of `call` for `duration`.
-async fn load<F, Fut>(duration: Duration, call: F) -> Run
+async fn load<F, Fut>(parties: &Parties, duration: Duration, call: F) -> Run
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
+    let cpu_before = parties.cpu();
     let started = Instant::now();
     for worker in 0..CONCURRENCY {
         let (call, stop) = (call.clone(), stop.clone());
@@ -60,11 +126,13 @@ where
         latencies.extend(mine.unwrap_or_default());
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_after = parties.cpu();
     latencies.sort();
     Run {
         jobs: latencies.len(),
         seconds,
         latencies,
+        cpu: [0, 1, 2].map(|i| cpu_after[i] - cpu_before[i]),
     }
 }
 
@@ -87,6 +155,12 @@ fn main() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+    let parties = Parties::of(conductor.pid());
+    assert_eq!(
+        parties.replicas.len(),
+        REPLICAS as usize,
+        "replicas among the conductor's children"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -109,7 +183,7 @@ fn main() {
             ));
         }
         let clients = Arc::new(clients);
-        let direct = load(duration, move |n| {
+        let direct = load(&parties, duration, move |n| {
             let mut client = clients[n % clients.len()].clone();
             async move {
                 let job = pb::Job {
@@ -129,7 +203,7 @@ fn main() {
             }
             v
         });
-        let through = load(duration, move |n| {
+        let through = load(&parties, duration, move |n| {
             let mut api = apis[n % apis.len()].clone();
             async move {
                 let request = admin_pb::SubmitRequest {
@@ -156,12 +230,13 @@ fn main() {
         "dispatch benchmark: {REPLICAS} echo replicas, {CONCURRENCY} concurrent callers, {seconds} s per side"
     );
     println!(
-        "{:<22} {:>12} {:>10} {:>10}",
-        "", "jobs/s", "p50 ms", "p99 ms"
+        "{:<22} {:>10} {:>8} {:>8}   {:>28}",
+        "", "jobs/s", "p50 ms", "p99 ms", "CPU µs/job caller+cond+repl"
     );
     for (name, run) in [("direct Handle", &direct), ("through conductor", &through)] {
+        let [caller, cond, repl] = run.cpu_per_job();
         println!(
-            "{name:<22} {:>12.0} {:>10.2} {:>10.2}",
+            "{name:<22} {:>10.0} {:>8.2} {:>8.2}   {caller:>8.1} {cond:>8.1} {repl:>8.1}",
             run.rate(),
             ms(run.percentile(0.5)),
             ms(run.percentile(0.99))
@@ -173,8 +248,8 @@ fn main() {
         "replicas": REPLICAS,
         "concurrency": CONCURRENCY,
         "seconds": seconds,
-        "direct": {"jobs_per_s": direct.rate(), "p50_ms": ms(direct.percentile(0.5)), "p99_ms": ms(direct.percentile(0.99))},
-        "conductor": {"jobs_per_s": through.rate(), "p50_ms": ms(through.percentile(0.5)), "p99_ms": ms(through.percentile(0.99))},
+        "direct": {"jobs_per_s": direct.rate(), "p50_ms": ms(direct.percentile(0.5)), "p99_ms": ms(direct.percentile(0.99)), "cpu_us_per_job": direct.cpu_per_job()},
+        "conductor": {"jobs_per_s": through.rate(), "p50_ms": ms(through.percentile(0.5)), "p99_ms": ms(through.percentile(0.99)), "cpu_us_per_job": through.cpu_per_job()},
         "ratio": ratio,
     });
     let out = std::env::var_os("BENCH_OUT")
