@@ -6,6 +6,10 @@
 //! the conductor named, serves the `demi.plugin.v1.Plugin` and
 //! `grpc.health.v1.Health` services, reports SERVING, drains gracefully on
 //! `Shutdown` or SIGTERM, and exits by itself when the conductor dies.
+//! Jobs arrive through your one `handle` whether the conductor sends them
+//! as `Handle` calls or on a `HandleStream` (the cheaper way it uses by
+//! default); a job the conductor stops waiting for is cancelled by
+//! dropping its future.
 //!
 //! Implement [`Plugin`] and hand it to [`run`]:
 //!

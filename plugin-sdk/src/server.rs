@@ -1,6 +1,9 @@
 //! Serving the Plugin and Health services on the conductor's socket.
 
+use std::collections::HashMap;
+use std::future::Future as _;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,10 +12,11 @@ use demi_proto::plugin::v1 as pb;
 use pb::plugin_server::PluginServer;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -27,6 +31,10 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 /// How long closing idle connections may take after the drain.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Answers of a job stream waiting to be written: a conductor that stops
+/// reading holds finished jobs here instead of in an ever-growing queue.
+const ANSWER_BUFFER: usize = 256;
 
 /// Why [`serve`] stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -117,11 +125,14 @@ pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<()
     let in_flight = TaskTracker::new();
     let grace = Arc::new(Mutex::new(None));
     let service = PluginService {
-        plugin: Arc::new(plugin),
+        work: Work {
+            plugin: Arc::new(plugin),
+            stop: stop.clone(),
+            close: close.clone(),
+            in_flight: in_flight.clone(),
+        },
         name: handshake.name.clone(),
         protocol_version: handshake.protocol_version,
-        stop: stop.clone(),
-        in_flight: in_flight.clone(),
         grace: grace.clone(),
         health: health.clone(),
     };
@@ -201,14 +212,150 @@ async fn mark_not_serving(health: &HealthReporter, name: &str) {
         .await;
 }
 
-struct PluginService<P> {
+/// What both job entry points share: the plugin and the drain's state.
+struct Work<P> {
     plugin: Arc<P>,
+    /// Cancelled when the drain begins: new jobs are refused.
+    stop: CancellationToken,
+    /// Cancelled when the drain is over: job streams end.
+    close: CancellationToken,
+    in_flight: TaskTracker,
+}
+
+impl<P> Clone for Work<P> {
+    fn clone(&self) -> Self {
+        Self {
+            plugin: self.plugin.clone(),
+            stop: self.stop.clone(),
+            close: self.close.clone(),
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
+const SHUTTING_DOWN: &str = "plugin is shutting down";
+
+impl<P: Plugin> Work<P> {
+    /// Runs one job inside a span that carries the job and its trace, so
+    /// the plugin's own events inside `handle` say which job they are for.
+    async fn run(&self, job: pb::Job, trace: Option<TraceParent>) -> pb::JobResult {
+        let mut job = Job::from(job);
+        job.trace = trace;
+        let id = job.id.clone();
+        let span = tracing::info_span!(
+            "handle",
+            job = %id,
+            attempt = job.attempt,
+            trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default()
+        );
+        let outcome = tracing::Instrument::instrument(self.plugin.handle(job), span).await;
+        outcome.into_result(id)
+    }
+
+    /// Reads one job stream: each job runs as its own task (tracked, so the
+    /// drain waits for it) and answers on `answers` when done.
+    async fn relay(
+        self,
+        mut deliveries: Streaming<pb::Delivery>,
+        answers: mpsc::Sender<pb::Answer>,
+    ) {
+        use pb::delivery::Body;
+        // A token per running job, so a `cancel` can stop it.
+        let running: Arc<Mutex<HashMap<u64, CancellationToken>>> = Arc::default();
+        loop {
+            let delivery = tokio::select! {
+                delivery = deliveries.message() => match delivery {
+                    Ok(Some(delivery)) => delivery,
+                    // The conductor closed the stream or the connection
+                    // broke: nobody is left waiting for these answers.
+                    Ok(None) | Err(_) => break,
+                },
+                () = self.close.cancelled() => break,
+            };
+            let tag = delivery.tag;
+            match delivery.body {
+                Some(Body::Job(job)) if self.stop.is_cancelled() => {
+                    let result =
+                        crate::Outcome::Retryable(SHUTTING_DOWN.into()).into_result(job.id);
+                    let _ = answers
+                        .send(pb::Answer {
+                            tag,
+                            result: Some(result),
+                        })
+                        .await;
+                }
+                Some(Body::Job(job)) => {
+                    let cancel = CancellationToken::new();
+                    lock_map(&running).insert(tag, cancel.clone());
+                    let trace = TraceParent::parse(&delivery.traceparent);
+                    let (work, answers, running) = (self.clone(), answers.clone(), running.clone());
+                    self.in_flight.spawn(async move {
+                        let result = tokio::select! {
+                            result = work.run(job, trace) => Some(result),
+                            () = cancel.cancelled() => None,
+                        };
+                        lock_map(&running).remove(&tag);
+                        if let Some(result) = result {
+                            let _ = answers
+                                .send(pb::Answer {
+                                    tag,
+                                    result: Some(result),
+                                })
+                                .await;
+                        }
+                    });
+                }
+                Some(Body::Cancel(_)) => {
+                    if let Some(cancel) = lock_map(&running).remove(&tag) {
+                        cancel.cancel();
+                    }
+                }
+                None => {}
+            }
+        }
+        for (_, cancel) in lock_map(&running).drain() {
+            cancel.cancel();
+        }
+    }
+}
+
+fn lock_map(
+    running: &Mutex<HashMap<u64, CancellationToken>>,
+) -> std::sync::MutexGuard<'_, HashMap<u64, CancellationToken>> {
+    // Only inserts and removes happen under it: a poisoned map is whole.
+    running
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct PluginService<P> {
+    work: Work<P>,
     name: String,
     protocol_version: u32,
-    stop: CancellationToken,
-    in_flight: TaskTracker,
     grace: Arc<Mutex<Option<Duration>>>,
     health: HealthReporter,
+}
+
+type AnswerStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Answer, Status>> + Send>>;
+
+/// A job stream's answers, ending when they run out or at `closed`.
+struct Answers {
+    pending: mpsc::Receiver<pb::Answer>,
+    closed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl tokio_stream::Stream for Answers {
+    type Item = Result<pb::Answer, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(None);
+        }
+        self.pending.poll_recv(cx).map(|answer| answer.map(Ok))
+    }
 }
 
 #[tonic::async_trait]
@@ -219,36 +366,48 @@ impl<P: Plugin> pb::plugin_server::Plugin for PluginService<P> {
     ) -> Result<Response<pb::DescribeResponse>, Status> {
         Ok(Response::new(pb::DescribeResponse {
             name: self.name.clone(),
-            version: self.plugin.version(),
+            version: self.work.plugin.version(),
             protocol_version: self.protocol_version,
-            capabilities: self.plugin.capabilities(),
+            capabilities: self.work.plugin.capabilities(),
         }))
     }
 
     async fn handle(&self, request: Request<pb::Job>) -> Result<Response<pb::JobResult>, Status> {
-        if self.stop.is_cancelled() {
+        if self.work.stop.is_cancelled() {
             // UNAVAILABLE tells the conductor to deliver the job elsewhere.
-            return Err(Status::unavailable("plugin is shutting down"));
+            return Err(Status::unavailable(SHUTTING_DOWN));
         }
         // Counts as in flight until the result is built, so a drain waits for it.
-        let _in_flight = self.in_flight.token();
+        let _in_flight = self.work.in_flight.token();
         let trace = request
             .metadata()
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(TraceParent::parse);
-        let mut job = Job::from(request.into_inner());
-        job.trace = trace;
-        let id = job.id.clone();
-        // The plugin's own events inside `handle` carry the job and trace.
-        let span = tracing::info_span!(
-            "handle",
-            job = %id,
-            attempt = job.attempt,
-            trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default()
-        );
-        let outcome = tracing::Instrument::instrument(self.plugin.handle(job), span).await;
-        Ok(Response::new(outcome.into_result(id)))
+        let result = self.work.run(request.into_inner(), trace).await;
+        Ok(Response::new(result))
+    }
+
+    type HandleStreamStream = AnswerStream;
+
+    async fn handle_stream(
+        &self,
+        request: Request<Streaming<pb::Delivery>>,
+    ) -> Result<Response<AnswerStream>, Status> {
+        if self.work.stop.is_cancelled() {
+            return Err(Status::unavailable(SHUTTING_DOWN));
+        }
+        let (answers, pending) = mpsc::channel(ANSWER_BUFFER);
+        // The relay ends with the stream or at `close`; its jobs are tracked
+        // by `in_flight`, which the drain waits for.
+        tokio::spawn(self.work.clone().relay(request.into_inner(), answers));
+        // After the drain, the stream ends even if an abandoned job still
+        // holds a sender, so the server can close.
+        let answers = Answers {
+            pending,
+            closed: Box::pin(self.work.close.clone().cancelled_owned()),
+        };
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn shutdown(
@@ -262,7 +421,7 @@ impl<P: Plugin> pb::plugin_server::Plugin for PluginService<P> {
             .unwrap_or(DEFAULT_GRACE);
         *self.grace.lock().unwrap_or_else(|p| p.into_inner()) = Some(grace);
         mark_not_serving(&self.health, &self.name).await;
-        self.stop.cancel();
+        self.work.stop.cancel();
         Ok(Response::new(pb::ShutdownResponse {}))
     }
 }

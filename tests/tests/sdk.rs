@@ -208,3 +208,88 @@ fn handle_receives_the_callers_trace_id() {
     signal_pid(echo.id(), Signal::SIGTERM);
     exit_code_within(&mut echo, Duration::from_secs(5));
 }
+
+fn delivery(tag: u64, kind: &str, payload: &str, traceparent: &str) -> pb::Delivery {
+    pb::Delivery {
+        tag,
+        body: Some(pb::delivery::Body::Job(pb::Job {
+            id: format!("job-{tag}"),
+            kind: kind.into(),
+            payload: payload.as_bytes().to_vec(),
+            attempt: 1,
+            ..Default::default()
+        })),
+        traceparent: traceparent.into(),
+    }
+}
+
+#[test]
+fn a_job_stream_answers_by_tag_refuses_while_draining_and_a_cancel_ends_a_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("echo.sock");
+    let mut echo = start_echo(&socket, &["--hang-kind", "hang"]);
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    grpc::runtime().block_on(async {
+        let channel = grpc::connect(&socket).await;
+        let mut client = pb::plugin_client::PluginClient::new(channel);
+        let (deliveries, outgoing) = tokio::sync::mpsc::unbounded_channel();
+        let mut answers = client
+            .handle_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(
+                outgoing,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        deliveries.send(delivery(1, "hang", "", "")).unwrap();
+        deliveries
+            .send(delivery(2, "trace", "", traceparent))
+            .unwrap();
+        deliveries.send(delivery(3, "k", "three", "")).unwrap();
+        let mut got = std::collections::BTreeMap::new();
+        for _ in 0..2 {
+            let answer = answers.message().await.unwrap().unwrap();
+            let result = answer.result.unwrap();
+            assert_eq!(result.job_id, format!("job-{}", answer.tag));
+            got.insert(answer.tag, String::from_utf8(result.payload).unwrap());
+        }
+        assert_eq!(
+            got[&2], "4bf92f3577b34da6a3ce929d0e0e4736",
+            "the delivery's trace"
+        );
+        assert_eq!(got[&3], "three");
+
+        // Draining: the hung job keeps the plugin up; new deliveries are
+        // answered retryable so the conductor takes them elsewhere.
+        client
+            .shutdown(pb::ShutdownRequest {
+                grace: Some(prost_types_duration(Duration::from_secs(30))),
+            })
+            .await
+            .unwrap();
+        deliveries.send(delivery(4, "k", "late", "")).unwrap();
+        let refused = answers.message().await.unwrap().unwrap();
+        assert_eq!(refused.tag, 4);
+        let refused = refused.result.unwrap();
+        assert_eq!(refused.outcome, pb::job_result::Outcome::Retryable as i32);
+        assert!(refused.error.contains("shutting down"), "{}", refused.error);
+
+        // Cancelling the hung job is what lets the drain end long before
+        // its 30 s grace; the stream then ends without an answer for it.
+        deliveries
+            .send(pb::Delivery {
+                tag: 1,
+                body: Some(pb::delivery::Body::Cancel(pb::Cancel {})),
+                traceparent: String::new(),
+            })
+            .unwrap();
+        // Well inside the 30 s grace: the drain did not wait for the hung job.
+        let end = tokio::time::timeout(Duration::from_secs(10), answers.message())
+            .await
+            .expect("the stream outlived the cancel by 10 s: the hung job still runs");
+        assert!(end.unwrap_or(None).is_none(), "no answer after a cancel");
+    });
+    assert_eq!(
+        exit_code_within(&mut echo, Duration::from_secs(10)),
+        Some(0)
+    );
+}

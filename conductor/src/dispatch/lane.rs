@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use demi_proto::plugin::v1::plugin_client::PluginClient;
 use tokio::sync::{Notify, Semaphore, mpsc};
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::transport::Endpoint as TonicEndpoint;
 
 use super::config::DispatchConfig;
+use super::link::Link;
 use super::store::StoredJob;
 
 /// A SERVING replica jobs can go to.
@@ -16,14 +17,14 @@ use super::store::StoredJob;
 struct Replica {
     index: u32,
     pid: u32,
-    client: PluginClient<Channel>,
+    link: Arc<Link>,
     in_flight: Arc<AtomicUsize>,
 }
 
 /// A slot on one replica, held for the length of one delivery.
 pub struct Slot {
     pub index: u32,
-    pub client: PluginClient<Channel>,
+    pub link: Arc<Link>,
     in_flight: Arc<AtomicUsize>,
     lane: Arc<Lane>,
 }
@@ -101,13 +102,13 @@ impl Lane {
         };
         // Lazy: the connection is made by the first job, and remade after
         // a failure, without holding anyone up here.
-        let client = PluginClient::new(endpoint.connect_lazy());
+        let link = Arc::new(Link::new(PluginClient::new(endpoint.connect_lazy())));
         let mut replicas = self.replicas();
         replicas.retain(|r| r.index != index);
         replicas.push(Replica {
             index,
             pid,
-            client,
+            link,
             in_flight: Arc::new(AtomicUsize::new(0)),
         });
         drop(replicas);
@@ -136,7 +137,7 @@ impl Lane {
         best.in_flight.fetch_add(1, Ordering::AcqRel);
         Some(Slot {
             index: best.index,
-            client: best.client,
+            link: best.link,
             in_flight: best.in_flight,
             lane: self.clone(),
         })
