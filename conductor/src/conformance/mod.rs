@@ -289,7 +289,7 @@ async fn checks(bench: &mut Bench) -> Vec<Check> {
         exit = launched.child.wait() => {
             let status = exit.map(|s| s.to_string()).unwrap_or_default();
             record("serving", Verdict::Fail, format!("exited ({status}) before it was SERVING"));
-            for name in ["health-for-name", "describe", "handle", "deadline", "shutdown"] {
+            for name in ["health-for-name", "describe", "handle", "handle-stream", "deadline", "shutdown"] {
                 record(name, Verdict::Skip, "not serving".into());
             }
             return finish(bench, out).await;
@@ -310,6 +310,7 @@ async fn checks(bench: &mut Bench) -> Vec<Check> {
             "health-for-name",
             "describe",
             "handle",
+            "handle-stream",
             "deadline",
             "shutdown",
         ] {
@@ -415,7 +416,50 @@ async fn checks(bench: &mut Bench) -> Vec<Check> {
                 format!("{}: {}", status.code(), status.message()),
             ),
         }
-        // 6. A job with a deadline a moment away gets an answer (or an
+        // 6. The optional job stream: absent is fine, broken is not.
+        let job = pb::Job {
+            id: "plugin-check-3".into(),
+            kind: "echo".into(),
+            payload: b"on a stream".to_vec(),
+            attempt: 1,
+            ..Default::default()
+        };
+        match connection
+            .handle_on_stream(7, job, Duration::from_secs(5))
+            .await
+        {
+            Err(status) if status.code() == tonic::Code::Unimplemented => record(
+                "handle-stream",
+                Verdict::Skip,
+                "not served: the conductor will make one Handle call per job".into(),
+            ),
+            Err(status) => record(
+                "handle-stream",
+                Verdict::Fail,
+                format!("{}: {}", status.code(), status.message()),
+            ),
+            Ok(answer) => {
+                let result = answer.result.unwrap_or_default();
+                let verdict = if answer.tag != 7 {
+                    Err(format!("answered tag {} for tag 7", answer.tag))
+                } else if result.job_id != "plugin-check-3" {
+                    Err(format!("answered for job {:?}", result.job_id))
+                } else if !(1..=3).contains(&result.outcome) {
+                    Err(format!("no outcome ({})", result.outcome))
+                } else {
+                    Ok(format!(
+                        "outcome {}, {} bytes back, tag kept",
+                        result.outcome,
+                        result.payload.len()
+                    ))
+                };
+                match verdict {
+                    Ok(detail) => record("handle-stream", Verdict::Pass, detail),
+                    Err(detail) => record("handle-stream", Verdict::Fail, detail),
+                }
+            }
+        }
+        // 7. A job with a deadline a moment away gets an answer (or an
         // error) by then, not long after.
         let deadline = std::time::SystemTime::now() + Duration::from_millis(300);
         let job = pb::Job {
@@ -447,11 +491,13 @@ async fn checks(bench: &mut Bench) -> Vec<Check> {
             );
         }
     } else {
-        record(
-            "handle",
-            Verdict::Skip,
-            "the plugin does not list the \"jobs\" capability".into(),
-        );
+        for name in ["handle", "handle-stream"] {
+            record(
+                name,
+                Verdict::Skip,
+                "the plugin does not list the \"jobs\" capability".into(),
+            );
+        }
         record(
             "deadline",
             Verdict::Skip,
@@ -459,7 +505,7 @@ async fn checks(bench: &mut Bench) -> Vec<Check> {
         );
     }
 
-    // 7. Shutdown: gone within the grace.
+    // 8. Shutdown: gone within the grace.
     let grace = bench.options.grace;
     let _ = connection.shutdown(grace, Duration::from_secs(2)).await;
     match exit_within(&mut launched.child, grace + Duration::from_secs(1)).await {
@@ -499,7 +545,7 @@ async fn finish(bench: &mut Bench, mut out: Vec<Check>) -> Vec<Check> {
         return out;
     }
     let timeout = bench.options.startup_timeout;
-    // 8. SIGTERM: a graceful exit.
+    // 9. SIGTERM: a graceful exit.
     match bench.launch_plugin().await {
         Err(error) => out.push(Check {
             name: "sigterm",
@@ -535,7 +581,7 @@ async fn finish(bench: &mut Bench, mut out: Vec<Check>) -> Vec<Check> {
             out.push(check);
         }
     }
-    // 9. Parent death: started by a shell that is then SIGKILLed, the
+    // 10. Parent death: started by a shell that is then SIGKILLed, the
     // plugin has no death signal of its own and must notice by itself.
     out.push(parent_death(bench, timeout).await);
     out

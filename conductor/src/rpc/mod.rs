@@ -113,6 +113,43 @@ impl PluginConnection {
             .map(tonic::Response::into_inner)
     }
 
+    /// Opens a `HandleStream`, delivers `job` as `tag`, and returns the
+    /// first answer, all within `timeout`.
+    pub async fn handle_on_stream(
+        &self,
+        tag: u64,
+        job: pb::Job,
+        timeout: Duration,
+    ) -> Result<pb::Answer, tonic::Status> {
+        let mut client = PluginClient::new(self.channel.clone());
+        let (deliveries, outgoing) = tokio::sync::mpsc::unbounded_channel();
+        // Sent before the answer's headers are awaited (some servers send
+        // them only with the first answer), and the sender kept until the
+        // answer: a closed request stream tells the plugin nobody waits.
+        let _ = deliveries.send(pb::Delivery {
+            tag,
+            body: Some(pb::delivery::Body::Job(job)),
+            traceparent: TraceParent::new(|| fastrand::u64(..)).to_string(),
+        });
+        let call = async {
+            let mut answers = client
+                .handle_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(
+                    outgoing,
+                ))
+                .await?
+                .into_inner();
+            answers
+                .message()
+                .await?
+                .ok_or_else(|| tonic::Status::unavailable("the stream ended without an answer"))
+        };
+        let answer = tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("HandleStream gave no answer in time"))?;
+        drop(deliveries);
+        answer
+    }
+
     /// Asks the instance to drain and leave within `grace`.
     pub async fn shutdown(&self, grace: Duration, timeout: Duration) -> Result<(), tonic::Status> {
         let mut client = PluginClient::new(self.channel.clone());
