@@ -91,7 +91,7 @@ def fleet(record, launched, supervisor_pids):
 def conductor_child(cgroups):
     folder = tempfile.mkdtemp(prefix="demi-fleet-")
     record = os.path.join(folder, "starts")
-    extra = f'cgroup_root = "demi-fleet-{os.getpid()}"' if cgroups else 'cgroup_root = "cgroup.procs/none"\ncgroup_policy = "optional"'
+    extra = f'cgroup_root = "demi-fleet-{os.getpid()}"' if cgroups else common.no_cgroup_extra()
     config = common.conductor_config(folder, common.CHILD, [record], extra, replicas=N)
     launched = time.time()
     with common.supervised([common.CONDUCTOR, "run", "--config", config], folder, env={**os.environ, "RUST_LOG": "warn"}) as daemon:
