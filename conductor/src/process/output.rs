@@ -25,7 +25,7 @@ pub struct Origin {
 /// Reads `stream` to its end, logging each line. Ends when every process
 /// holding the pipe's write end has exited.
 pub async fn forward(stream: impl AsyncRead + Unpin, name: &'static str, origin: Origin) {
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::with_capacity(1024, stream);
     let mut line = Vec::with_capacity(256);
     loop {
         line.clear();
