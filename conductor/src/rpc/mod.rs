@@ -1,7 +1,7 @@
 //! The conductor's side of the plugin contract: readiness, health checks,
 //! `Describe` and `Shutdown` over the instance's Unix socket.
 
-mod h2;
+mod conn;
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,9 +9,7 @@ use std::time::Duration;
 use demi_proto::plugin::v1 as pb;
 use demi_proto::trace::{TRACEPARENT, TraceParent};
 use pb::plugin_client::PluginClient;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// Protocol versions this conductor speaks, offered to every plugin.
 pub const ACCEPTED_PROTOCOLS: &[u32] = &[demi_proto::PROTOCOL_VERSION];
@@ -43,7 +41,7 @@ pub enum HealthError {
 /// A connected instance.
 #[derive(Clone)]
 pub struct PluginConnection {
-    channel: h2::Connection,
+    channel: conn::Connection,
 }
 
 impl PluginConnection {
@@ -55,7 +53,7 @@ impl PluginConnection {
         let started = std::time::Instant::now();
         loop {
             if let Ok(Ok(channel)) =
-                tokio::time::timeout(CONNECT_TIMEOUT, h2::connect(socket)).await
+                tokio::time::timeout(CONNECT_TIMEOUT, conn::connect(socket)).await
             {
                 let connection = Self { channel };
                 if connection
@@ -75,16 +73,16 @@ impl PluginConnection {
 
     /// One `grpc.health.v1.Health/Check` for `service`.
     pub async fn check(&self, service: &str, timeout: Duration) -> Result<(), HealthError> {
-        let mut client = HealthClient::new(self.channel.clone());
-        let request = traced(HealthCheckRequest {
-            service: service.to_owned(),
-        });
-        let answer = tokio::time::timeout(timeout, client.check(request))
+        let check = self
+            .channel
+            .check_health(service, traceparent(TraceParent::new(random)));
+        let status = tokio::time::timeout(timeout, check)
             .await
             .map_err(|_| HealthError::Timeout(timeout))??;
-        match answer.into_inner().status() {
-            ServingStatus::Serving => Ok(()),
-            other => Err(HealthError::NotServing(other)),
+        match ServingStatus::try_from(status) {
+            Ok(ServingStatus::Serving) => Ok(()),
+            Ok(other) => Err(HealthError::NotServing(other)),
+            Err(_) => Err(HealthError::NotServing(ServingStatus::Unknown)),
         }
     }
 
@@ -172,14 +170,83 @@ pub fn traced<T>(message: T) -> tonic::Request<T> {
 /// A request carrying `trace` (a job's trace, kept across its attempts).
 pub fn with_trace<T>(message: T, trace: TraceParent) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    if let Ok(mut value) = trace
-        .to_string()
-        .parse::<tonic::metadata::AsciiMetadataValue>()
+    if let Ok(mut value) =
+        tonic::metadata::AsciiMetadataValue::try_from(traceparent(trace).as_bytes())
     {
-        // Never indexed by HPACK: every value is new, so indexing only fills
-        // both ends' header tables (4 KiB per connection) with dead entries.
+        // A copy of the bytes: the flag must be set again.
         value.set_sensitive(true);
         request.metadata_mut().insert(TRACEPARENT, value);
     }
     request
+}
+
+/// `trace` as a `traceparent` header value.
+fn traceparent(trace: TraceParent) -> http::HeaderValue {
+    // Always valid: the W3C form is lowercase hex and dashes.
+    let mut value = http::HeaderValue::from_str(&trace.to_string())
+        .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+    // Never indexed by HPACK: every value is new, so indexing only fills
+    // both ends' header tables (4 KiB per connection) with dead entries.
+    value.set_sensitive(true);
+    value
+}
+
+fn random() -> u64 {
+    fastrand::u64(..)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::wrappers::UnixListenerStream;
+
+    /// A real tonic health server on a Unix socket: "" SERVING, "down"
+    /// NOT_SERVING, anything else unknown to it.
+    async fn health_server(dir: &Path) -> std::path::PathBuf {
+        let socket = dir.join("health.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("down", tonic_health::ServingStatus::NotServing)
+            .await;
+        tokio::spawn(async move {
+            // The reporter must live as long as the server.
+            let _reporter = reporter;
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(UnixListenerStream::new(listener))
+                .await
+        });
+        socket
+    }
+
+    #[tokio::test]
+    async fn health_checks_read_serving_not_serving_and_errors_with_their_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = health_server(dir.path()).await;
+        let connection = PluginConnection::await_serving(&socket).await;
+        let timeout = Duration::from_secs(5);
+        assert!(connection.check("", timeout).await.is_ok());
+        match connection.check("down", timeout).await {
+            Err(HealthError::NotServing(ServingStatus::NotServing)) => {}
+            other => panic!("expected NOT_SERVING, got {other:?}"),
+        }
+        // An error status, with its percent-encoded message decoded.
+        match connection.check("no such service", timeout).await {
+            Err(HealthError::Rpc(status)) => {
+                assert_eq!(status.code(), tonic::Code::NotFound);
+                assert!(!status.message().contains('%'), "{}", status.message());
+            }
+            other => panic!("expected NOT_FOUND, got {other:?}"),
+        }
+        // Many in a row on one connection.
+        for _ in 0..100 {
+            connection.check("", timeout).await.unwrap();
+        }
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_decoded() {
+        assert_eq!(conn::percent_decode(b"a%20b%25c%2"), "a b%c%2");
+    }
 }
