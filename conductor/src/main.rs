@@ -129,6 +129,14 @@ enum DlqCommand {
 const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
+    // A stand-in waits for its go before anything else happens here.
+    let mut args = std::env::args_os();
+    if args
+        .nth(1)
+        .is_some_and(|a| a == demi_conductor::process::standby::ARG)
+    {
+        return demi_conductor::process::standby::wait_then_exec(args);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { path } => check_config(&path),

@@ -88,14 +88,29 @@ def fleet(record, launched, supervisor_pids):
     return result
 
 
-def conductor_child(cgroups):
+def stand_ins():
+    """Pids of the conductor's stand-in processes (their memory is the
+    conductor's too)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"\0__standby\0" in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def conductor_child(cgroups, standby=False):
     folder = tempfile.mkdtemp(prefix="demi-fleet-")
     record = os.path.join(folder, "starts")
     extra = f'cgroup_root = "demi-fleet-{os.getpid()}"' if cgroups else common.no_cgroup_extra()
-    config = common.conductor_config(folder, common.CHILD, [record], extra, replicas=N)
+    config = common.conductor_config(folder, common.CHILD, [record], extra, replicas=N, standby=standby)
     launched = time.time()
     with common.supervised([common.CONDUCTOR, "run", "--config", config], folder, env={**os.environ, "RUST_LOG": "warn"}) as daemon:
-        return fleet(record, launched, lambda: [daemon.pid])
+        return fleet(record, launched, lambda: [daemon.pid] + stand_ins())
 
 
 def supervisord():
@@ -158,6 +173,7 @@ def conductor_grpc():
 def main():
     common.setup()
     results = {
+        "conductor (cgroups, stand-ins)": conductor_child(True, standby=True),
         "conductor (own cgroups)": conductor_child(True),
         "conductor (no cgroups)": conductor_child(False),
         "s6 (readiness notification)": s6(),

@@ -91,8 +91,9 @@ def kill_loop(record):
     return latencies
 
 
-def conductor_config(folder, command, args, extra, replicas=1, tables=""):
-    """`tables`: more `[plugins.child.*]` tables, appended."""
+def conductor_config(folder, command, args, extra, replicas=1, tables="", standby=False):
+    """`tables`: more `[plugins.child.*]` tables, appended. `standby`: keep a
+    stand-in waiting in each instance's cgroup."""
     health = 'health = "none"' if command == CHILD else ""
     text = f'''[conductor]
 runtime_dir = "{folder}/run"
@@ -109,6 +110,7 @@ replicas = {replicas}
 [plugins.child.restart]
 initial_delay = "0ms"
 start_limit_burst = 100000
+standby = {"true" if standby else "false"}
 {tables}'''
     path = os.path.join(folder, "conductor.toml")
     with open(path, "w") as f:
@@ -167,11 +169,11 @@ def supervised(command, folder, stop=None, **popen):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_conductor(cgroups):
+def run_conductor(cgroups, standby=False):
     folder = tempfile.mkdtemp(prefix="demi-bench-")
     record = os.path.join(folder, "starts")
     extra = f'cgroup_root = "demi-bench-{os.getpid()}"' if cgroups else no_cgroup_extra()
-    config = conductor_config(folder, CHILD, [record], extra)
+    config = conductor_config(folder, CHILD, [record], extra, standby=standby)
     with supervised([CONDUCTOR, "run", "--config", config], folder, env={**os.environ, "RUST_LOG": "warn"}):
         return kill_loop(record)
 
@@ -198,7 +200,7 @@ def no_cgroup_extra():
     return 'cgroup_root = "cgroup.procs/none"\ncgroup_policy = "optional"'
 
 
-def run_conductor_grpc(cgroups):
+def run_conductor_grpc(cgroups, standby=False):
     """Kill -> SERVING again over gRPC, for the Rust SDK echo plugin, two
     ways: when the conductor reports it (its own health check answered
     SERVING: the event's timestamp), and when a fresh client of ours then
@@ -209,7 +211,7 @@ def run_conductor_grpc(cgroups):
 
     folder = tempfile.mkdtemp(prefix="demi-bench-grpc-")
     extra = f'cgroup_root = "demi-bench-grpc-{os.getpid()}"' if cgroups else no_cgroup_extra()
-    config = conductor_config(folder, ECHO, [], extra)
+    config = conductor_config(folder, ECHO, [], extra, standby=standby)
     command = [CONDUCTOR, "run", "--log-format", "json", "--config", config]
     socket = os.path.join(folder, "run", "plugins", "child-0.sock")
 
@@ -264,21 +266,22 @@ def favordynmods():
 def main():
     setup()
     results = {
+        "conductor (own cgroup, stand-in)": stats(run_conductor(True, standby=True)),
         "conductor (own cgroup)": stats(run_conductor(True)),
         "conductor (no cgroup)": stats(run_conductor(False)),
         "s6 (readiness notification)": stats(run_s6()),
         "supervisord": stats(run_supervisord()),
     }
-    for cgroups, label in ((True, "own cgroup"), (False, "no cgroup")):
-        reported, confirmed = run_conductor_grpc(cgroups)
+    for cgroups, standby, label in ((True, True, "cgroup, stand-in"), (True, False, "own cgroup"), (False, False, "no cgroup")):
+        reported, confirmed = run_conductor_grpc(cgroups, standby)
         results[f"-> SERVING, reported ({label})"] = stats(reported)
         results[f"-> SERVING, client sees ({label})"] = stats(confirmed)
     print(f"restart latency, {KILLS} kills each {GAP} s apart, kill -> new process started (ms); favordynmods: {favordynmods()}")
-    print(f"{'':38} {'min':>8} {'p50':>8} {'p90':>8} {'max':>8}")
+    print(f"{'':44} {'min':>8} {'p50':>8} {'p90':>8} {'max':>8}")
     for name, r in results.items():
-        print(f"{name:38} {r['min']:8.2f} {r['p50']:8.2f} {r['p90']:8.2f} {r['max']:8.2f}")
+        print(f"{name:44} {r['min']:8.2f} {r['p50']:8.2f} {r['p90']:8.2f} {r['max']:8.2f}")
     base = results["conductor (no cgroup)"]["p50"]
-    for name in ("conductor (no cgroup)", "conductor (own cgroup)"):
+    for name in ("conductor (no cgroup)", "conductor (own cgroup, stand-in)", "conductor (own cgroup)"):
         for peer in ("s6 (readiness notification)", "supervisord"):
             ratio = results[name]["p50"] / results[peer]["p50"]
             print(f"p50 {name} / {peer}: {ratio:.3f}")

@@ -353,3 +353,66 @@ fn the_v2_path_confines_kills_and_refuses_limits_without_controllers() {
     wait_all_gone(&[pid, daemon], Duration::from_secs(2)).expect("cgroup.kill left a process");
     assert!(!unified.join(&root).exists(), "v2 cgroup tree removed");
 }
+
+#[test]
+fn a_stand_in_waits_in_the_instances_cgroup_and_becomes_its_next_process() {
+    let mut conductor = Conductor::start(&plugin(
+        "spare",
+        "[plugins.spare.limits]\nmemory = \"128MiB\"\n\
+         [plugins.spare.restart]\ninitial_delay = \"0ms\"\nstandby = true\n",
+    ));
+    let (at, first) = conductor.wait_serving(0, "spare", 0);
+    let (at, ready) = conductor.wait_event(at, "spare", "stand-in ready");
+    let standby = ready["pid"].as_u64().unwrap() as u32;
+    let cgroup_of = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap()
+            .lines()
+            .find(|l| l.contains(":memory:"))
+            .map(|l| l.rsplit(':').next().unwrap_or_default().to_owned())
+            .unwrap()
+    };
+    assert_eq!(cgroup_of(standby), cgroup_of(first), "joined ahead of need");
+    assert!(
+        cgroup_of(first).ends_with("/spare/0"),
+        "{}",
+        cgroup_of(first)
+    );
+    let pgid = |pid: u32| {
+        nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32)))
+            .unwrap()
+            .as_raw() as u32
+    };
+    assert_eq!(
+        pgid(standby),
+        standby,
+        "a group of its own, not the instance's"
+    );
+
+    // The instance dies: the stand-in is told to go, and the stand-in
+    // itself (not a new fork) becomes the plugin, with /dev/null on stdin.
+    signal_pid(first, Signal::SIGKILL);
+    let (at, spawned) = conductor.wait_event(at, "spare", "instance spawned");
+    assert_eq!(
+        spawned["pid"].as_u64(),
+        Some(u64::from(standby)),
+        "{spawned}"
+    );
+    let (at, again) = conductor.wait_serving(at, "spare", 0);
+    assert_eq!(again, standby);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{standby}/fd/0")).unwrap(),
+        std::path::Path::new("/dev/null")
+    );
+    // A killed instance's leftovers are killed; the stand-in is spared.
+    // And a new one is prepared for the next time.
+    let (_, next) = conductor.wait_event(at, "spare", "stand-in ready");
+    let next = next["pid"].as_u64().unwrap() as u32;
+    assert_ne!(next, standby);
+    assert!(alive(next));
+
+    conductor.signal(Signal::SIGTERM);
+    assert_eq!(conductor.wait_exit().code(), Some(0));
+    wait_all_gone(&[standby, next], Duration::from_secs(2)).expect("outlived the conductor");
+    assert!(cgroup_dirs(conductor.cgroup_root()).is_empty());
+}

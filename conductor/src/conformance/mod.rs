@@ -132,6 +132,7 @@ impl Bench {
             env: self.env(&socket, cookie),
             working_dir: std::env::current_dir().unwrap_or_else(|_| "/".into()),
             cgroup_procs,
+            stdin_piped: false,
         };
         let child = self.spawner.spawn(spec).await.map_err(|e| e.to_string())?;
         let pid = child.id().ok_or("exited before it could be observed")?;

@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod output;
 pub mod spawner;
+pub mod standby;
 
 pub use spawner::{SpawnError, SpawnSpec, Spawner};
 

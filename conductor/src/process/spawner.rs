@@ -32,6 +32,26 @@ pub struct SpawnSpec {
     pub working_dir: PathBuf,
     /// `cgroup.procs` files the child joins before exec (empty: unconfined).
     pub cgroup_procs: Vec<PathBuf>,
+    /// A pipe for stdin instead of /dev/null (a stand-in reads its go there).
+    pub stdin_piped: bool,
+}
+
+impl SpawnSpec {
+    /// The same launch as a stand-in: `exe __standby PROGRAM ARGS…`, which
+    /// execs the program once told to (see [`super::standby`]).
+    pub fn standby(&self, exe: PathBuf) -> SpawnSpec {
+        let mut args = vec![
+            super::standby::ARG.to_owned(),
+            self.program.to_string_lossy().into_owned(),
+        ];
+        args.extend(self.args.iter().cloned());
+        SpawnSpec {
+            program: exe,
+            args,
+            stdin_piped: true,
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +161,11 @@ fn spawn(spec: SpawnSpec) -> Result<Child, SpawnError> {
         .args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.working_dir)
-        .stdin(Stdio::null())
+        .stdin(if spec.stdin_piped {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own group, so one signal reaches the helpers it forks too.

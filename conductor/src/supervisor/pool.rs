@@ -186,6 +186,7 @@ fn spawn_spec(
         env,
         working_dir: config.working_dir.clone().unwrap_or_else(|| ".".into()),
         cgroup_procs: Vec::new(),
+        stdin_piped: false,
     }
 }
 

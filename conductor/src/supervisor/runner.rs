@@ -173,6 +173,8 @@ pub async fn run(
         usage: None,
         history: VecDeque::with_capacity(HISTORY),
         life: tracing::Span::none(),
+        standby: None,
+        standby_exe: None,
     }
     .drive(&mut commands, &cancel)
     .instrument(span)
@@ -197,6 +199,11 @@ struct Runner {
     /// the process prints. A new span per life (recording a new value on
     /// one long-lived span would append, not replace).
     life: tracing::Span,
+    /// A stand-in waiting in the cgroup to become the next process (see
+    /// `process::standby`).
+    standby: Option<Child>,
+    /// What a stand-in runs; `None` when stand-ins are off or failed.
+    standby_exe: Option<PathBuf>,
 }
 
 impl Runner {
@@ -208,8 +215,12 @@ impl Runner {
         let mut probe: Pending<(PluginConnection, u32)> = None;
         let mut check: Pending<(Result<(), HealthError>, Duration)> = None;
         let mut terminate: Pending<()> = None;
+        let mut preparing: Pending<Result<Child, crate::process::SpawnError>> = None;
         let mut shutting_down = false;
         let mut commands_open = true;
+        if self.spec.config.restart.standby && self.spec.cgroup.is_some() {
+            self.standby_exe = std::env::current_exe().ok();
+        }
 
         self.apply(Event::StartRequested).await;
         loop {
@@ -229,6 +240,18 @@ impl Runner {
             }
             if !self.machine.checks_health() {
                 check = None;
+            }
+            // The next process is prepared while this one serves, so the
+            // cgroup join is paid off the restart's path.
+            if let Some(exe) = &self.standby_exe
+                && self.standby.is_none()
+                && preparing.is_none()
+                && !shutting_down
+                && matches!(self.machine.state(), State::Serving { .. })
+            {
+                let spawner = self.spawner.clone();
+                let spec = self.spec.spawn.standby(exe.clone());
+                preparing = Some(Box::pin(async move { spawner.spawn(spec).await }));
             }
             let deadline = self.machine.deadline();
             let event = tokio::select! {
@@ -274,6 +297,20 @@ impl Runner {
                     terminate = None;
                     continue;
                 }
+                prepared = maybe(&mut preparing) => {
+                    preparing = None;
+                    match prepared {
+                        Ok(standby) => {
+                            tracing::debug!(pid = standby.id(), "stand-in ready");
+                            self.standby = Some(standby);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot start a stand-in; restarts will fork as usual");
+                            self.standby_exe = None;
+                        }
+                    }
+                    continue;
+                }
                 () = sleep_until(deadline) => Event::Deadline,
                 _ = tick.tick(), if self.machine.checks_health() && check.is_none() && !plain => {
                     if let Some(connection) = self.connection.clone() {
@@ -313,6 +350,15 @@ impl Runner {
                 }
             }
         }
+        if let Some(prepared) = preparing.take()
+            && let Ok(standby) = prepared.await
+        {
+            self.standby = Some(standby);
+        }
+        if let Some(mut standby) = self.standby.take() {
+            let _ = standby.start_kill();
+            let _ = standby.wait().await;
+        }
         // Whatever the plugin left in its pipes is still worth logging.
         while self.outputs.join_next().await.is_some() {}
         if let Some(cgroup) = self.spec.cgroup.clone() {
@@ -334,10 +380,15 @@ impl Runner {
         let Some(cgroup) = self.spec.cgroup.clone() else {
             return;
         };
-        if cgroup.procs().is_empty() {
+        let keep = self.standby.as_ref().and_then(Child::id);
+        if cgroup.procs().iter().all(|&pid| Some(pid) == keep) {
             return;
         }
-        match tokio::task::spawn_blocking(move || cgroup.kill_all()).await {
+        let emptied = tokio::task::spawn_blocking(move || match keep {
+            Some(standby) => cgroup.kill_all_but(standby),
+            None => cgroup.kill_all(),
+        });
+        match emptied.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "cannot empty the instance's cgroup"),
             Err(error) => tracing::error!(%error, "emptying the cgroup panicked"),
@@ -489,7 +540,15 @@ impl Runner {
             instance = self.spec.index,
             lifecycle = %lifecycle
         );
-        match self.spawner.spawn(self.spec.spawn.clone()).await {
+        let adopted = match self.standby.take() {
+            Some(standby) => adopt(standby).await,
+            None => None,
+        };
+        let spawned = match adopted {
+            Some(child) => Ok(child),
+            None => self.spawner.spawn(self.spec.spawn.clone()).await,
+        };
+        match spawned {
             Ok(mut child) => {
                 let Some(pid) = child.id() else {
                     return Event::SpawnFailed {
@@ -541,6 +600,22 @@ impl Runner {
             changed
         });
     }
+}
+
+/// Tells a stand-in to exec the plugin; `None` (and the stand-in reaped)
+/// when it is no longer there to be told.
+async fn adopt(mut standby: Child) -> Option<Child> {
+    use tokio::io::AsyncWriteExt as _;
+    let told = match standby.stdin.take() {
+        Some(mut go) => go.write_all(b"g").await.is_ok(),
+        None => false,
+    };
+    if told && standby.id().is_some() {
+        return Some(standby);
+    }
+    let _ = standby.start_kill();
+    let _ = standby.wait().await;
+    None
 }
 
 /// Waits for SERVING, then asks `Describe` for the protocol version. A

@@ -95,6 +95,8 @@ pub trait Cgroup: Send + Sync + fmt::Debug {
     /// SIGKILLs every process in the cgroup, including those that left the
     /// instance's process group, and waits until it is empty. Blocking.
     fn kill_all(&self) -> Result<(), CgroupError>;
+    /// [`Cgroup::kill_all`] but for process `keep` (a stand-in). Blocking.
+    fn kill_all_but(&self, keep: u32) -> Result<(), CgroupError>;
     /// Removes the (empty) cgroup. Blocking; idempotent.
     fn remove(&self) -> Result<(), CgroupError>;
 }

@@ -139,6 +139,23 @@ impl Cgroup for V1Cgroup {
         self.dirs.procs()
     }
 
+    fn kill_all_but(&self, keep: u32) -> Result<(), CgroupError> {
+        let others = || {
+            let mut pids = self.dirs.procs();
+            pids.retain(|&pid| pid != keep);
+            pids
+        };
+        if others().is_empty() {
+            return Ok(());
+        }
+        let frozen = self.freeze();
+        kill_pids(&self.name, others, || {
+            if frozen {
+                self.thaw();
+            }
+        })
+    }
+
     fn kill_all(&self) -> Result<(), CgroupError> {
         if self.dirs.procs().is_empty() {
             return Ok(());

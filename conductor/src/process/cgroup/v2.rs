@@ -57,6 +57,19 @@ impl Cgroup for V2Cgroup {
         pids(&self.dir.join("cgroup.procs"))
     }
 
+    fn kill_all_but(&self, keep: u32) -> Result<(), CgroupError> {
+        // cgroup.kill spares nobody: the signal loop instead.
+        kill_pids(
+            &self.name,
+            || {
+                let mut pids = self.procs();
+                pids.retain(|&pid| pid != keep);
+                pids
+            },
+            || {},
+        )
+    }
+
     fn kill_all(&self) -> Result<(), CgroupError> {
         if !self.populated() {
             return Ok(());
