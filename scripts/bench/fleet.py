@@ -133,6 +133,16 @@ def s6():
         return fleet(record, launched, lambda: [daemon.pid] + children_of(daemon.pid))
 
 
+def runit():
+    folder = tempfile.mkdtemp(prefix="demi-fleet-runit-")
+    record = os.path.join(folder, "starts")
+    scan = common.runit_dir(folder, record, N)
+    launched = time.time()
+    with common.supervised(["runsvdir", "-P", scan], folder, stop=signal.SIGHUP) as daemon:
+        # runsvdir and its runsv processes (the children's parents).
+        return fleet(record, launched, lambda: [daemon.pid] + children_of(daemon.pid))
+
+
 def conductor_grpc():
     """The Rust echo plugin with gRPC health checks every second: to SERVING."""
     folder = tempfile.mkdtemp(prefix="demi-fleet-grpc-")
@@ -177,6 +187,7 @@ def main():
         "conductor (own cgroups)": conductor_child(True),
         "conductor (no cgroups)": conductor_child(False),
         "s6 (readiness notification)": s6(),
+        "runit": runit(),
         "supervisord": supervisord(),
     }
     grpc = conductor_grpc()
@@ -186,7 +197,7 @@ def main():
         print(f"{name:30} {r['all_started_s']:11.3f}s {r['rss_mib']:8.1f} {r['pss_mib']:8.1f} {r['cpu_percent']:7.2f} {r['storm_all_started_s']:15.3f}s")
     print(f"{'conductor, echo over gRPC':30} {grpc['all_serving_s']:11.3f}s {grpc['rss_mib']:8.1f} {grpc['pss_mib']:8.1f} {grpc['cpu_percent']:7.2f} {grpc['storm_all_serving_s']:15.3f}s  (to SERVING, 1 s health checks)")
     ours = results["conductor (own cgroups)"]
-    for peer in ("s6 (readiness notification)", "supervisord"):
+    for peer in ("runit", "s6 (readiness notification)", "supervisord"):
         p = results[peer]
         print(f"conductor / {peer}: all started {ours['all_started_s'] / p['all_started_s']:.2f}x, "
               f"storm {ours['storm_all_started_s'] / p['storm_all_started_s']:.2f}x, "

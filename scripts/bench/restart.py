@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Restart latency: SIGKILL a supervised child 50 times and measure kill ->
 new process started, under the conductor (with and without per-instance
-cgroups), supervisord and s6, on the same static C child in one run; and,
-for the conductor, kill -> SERVING again over gRPC for the Rust echo plugin.
+cgroups, and with a stand-in), runit, s6 and supervisord, on the same
+static C child in one run; and, for the conductor, kill -> SERVING again
+over gRPC for the Rust echo plugin.
 
 Usage: scripts/bench/restart [KILLS]    (run from the repository root)
 """
@@ -44,9 +45,10 @@ def setup():
         if not os.path.exists(VENV):
             sh(sys.executable, "-m", "venv", VENV)
         sh(os.path.join(VENV, "bin", "pip"), "install", "--quiet", "supervisor", "grpcio", "grpcio-health-checking")
-    if shutil.which("s6-svscan") is None:
-        sh("apt-get", "update")
-        sh("apt-get", "install", "-y", "--no-install-recommends", "s6", env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    for command, package in (("s6-svscan", "s6"), ("runsvdir", "runit")):
+        if shutil.which(command) is None:
+            sh("apt-get", "update")
+            sh("apt-get", "install", "-y", "--no-install-recommends", package, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
 def starts(path):
@@ -151,10 +153,22 @@ def s6_scan(folder, record, n=1):
     return scan
 
 
+def runit_dir(folder, record, n=1):
+    """A runsvdir service directory of `n` children."""
+    scan = os.path.join(folder, "runit")
+    for i in range(n):
+        service = os.path.join(scan, f"child-{i}")
+        os.makedirs(service)
+        with open(os.path.join(service, "run"), "w") as f:
+            f.write(f"#!/bin/sh\nexec {CHILD} {record}\n")
+        os.chmod(os.path.join(service, "run"), 0o755)
+    return scan
+
+
 @contextlib.contextmanager
 def supervised(command, folder, stop=None, **popen):
-    """Runs a supervisor; afterwards stops it (SIGTERM, or `stop`), waits
-    for it and removes `folder`."""
+    """Runs a supervisor; afterwards stops it (SIGTERM, the signal `stop`,
+    or by calling `stop`), waits for it and removes `folder`."""
     popen.setdefault("stdout", subprocess.DEVNULL)
     popen.setdefault("stderr", subprocess.DEVNULL)
     daemon = subprocess.Popen(command, **popen)
@@ -163,6 +177,8 @@ def supervised(command, folder, stop=None, **popen):
     finally:
         if stop is None:
             daemon.send_signal(signal.SIGTERM)
+        elif isinstance(stop, signal.Signals):
+            daemon.send_signal(stop)
         else:
             stop()
         daemon.wait(timeout=60)
@@ -192,6 +208,14 @@ def run_s6():
     scan = s6_scan(folder, record)
     stop = lambda: subprocess.run(["s6-svscanctl", "-t", scan], check=False)  # noqa: E731
     with supervised(["s6-svscan", scan], folder, stop=stop):
+        return kill_loop(record)
+
+
+def run_runit():
+    folder = tempfile.mkdtemp(prefix="demi-bench-runit-")
+    record = os.path.join(folder, "starts")
+    # SIGHUP: runsvdir stops every runsv (which stop their child) and exits.
+    with supervised(["runsvdir", "-P", runit_dir(folder, record)], folder, stop=signal.SIGHUP):
         return kill_loop(record)
 
 
@@ -270,6 +294,7 @@ def main():
         "conductor (own cgroup)": stats(run_conductor(True)),
         "conductor (no cgroup)": stats(run_conductor(False)),
         "s6 (readiness notification)": stats(run_s6()),
+        "runit": stats(run_runit()),
         "supervisord": stats(run_supervisord()),
     }
     for cgroups, standby, label in ((True, True, "cgroup, stand-in"), (True, False, "own cgroup"), (False, False, "no cgroup")):
@@ -282,7 +307,7 @@ def main():
         print(f"{name:44} {r['min']:8.2f} {r['p50']:8.2f} {r['p90']:8.2f} {r['max']:8.2f}")
     base = results["conductor (no cgroup)"]["p50"]
     for name in ("conductor (no cgroup)", "conductor (own cgroup, stand-in)", "conductor (own cgroup)"):
-        for peer in ("s6 (readiness notification)", "supervisord"):
+        for peer in ("runit", "s6 (readiness notification)", "supervisord"):
             ratio = results[name]["p50"] / results[peer]["p50"]
             print(f"p50 {name} / {peer}: {ratio:.3f}")
     out = os.path.join(TARGET, "restart.json")
