@@ -138,31 +138,30 @@ startretries=1000000
     return path
 
 
-def s6_scan(folder, record, n=1):
-    """An s6 scan directory of `n` children that notify readiness on fd 3
-    (without it s6 waits a second between starts)."""
-    scan = os.path.join(folder, "scan")
+def service_dirs(scan, n, run_args, files=None):
+    """`n` service folders `child-I` under `scan`, each with a `run` script
+    that execs the child with `run_args`, and `files` beside it."""
     for i in range(n):
         service = os.path.join(scan, f"child-{i}")
         os.makedirs(service)
         with open(os.path.join(service, "run"), "w") as f:
-            f.write(f"#!/bin/sh\nexec {CHILD} {record} 3\n")
+            f.write(f"#!/bin/sh\nexec {CHILD} {run_args}\n")
         os.chmod(os.path.join(service, "run"), 0o755)
-        with open(os.path.join(service, "notification-fd"), "w") as f:
-            f.write("3\n")
+        for name, text in (files or {}).items():
+            with open(os.path.join(service, name), "w") as f:
+                f.write(text)
     return scan
+
+
+def s6_scan(folder, record, n=1):
+    """An s6 scan directory of `n` children that notify readiness on fd 3
+    (without it s6 waits a second between starts)."""
+    return service_dirs(os.path.join(folder, "scan"), n, f"{record} 3", {"notification-fd": "3\n"})
 
 
 def runit_dir(folder, record, n=1):
     """A runsvdir service directory of `n` children."""
-    scan = os.path.join(folder, "runit")
-    for i in range(n):
-        service = os.path.join(scan, f"child-{i}")
-        os.makedirs(service)
-        with open(os.path.join(service, "run"), "w") as f:
-            f.write(f"#!/bin/sh\nexec {CHILD} {record}\n")
-        os.chmod(os.path.join(service, "run"), 0o755)
-    return scan
+    return service_dirs(os.path.join(folder, "runit"), n, record)
 
 
 @contextlib.contextmanager
