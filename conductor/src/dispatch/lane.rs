@@ -102,7 +102,9 @@ impl Lane {
         };
         // Lazy: the connection is made by the first job, and remade after
         // a failure, without holding anyone up here.
-        let link = Arc::new(Link::new(PluginClient::new(endpoint.connect_lazy())));
+        let link = Arc::new(Link::new(PluginClient::new(crate::rpc::safe(
+            endpoint.connect_lazy(),
+        ))));
         let mut replicas = self.replicas();
         replicas.retain(|r| r.index != index);
         replicas.push(Replica {

@@ -14,14 +14,13 @@ use pb::delivery::Body;
 use pb::plugin_client::PluginClient;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::lock;
-use crate::rpc::with_trace;
+use crate::rpc::{SafeChannel, with_trace};
 
 pub struct Link {
-    client: PluginClient<Channel>,
+    client: PluginClient<SafeChannel>,
     route: Mutex<Route>,
     /// Held while a stream is being opened, so concurrent jobs wait for
     /// that one instead of each opening their own.
@@ -37,7 +36,7 @@ enum Route {
 }
 
 impl Link {
-    pub fn new(client: PluginClient<Channel>) -> Self {
+    pub fn new(client: PluginClient<SafeChannel>) -> Self {
         Self {
             client,
             route: Mutex::new(Route::Closed),

@@ -190,10 +190,10 @@ pub(super) fn percent_decode(text: &[u8]) -> String {
 type Pump = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, h2::Error>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<http::Response<Stripped<Incoming>>, h2::Error>> + Send>>;
 
 impl tower::Service<http::Request<tonic::body::Body>> for Connection {
-    type Response = http::Response<Incoming>;
+    type Response = http::Response<Stripped<Incoming>>;
     type Error = h2::Error;
     type Future = ResponseFuture;
 
@@ -237,7 +237,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
             })
             .await?;
             let (head, recv) = answer.into_parts();
-            Ok(http::Response::from_parts(
+            Ok(stripped(http::Response::from_parts(
                 head,
                 Incoming {
                     recv,
@@ -245,7 +245,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
                     data_done: false,
                     trailers_done: false,
                 },
-            ))
+            )))
         })
     }
 }
@@ -341,4 +341,59 @@ impl Body for Incoming {
     fn is_end_stream(&self) -> bool {
         self.trailers_done || (self.data_done && self.recv.is_end_stream())
     }
+}
+
+/// tonic panics on a `grpc-status-details-bin` that is not base64 (an
+/// `expect` in `Status::from_header_map`), so a plugin could crash the task
+/// calling it. The conductor never reads rich error details: they are
+/// dropped from every answer's headers and trailers before tonic sees them.
+const DETAILS: &str = "grpc-status-details-bin";
+
+/// A plugin's answer body without `grpc-status-details-bin` in its trailers.
+pub struct Stripped<B>(B);
+
+/// The answer with `grpc-status-details-bin` dropped (see [`DETAILS`]).
+pub fn stripped<B>(answer: http::Response<B>) -> http::Response<Stripped<B>> {
+    let (mut head, body) = answer.into_parts();
+    head.headers.remove(DETAILS);
+    http::Response::from_parts(head, Stripped(body))
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Stripped<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Poll::Ready(match ready!(Pin::new(&mut self.0).poll_frame(cx)) {
+            Some(Ok(frame)) => Some(Ok(match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    trailers.remove(DETAILS);
+                    Frame::trailers(trailers)
+                }
+                Err(frame) => frame,
+            })),
+            other => other,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
+/// A tonic channel whose answers pass through [`stripped`].
+pub type SafeChannel = tower::util::MapResponse<
+    tonic::transport::Channel,
+    fn(http::Response<tonic::body::Body>) -> http::Response<Stripped<tonic::body::Body>>,
+>;
+
+pub fn safe(channel: tonic::transport::Channel) -> SafeChannel {
+    tower::util::MapResponse::new(channel, stripped)
 }

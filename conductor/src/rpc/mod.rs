@@ -3,6 +3,8 @@
 
 mod conn;
 
+pub use conn::{SafeChannel, safe};
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -242,6 +244,66 @@ mod tests {
         // Many in a row on one connection.
         for _ in 0..100 {
             connection.check("", timeout).await.unwrap();
+        }
+    }
+
+    /// An HTTP/2 server that fails every call with a
+    /// `grpc-status-details-bin` that is not base64: in the headers of a
+    /// trailers-only answer, or in the trailers.
+    async fn rude_server(socket: &Path, trailers_only: bool) {
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok((_, mut respond))) = connection.accept().await {
+                        let mut head = http::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc");
+                        if trailers_only {
+                            head = head
+                                .header("grpc-status", "13")
+                                .header("grpc-status-details-bin", "!not base64!");
+                        }
+                        let Ok(mut send) =
+                            respond.send_response(head.body(()).unwrap(), trailers_only)
+                        else {
+                            continue;
+                        };
+                        if !trailers_only {
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
+                            trailers.insert(
+                                "grpc-status-details-bin",
+                                http::HeaderValue::from_static("!not base64!"),
+                            );
+                            let _ = send.send_trailers(trailers);
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn malformed_error_details_are_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        for trailers_only in [true, false] {
+            let socket = dir.path().join(format!("rude-{trailers_only}.sock"));
+            rude_server(&socket, trailers_only).await;
+            // The instance connection (Describe, Shutdown) …
+            let mut client = PluginClient::new(conn::connect(&socket).await.unwrap());
+            let status = client.describe(pb::DescribeRequest {}).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+            // … and the lanes' channel (jobs).
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
+                    .unwrap();
+            let mut client = PluginClient::new(safe(endpoint.connect_lazy()));
+            let status = client.describe(pb::DescribeRequest {}).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
         }
     }
 
