@@ -196,9 +196,10 @@ fn remove_socket(path: &std::path::Path) {
     let _ = std::fs::remove_file(path);
 }
 
-fn lock(grace: &Mutex<Option<Duration>>) -> Option<Duration> {
-    // A poisoned lock only means a handler panicked mid-write of a Copy value.
-    *grace
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Both locks guard a value written whole (the grace, a map of tokens)
+    // with no await or panic mid-update: a poisoned one is still sound.
+    mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -286,7 +287,7 @@ impl<P: Plugin> Work<P> {
                 }
                 Some(Body::Job(job)) => {
                     let cancel = CancellationToken::new();
-                    lock_map(&running).insert(tag, cancel.clone());
+                    lock(&running).insert(tag, cancel.clone());
                     let trace = TraceParent::parse(&delivery.traceparent);
                     let (work, answers, running) = (self.clone(), answers.clone(), running.clone());
                     self.in_flight.spawn(async move {
@@ -294,7 +295,7 @@ impl<P: Plugin> Work<P> {
                             result = work.run(job, trace) => Some(result),
                             () = cancel.cancelled() => None,
                         };
-                        lock_map(&running).remove(&tag);
+                        lock(&running).remove(&tag);
                         if let Some(result) = result {
                             let _ = answers
                                 .send(pb::Answer {
@@ -306,26 +307,17 @@ impl<P: Plugin> Work<P> {
                     });
                 }
                 Some(Body::Cancel(_)) => {
-                    if let Some(cancel) = lock_map(&running).remove(&tag) {
+                    if let Some(cancel) = lock(&running).remove(&tag) {
                         cancel.cancel();
                     }
                 }
                 None => {}
             }
         }
-        for (_, cancel) in lock_map(&running).drain() {
+        for (_, cancel) in lock(&running).drain() {
             cancel.cancel();
         }
     }
-}
-
-fn lock_map(
-    running: &Mutex<HashMap<u64, CancellationToken>>,
-) -> std::sync::MutexGuard<'_, HashMap<u64, CancellationToken>> {
-    // Only inserts and removes happen under it: a poisoned map is whole.
-    running
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct PluginService<P> {
@@ -419,7 +411,7 @@ impl<P: Plugin> pb::plugin_server::Plugin for PluginService<P> {
             .grace
             .and_then(|g| Duration::try_from(g).ok())
             .unwrap_or(DEFAULT_GRACE);
-        *self.grace.lock().unwrap_or_else(|p| p.into_inner()) = Some(grace);
+        *lock(&self.grace) = Some(grace);
         mark_not_serving(&self.health, &self.name).await;
         self.work.stop.cancel();
         Ok(Response::new(pb::ShutdownResponse {}))

@@ -309,16 +309,13 @@ impl Writer {
                     let result = insert_job(&tx, &job).map_err(|e| sqlite(&self.path, e));
                     done.push(Done::Accept(reply, result));
                 }
-                Op::Attempt { id, attempts } => {
-                    // A job finished in this same batch needs no update:
-                    // its row is about to go.
-                    if finished.contains(id.as_str()) {
-                    } else if hold {
-                        self.held.insert(id, attempts);
-                    } else {
-                        due.push((id, attempts));
-                    }
+                // A job finished in this same batch needs no update: its
+                // row is about to go.
+                Op::Attempt { id, .. } if finished.contains(id.as_str()) => {}
+                Op::Attempt { id, attempts } if hold => {
+                    self.held.insert(id, attempts);
                 }
+                Op::Attempt { id, attempts } => due.push((id, attempts)),
                 Op::Complete { id } => {
                     let _ = tx
                         .prepare_cached("DELETE FROM jobs WHERE id = ?1")

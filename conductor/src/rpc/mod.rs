@@ -129,7 +129,7 @@ impl PluginConnection {
         let _ = deliveries.send(pb::Delivery {
             tag,
             body: Some(pb::delivery::Body::Job(job)),
-            traceparent: TraceParent::new(|| fastrand::u64(..)).to_string(),
+            traceparent: TraceParent::new(random).to_string(),
         });
         let call = async {
             let mut answers = client
@@ -166,16 +166,17 @@ impl PluginConnection {
 /// A request carrying a new W3C `traceparent`, so whatever the plugin logs
 /// or traces for this call joins a trace the conductor started.
 pub fn traced<T>(message: T) -> tonic::Request<T> {
-    with_trace(message, TraceParent::new(|| fastrand::u64(..)))
+    with_trace(message, TraceParent::new(random))
 }
 
 /// A request carrying `trace` (a job's trace, kept across its attempts).
 pub fn with_trace<T>(message: T, trace: TraceParent) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    if let Ok(mut value) =
-        tonic::metadata::AsciiMetadataValue::try_from(traceparent(trace).as_bytes())
+    if let Ok(mut value) = trace
+        .to_string()
+        .parse::<tonic::metadata::AsciiMetadataValue>()
     {
-        // A copy of the bytes: the flag must be set again.
+        // Never indexed, as in `traceparent`.
         value.set_sensitive(true);
         request.metadata_mut().insert(TRACEPARENT, value);
     }
