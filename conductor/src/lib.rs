@@ -5,10 +5,13 @@
 //! along the way and [`daemon`] ties it together.
 
 pub mod api;
+pub mod backoff;
 pub mod config;
 pub mod conformance;
 pub mod daemon;
 pub mod dispatch;
+pub mod events;
+pub mod layout;
 pub mod process;
 pub mod rpc;
 pub mod scaler;

@@ -14,9 +14,9 @@ use std::time::SystemTime;
 use demi_proto::trace::{TRACEPARENT, TraceParent};
 
 use crate::dispatch::{DispatchError, Dispatcher, Finished, Submission};
+use crate::events::{Event, InstanceEvent, Stamped};
 use crate::scaler::Scaler;
 use crate::supervisor::{InstanceStatus, PluginView, Supervisor, SupervisorError};
-use crate::telemetry::events::{Kind, Lifecycle};
 
 pub struct Admin {
     supervisor: Arc<Supervisor>,
@@ -198,16 +198,18 @@ impl pb::conductor_server::Conductor for Admin {
                     event = events.recv() => event,
                 };
                 match event {
-                    Ok(event)
-                        if only.is_empty()
-                            || *event.plugin == *only
-                            || event.kind == Kind::Reloaded =>
-                    {
-                        if tx.send(Ok(event_of(&event))).await.is_err() {
+                    Ok(stamped) => {
+                        let wanted = match stamped.event.plugin() {
+                            Some(plugin) => only.is_empty() || plugin == only,
+                            // Conductor-wide (a reload) goes to everyone.
+                            None => true,
+                        };
+                        if let Some(event) = event_of(&stamped).filter(|_| wanted)
+                            && tx.send(Ok(event)).await.is_err()
+                        {
                             return;
                         }
                     }
-                    Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(
                             missed,
@@ -378,7 +380,7 @@ pub(crate) fn plugin(view: PluginView) -> pb::Plugin {
 fn instance(index: u32, s: InstanceStatus) -> pb::Instance {
     pb::Instance {
         index,
-        state: s.state.into(),
+        state: s.state.as_str().into(),
         pid: s.pid.unwrap_or(0),
         breaker: s.breaker.to_string(),
         restarts: s.restarts,
@@ -410,27 +412,78 @@ fn instance(index: u32, s: InstanceStatus) -> pb::Instance {
     }
 }
 
-fn event_of(event: &Lifecycle) -> pb::Event {
+/// The events `WatchEvents` streams, as the proto names them; the rest
+/// (phase changes, job events, …) are internal.
+fn event_of(stamped: &Stamped) -> Option<pb::Event> {
     use pb::event::Kind as K;
-    let kind = match event.kind {
-        Kind::Started => K::Started,
-        Kind::Serving => K::Serving,
-        Kind::Unhealthy => K::Unhealthy,
-        Kind::BreakerTripped => K::BreakerTripped,
-        Kind::Exited => K::Exited,
-        Kind::Backoff => K::Backoff,
-        Kind::Failed => K::Failed,
-        Kind::Stopped => K::Stopped,
-        Kind::Scaled => K::Scaled,
-        Kind::Reloaded => K::Reloaded,
-        Kind::Autoscale => K::Autoscale,
+    let (kind, plugin, instance, pid, detail) = match &stamped.event {
+        Event::Instance {
+            plugin,
+            instance,
+            pid,
+            what,
+        } => {
+            let (kind, detail) = match what {
+                InstanceEvent::Spawned => (K::Started, String::new()),
+                InstanceEvent::Serving { startup, .. } => {
+                    (K::Serving, format!("ready in {} ms", startup.as_millis()))
+                }
+                InstanceEvent::Recovered => (K::Serving, "healthy again".into()),
+                InstanceEvent::HealthFailed { why, .. } => (K::Unhealthy, why.clone()),
+                InstanceEvent::BreakerTripped { cause } => (K::BreakerTripped, cause.clone()),
+                InstanceEvent::Exited { reason, .. } => (K::Exited, reason.clone()),
+                InstanceEvent::RestartScheduled { delay, attempt } => (
+                    K::Backoff,
+                    format!("restart in {} ms (attempt {attempt})", delay.as_millis()),
+                ),
+                InstanceEvent::Failed { reason } => (K::Failed, reason.clone()),
+                InstanceEvent::Stopped => (K::Stopped, String::new()),
+                _ => return None,
+            };
+            // A restart scheduled or a failure is about the instance, not
+            // a process.
+            let pid = match what {
+                InstanceEvent::RestartScheduled { .. }
+                | InstanceEvent::Failed { .. }
+                | InstanceEvent::Stopped => None,
+                _ => *pid,
+            };
+            (kind, plugin.to_string(), *instance, pid, detail)
+        }
+        Event::Scaled { plugin, from, to } => (
+            K::Scaled,
+            plugin.to_string(),
+            0,
+            None,
+            format!("{from} -> {to}"),
+        ),
+        Event::Reloaded {
+            added,
+            removed,
+            changed,
+            ..
+        } => (
+            K::Reloaded,
+            String::new(),
+            0,
+            None,
+            format!("added {added:?}, removed {removed:?}, changed {changed:?}"),
+        ),
+        Event::Autoscaled(decision) => (
+            K::Autoscale,
+            decision.plugin.to_string(),
+            0,
+            None,
+            decision.detail.clone(),
+        ),
+        Event::Job { .. } => return None,
     };
-    pb::Event {
-        at: Some(prost_types::Timestamp::from(event.at)),
-        plugin: event.plugin.to_string(),
-        instance: event.instance,
+    Some(pb::Event {
+        at: Some(prost_types::Timestamp::from(stamped.at)),
+        plugin,
+        instance,
         kind: kind as i32,
-        pid: event.pid.unwrap_or(0),
-        detail: event.detail.clone(),
-    }
+        pid: pid.unwrap_or(0),
+        detail,
+    })
 }

@@ -21,10 +21,8 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::daemon::DaemonConfig;
+use crate::layout::{Layout, MAX_SOCKET_PATH};
 use crate::supervisor::PoolConfig;
-
-/// Longest Unix socket path the kernel accepts (`sun_path` less the NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 /// A checked configuration with every path made absolute.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,13 +50,6 @@ impl Config {
             .get(plugin)
             .cloned()
             .unwrap_or_else(|| self.file.clone())
-    }
-
-    /// Where instance `index` of `plugin` serves.
-    pub fn socket_path(runtime_dir: &Path, plugin: &str, index: u32) -> PathBuf {
-        runtime_dir
-            .join("plugins")
-            .join(format!("{plugin}-{index}.sock"))
     }
 }
 
@@ -270,12 +261,9 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             }
             autoscale.history_seed = Some(seed);
         }
-        let socket = Config::socket_path(
-            &conductor.runtime_dir,
-            &name,
-            config.replicas.saturating_sub(1),
-        );
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        if let Some(socket) =
+            Layout::new(&conductor.runtime_dir).socket_too_long(&name, config.replicas)
+        {
             report.at(
                 doc,
                 &["conductor", "runtime_dir"],

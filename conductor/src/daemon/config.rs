@@ -7,8 +7,7 @@ use serde::Deserialize;
 
 use crate::api::ApiConfig;
 use crate::process::cgroup::CgroupPolicy;
-use crate::telemetry::LogFormat;
-use crate::telemetry::metrics::MetricsConfig;
+use crate::telemetry::config::{LogFormat, MetricsConfig};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -3,6 +3,7 @@
 
 mod config;
 mod runtime_dir;
+mod wiring;
 
 pub use config::DaemonConfig;
 pub use runtime_dir::{RuntimeDir, RuntimeDirError};
@@ -16,11 +17,13 @@ use crate::api::{self, ApiError};
 use crate::config::Config;
 use crate::dispatch::store::Store;
 use crate::dispatch::{DispatchError, Dispatcher, StoreError};
+use crate::events::Bus;
+use crate::layout::Layout;
 use crate::process::Spawner;
 use crate::process::cgroup::Cgroups;
 use crate::scaler::Scaler;
 use crate::supervisor::{PoolContext, Supervisor};
-use crate::telemetry::events::{EventBus, Reporter};
+use crate::telemetry::Recorder;
 use crate::telemetry::metrics::{self, Metrics, MetricsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +109,8 @@ async fn open_cgroups(config: &Config) -> Result<Cgroups, DaemonError> {
 /// Runs until SIGTERM or SIGINT, then stops every instance gracefully and
 /// returns once none is left.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let runtime_dir = RuntimeDir::prepare(&config.conductor.runtime_dir)?;
+    let runtime_dir = RuntimeDir::prepare(&Layout::new(&config.conductor.runtime_dir))?;
+    let layout = runtime_dir.layout().clone();
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
     let mut sigint =
@@ -116,18 +120,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Arc::new(Spawner::start(tokio::runtime::Handle::current()).map_err(DaemonError::Spawner)?);
     let cgroups = Arc::new(open_cgroups(&config).await?);
     let metrics = Metrics::new()?;
+    // Every event is logged and counted where it happens.
+    let bus = Bus::new(vec![Arc::new(Recorder::new(metrics.clone()))]);
     let cancel = CancellationToken::new();
     let context = PoolContext {
-        runtime_dir: runtime_dir.root().to_owned(),
-        conductor_socket: runtime_dir.conductor_socket(),
+        layout: layout.clone(),
         spawner: spawner.clone(),
         cgroups: cgroups.clone(),
         cgroup_policy: config.conductor.cgroup_policy,
         usage_interval: config.conductor.usage_interval,
-        reporter: Reporter {
-            bus: EventBus::default(),
-            metrics: metrics.clone(),
-        },
+        bus: bus.clone(),
         cancel: cancel.clone(),
     };
     for warning in &config.warnings {
@@ -138,7 +140,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config = %config.file.display(),
         plugins = config.plugins.len(),
         instances,
-        runtime_dir = %runtime_dir.root().display(),
+        runtime_dir = %layout.root().display(),
         "conductor starting"
     );
     let api_config = config.conductor.api.clone();
@@ -146,20 +148,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let metrics_config = config.conductor.metrics.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     // Before the pools start, so the scaler measures their first starts.
-    let scaler_events = context.reporter.bus.subscribe();
+    let scaler_events = bus.subscribe();
     let supervisor = Supervisor::start(config, context, health.clone()).await;
-    metrics.observe(Arc::downgrade(&supervisor));
     let store = open_store(&state_dir)?;
     let dispatch_cancel = CancellationToken::new();
     let dispatcher = Dispatcher::start(
         store.clone(),
         supervisor.clone(),
-        runtime_dir.root().to_owned(),
-        metrics.clone(),
+        layout.clone(),
+        bus.clone(),
         dispatch_cancel.clone(),
     )
     .await?;
-    metrics.observe_dispatch(Arc::downgrade(&dispatcher));
     let scaler_cancel = CancellationToken::new();
     let scaler = Scaler::start(
         supervisor.clone(),
@@ -167,7 +167,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         scaler_events,
         scaler_cancel.clone(),
     );
-    metrics.observe_scaler(Arc::downgrade(&scaler));
+    metrics.observe(Arc::new(wiring::Scrape::new(
+        &supervisor,
+        &dispatcher,
+        &scaler,
+    )));
     let api_shutdown = CancellationToken::new();
     let metrics_endpoint = if metrics_config.enabled {
         let (addr, task) =
@@ -187,7 +191,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         dispatcher.clone(),
         scaler.clone(),
         health_service,
-        &runtime_dir.conductor_socket(),
+        &layout.conductor_socket(),
         &api_config,
         api_shutdown.clone(),
     )

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::layout::Layout;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeDirError {
     #[error("cannot prepare runtime folder {path}: {source}")]
@@ -24,17 +26,18 @@ pub enum RuntimeDirError {
 /// Holds the folder's lock for as long as it lives.
 #[derive(Debug)]
 pub struct RuntimeDir {
-    root: PathBuf,
+    layout: Layout,
     _lock: Flock<File>,
 }
 
 impl RuntimeDir {
-    pub fn prepare(root: &Path) -> Result<Self, RuntimeDirError> {
+    pub fn prepare(layout: &Layout) -> Result<Self, RuntimeDirError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| RuntimeDirError::Io { path, source }
         };
-        let plugins = root.join("plugins");
+        let root = layout.root();
+        let plugins = layout.plugins_dir();
         std::fs::create_dir_all(&plugins).map_err(io(&plugins))?;
         // Sockets inside accept anyone who can reach them: only the
         // conductor's user may.
@@ -43,7 +46,7 @@ impl RuntimeDir {
                 .map_err(io(dir))?;
         }
 
-        let lock_path = root.join("conductor.lock");
+        let lock_path = layout.lock_file();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -76,18 +79,13 @@ impl RuntimeDir {
             tracing::info!(stale, folder = %plugins.display(), "removed sockets left by an earlier run");
         }
         Ok(Self {
-            root: root.to_owned(),
+            layout: layout.clone(),
             _lock: lock,
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Where the conductor's own API will listen.
-    pub fn conductor_socket(&self) -> PathBuf {
-        self.root.join("conductor.sock")
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 }
 
@@ -102,16 +100,17 @@ mod tests {
         std::fs::create_dir_all(root.join("plugins")).unwrap();
         std::fs::write(root.join("plugins/echo-0.sock"), "").unwrap();
 
-        let held = RuntimeDir::prepare(&root).unwrap();
+        let layout = Layout::new(&root);
+        let held = RuntimeDir::prepare(&layout).unwrap();
         let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         assert!(!root.join("plugins/echo-0.sock").exists());
 
-        let second = RuntimeDir::prepare(&root).unwrap_err();
+        let second = RuntimeDir::prepare(&layout).unwrap_err();
         let text = second.to_string();
         assert!(text.contains(&std::process::id().to_string()), "{text}");
 
         drop(held);
-        assert!(RuntimeDir::prepare(&root).is_ok());
+        assert!(RuntimeDir::prepare(&layout).is_ok());
     }
 }

@@ -39,8 +39,6 @@ impl Drop for Slot {
 
 pub struct Lane {
     pub plugin: Arc<str>,
-    /// `plugin="…"`, built once: metrics are recorded for every job.
-    pub label: opentelemetry::KeyValue,
     pub config: DispatchConfig,
     pub queue: mpsc::Sender<StoredJob>,
     /// The plugin-wide in-flight limit.
@@ -68,7 +66,6 @@ impl Lane {
         let (queue, jobs) = mpsc::channel(config.queue_capacity);
         let plugin: Arc<str> = Arc::from(plugin);
         let lane = Arc::new(Self {
-            label: opentelemetry::KeyValue::new("plugin", plugin.clone()),
             plugin,
             bulkhead: Arc::new(Semaphore::new(config.max_in_flight)),
             config,
@@ -82,6 +79,14 @@ impl Lane {
 
     fn replicas(&self) -> MutexGuard<'_, Vec<Replica>> {
         self.replicas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells `bus` what happened to one of this lane's jobs.
+    pub fn publish(&self, bus: &crate::events::Bus, what: crate::events::JobEvent) {
+        bus.emit(crate::events::Event::Job {
+            plugin: self.plugin.clone(),
+            what,
+        });
     }
 
     /// Jobs waiting in the queue.

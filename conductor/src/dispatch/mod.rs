@@ -17,22 +17,19 @@ pub use config::DispatchConfig;
 pub use store::{DeadLetter, StoreError, StoredJob};
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use demi_proto::plugin::v1 as pb;
 use demi_proto::trace::TraceParent;
-use opentelemetry::KeyValue;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::events::{Bus, Event, InstanceEvent, JobEvent, Phase, Stamped};
+use crate::layout::Layout;
 use crate::supervisor::Supervisor;
-use crate::telemetry::events::{Kind, Lifecycle};
-use crate::telemetry::metrics::Metrics;
 use lane::Lane;
 use retry::Verdict;
 use store::{Accepted, Store, now_ms};
@@ -96,8 +93,8 @@ pub enum Finished {
 pub struct Dispatcher {
     store: Store,
     supervisor: Arc<Supervisor>,
-    runtime_dir: PathBuf,
-    metrics: Arc<Metrics>,
+    layout: Layout,
+    bus: Bus,
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
     waiters: Mutex<HashMap<String, oneshot::Sender<Finished>>>,
     cancel: CancellationToken,
@@ -115,16 +112,16 @@ impl Dispatcher {
     pub async fn start(
         store: Store,
         supervisor: Arc<Supervisor>,
-        runtime_dir: PathBuf,
-        metrics: Arc<Metrics>,
+        layout: Layout,
+        bus: Bus,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, DispatchError> {
         let events = supervisor.events().subscribe();
         let dispatcher = Arc::new(Self {
             store,
             supervisor,
-            runtime_dir,
-            metrics,
+            layout,
+            bus,
             lanes: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             cancel,
@@ -178,12 +175,8 @@ impl Dispatcher {
         }
         let (lane, jobs) = Lane::new(plugin, config.dispatch.clone());
         for (index, status) in &view.instances {
-            if let (Some(pid), "serving") = (status.pid, status.state) {
-                lane.add(
-                    *index,
-                    pid,
-                    &Config::socket_path(&self.runtime_dir, plugin, *index),
-                );
+            if let (Some(pid), Phase::Serving) = (status.pid, status.state) {
+                lane.add(*index, pid, &self.layout.plugin_socket(plugin, *index));
             }
         }
         lanes.insert(plugin.to_owned(), lane.clone());
@@ -287,9 +280,7 @@ impl Dispatcher {
                 if let Some(waiter) = waiter {
                     lock(&self.waiters).insert(job.id.clone(), waiter);
                 }
-                self.metrics
-                    .jobs_submitted
-                    .add(1, std::slice::from_ref(&lane.label));
+                lane.publish(&self.bus, JobEvent::Submitted);
                 let id = job.id.clone();
                 permit.send(job);
                 Ok(Receipt {
@@ -339,9 +330,8 @@ impl Dispatcher {
 
     async fn bury(&self, job: StoredJob, errors: Vec<String>) {
         let attempts = job.attempts;
-        let plugin = job.plugin.clone();
+        let plugin: Arc<str> = Arc::from(job.plugin.as_str());
         let id = job.id.clone();
-        tracing::warn!(job = %id, plugin, attempts, errors = ?errors, "job dead-lettered");
         let letter = DeadLetter {
             job,
             dead_ms: now_ms(),
@@ -351,9 +341,14 @@ impl Dispatcher {
             // Still in the jobs table: delivered again at the next start.
             tracing::error!(job = %id, %error, "cannot store a dead letter");
         }
-        self.metrics
-            .jobs_dead_lettered
-            .add(1, &[plugin_label(&plugin)]);
+        self.bus.emit(Event::Job {
+            plugin,
+            what: JobEvent::DeadLettered {
+                job: id.clone(),
+                attempts,
+                errors: errors.clone(),
+            },
+        });
         self.finish(&id, Finished::DeadLettered { errors, attempts });
     }
 
@@ -375,10 +370,6 @@ fn job_id() -> String {
     let ms = now_ms().max(0) as u128 & ((1 << 48) - 1);
     let noise = (u128::from(random()) << 64 | u128::from(random())) & ((1 << 80) - 1);
     format!("{:032x}", ms << 80 | noise)
-}
-
-fn plugin_label(plugin: &str) -> KeyValue {
-    KeyValue::new("plugin", plugin.to_owned())
 }
 
 /// Takes jobs off a lane's queue as the bulkhead lets them through.
@@ -420,7 +411,7 @@ async fn deliver(
     _permit: OwnedSemaphorePermit,
 ) {
     let config = &lane.config;
-    let label = std::slice::from_ref(&lane.label);
+    let bus = &dispatcher.bus;
     let trace = job
         .trace
         .as_deref()
@@ -480,11 +471,12 @@ async fn deliver(
                 lane.load.busy_micros.fetch_add(busy, Ordering::Relaxed);
                 lane.load.completed.fetch_add(1, Ordering::Relaxed);
                 dispatcher.store.complete(&job.id);
-                dispatcher.metrics.jobs_completed.add(1, label);
-                dispatcher
-                    .metrics
-                    .job_duration
-                    .record(started.elapsed().as_secs_f64(), label);
+                lane.publish(
+                    bus,
+                    JobEvent::Completed {
+                        took: started.elapsed(),
+                    },
+                );
                 dispatcher.finish(
                     &job.id,
                     Finished::Completed {
@@ -495,7 +487,7 @@ async fn deliver(
                 return;
             }
             Verdict::Permanent(error) => {
-                dispatcher.metrics.jobs_failed.add(1, label);
+                lane.publish(bus, JobEvent::AttemptFailed);
                 errors.push(format!(
                     "attempt {} on {}-{replica}: {error}",
                     job.attempts, job.plugin
@@ -503,7 +495,7 @@ async fn deliver(
                 return dispatcher.bury(job, errors).await;
             }
             Verdict::Retry(error) => {
-                dispatcher.metrics.jobs_failed.add(1, label);
+                lane.publish(bus, JobEvent::AttemptFailed);
                 errors.push(format!(
                     "attempt {} on {}-{replica}: {error}",
                     job.attempts, job.plugin
@@ -512,7 +504,7 @@ async fn deliver(
                     errors.push(format!("gave up after {} attempts", job.attempts));
                     return dispatcher.bury(job, errors).await;
                 }
-                dispatcher.metrics.jobs_retried.add(1, label);
+                lane.publish(bus, JobEvent::Retried);
                 avoid = Some(replica);
                 let pause = retry::delay(config, job.attempts, fastrand::f64());
                 tokio::select! {
@@ -524,12 +516,16 @@ async fn deliver(
     }
 }
 
-/// Keeps each lane's replicas in step with lifecycle events: a replica
-/// takes jobs from SERVING until it turns unhealthy, trips or exits.
-async fn follow_replicas(dispatcher: Weak<Dispatcher>, mut events: broadcast::Receiver<Lifecycle>) {
+/// Keeps each lane's replicas in step with the instances: a replica takes
+/// jobs while it is SERVING, from the moment it gets there until it
+/// leaves (unhealthy, tripped, stopping or gone).
+async fn follow_replicas(
+    dispatcher: Weak<Dispatcher>,
+    mut events: broadcast::Receiver<Arc<Stamped>>,
+) {
     loop {
-        let event = match events.recv().await {
-            Ok(event) => event,
+        let stamped = match events.recv().await {
+            Ok(stamped) => stamped,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "dispatch missed lifecycle events; resynchronising");
                 let Some(dispatcher) = dispatcher.upgrade() else {
@@ -542,10 +538,10 @@ async fn follow_replicas(dispatcher: Weak<Dispatcher>, mut events: broadcast::Re
                     {
                         for (index, status) in &view.instances {
                             match (status.pid, status.state) {
-                                (Some(pid), "serving") => lane.add(
+                                (Some(pid), Phase::Serving) => lane.add(
                                     *index,
                                     pid,
-                                    &Config::socket_path(&dispatcher.runtime_dir, &plugin, *index),
+                                    &dispatcher.layout.plugin_socket(&plugin, *index),
                                 ),
                                 _ => lane.remove(*index, None),
                             }
@@ -556,27 +552,27 @@ async fn follow_replicas(dispatcher: Weak<Dispatcher>, mut events: broadcast::Re
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
+        let Event::Instance {
+            plugin,
+            instance,
+            pid,
+            what: InstanceEvent::PhaseChanged { from, to },
+        } = &stamped.event
+        else {
+            continue;
+        };
         let Some(dispatcher) = dispatcher.upgrade() else {
             return;
         };
-        match event.kind {
-            Kind::Serving => {
-                if let (Some(pid), Ok(lane)) = (event.pid, dispatcher.lane(&event.plugin)) {
-                    let socket =
-                        Config::socket_path(&dispatcher.runtime_dir, &event.plugin, event.instance);
-                    lane.add(event.instance, pid, &socket);
-                }
+        if *to == Phase::Serving {
+            if let (Some(pid), Ok(lane)) = (pid, dispatcher.lane(plugin)) {
+                let socket = dispatcher.layout.plugin_socket(plugin, *instance);
+                lane.add(*instance, *pid, &socket);
             }
-            Kind::Unhealthy
-            | Kind::BreakerTripped
-            | Kind::Exited
-            | Kind::Stopped
-            | Kind::Failed => {
-                if let Some(lane) = lock(&dispatcher.lanes).get(&*event.plugin) {
-                    lane.remove(event.instance, event.pid);
-                }
-            }
-            _ => {}
+        } else if *from == Phase::Serving
+            && let Some(lane) = lock(&dispatcher.lanes).get(&**plugin)
+        {
+            lane.remove(*instance, *pid);
         }
     }
 }

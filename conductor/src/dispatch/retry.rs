@@ -7,7 +7,7 @@ use demi_proto::plugin::v1 as pb;
 use tonic::Code;
 
 use super::config::DispatchConfig;
-use crate::supervisor::backoff::exponential;
+use crate::backoff::exponential;
 
 /// What one delivery came to.
 #[derive(Debug, Clone, PartialEq, Eq)]

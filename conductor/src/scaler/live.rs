@@ -17,8 +17,8 @@ use super::forecast::Method;
 use super::planner::{Fitted, Planner, PlannerConfig};
 use super::signal::{CapacityEstimate, CpuSignal, JobsSignal, StartTimes};
 use crate::dispatch::Dispatcher;
+use crate::events::{AutoscaleDecision, Event, InstanceEvent, Stamped};
 use crate::supervisor::Supervisor;
-use crate::telemetry::events::{Kind, Lifecycle};
 
 /// Lead time assumed until an instance start was measured.
 const UNMEASURED_START: Duration = Duration::from_secs(2);
@@ -62,7 +62,7 @@ impl Scaler {
     pub fn start(
         supervisor: Arc<Supervisor>,
         dispatcher: Arc<Dispatcher>,
-        events: broadcast::Receiver<Lifecycle>,
+        events: broadcast::Receiver<Arc<Stamped>>,
         cancel: CancellationToken,
     ) -> Arc<Self> {
         let scaler = Arc::new(Self {
@@ -106,11 +106,10 @@ impl Scaler {
 /// measures start-up times from lifecycle events.
 async fn manage(
     scaler: Arc<Scaler>,
-    mut events: broadcast::Receiver<Lifecycle>,
+    mut events: broadcast::Receiver<Arc<Stamped>>,
     cancel: CancellationToken,
 ) {
     let mut running: HashMap<String, (AutoscaleConfig, CancellationToken)> = HashMap::new();
-    let mut started: HashMap<(Arc<str>, u32), SystemTime> = HashMap::new();
     reconcile(&scaler, &mut running, &cancel);
     loop {
         let event = tokio::select! {
@@ -118,21 +117,18 @@ async fn manage(
             () = cancel.cancelled() => break,
         };
         match event {
-            Ok(event) => match event.kind {
-                Kind::Started => {
-                    started.insert((event.plugin.clone(), event.instance), event.at);
+            Ok(stamped) => match &stamped.event {
+                Event::Instance {
+                    plugin,
+                    what: InstanceEvent::Serving { startup, .. },
+                    ..
+                } => {
+                    lock(&scaler.starts)
+                        .entry(plugin.to_string())
+                        .or_default()
+                        .record(*startup);
                 }
-                Kind::Serving => {
-                    if let Some(at) = started.remove(&(event.plugin.clone(), event.instance))
-                        && let Ok(took) = event.at.duration_since(at)
-                    {
-                        lock(&scaler.starts)
-                            .entry(event.plugin.to_string())
-                            .or_default()
-                            .record(took);
-                    }
-                }
-                Kind::Reloaded => reconcile(&scaler, &mut running, &cancel),
+                Event::Reloaded { .. } => reconcile(&scaler, &mut running, &cancel),
                 _ => {}
             },
             Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -356,38 +352,28 @@ fn report(
         d.reason, d.current, d.desired, d.recommended, d.needed_now, d.capacity
     );
     let reason = d.reason.to_string();
-    // Every decision is logged; at info only when it changes something,
-    // so a steady pool does not write a line per bucket.
-    macro_rules! decision {
-        ($level:ident) => {
-            tracing::$level!(
-                plugin = name,
-                from = d.current,
-                to = d.desired,
-                recommended = d.recommended,
-                reason,
-                load = d.needed_now,
-                forecast = d.ahead.map(|a| a.point),
-                forecast_lower = d.ahead.map(|a| a.lower),
-                forecast_upper = d.ahead.map(|a| a.upper),
-                capacity = d.capacity,
-                lead_ms = lead.as_millis() as u64,
-                model = fitted.map(|f| f.method.as_str()),
-                "autoscaler decision"
-            )
-        };
-    }
-    if d.desired != d.current || reason != *last_reason {
-        decision!(info);
-    } else {
-        decision!(debug);
-    }
-    *last_reason = reason.clone();
-    let plugin: Arc<str> = Arc::from(name);
+    // Every decision is published; it is news (logged at info) only when
+    // it changes something, so a steady pool does not write a line per
+    // bucket.
+    let notable = d.desired != d.current || reason != *last_reason;
+    last_reason.clone_from(&reason);
     scaler
         .supervisor
         .events()
-        .send(&plugin, 0, Kind::Autoscale, None, detail);
+        .emit(Event::Autoscaled(Box::new(AutoscaleDecision {
+            plugin: Arc::from(name),
+            from: d.current,
+            to: d.desired,
+            recommended: d.recommended,
+            reason: reason.clone(),
+            load: d.needed_now,
+            forecast: d.ahead.map(|a| (a.point, a.lower, a.upper)),
+            capacity: d.capacity,
+            lead,
+            model: fitted.map(|f| f.method.as_str()),
+            detail,
+            notable,
+        })));
     lock(&scaler.statuses).insert(
         name.to_owned(),
         Status {

@@ -201,6 +201,25 @@ fn default_shutdown_grace() -> Duration {
 }
 
 impl PoolConfig {
+    /// `command` with every other setting at its default.
+    pub fn new(command: impl Into<PathBuf>) -> Self {
+        Self {
+            command: command.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            working_dir: None,
+            replicas: default_replicas(),
+            jobs: default_jobs(),
+            startup_timeout: default_startup_timeout(),
+            shutdown_grace: default_shutdown_grace(),
+            health: Health::default(),
+            restart: RestartConfig::default(),
+            limits: LimitsConfig::default(),
+            dispatch: DispatchConfig::default(),
+            autoscale: None,
+        }
+    }
+
     /// Problems serde cannot see, as (field path below the plugin, message).
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();

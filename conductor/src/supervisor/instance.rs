@@ -8,9 +8,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::backoff::{Restarts, Verdict};
 use super::breaker::{Breaker, Trip};
 use super::config::PoolConfig;
+use super::restarts::{Restarts, Verdict};
+use crate::events::Phase;
 
 /// Where an instance is in its life. Data lives in the state it belongs to.
 #[derive(Debug, Clone, PartialEq)]
@@ -141,7 +142,7 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("illegal transition: {event:?} in state {from}")]
 pub struct IllegalTransition {
-    pub from: &'static str,
+    pub from: Phase,
     pub event: Event,
 }
 
@@ -442,7 +443,7 @@ impl Instance {
             (S::Stopping { .. }, Event::RestartRequested) => vec![],
             (from, event) => {
                 return Err(IllegalTransition {
-                    from: from.name(),
+                    from: from.phase(),
                     event,
                 });
             }
@@ -529,22 +530,23 @@ impl State {
         }
     }
 
-    pub fn name(&self) -> &'static str {
+    /// The state's name, as everyone outside the machine sees it.
+    pub fn phase(&self) -> Phase {
         match self {
-            State::Starting { .. } => "starting",
-            State::Serving { .. } => "serving",
-            State::Unhealthy { .. } => "unhealthy",
-            State::Stopping { .. } => "stopping",
-            State::Backoff { .. } => "backoff",
-            State::Failed { .. } => "failed",
-            State::Stopped => "stopped",
+            State::Starting { .. } => Phase::Starting,
+            State::Serving { .. } => Phase::Serving,
+            State::Unhealthy { .. } => Phase::Unhealthy,
+            State::Stopping { .. } => Phase::Stopping,
+            State::Backoff { .. } => Phase::Backoff,
+            State::Failed { .. } => Phase::Failed,
+            State::Stopped => Phase::Stopped,
         }
     }
 }
 
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        self.phase().fmt(f)
     }
 }
 

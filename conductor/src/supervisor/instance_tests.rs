@@ -2,6 +2,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::events::Phase;
 use crate::supervisor::config::{Health, HealthConfig, RestartConfig};
 
 fn config() -> PoolConfig {
@@ -86,7 +87,7 @@ fn start_spawns_then_serves_once_ready() {
     assert_eq!(i.state(), &State::Stopped);
     let actions = drive(&mut i, t0, &[Event::StartRequested]);
     assert_eq!(actions, [vec![Action::Spawn]]);
-    assert_eq!(i.state().name(), "starting");
+    assert_eq!(i.state().phase(), Phase::Starting);
     assert_eq!(i.pid(), None);
     assert!(!i.awaits_readiness());
     drive(&mut i, t0, &[Event::Spawned { pid: PID }]);
@@ -444,7 +445,7 @@ fn illegal_transitions_are_refused_and_change_nothing() {
     for (mut instance, event) in cases {
         let before = instance.state().clone();
         let err = instance.step(event.clone(), t0, 0.5).unwrap_err();
-        assert_eq!(err.from, before.name());
+        assert_eq!(err.from, before.phase());
         assert_eq!(err.event, event);
         assert_eq!(instance.state(), &before);
     }

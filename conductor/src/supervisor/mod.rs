@@ -2,11 +2,12 @@
 //! and one runner task per instance, and the operations an operator asks
 //! for (start, stop, rolling restart, scale, reload).
 
-pub mod backoff;
 pub mod breaker;
 pub mod config;
 pub mod instance;
 pub mod pool;
+mod report;
+pub mod restarts;
 pub mod runner;
 
 pub use config::{Health, HealthConfig, PoolConfig, RestartConfig};
@@ -22,7 +23,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{Config, ConfigErrors};
-use crate::telemetry::events::{EventBus, Kind};
+use crate::events::{Bus, Event, InstanceEvent, Phase};
 use runner::Command;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +62,7 @@ impl PluginView {
     pub fn serving(&self) -> u32 {
         self.instances
             .iter()
-            .filter(|(_, s)| s.state == "serving")
+            .filter(|(_, s)| s.state == Phase::Serving)
             .count() as u32
     }
 
@@ -127,8 +128,8 @@ impl Supervisor {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn events(&self) -> &EventBus {
-        &self.context.reporter.bus
+    pub fn events(&self) -> &Bus {
+        &self.context.bus
     }
 
     pub fn list(&self) -> Vec<PluginView> {
@@ -199,7 +200,7 @@ impl Supervisor {
             let _ = handle.commands.send(Command::Stop).await;
         }
         for (index, mut handle) in handles {
-            let done = |s: &InstanceStatus| matches!(s.state, "stopped" | "failed");
+            let done = |s: &InstanceStatus| s.state.is_down();
             wait_status(name, index, &mut handle.status, grace * 2 + SLACK, done).await?;
         }
         self.get(name)
@@ -214,7 +215,7 @@ impl Supervisor {
         for (index, mut handle) in self.handles(name)? {
             let before = handle.status.borrow_and_update().pid;
             let _ = handle.commands.send(Command::Restart).await;
-            let back = |s: &InstanceStatus| s.state == "serving" && s.pid != before;
+            let back = |s: &InstanceStatus| s.state == Phase::Serving && s.pid != before;
             wait_status(name, index, &mut handle.status, patience, back).await?;
         }
         self.get(name)
@@ -278,15 +279,11 @@ impl Supervisor {
             handle.retire().await;
         }
         if before != replicas {
-            let plugin: Arc<str> = Arc::from(name);
-            tracing::info!(plugin = name, from = before, to = replicas, "plugin scaled");
-            self.events().send(
-                &plugin,
-                0,
-                Kind::Scaled,
-                None,
-                format!("{before} -> {replicas}"),
-            );
+            self.events().emit(Event::Scaled {
+                plugin: Arc::from(name),
+                from: before,
+                to: replicas,
+            });
         }
         self.refresh_health(name).await;
         Ok(())
@@ -365,19 +362,12 @@ impl Supervisor {
                 }
             }
         }
-        tracing::info!(
-            added = ?summary.added,
-            removed = ?summary.removed,
-            changed = ?summary.changed,
-            unchanged = summary.unchanged.len(),
-            "configuration reloaded"
-        );
-        let detail = format!(
-            "added {:?}, removed {:?}, changed {:?}",
-            summary.added, summary.removed, summary.changed
-        );
-        self.events()
-            .send(&Arc::from(""), 0, Kind::Reloaded, None, detail);
+        self.events().emit(Event::Reloaded {
+            added: summary.added.clone(),
+            removed: summary.removed.clone(),
+            changed: summary.changed.clone(),
+            unchanged: summary.unchanged.len(),
+        });
         *current = next;
         Ok(summary)
     }
@@ -434,7 +424,10 @@ impl Supervisor {
                 pool.instances.insert(position, handle);
                 status
             };
-            wait_status(name, index, &mut status, patience, |s| s.state == "serving").await?;
+            wait_status(name, index, &mut status, patience, |s| {
+                s.state == Phase::Serving
+            })
+            .await?;
         }
         Ok(())
     }
@@ -492,7 +485,7 @@ async fn wait_status(
     };
     let outcome = tokio::time::timeout(
         patience,
-        status.wait_for(|s| done(s) || s.state == "failed"),
+        status.wait_for(|s| done(s) || s.state == Phase::Failed),
     )
     .await;
     match outcome {
@@ -529,20 +522,14 @@ async fn aggregate_health(supervisor: std::sync::Weak<Supervisor>) {
     let mut events = events;
     loop {
         let changed: Vec<String> = match events.recv().await {
-            Ok(event)
-                if matches!(
-                    event.kind,
-                    Kind::Serving
-                        | Kind::Exited
-                        | Kind::Failed
-                        | Kind::Stopped
-                        | Kind::Unhealthy
-                        | Kind::Started
-                ) =>
-            {
-                vec![event.plugin.to_string()]
-            }
-            Ok(_) => continue,
+            Ok(stamped) => match &stamped.event {
+                Event::Instance {
+                    plugin,
+                    what: InstanceEvent::PhaseChanged { .. },
+                    ..
+                } => vec![plugin.to_string()],
+                _ => continue,
+            },
             // Missed some: recompute everything.
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                 match supervisor.upgrade() {

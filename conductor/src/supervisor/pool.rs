@@ -13,22 +13,21 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::PoolConfig;
 use super::runner::{self, Command, InstanceSpec, InstanceStatus};
-use crate::config::Config;
+use crate::events::{Bus, Phase};
+use crate::layout::Layout;
 use crate::process::cgroup::{Cgroup, CgroupPolicy, Cgroups};
 use crate::process::{SpawnSpec, Spawner};
 use crate::rpc::ACCEPTED_PROTOCOLS;
-use crate::telemetry::events::Reporter;
 
 /// What every pool shares.
 #[derive(Clone)]
 pub struct PoolContext {
-    pub runtime_dir: PathBuf,
-    pub conductor_socket: PathBuf,
+    pub layout: Layout,
     pub spawner: Arc<Spawner>,
     pub cgroups: Arc<Cgroups>,
     pub cgroup_policy: CgroupPolicy,
     pub usage_interval: Duration,
-    pub reporter: Reporter,
+    pub bus: Bus,
     /// Fires on conductor shutdown; every instance token is a child of it.
     pub cancel: CancellationToken,
 }
@@ -111,9 +110,10 @@ impl Pool {
     pub fn launch(&self, index: u32, context: &PoolContext) -> InstanceHandle {
         let name = &self.name;
         let config = &self.config;
-        let socket = Config::socket_path(&context.runtime_dir, name, index);
+        let socket = context.layout.plugin_socket(name, index);
         let (cgroup, unlaunchable) = confine(name, index, config, context);
-        let mut spawn = spawn_spec(name, index, config, &socket, &context.conductor_socket);
+        let conductor_socket = context.layout.conductor_socket();
+        let mut spawn = spawn_spec(name, index, config, &socket, &conductor_socket);
         spawn.cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
         let spec = InstanceSpec {
             plugin: name.clone(),
@@ -124,7 +124,7 @@ impl Pool {
             cgroup: cgroup.clone(),
             unlaunchable,
             usage_interval: context.usage_interval,
-            reporter: context.reporter.clone(),
+            bus: context.bus.clone(),
         };
         let (commands, command_rx) = mpsc::channel(8);
         let (status_tx, status) = watch::channel(InstanceStatus::new(cgroup.is_some()));
@@ -150,7 +150,7 @@ impl Pool {
     pub fn serving(&self) -> u32 {
         self.instances
             .iter()
-            .filter(|i| i.status.borrow().state == "serving")
+            .filter(|i| i.status.borrow().state == Phase::Serving)
             .count() as u32
     }
 }

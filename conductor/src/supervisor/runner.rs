@@ -22,12 +22,13 @@ use tracing::Instrument as _;
 use super::breaker::Breaker;
 use super::config::PoolConfig;
 use super::instance::{Action, Event, ExitReason, Instance, State};
+use super::report;
+use crate::events::{Bus, CheckOutcome, Event as Published, InstanceEvent, Phase};
 use crate::process::cgroup::{Cgroup, Usage};
 use crate::process::output::{self, Origin};
 use crate::process::{SpawnSpec, Spawner, signal_group};
 use crate::rpc::HealthError;
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
-use crate::telemetry::events::{self, CheckOutcome, Reporter};
 
 /// What an operator can ask of a running instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +41,7 @@ pub enum Command {
 /// A snapshot of an instance for status queries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceStatus {
-    pub state: &'static str,
+    pub state: Phase,
     pub pid: Option<u32>,
     pub breaker: Breaker,
     pub restarts: u64,
@@ -61,7 +62,7 @@ impl InstanceStatus {
     /// The status of an instance whose runner is about to start it.
     pub fn new(confined: bool) -> Self {
         Self {
-            state: "starting",
+            state: Phase::Starting,
             pid: None,
             breaker: Breaker::default(),
             restarts: 0,
@@ -99,7 +100,7 @@ pub struct InstanceSpec {
     /// Set when the instance must not be started (see [`Event::Unlaunchable`]).
     pub unlaunchable: Option<String>,
     pub usage_interval: Duration,
-    pub reporter: Reporter,
+    pub bus: Bus,
 }
 
 /// Pause between `Describe` attempts of an instance that fails them.
@@ -287,7 +288,7 @@ impl Runner {
                         Err(HealthError::Timeout(_)) => CheckOutcome::Timeout,
                         Err(HealthError::Rpc(_)) => CheckOutcome::Error,
                     };
-                    events::health_check(&self.subject(), outcome, took);
+                    self.publish_event(self.machine.pid(), InstanceEvent::HealthChecked { outcome, took });
                     match result {
                         Ok(()) => Event::HealthPassed,
                         Err(why) => Event::HealthFailed { why: why.to_string() },
@@ -395,12 +396,13 @@ impl Runner {
         }
     }
 
-    fn subject(&self) -> events::Subject<'_> {
-        events::Subject {
-            reporter: &self.spec.reporter,
-            plugin: &self.spec.plugin,
-            instance: self.spec.index,
-        }
+    fn publish_event(&self, pid: Option<u32>, what: InstanceEvent) {
+        self.spec.bus.emit(Published::instance(
+            &self.spec.plugin,
+            self.spec.index,
+            pid,
+            what,
+        ));
     }
 
     fn record_exit(&mut self, before: &State, reason: ExitReason) {
@@ -462,7 +464,13 @@ impl Runner {
             {
                 Ok(actions) => actions,
                 Err(illegal) => {
-                    events::illegal_transition(&self.spec.plugin, &illegal);
+                    self.publish_event(
+                        self.machine.pid(),
+                        InstanceEvent::IllegalTransition {
+                            from: illegal.from,
+                            event: format!("{:?}", illegal.event),
+                        },
+                    );
                     return pending;
                 }
             };
@@ -471,9 +479,18 @@ impl Runner {
             }
             // Status first: whoever reacts to the event reads fresh status.
             self.publish();
-            let subject = self.subject();
+            let happened = report::describe(
+                &before,
+                &next,
+                &self.machine,
+                breaker_before,
+                Instant::now(),
+            );
+            // In the life's span, so every line carries its lifecycle id.
             self.life.in_scope(|| {
-                events::transition(&subject, &before, &next, &self.machine, breaker_before)
+                for (pid, what) in happened {
+                    self.publish_event(pid, what);
+                }
             });
             for action in actions {
                 if action == Action::Spawn {
@@ -580,7 +597,7 @@ impl Runner {
 
     fn publish(&self) {
         let status = InstanceStatus {
-            state: self.machine.state().name(),
+            state: self.machine.state().phase(),
             pid: self.machine.pid(),
             breaker: self.machine.breaker(),
             restarts: self.machine.restarts(),

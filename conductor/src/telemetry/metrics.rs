@@ -1,38 +1,84 @@
 //! Prometheus metrics through OpenTelemetry.
 //!
 //! Event-driven counts (restarts, health checks, breaker trips, start
-//! latency) are recorded where the events are reported (`events.rs`);
-//! state (instances up, breaker state, replicas, cgroup usage) is read
-//! from the supervisor at scrape time, so it costs nothing between scrapes.
+//! latency, jobs) are recorded by the [`Recorder`](super::Recorder) as
+//! events happen; state (instances up, breaker state, replicas, cgroup
+//! usage, queues, the autoscaler's view) is read from a [`Snapshot`] at
+//! scrape time, so it costs nothing between scrapes.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
-use serde::Deserialize;
 
-use crate::supervisor::Supervisor;
-use crate::supervisor::breaker::Breaker;
+use crate::events::Phase;
 
-/// `[conductor.metrics]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// Serve `/metrics` at all.
-    pub enabled: bool,
-    /// Where `/metrics` listens (port 0 picks a free one and logs it).
-    pub listen: SocketAddr,
+/// What metrics read at scrape time. The daemon implements it over its
+/// components; telemetry knows none of them.
+pub trait Snapshot: Send + Sync {
+    fn plugins(&self) -> Vec<PluginSample>;
+    fn lanes(&self) -> Vec<LaneSample>;
+    fn autoscalers(&self) -> Vec<AutoscaleSample>;
 }
 
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-        }
-    }
+/// One plugin's pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginSample {
+    pub name: String,
+    /// Instances wanted now.
+    pub desired: u32,
+    pub instances: Vec<InstanceSample>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSample {
+    pub index: u32,
+    pub phase: Phase,
+    /// A process is alive.
+    pub running: bool,
+    pub breaker: BreakerState,
+    pub usage: Option<UsageSample>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    HalfOpen,
+    Open,
+}
+
+/// An instance's cgroup counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageSample {
+    pub memory_bytes: u64,
+    pub memory_peak_bytes: u64,
+    pub cpu: Duration,
+    pub throttled: Duration,
+    pub pids: u64,
+    pub oom_kills: u64,
+}
+
+/// One plugin's jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaneSample {
+    pub plugin: String,
+    pub queued: usize,
+    pub in_flight: usize,
+}
+
+/// One plugin's latest autoscaler decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoscaleSample {
+    pub plugin: String,
+    pub desired: u32,
+    pub load: f64,
+    /// Point, lower and upper bound over the lead time.
+    pub forecast: Option<(f64, f64, f64)>,
+    pub capacity: f64,
+    pub lead: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,16 +194,16 @@ impl Metrics {
         Ok(Arc::new(metrics))
     }
 
-    /// Registers the instruments read from `supervisor` at scrape time.
-    pub fn observe(&self, supervisor: Weak<Supervisor>) {
+    /// Registers the instruments read from `snapshot` at scrape time.
+    pub fn observe(&self, snapshot: Arc<dyn Snapshot>) {
         let plugin_gauge =
             |name: &'static str, help: &'static str, value: fn(&PluginSample) -> u64| {
-                let supervisor = supervisor.clone();
+                let snapshot = snapshot.clone();
                 self.meter
                     .u64_observable_gauge(name)
                     .with_description(help)
                     .with_callback(move |observer| {
-                        for sample in samples(&supervisor) {
+                        for sample in snapshot.plugins() {
                             observer.observe(
                                 value(&sample),
                                 &[KeyValue::new("plugin", sample.name.clone())],
@@ -166,22 +212,29 @@ impl Metrics {
                     })
                     .build()
             };
-        let desired = plugin_gauge("demi_replicas_desired", "Instances wanted", |p| p.desired);
+        let desired = plugin_gauge("demi_replicas_desired", "Instances wanted", |p| {
+            u64::from(p.desired)
+        });
         let running = plugin_gauge(
             "demi_replicas_running",
             "Instances with a live process",
-            |p| p.running,
+            |p| p.instances.iter().filter(|i| i.running).count() as u64,
         );
-        let serving = plugin_gauge("demi_replicas_serving", "Instances SERVING", |p| p.serving);
+        let serving = plugin_gauge("demi_replicas_serving", "Instances SERVING", |p| {
+            p.instances
+                .iter()
+                .filter(|i| i.phase == Phase::Serving)
+                .count() as u64
+        });
 
         // One callback shape for every per-instance value, gauge or counter.
         let per_instance = |value: fn(&InstanceSample) -> Option<f64>| {
-            let supervisor = supervisor.clone();
+            let snapshot = snapshot.clone();
             move |observer: &dyn opentelemetry::metrics::AsyncInstrument<f64>| {
-                for plugin in samples(&supervisor) {
+                for plugin in snapshot.plugins() {
                     for instance in &plugin.instances {
                         if let Some(v) = value(instance) {
-                            observer.observe(v, &instance.labels);
+                            observer.observe(v, &instance_labels(&plugin, instance));
                         }
                     }
                 }
@@ -204,7 +257,7 @@ impl Metrics {
                     .with_callback(per_instance(value))
                     .build()
             };
-        let observers: Vec<Box<dyn std::any::Any + Send + Sync>> = vec![
+        let mut observers: Vec<Box<dyn std::any::Any + Send + Sync>> = vec![
             Box::new(desired),
             Box::new(running),
             Box::new(serving),
@@ -212,14 +265,20 @@ impl Metrics {
                 "demi_instance_up",
                 "",
                 "1 while the instance is SERVING",
-                |i| Some(if i.state == "serving" { 1.0 } else { 0.0 }),
+                |i| Some(if i.phase == Phase::Serving { 1.0 } else { 0.0 }),
             )),
-            Box::new(self.instance_states(supervisor.clone())),
+            Box::new(self.instance_states(snapshot.clone())),
             Box::new(instance_gauge(
                 "demi_instance_breaker_state",
                 "",
                 "Circuit breaker: 0 closed, 1 half-open, 2 open",
-                |i| Some(i.breaker),
+                |i| {
+                    Some(match i.breaker {
+                        BreakerState::Closed => 0.0,
+                        BreakerState::HalfOpen => 1.0,
+                        BreakerState::Open => 2.0,
+                    })
+                },
             )),
             Box::new(instance_gauge(
                 "demi_instance_memory",
@@ -258,59 +317,62 @@ impl Metrics {
                 |i| i.usage.map(|u| u.oom_kills as f64),
             )),
         ];
+        observers.extend(self.lane_gauges(&snapshot));
+        observers.extend(self.autoscale_gauges(&snapshot));
         self.observers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(observers);
     }
 
-    /// Queue depth and jobs in flight per plugin, read from `dispatcher`.
-    pub fn observe_dispatch(&self, dispatcher: Weak<crate::dispatch::Dispatcher>) {
-        let gauge =
-            |name: &'static str, help: &'static str, pick: fn(&(String, usize, usize)) -> usize| {
-                let dispatcher = dispatcher.clone();
-                self.meter
-                    .u64_observable_gauge(name)
-                    .with_description(help)
-                    .with_callback(move |observer| {
-                        if let Some(dispatcher) = dispatcher.upgrade() {
-                            for lane in dispatcher.lanes() {
-                                observer.observe(
-                                    pick(&lane) as u64,
-                                    &[KeyValue::new("plugin", lane.0.clone())],
-                                );
-                            }
-                        }
-                    })
-                    .build()
-            };
-        let queued = gauge("demi_jobs_queued", "Jobs waiting for a replica", |l| l.1);
-        let in_flight = gauge("demi_jobs_in_flight", "Jobs being delivered", |l| l.2);
-        self.observers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend([
-                Box::new(queued) as Box<dyn std::any::Any + Send + Sync>,
-                Box::new(in_flight),
-            ]);
+    /// Queue depth and jobs in flight per plugin.
+    fn lane_gauges(
+        &self,
+        snapshot: &Arc<dyn Snapshot>,
+    ) -> Vec<Box<dyn std::any::Any + Send + Sync>> {
+        let gauge = |name: &'static str, help: &'static str, pick: fn(&LaneSample) -> usize| {
+            let snapshot = snapshot.clone();
+            self.meter
+                .u64_observable_gauge(name)
+                .with_description(help)
+                .with_callback(move |observer| {
+                    for lane in snapshot.lanes() {
+                        observer.observe(
+                            pick(&lane) as u64,
+                            &[KeyValue::new("plugin", lane.plugin.clone())],
+                        );
+                    }
+                })
+                .build()
+        };
+        vec![
+            Box::new(gauge(
+                "demi_jobs_queued",
+                "Jobs waiting for a replica",
+                |l| l.queued,
+            )),
+            Box::new(gauge("demi_jobs_in_flight", "Jobs being delivered", |l| {
+                l.in_flight
+            })),
+        ]
     }
 
-    /// The autoscaler's latest decision per plugin, read at scrape time.
-    pub fn observe_scaler(&self, scaler: Weak<crate::scaler::Scaler>) {
-        type Pick = fn(&crate::scaler::live::Status) -> Vec<(Option<&'static str>, f64)>;
+    /// The autoscaler's latest decision per plugin.
+    fn autoscale_gauges(
+        &self,
+        snapshot: &Arc<dyn Snapshot>,
+    ) -> Vec<Box<dyn std::any::Any + Send + Sync>> {
+        type Pick = fn(&AutoscaleSample) -> Vec<(Option<&'static str>, f64)>;
         let gauge = |name: &'static str, unit: &'static str, help: &'static str, pick: Pick| {
-            let scaler = scaler.clone();
+            let snapshot = snapshot.clone();
             self.meter
                 .f64_observable_gauge(name)
                 .with_unit(unit)
                 .with_description(help)
                 .with_callback(move |observer| {
-                    let Some(scaler) = scaler.upgrade() else {
-                        return;
-                    };
-                    for (plugin, status) in scaler.statuses() {
-                        for (bound, value) in pick(&status) {
-                            let mut labels = vec![KeyValue::new("plugin", plugin.clone())];
+                    for sample in snapshot.autoscalers() {
+                        for (bound, value) in pick(&sample) {
+                            let mut labels = vec![KeyValue::new("plugin", sample.plugin.clone())];
                             if let Some(bound) = bound {
                                 labels.push(KeyValue::new("bound", bound));
                             }
@@ -322,7 +384,7 @@ impl Metrics {
                 })
                 .build()
         };
-        let observers: Vec<Box<dyn std::any::Any + Send + Sync>> = vec![
+        vec![
             Box::new(gauge(
                 "demi_autoscale_desired_replicas",
                 "",
@@ -339,11 +401,11 @@ impl Metrics {
                 "demi_autoscale_forecast",
                 "",
                 "Forecast load over the lead time: point, lower and upper bound",
-                |s| match s.ahead {
-                    Some(a) => vec![
-                        (Some("point"), a.point),
-                        (Some("lower"), a.lower),
-                        (Some("upper"), a.upper),
+                |s| match s.forecast {
+                    Some((point, lower, upper)) => vec![
+                        (Some("point"), point),
+                        (Some("lower"), lower),
+                        (Some("upper"), upper),
                     ],
                     None => Vec::new(),
                 },
@@ -360,38 +422,26 @@ impl Metrics {
                 "Start-up time plus one bucket: how far ahead replicas are planned",
                 |s| vec![(None, s.lead.as_secs_f64())],
             )),
-        ];
-        self.observers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(observers);
+        ]
     }
 
     /// `demi_instance_state{state=…}`: 1 for the current state, 0 for the
     /// others, so a dashboard can count instances per state.
     fn instance_states(
         &self,
-        supervisor: Weak<Supervisor>,
+        snapshot: Arc<dyn Snapshot>,
     ) -> opentelemetry::metrics::ObservableGauge<u64> {
-        const STATES: [&str; 7] = [
-            "starting",
-            "serving",
-            "unhealthy",
-            "stopping",
-            "backoff",
-            "failed",
-            "stopped",
-        ];
         self.meter
             .u64_observable_gauge("demi_instance_state")
             .with_description("1 for the state the instance is in")
             .with_callback(move |observer| {
-                for plugin in samples(&supervisor) {
+                for plugin in snapshot.plugins() {
                     for instance in &plugin.instances {
-                        for state in STATES {
-                            let mut labels = instance.labels.clone();
-                            labels.push(KeyValue::new("state", state));
-                            observer.observe(u64::from(instance.state == state), &labels);
+                        let labels = instance_labels(&plugin, instance);
+                        for phase in Phase::ALL {
+                            let mut labels = labels.clone();
+                            labels.push(KeyValue::new("state", phase.as_str()));
+                            observer.observe(u64::from(instance.phase == phase), &labels);
                         }
                     }
                 }
@@ -415,56 +465,11 @@ impl Metrics {
     }
 }
 
-struct PluginSample {
-    name: String,
-    desired: u64,
-    running: u64,
-    serving: u64,
-    instances: Vec<InstanceSample>,
-}
-
-struct InstanceSample {
-    labels: Vec<KeyValue>,
-    state: &'static str,
-    breaker: f64,
-    usage: Option<crate::process::cgroup::Usage>,
-}
-
-fn samples(supervisor: &Weak<Supervisor>) -> Vec<PluginSample> {
-    let Some(supervisor) = supervisor.upgrade() else {
-        return Vec::new();
-    };
-    supervisor
-        .list()
-        .into_iter()
-        .map(|view| PluginSample {
-            desired: u64::from(view.replicas),
-            running: view
-                .instances
-                .iter()
-                .filter(|(_, s)| s.pid.is_some())
-                .count() as u64,
-            serving: u64::from(view.serving()),
-            instances: view
-                .instances
-                .iter()
-                .map(|(index, status)| InstanceSample {
-                    labels: vec![
-                        KeyValue::new("plugin", view.name.clone()),
-                        KeyValue::new("instance", i64::from(*index)),
-                    ],
-                    state: status.state,
-                    breaker: match status.breaker {
-                        Breaker::Closed { .. } => 0.0,
-                        Breaker::HalfOpen { .. } => 1.0,
-                        Breaker::Open => 2.0,
-                    },
-                    usage: status.usage,
-                })
-                .collect(),
-            name: view.name,
-        })
-        .collect()
+fn instance_labels(plugin: &PluginSample, instance: &InstanceSample) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("plugin", plugin.name.clone()),
+        KeyValue::new("instance", i64::from(instance.index)),
+    ]
 }
 
 /// Serves `GET /metrics` on `listen` until `shutdown`; returns the bound

@@ -1,21 +1,15 @@
-//! Logs, lifecycle events and Prometheus metrics of the conductor.
+//! Logs and Prometheus metrics of the conductor: a leaf that consumes
+//! domain events (the [`Recorder`] sink) and snapshots the daemon hands it
+//! ([`metrics::Snapshot`]); it knows no component.
 
-pub mod events;
+pub mod config;
 pub mod metrics;
+mod recorder;
 
-use serde::Deserialize;
+pub use config::{LogFormat, MetricsConfig};
+pub use recorder::Recorder;
+
 use tracing_subscriber::EnvFilter;
-
-/// How log lines look.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Readable lines, coloured on a terminal.
-    #[default]
-    Human,
-    /// One JSON object per line, for log shippers.
-    Json,
-}
 
 /// Installs the global subscriber. `RUST_LOG` overrides the `info` default.
 pub fn init(format: LogFormat) {

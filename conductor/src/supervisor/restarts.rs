@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::config::RestartConfig;
+use crate::backoff::exponential;
 
 /// What to do after an instance ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,23 +92,6 @@ pub fn delay(config: &RestartConfig, attempt: u32, unit: f64) -> Duration {
         attempt - 2,
         unit,
     )
-}
-
-/// `initial × multiplier^step`, capped at `max`, scaled by a random factor
-/// in `1 ± jitter` (from `unit`, uniform in `[0, 1)`) and never above `max`.
-pub fn exponential(
-    initial: Duration,
-    multiplier: f64,
-    max: Duration,
-    jitter: f64,
-    step: u32,
-    unit: f64,
-) -> Duration {
-    let max = max.as_secs_f64();
-    let exponent = i32::try_from(step).unwrap_or(i32::MAX);
-    let base = (initial.as_secs_f64() * multiplier.powi(exponent)).min(max);
-    let jittered = base * (1.0 + jitter * (2.0 * unit - 1.0));
-    Duration::from_secs_f64(jittered.clamp(0.0, max))
 }
 
 #[cfg(test)]
