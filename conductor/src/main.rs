@@ -13,8 +13,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use demi_conductor::config;
 use demi_conductor::telemetry::{self, LogFormat};
+use demi_conductor::{config, daemon};
 use demi_proto::conductor::v1 as pb;
 
 #[derive(Debug, Parser)]
@@ -165,14 +165,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads and plans the configuration at `path` as `run` would, or says
+/// every problem found.
+fn prepare(path: &std::path::Path) -> Result<daemon::Prepared, config::ConfigErrors> {
+    daemon::prepare(config::load(path)?)
+}
+
 fn check_config(path: &std::path::Path) -> ExitCode {
-    match config::load(path) {
-        Ok(config) => {
-            let instances: u32 = config.plugins.values().map(|p| p.replicas).sum();
+    match prepare(path) {
+        Ok(prepared) => {
+            let instances: u32 = prepared.plan.pools.values().map(|p| p.replicas).sum();
             println!(
                 "{}: ok ({} plugins, {instances} instances)",
                 path.display(),
-                config.plugins.len()
+                prepared.config.plugins.len()
             );
             ExitCode::SUCCESS
         }
@@ -258,21 +264,21 @@ fn discovered(path: &std::path::Path) -> ExitCode {
 }
 
 fn daemon(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
-    let config = match config::load(path) {
-        Ok(config) => config,
+    let prepared = match prepare(path) {
+        Ok(prepared) => prepared,
         Err(errors) => {
             eprintln!("{errors}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    telemetry::init(log_format.unwrap_or(config.conductor.log_format));
+    telemetry::init(log_format.unwrap_or(prepared.config.conductor.log_format));
     let run = || -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .thread_name("demi-conductor")
             .build()
             .context("cannot start the async runtime")?;
-        runtime.block_on(demi_conductor::daemon::run(config))?;
+        runtime.block_on(daemon::run(prepared))?;
         Ok(())
     };
     match run() {

@@ -1,7 +1,6 @@
 //! `demi.conductor.v1.Conductor`: the operator's view and levers.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use demi_proto::conductor::v1 as pb;
@@ -13,36 +12,24 @@ use std::time::SystemTime;
 
 use demi_proto::trace::{TRACEPARENT, TraceParent};
 
-use crate::dispatch::{DispatchError, Dispatcher, Finished, Submission};
+use super::{Parts, ReloadError};
+use crate::dispatch::{DispatchError, Finished, Submission};
 use crate::events::{Event, InstanceEvent, Stamped};
-use crate::scaler::Scaler;
-use crate::supervisor::{InstanceStatus, PluginView, Supervisor, SupervisorError};
+use crate::supervisor::{InstanceStatus, PluginView, SupervisorError};
 
 pub struct Admin {
-    supervisor: Arc<Supervisor>,
-    dispatcher: Arc<Dispatcher>,
-    scaler: Arc<Scaler>,
+    parts: Parts,
     /// Ends open event streams when the conductor stops.
     shutdown: CancellationToken,
 }
 
 impl Admin {
-    pub fn new(
-        supervisor: Arc<Supervisor>,
-        dispatcher: Arc<Dispatcher>,
-        scaler: Arc<Scaler>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        Self {
-            supervisor,
-            dispatcher,
-            scaler,
-            shutdown,
-        }
+    pub fn new(parts: Parts, shutdown: CancellationToken) -> Self {
+        Self { parts, shutdown }
     }
 
     fn plugin(&self, view: PluginView) -> pb::Plugin {
-        let autoscale = self.scaler.status(&view.name).map(autoscale);
+        let autoscale = self.parts.scaler.status(&view.name).map(autoscale);
         pb::Plugin {
             autoscale,
             ..plugin(view)
@@ -103,6 +90,7 @@ fn job_status(error: DispatchError) -> Status {
         DispatchError::NotFound(_) => Status::not_found(error.to_string()),
         DispatchError::NoJobs(_) => Status::failed_precondition(error.to_string()),
         DispatchError::QueueFull { .. } => Status::resource_exhausted(error.to_string()),
+        DispatchError::NoReplicas { .. } => Status::unavailable(error.to_string()),
         DispatchError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
         DispatchError::Store(_) => Status::internal(error.to_string()),
         DispatchError::Stopping => Status::unavailable(error.to_string()),
@@ -134,6 +122,7 @@ impl pb::conductor_server::Conductor for Admin {
         _: Request<pb::ListPluginsRequest>,
     ) -> Answer<pb::ListPluginsResponse> {
         let plugins = self
+            .parts
             .supervisor
             .list()
             .into_iter()
@@ -145,25 +134,25 @@ impl pb::conductor_server::Conductor for Admin {
     #[tracing::instrument(skip_all)]
     async fn get_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
         let name = name_of(request)?;
-        self.answer(self.supervisor.get(&name))
+        self.answer(self.parts.supervisor.get(&name))
     }
 
     #[tracing::instrument(skip_all)]
     async fn start_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
         let name = name_of(request)?;
-        self.answer(self.supervisor.start_plugin(&name).await)
+        self.answer(self.parts.supervisor.start_plugin(&name).await)
     }
 
     #[tracing::instrument(skip_all)]
     async fn stop_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
         let name = name_of(request)?;
-        self.answer(self.supervisor.stop_plugin(&name).await)
+        self.answer(self.parts.supervisor.stop_plugin(&name).await)
     }
 
     #[tracing::instrument(skip_all)]
     async fn restart_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
         let name = name_of(request)?;
-        self.answer(self.supervisor.restart_plugin(&name).await)
+        self.answer(self.parts.supervisor.restart_plugin(&name).await)
     }
 
     #[tracing::instrument(skip_all)]
@@ -172,7 +161,12 @@ impl pb::conductor_server::Conductor for Admin {
         if request.name.is_empty() {
             return Err(Status::invalid_argument("name: must name a plugin"));
         }
-        self.answer(self.supervisor.scale(&request.name, request.replicas).await)
+        self.answer(
+            self.parts
+                .supervisor
+                .scale(&request.name, request.replicas)
+                .await,
+        )
     }
 
     type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
@@ -183,10 +177,10 @@ impl pb::conductor_server::Conductor for Admin {
         request: Request<pb::WatchEventsRequest>,
     ) -> Answer<Self::WatchEventsStream> {
         let only = request.into_inner().plugin;
-        if !only.is_empty() && self.supervisor.get(&only).is_err() {
+        if !only.is_empty() && self.parts.supervisor.get(&only).is_err() {
             return Err(Status::not_found(format!("no plugin named {only:?}")));
         }
-        let mut events = self.supervisor.events().subscribe();
+        let mut events = self.parts.supervisor.events().subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let shutdown = self.shutdown.clone();
         // Ends when the conductor stops or the watcher goes away.
@@ -227,7 +221,15 @@ impl pb::conductor_server::Conductor for Admin {
 
     #[tracing::instrument(skip_all)]
     async fn reload(&self, _: Request<pb::ReloadRequest>) -> Answer<pb::ReloadResponse> {
-        let summary = self.supervisor.reload().await.map_err(status)?;
+        let summary = self
+            .parts
+            .control
+            .reload()
+            .await
+            .map_err(|error| match error {
+                ReloadError::Invalid(_) => Status::invalid_argument(error.to_string()),
+                ReloadError::Apply(error) => status(error),
+            })?;
         Ok(Response::new(pb::ReloadResponse {
             added: summary.added,
             removed: summary.removed,
@@ -243,6 +245,7 @@ impl pb::conductor_server::Conductor for Admin {
     // name the job and plugin.
     async fn submit(&self, request: Request<pb::SubmitRequest>) -> Answer<pb::SubmitResponse> {
         let receipt = self
+            .parts
             .dispatcher
             .submit(submission(request))
             .await
@@ -256,6 +259,7 @@ impl pb::conductor_server::Conductor for Admin {
     async fn submit_and_wait(&self, request: Request<pb::SubmitRequest>) -> Answer<pb::JobOutcome> {
         use pb::job_outcome::Status as S;
         let (receipt, finished) = self
+            .parts
             .dispatcher
             .submit_and_wait(submission(request))
             .await
@@ -285,7 +289,12 @@ impl pb::conductor_server::Conductor for Admin {
         &self,
         _: Request<pb::ListDeadLettersRequest>,
     ) -> Answer<pb::ListDeadLettersResponse> {
-        let letters = self.dispatcher.dead_letters().await.map_err(job_status)?;
+        let letters = self
+            .parts
+            .dispatcher
+            .dead_letters()
+            .await
+            .map_err(job_status)?;
         Ok(Response::new(pb::ListDeadLettersResponse {
             dead_letters: letters
                 .into_iter()
@@ -319,7 +328,12 @@ impl pb::conductor_server::Conductor for Admin {
                 ));
             }
         };
-        let job_ids = self.dispatcher.replay(ids).await.map_err(job_status)?;
+        let job_ids = self
+            .parts
+            .dispatcher
+            .replay(ids)
+            .await
+            .map_err(job_status)?;
         Ok(Response::new(pb::ReplayDeadLettersResponse { job_ids }))
     }
 
@@ -328,7 +342,7 @@ impl pb::conductor_server::Conductor for Admin {
         &self,
         _: Request<pb::PurgeDeadLettersRequest>,
     ) -> Answer<pb::PurgeDeadLettersResponse> {
-        let purged = self.dispatcher.purge().await.map_err(job_status)?;
+        let purged = self.parts.dispatcher.purge().await.map_err(job_status)?;
         Ok(Response::new(pb::PurgeDeadLettersResponse {
             purged: purged as u64,
         }))
@@ -336,8 +350,11 @@ impl pb::conductor_server::Conductor for Admin {
 
     #[tracing::instrument(skip_all)]
     async fn get_config(&self, _: Request<pb::GetConfigRequest>) -> Answer<pb::GetConfigResponse> {
-        let (path, text) = self.supervisor.config().await;
-        Ok(Response::new(pb::GetConfigResponse { path, text }))
+        let (path, text) = self.parts.control.config().await;
+        Ok(Response::new(pb::GetConfigResponse {
+            path: path.display().to_string(),
+            text,
+        }))
     }
 }
 
@@ -345,9 +362,7 @@ impl pb::conductor_server::Conductor for Admin {
 fn status(error: SupervisorError) -> Status {
     match &error {
         SupervisorError::NotFound(_) => Status::not_found(error.to_string()),
-        SupervisorError::InvalidArgument { .. } | SupervisorError::Config(_) => {
-            Status::invalid_argument(error.to_string())
-        }
+        SupervisorError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
         SupervisorError::NotServing { .. } => Status::aborted(error.to_string()),
         SupervisorError::Autoscaled { .. } => Status::failed_precondition(error.to_string()),
     }

@@ -5,7 +5,8 @@
 
 mod admin;
 mod auth;
-mod config;
+pub mod config;
+pub mod health;
 
 pub use admin::Admin;
 pub use auth::BearerToken;
@@ -24,9 +25,37 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
+use crate::config::{ConfigErrors, Diff};
 use crate::dispatch::Dispatcher;
 use crate::scaler::Scaler;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Supervisor, SupervisorError};
+
+/// What the API asks of the daemon: the configuration in force, and a
+/// reload of it (the daemon's job: it tells every component what changed).
+#[tonic::async_trait]
+pub trait Control: Send + Sync + 'static {
+    /// The config file's path and text as last loaded.
+    async fn config(&self) -> (PathBuf, String);
+    /// Re-reads the config file and applies the difference.
+    async fn reload(&self) -> Result<Diff, ReloadError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the configuration is invalid, nothing changed:\n{0}")]
+    Invalid(ConfigErrors),
+    #[error(transparent)]
+    Apply(#[from] SupervisorError),
+}
+
+/// Everything the API reaches.
+#[derive(Clone)]
+pub struct Parts {
+    pub supervisor: Arc<Supervisor>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub scaler: Arc<Scaler>,
+    pub control: Arc<dyn Control>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -49,9 +78,7 @@ pub enum ApiError {
 /// Serves the API on `socket` (and on TCP when configured) until `shutdown`
 /// fires; the servers run in the returned tasks.
 pub async fn serve<H: Health>(
-    supervisor: Arc<Supervisor>,
-    dispatcher: Arc<Dispatcher>,
-    scaler: Arc<Scaler>,
+    parts: Parts,
     health: HealthServer<H>,
     socket: &Path,
     config: &ApiConfig,
@@ -81,9 +108,7 @@ pub async fn serve<H: Health>(
         .add_service(health.clone())
         // The operator's API.
         .add_service(ConductorServer::new(Admin::new(
-            supervisor.clone(),
-            dispatcher.clone(),
-            scaler.clone(),
+            parts.clone(),
             shutdown.clone(),
         )))
         // Reflection, both versions, so grpcurl needs no .proto files.
@@ -113,7 +138,7 @@ pub async fn serve<H: Health>(
             // Every TCP call, reflection included, shows the token first.
             .add_service(InterceptedService::new(health, check.clone()))
             .add_service(ConductorServer::with_interceptor(
-                Admin::new(supervisor, dispatcher, scaler, shutdown.clone()),
+                Admin::new(parts, shutdown.clone()),
                 check.clone(),
             ))
             .add_service(InterceptedService::new(reflection_v1()?, check.clone()))

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use demi_conductor::layout::Layout;
 use demi_proto::conductor::v1 as pb;
 use pb::conductor_client::ConductorClient;
 use serde_json::{Value, json};
@@ -30,11 +31,14 @@ pub struct Target {
 }
 
 impl Target {
+    /// The socket, from `--socket` or the config's `runtime_dir`; nothing
+    /// else of the config is read, so a client reaches the daemon even when
+    /// the file has a mistake (which the daemon then reports).
     fn socket(&self) -> anyhow::Result<PathBuf> {
         if let Some(socket) = &self.socket {
             return Ok(socket.clone());
         }
-        let config = demi_conductor::config::load(&self.config)
+        let runtime_dir = demi_conductor::config::runtime_dir(&self.config)
             .map_err(|errors| anyhow::anyhow!("{errors}"))
             .with_context(|| {
                 format!(
@@ -42,7 +46,7 @@ impl Target {
                     self.config.display()
                 )
             })?;
-        Ok(config.conductor.runtime_dir.join("conductor.sock"))
+        Ok(Layout::new(runtime_dir).conductor_socket())
     }
 
     pub async fn connect(&self) -> anyhow::Result<ConductorClient<Channel>> {

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use toml::de::{DeTable, DeValue};
 
 use super::{ConfigError, Report, invalid_name};
-use crate::supervisor::PoolConfig;
 
 /// The manifest's file name inside a plugin folder.
 pub const MANIFEST: &str = "plugin.toml";
@@ -128,8 +127,7 @@ fn load(path: &Path) -> Result<Manifest, Vec<ConfigError>> {
     }
     let mut plugin = doc.clone();
     plugin.remove("name");
-    let value = toml::Spanned::new(0..text.len(), DeValue::Table(plugin));
-    if let Some(config) = report.deserialize::<PoolConfig>(&value, doc) {
+    if let Some(config) = report.plugin(0..text.len(), plugin, doc, path) {
         for (field, reason) in config.problems() {
             let path: Vec<&str> = field.split('.').collect();
             report.at(doc, &path, reason);

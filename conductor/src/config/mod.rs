@@ -1,28 +1,34 @@
 //! Loads the TOML configuration once into typed settings, reporting every
 //! problem at once with file, line, column and field.
 //!
-//! The types themselves live beside the code they configure
-//! ([`DaemonConfig`], [`PoolConfig`]); this module only parses, checks and
-//! resolves paths against the config file's folder.
+//! It loads and assembles only. The types live beside the code they
+//! configure (the daemon's [`DaemonConfig`], the supervisor's
+//! [`PoolConfig`], dispatch's and the scaler's); this module parses them,
+//! checks them, resolves paths against the config file's folder and puts
+//! each plugin's parts together as a [`PluginConfig`]. It reads no file
+//! but the ones it parses.
 
+mod diff;
 pub mod discovery;
 mod error;
 mod locate;
+mod plugin;
 
+pub use diff::{Diff, diff};
 pub use error::{ConfigError, ConfigErrors};
+pub use plugin::PluginConfig;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-use crate::daemon::DaemonConfig;
-use crate::layout::{Layout, MAX_SOCKET_PATH};
-use crate::supervisor::PoolConfig;
+use crate::daemon::config::DaemonConfig;
+use crate::supervisor::config::PoolConfig;
+use plugin::{Extras, NOT_POOL};
 
 /// A checked configuration with every path made absolute.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,9 +38,7 @@ pub struct Config {
     pub text: String,
     pub conductor: DaemonConfig,
     /// The plugins to run.
-    pub plugins: BTreeMap<String, Arc<PoolConfig>>,
-    /// Where each plugin was defined: the config file or its manifest.
-    pub sources: BTreeMap<String, PathBuf>,
+    pub plugins: BTreeMap<String, PluginConfig>,
     /// Plugins turned off with `enabled = false`.
     pub disabled: Vec<String>,
     /// Every valid manifest found in `plugin_dirs`, by plugin name.
@@ -44,25 +48,91 @@ pub struct Config {
 }
 
 impl Config {
-    /// The file that defined `plugin`.
-    pub fn source_of(&self, plugin: &str) -> PathBuf {
-        self.sources
-            .get(plugin)
-            .cloned()
-            .unwrap_or_else(|| self.file.clone())
+    /// A problem with `field` (dotted, below the plugin's table, or below
+    /// `[conductor]` when `plugin` is `None`) that only a later check could
+    /// see, placed where the field is written.
+    pub fn problem(&self, plugin: Option<&str>, field: &str, reason: String) -> ConfigError {
+        let mut path: Vec<&str> = match plugin {
+            Some(name) => vec!["plugins", name],
+            None => vec!["conductor"],
+        };
+        path.extend(field.split('.'));
+        let source = plugin
+            .and_then(|name| self.plugins.get(name))
+            .map_or(self.file.as_path(), |p| p.source.as_path());
+        if source != self.file {
+            // A manifest's own text is not kept: its path is enough.
+            return ConfigError {
+                file: source.to_owned(),
+                position: None,
+                field: field.to_owned(),
+                reason,
+            };
+        }
+        let position = DeTable::parse(&self.text).ok().and_then(|doc| {
+            locate::span_of(doc.get_ref(), &path)
+                .map(|span| locate::line_column(&self.text, span.start))
+        });
+        ConfigError {
+            file: self.file.clone(),
+            position,
+            field: path.join("."),
+            reason,
+        }
     }
 }
 
-/// Reads and checks the configuration at `path`.
-pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|error| {
+/// The runtime folder named by the config at `path`, read without checking
+/// anything else: a client finds the daemon's socket through it even when
+/// the rest of the file is wrong (the daemon then says what is).
+pub fn runtime_dir(path: &Path) -> Result<PathBuf, ConfigErrors> {
+    let text = read(path)?;
+    let mut report = Report {
+        file: path,
+        text: &text,
+        errors: Vec::new(),
+    };
+    let (doc, _) = DeTable::parse_recoverable(&text);
+    let doc = doc.get_ref();
+    let mut dir = DaemonConfig::default().runtime_dir;
+    let conductor = match doc.get("conductor").map(|v| v.get_ref()) {
+        Some(DeValue::Table(table)) => Some(table),
+        _ => None,
+    };
+    if let Some(value) = conductor.and_then(|c| c.get("runtime_dir")) {
+        match value.get_ref() {
+            DeValue::String(text) => dir = PathBuf::from(text.as_ref()),
+            _ => {
+                report.at(doc, &["conductor", "runtime_dir"], "must be a path".into());
+                return Err(report.finish());
+            }
+        }
+    }
+    Ok(join(&base_of(path), &dir))
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|error| {
         ConfigErrors(vec![ConfigError {
             file: path.to_owned(),
             position: None,
             field: String::new(),
             reason: format!("cannot read the file: {error}"),
         }])
-    })?;
+    })
+}
+
+/// The folder relative paths in `file` start from.
+fn base_of(file: &Path) -> PathBuf {
+    std::path::absolute(file)
+        .ok()
+        .and_then(|f| f.parent().map(Path::to_owned))
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// Reads and checks the configuration at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = read(path)?;
     parse(path, &text)
 }
 
@@ -86,10 +156,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
     // Children run in their own working directory, so every path handed to
     // them must be absolute.
-    let base = std::path::absolute(file)
-        .ok()
-        .and_then(|f| f.parent().map(Path::to_owned))
-        .unwrap_or_else(|| PathBuf::from("/"));
+    let base = base_of(file);
 
     for key in doc.keys() {
         let key = key.get_ref().as_ref();
@@ -130,7 +197,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let scan = discovery::scan(&conductor.plugin_dirs);
 
     // Each plugin with the folder its relative paths start from.
-    let mut plugins: BTreeMap<String, (PoolConfig, PathBuf, PathBuf)> = BTreeMap::new();
+    let mut plugins: BTreeMap<String, (PluginConfig, PathBuf)> = BTreeMap::new();
     let mut disabled = Vec::new();
     let tables = match doc.get("plugins").map(|v| v.get_ref()) {
         Some(DeValue::Table(table)) => Some(table),
@@ -163,10 +230,10 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 true
             }
         };
-        let patch = toml::Spanned::new(plugin.span(), DeValue::Table(table));
         let parsed = match scan.manifests.get(&name) {
             // A discovered plugin: the config's table overrides its manifest.
             Some(manifest) => {
+                let patch = toml::Spanned::new(plugin.span(), DeValue::Table(table));
                 let overrides = report
                     .deserialize::<toml::Table>(&patch, doc)
                     .unwrap_or_default();
@@ -176,21 +243,20 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
                     } else {
                         manifest.dir().to_owned()
                     };
-                match toml::Value::Table(discovery::merge(manifest.table.clone(), overrides))
-                    .try_into::<PoolConfig>()
-                {
-                    Ok(config) => Some((config, base_of_command, manifest.path.clone())),
-                    Err(error) => {
-                        report.at(doc, &["plugins", &name], error.message().trim().to_owned());
+                let merged = discovery::merge(manifest.table.clone(), overrides);
+                match plugin_from_table(merged, manifest.path.clone()) {
+                    Ok(config) => Some((config, base_of_command)),
+                    Err(reason) => {
+                        report.at(doc, &["plugins", &name], reason);
                         None
                     }
                 }
             }
             None => report
-                .deserialize::<PoolConfig>(&patch, doc)
-                .map(|config| (config, base.clone(), file.to_owned())),
+                .plugin(plugin.span(), table, doc, file)
+                .map(|config| (config, base.clone())),
         };
-        let Some((config, from, source)) = parsed else {
+        let Some((config, from)) = parsed else {
             continue;
         };
         for (field, reason) in config.problems() {
@@ -201,7 +267,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             report.at(doc, &path, reason);
         }
         if enabled {
-            plugins.insert(name, (config, from, source));
+            plugins.insert(name, (config, from));
         } else {
             disabled.push(name);
         }
@@ -211,19 +277,17 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             continue;
         }
         // Already checked when the manifest was read.
-        if let Ok(config) = toml::Value::Table(manifest.table.clone()).try_into::<PoolConfig>() {
-            plugins.insert(
-                name.clone(),
-                (config, manifest.dir().to_owned(), manifest.path.clone()),
-            );
+        if let Ok(config) = plugin_from_table(manifest.table.clone(), manifest.path.clone()) {
+            plugins.insert(name.clone(), (config, manifest.dir().to_owned()));
         }
     }
 
     let mut resolved = BTreeMap::new();
-    let mut sources = BTreeMap::new();
-    for (name, (mut config, from, source)) in plugins {
+    for (name, (mut plugin, from)) in plugins {
         // Problems of a discovered plugin belong to its manifest.
+        let source = plugin.source.clone();
         let in_manifest = source != file;
+        let config = std::sync::Arc::make_mut(&mut plugin.pool);
         let problem = |report: &mut Report<'_>, field: &str, reason: String| {
             if in_manifest {
                 report.errors.push(ConfigError {
@@ -252,29 +316,13 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             );
         }
         config.working_dir = Some(working_dir);
-        if let Some(autoscale) = &mut config.autoscale
+        // The seed's content is the scaler's to read, when it starts.
+        if let Some(autoscale) = &mut plugin.autoscale
             && let Some(seed) = &autoscale.history_seed
         {
-            let seed = join(&from, seed);
-            if let Err(error) = crate::scaler::seed::load(&seed, autoscale.bucket) {
-                problem(&mut report, "autoscale.history_seed", error.to_string());
-            }
-            autoscale.history_seed = Some(seed);
+            autoscale.history_seed = Some(join(&from, seed));
         }
-        if let Some(socket) =
-            Layout::new(&conductor.runtime_dir).socket_too_long(&name, config.replicas)
-        {
-            report.at(
-                doc,
-                &["conductor", "runtime_dir"],
-                format!(
-                    "socket path {} is longer than the {MAX_SOCKET_PATH} bytes Unix sockets allow; choose a shorter runtime_dir",
-                    socket.display()
-                ),
-            );
-        }
-        sources.insert(name.clone(), source);
-        resolved.insert(name, Arc::new(config));
+        resolved.insert(name, plugin);
     }
     if report.errors.is_empty() {
         Ok(Config {
@@ -282,7 +330,6 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             text: text.to_owned(),
             conductor,
             plugins: resolved,
-            sources,
             disabled,
             manifests: scan
                 .manifests
@@ -343,6 +390,21 @@ fn resolve_command(command: &Path, base: &Path) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("{} was not found in PATH", command.display()))
 }
 
+/// A plugin from a plain table (a manifest, maybe with overrides): each
+/// component's keys to its own type.
+fn plugin_from_table(mut table: toml::Table, source: PathBuf) -> Result<PluginConfig, String> {
+    let mut extras = toml::Table::new();
+    for key in NOT_POOL {
+        if let Some(value) = table.remove(key) {
+            extras.insert(key.to_owned(), value);
+        }
+    }
+    let message = |e: toml::de::Error| e.message().trim().to_owned();
+    let pool: PoolConfig = toml::Value::Table(table).try_into().map_err(message)?;
+    let extras: Extras = toml::Value::Table(extras).try_into().map_err(message)?;
+    Ok(PluginConfig::assemble(pool, extras, source))
+}
+
 struct Report<'a> {
     file: &'a Path,
     text: &'a str,
@@ -362,6 +424,31 @@ impl Report<'_> {
                 None
             }
         }
+    }
+
+    /// The plugin whose table is `table` (spanning `span` of the file),
+    /// each component's keys deserialized into its own type so that every
+    /// error keeps its place in the file.
+    fn plugin(
+        &mut self,
+        span: Range<usize>,
+        mut table: DeTable<'_>,
+        doc: &DeTable<'_>,
+        source: &Path,
+    ) -> Option<PluginConfig> {
+        let mut extras = DeTable::new();
+        for key in NOT_POOL {
+            if let Some((key, value)) = table.remove_entry(key) {
+                extras.insert(key, value);
+            }
+        }
+        let pool = self.deserialize::<PoolConfig>(
+            &toml::Spanned::new(span.clone(), DeValue::Table(table)),
+            doc,
+        );
+        let extras =
+            self.deserialize::<Extras>(&toml::Spanned::new(span, DeValue::Table(extras)), doc);
+        Some(PluginConfig::assemble(pool?, extras?, source.to_owned()))
     }
 
     fn toml(&mut self, error: &toml::de::Error, doc: &DeTable<'_>) {

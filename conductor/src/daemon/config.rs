@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::api::ApiConfig;
-use crate::process::cgroup::CgroupPolicy;
+use crate::api::config::ApiConfig;
+use crate::process::cgroup::config::CgroupPolicy;
 use crate::telemetry::config::{LogFormat, MetricsConfig};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -1,11 +1,18 @@
-//! The conductor daemon: prepares its runtime folder, starts every pool and
-//! stops them all on SIGTERM or SIGINT.
+//! The conductor daemon: builds every component from the configuration,
+//! wires them to each other through the narrow views each one asks for,
+//! applies reloads, and stops them all on SIGTERM or SIGINT.
+//!
+//! The one place that knows every component: the others know the event
+//! bus and the views they are handed, not each other.
 
-mod config;
+pub mod config;
+mod plan;
+mod reload;
 mod runtime_dir;
 mod wiring;
 
 pub use config::DaemonConfig;
+pub use plan::{Plan, Prepared, prepare};
 pub use runtime_dir::{RuntimeDir, RuntimeDirError};
 
 use std::sync::Arc;
@@ -13,18 +20,19 @@ use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, ApiError};
+use crate::api::{self, ApiError, Control as _};
 use crate::config::Config;
 use crate::dispatch::store::Store;
 use crate::dispatch::{DispatchError, Dispatcher, StoreError};
 use crate::events::Bus;
 use crate::layout::Layout;
 use crate::process::Spawner;
-use crate::process::cgroup::Cgroups;
+use crate::process::cgroup::{CgroupPolicy, Cgroups};
 use crate::scaler::Scaler;
 use crate::supervisor::{PoolContext, Supervisor};
 use crate::telemetry::Recorder;
 use crate::telemetry::metrics::{self, Metrics, MetricsError};
+use reload::Reloader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -75,8 +83,22 @@ fn open_store(state_dir: &std::path::Path) -> Result<Store, DaemonError> {
 const API_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Detects the host's cgroups once, says what it found, and removes what
-/// an earlier run left under the root.
+/// an earlier run left under the root. With `cgroup_policy = "off"` it
+/// touches nothing and says once that nothing is confined.
 async fn open_cgroups(config: &Config) -> Result<Cgroups, DaemonError> {
+    if config.conductor.cgroup_policy == CgroupPolicy::Off {
+        let unenforced: Vec<&str> = config
+            .plugins
+            .iter()
+            .filter(|(_, p)| !p.pool.limits.is_empty())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        tracing::info!(
+            ?unenforced,
+            "cgroup_policy = \"off\": every instance runs unconfined, no limit is enforced"
+        );
+        return Ok(Cgroups::off());
+    }
     let root = config.conductor.cgroup_root.clone();
     let cgroups = tokio::task::spawn_blocking(move || {
         let cgroups = Cgroups::open(&root);
@@ -108,7 +130,8 @@ async fn open_cgroups(config: &Config) -> Result<Cgroups, DaemonError> {
 
 /// Runs until SIGTERM or SIGINT, then stops every instance gracefully and
 /// returns once none is left.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+pub async fn run(prepared: Prepared) -> Result<(), DaemonError> {
+    let Prepared { config, plan } = prepared;
     let runtime_dir = RuntimeDir::prepare(&Layout::new(&config.conductor.runtime_dir))?;
     let layout = runtime_dir.layout().clone();
     let mut sigterm =
@@ -135,7 +158,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     for warning in &config.warnings {
         tracing::warn!(%warning, "plugin manifest skipped");
     }
-    let instances: u32 = config.plugins.values().map(|p| p.replicas).sum();
+    let instances: u32 = plan.pools.values().map(|p| p.replicas).sum();
     tracing::info!(
         config = %config.file.display(),
         plugins = config.plugins.len(),
@@ -147,14 +170,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let state_dir = config.conductor.state_dir.clone();
     let metrics_config = config.conductor.metrics.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
-    // Before the pools start, so the scaler measures their first starts.
+    // Before the pools start: the scaler measures their first starts, and
+    // health aggregation misses no change.
     let scaler_events = bus.subscribe();
-    let supervisor = Supervisor::start(config, context, health.clone()).await;
+    let health_events = bus.subscribe();
+    let supervisor = Supervisor::start(plan.pools, context);
     let store = open_store(&state_dir)?;
     let dispatch_cancel = CancellationToken::new();
     let dispatcher = Dispatcher::start(
         store.clone(),
-        supervisor.clone(),
+        plan.lanes,
+        Arc::new(wiring::Serving(supervisor.clone())),
         layout.clone(),
         bus.clone(),
         dispatch_cancel.clone(),
@@ -162,8 +188,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     .await?;
     let scaler_cancel = CancellationToken::new();
     let scaler = Scaler::start(
-        supervisor.clone(),
-        dispatcher.clone(),
+        plan.scalers,
+        Arc::new(wiring::Load {
+            dispatcher: dispatcher.clone(),
+            supervisor: supervisor.clone(),
+        }),
+        Arc::new(wiring::Pools(supervisor.clone())),
+        bus.clone(),
         scaler_events,
         scaler_cancel.clone(),
     );
@@ -172,7 +203,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         &dispatcher,
         &scaler,
     )));
+    let reloader = Arc::new(Reloader::new(
+        config,
+        supervisor.clone(),
+        dispatcher.clone(),
+        scaler.clone(),
+        bus.clone(),
+    ));
     let api_shutdown = CancellationToken::new();
+    let aggregation = tokio::spawn(api::health::aggregate(
+        supervisor.clone(),
+        health_events,
+        health.clone(),
+        api_shutdown.clone(),
+    ));
     let metrics_endpoint = if metrics_config.enabled {
         let (addr, task) =
             metrics::serve(metrics.clone(), metrics_config.listen, api_shutdown.clone())
@@ -186,10 +230,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     } else {
         None
     };
+    let parts = api::Parts {
+        supervisor: supervisor.clone(),
+        dispatcher: dispatcher.clone(),
+        scaler: scaler.clone(),
+        control: reloader.clone(),
+    };
     let mut api = api::serve(
-        supervisor.clone(),
-        dispatcher.clone(),
-        scaler.clone(),
+        parts,
         health_service,
         &layout.conductor_socket(),
         &api_config,
@@ -201,8 +249,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
-            _ = sighup.recv() => match supervisor.reload().await {
-                Ok(summary) => tracing::info!(?summary, "reloaded on SIGHUP"),
+            _ = sighup.recv() => match reloader.reload().await {
+                Ok(diff) => tracing::info!(?diff, "reloaded on SIGHUP"),
                 Err(error) => tracing::error!(%error, "SIGHUP reload refused"),
             },
         }
@@ -225,6 +273,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     supervisor.wait().await;
     // The API outlives the instances, so watchers see them stop.
     api_shutdown.cancel();
+    let _ = aggregation.await;
     let drained = tokio::time::timeout(API_DRAIN, async {
         while api.join_next().await.is_some() {}
     })

@@ -1,10 +1,15 @@
 //! Adapters between components that do not know each other: each narrow
 //! view a component asks for, implemented here over the others.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use crate::dispatch::Dispatcher;
-use crate::scaler::Scaler;
+use crate::dispatch::{self, Dispatcher};
+use crate::events::Phase;
+use crate::scaler::signal::JobTotals;
+use crate::scaler::{self, Scaler};
 use crate::supervisor::Supervisor;
 use crate::supervisor::breaker::Breaker;
 use crate::telemetry::metrics::{
@@ -101,5 +106,74 @@ impl Scrape {
             dispatcher: Arc::downgrade(dispatcher),
             scaler: Arc::downgrade(scaler),
         }
+    }
+}
+
+/// Dispatch's view of the instances: which serve.
+pub struct Serving(pub Arc<Supervisor>);
+
+impl dispatch::Replicas for Serving {
+    fn serving(&self, plugin: &str) -> Vec<(u32, u32)> {
+        let Ok(view) = self.0.get(plugin) else {
+            return Vec::new();
+        };
+        view.instances
+            .iter()
+            .filter(|(_, s)| s.state == Phase::Serving)
+            .filter_map(|(index, s)| Some((*index, s.pid?)))
+            .collect()
+    }
+}
+
+/// The scaler's view of the load: jobs from dispatch, CPU from the
+/// instances' cgroups.
+pub struct Load {
+    pub dispatcher: Arc<Dispatcher>,
+    pub supervisor: Arc<Supervisor>,
+}
+
+impl scaler::LoadSource for Load {
+    fn jobs(&self, plugin: &str) -> Option<JobTotals> {
+        let load = self.dispatcher.load(plugin)?;
+        Some(JobTotals {
+            offered: load.offered,
+            completed: load.completed,
+            busy: load.busy,
+            queued: load.queued,
+            slots_per_replica: load.slots_per_replica,
+        })
+    }
+
+    fn cpu(&self, plugin: &str) -> Option<Vec<(u32, u32, Duration)>> {
+        let view = self.supervisor.get(plugin).ok()?;
+        Some(
+            view.instances
+                .iter()
+                .filter_map(|(i, s)| Some((*i, s.pid?, s.usage.as_ref()?.cpu)))
+                .collect(),
+        )
+    }
+}
+
+/// The scaler's lever: the supervisor's pools.
+pub struct Pools(pub Arc<Supervisor>);
+
+impl scaler::Actuator for Pools {
+    fn replicas(&self, plugin: &str) -> Option<u32> {
+        self.0.replicas(plugin)
+    }
+
+    fn scale<'a>(
+        &'a self,
+        plugin: &'a str,
+        replicas: u32,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            self.0
+                .autoscale(plugin, replicas)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
     }
 }

@@ -28,6 +28,11 @@ pub struct DispatchConfig {
     pub retry_multiplier: f64,
     /// Each retry delay is scaled by a random factor in `1 ± retry_jitter`.
     pub retry_jitter: f64,
+    /// How long `SubmitAndWait` (without a deadline of its own) waits while
+    /// the plugin has no live replica before it answers UNAVAILABLE; the
+    /// job stays queued and is delivered once a replica is back.
+    #[serde(with = "humantime_serde")]
+    pub wait_without_replicas: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -42,6 +47,7 @@ impl Default for DispatchConfig {
             retry_max: Duration::from_secs(5),
             retry_multiplier: 2.0,
             retry_jitter: 0.2,
+            wait_without_replicas: Duration::from_secs(30),
         }
     }
 }
@@ -65,8 +71,13 @@ impl DispatchConfig {
         if self.max_attempts == 0 {
             out.push(("dispatch.max_attempts", "must be at least 1".into()));
         }
-        if self.attempt_timeout.is_zero() {
-            out.push(("dispatch.attempt_timeout", "must be longer than 0s".into()));
+        for (field, value) in [
+            ("dispatch.attempt_timeout", self.attempt_timeout),
+            ("dispatch.wait_without_replicas", self.wait_without_replicas),
+        ] {
+            if value.is_zero() {
+                out.push((field, "must be longer than 0s".into()));
+            }
         }
         if !(self.retry_multiplier >= 1.0 && self.retry_multiplier.is_finite()) {
             out.push((

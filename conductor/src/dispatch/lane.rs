@@ -1,16 +1,23 @@
-//! One plugin's lane: its bounded queue, its bulkhead (a semaphore for the
-//! plugin, a slot count per replica) and the replicas that can take jobs.
+//! One plugin's lane: its bounded queue, its bulkhead (a limit for the
+//! plugin, a slot count per replica), the replicas that can take jobs, and
+//! the settings in force, which a reload may change at any time.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use demi_proto::plugin::v1::plugin_client::PluginClient;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint as TonicEndpoint;
 
+use super::bulkhead::Bulkhead;
 use super::config::DispatchConfig;
 use super::link::Link;
+use super::queue::Queue;
 use super::store::StoredJob;
+use crate::events::{Bus, Event, JobEvent};
+use crate::layout::Layout;
 
 /// A SERVING replica jobs can go to.
 #[derive(Clone)]
@@ -39,13 +46,16 @@ impl Drop for Slot {
 
 pub struct Lane {
     pub plugin: Arc<str>,
-    pub config: DispatchConfig,
-    pub queue: mpsc::Sender<StoredJob>,
-    /// The plugin-wide in-flight limit.
-    pub bulkhead: Arc<Semaphore>,
+    config: Mutex<Arc<DispatchConfig>>,
+    pub queue: Queue,
+    pub bulkhead: Arc<Bulkhead>,
     replicas: Mutex<Vec<Replica>>,
     /// Fires when a replica joins or a slot frees up.
     changed: Notify,
+    /// SERVING replicas, for whoever waits on there being one.
+    live: watch::Sender<usize>,
+    /// Fires when the plugin is removed (or stops taking jobs).
+    closed: CancellationToken,
     /// What the autoscaler reads.
     pub load: LoadCounters,
 }
@@ -61,29 +71,71 @@ pub struct LoadCounters {
     pub busy_micros: AtomicU64,
 }
 
+/// Why no slot was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// The caller's `give_up` came first.
+    GaveUp,
+    /// The lane closed.
+    Closed,
+}
+
 impl Lane {
-    pub fn new(plugin: &str, config: DispatchConfig) -> (Arc<Self>, mpsc::Receiver<StoredJob>) {
-        let (queue, jobs) = mpsc::channel(config.queue_capacity);
-        let plugin: Arc<str> = Arc::from(plugin);
-        let lane = Arc::new(Self {
-            plugin,
-            bulkhead: Arc::new(Semaphore::new(config.max_in_flight)),
-            config,
-            queue,
+    pub fn new(plugin: &str, config: DispatchConfig) -> Arc<Self> {
+        Arc::new(Self {
+            plugin: Arc::from(plugin),
+            queue: Queue::new(config.queue_capacity),
+            bulkhead: Bulkhead::new(config.max_in_flight),
+            config: Mutex::new(Arc::new(config)),
             replicas: Mutex::new(Vec::new()),
             changed: Notify::new(),
+            live: watch::Sender::new(0),
+            closed: CancellationToken::new(),
             load: LoadCounters::default(),
-        });
-        (lane, jobs)
+        })
     }
 
     fn replicas(&self) -> MutexGuard<'_, Vec<Replica>> {
         self.replicas.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The settings in force: read at each step of a delivery, so a
+    /// reload reaches jobs already on their way.
+    pub fn config(&self) -> Arc<DispatchConfig> {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies new settings to the queue, the bulkhead and every delivery
+    /// from its next step on.
+    pub fn reconfigure(&self, config: DispatchConfig) {
+        self.queue.set_capacity(config.queue_capacity);
+        self.bulkhead.set_limit(config.max_in_flight);
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        // A raised per-replica limit may free a slot for a waiting job.
+        self.changed.notify_waiters();
+    }
+
+    /// Stops taking jobs: returns the queued ones; deliveries on their way
+    /// see [`NoSlot::Closed`] at their next wait.
+    pub fn close(&self) -> Vec<StoredJob> {
+        self.closed.cancel();
+        self.queue.close()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    pub async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+
     /// Tells `bus` what happened to one of this lane's jobs.
-    pub fn publish(&self, bus: &crate::events::Bus, what: crate::events::JobEvent) {
-        bus.emit(crate::events::Event::Job {
+    pub fn publish(&self, bus: &Bus, what: JobEvent) {
+        bus.emit(Event::Job {
             plugin: self.plugin.clone(),
             what,
         });
@@ -91,12 +143,46 @@ impl Lane {
 
     /// Jobs waiting in the queue.
     pub fn queued(&self) -> usize {
-        self.config.queue_capacity - self.queue.capacity()
+        self.queue.len()
     }
 
     /// Jobs being delivered now.
     pub fn in_flight(&self) -> usize {
-        self.config.max_in_flight - self.bulkhead.available_permits()
+        self.bulkhead.in_flight()
+    }
+
+    /// Resolves once the lane has had no SERVING replica for `patience`
+    /// in a row.
+    pub async fn without_replicas_for(&self, patience: Duration) {
+        let mut live = self.live.subscribe();
+        loop {
+            // The sender lives as long as the lane: the waits cannot fail.
+            let _ = live.wait_for(|n| *n == 0).await;
+            tokio::select! {
+                () = tokio::time::sleep(patience) => return,
+                _ = live.wait_for(|n| *n > 0) => {}
+            }
+        }
+    }
+
+    /// Makes the replicas exactly `serving` (index, pid), each at its
+    /// socket in `layout`: after missed events.
+    pub fn sync(&self, serving: &[(u32, u32)], layout: &Layout) {
+        let current: Vec<(u32, u32)> = self.replicas().iter().map(|r| (r.index, r.pid)).collect();
+        for (index, pid) in current {
+            if !serving.contains(&(index, pid)) {
+                self.remove(index, Some(pid));
+            }
+        }
+        for &(index, pid) in serving {
+            if !self
+                .replicas()
+                .iter()
+                .any(|r| r.index == index && r.pid == pid)
+            {
+                self.add(index, pid, &layout.plugin_socket(&self.plugin, index));
+            }
+        }
     }
 
     /// Replica `index` (process `pid`) serves on `socket` now.
@@ -118,6 +204,7 @@ impl Lane {
             link,
             in_flight: Arc::new(AtomicUsize::new(0)),
         });
+        self.live.send_replace(replicas.len());
         drop(replicas);
         self.changed.notify_waiters();
     }
@@ -125,15 +212,16 @@ impl Lane {
     /// Replica `index` stopped serving (`pid` guards against removing a
     /// successor that already announced itself).
     pub fn remove(&self, index: u32, pid: Option<u32>) {
-        self.replicas()
-            .retain(|r| r.index != index || pid.is_some_and(|p| p != r.pid));
+        let mut replicas = self.replicas();
+        replicas.retain(|r| r.index != index || pid.is_some_and(|p| p != r.pid));
+        self.live.send_replace(replicas.len());
     }
 
     /// The SERVING replica with the fewest jobs in flight and a free slot,
     /// preferring any but `avoid` (where the last attempt failed).
     fn pick(self: &Arc<Self>, avoid: Option<u32>) -> Option<Slot> {
+        let limit = self.config().max_in_flight_per_replica;
         let replicas = self.replicas();
-        let limit = self.config.max_in_flight_per_replica;
         let open = replicas
             .iter()
             .filter(|r| r.in_flight.load(Ordering::Acquire) < limit);
@@ -150,12 +238,12 @@ impl Lane {
         })
     }
 
-    /// Waits for a slot; `None` once `give_up` resolves first.
+    /// Waits for a slot, until `give_up` resolves or the lane closes.
     pub async fn slot(
         self: &Arc<Self>,
         avoid: Option<u32>,
         give_up: impl std::future::Future<Output = ()>,
-    ) -> Option<Slot> {
+    ) -> Result<Slot, NoSlot> {
         tokio::pin!(give_up);
         loop {
             // Register interest before looking, so a change between the
@@ -163,12 +251,16 @@ impl Lane {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            if self.is_closed() {
+                return Err(NoSlot::Closed);
+            }
             if let Some(slot) = self.pick(avoid) {
-                return Some(slot);
+                return Ok(slot);
             }
             tokio::select! {
                 () = &mut changed => {}
-                () = &mut give_up => return None,
+                () = &mut give_up => return Err(NoSlot::GaveUp),
+                () = self.closed.cancelled() => return Err(NoSlot::Closed),
             }
         }
     }
@@ -186,7 +278,6 @@ mod tests {
                 ..DispatchConfig::default()
             },
         )
-        .0
     }
 
     #[tokio::test]
@@ -234,6 +325,7 @@ mod tests {
                 lane.slot(None, std::future::pending())
                     .await
                     .map(|s| s.index)
+                    .ok()
             }
         });
         tokio::task::yield_now().await;
@@ -241,6 +333,51 @@ mod tests {
         drop(held);
         assert_eq!(waiter.await.unwrap(), Some(0));
         let gave_up = lane.slot(None, std::future::ready(())).await;
-        assert!(gave_up.is_some(), "a free slot wins over giving up");
+        assert!(gave_up.is_ok(), "a free slot wins over giving up");
+        drop(gave_up);
+        let held = lane.pick(None).unwrap();
+        assert_eq!(
+            lane.slot(None, std::future::ready(())).await.err(),
+            Some(NoSlot::GaveUp)
+        );
+        // A raised per-replica limit frees a place for a waiting job.
+        let waiter = tokio::spawn({
+            let lane = lane.clone();
+            async move { lane.slot(None, std::future::pending()).await.is_ok() }
+        });
+        tokio::task::yield_now().await;
+        lane.reconfigure(DispatchConfig {
+            max_in_flight_per_replica: 2,
+            ..DispatchConfig::default()
+        });
+        assert!(waiter.await.unwrap());
+        drop(held);
+        lane.close();
+        assert_eq!(
+            lane.slot(None, std::future::pending()).await.err(),
+            Some(NoSlot::Closed)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_replicas_counts_only_time_with_none_live() {
+        let lane = lane(1);
+        let socket = std::path::Path::new("/nonexistent.sock");
+        lane.add(0, 100, socket);
+        let start = tokio::time::Instant::now();
+        let waited = tokio::spawn({
+            let lane = lane.clone();
+            async move { lane.without_replicas_for(Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!waited.is_finished(), "a replica is live");
+        lane.remove(0, Some(100));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        lane.add(0, 101, socket);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!waited.is_finished(), "the replica came back within 5 s");
+        lane.remove(0, None);
+        waited.await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(21));
     }
 }

@@ -6,31 +6,40 @@
 //! when a replica answered it or it was dead-lettered. A crash in between
 //! means one more delivery of the same id with a higher attempt number:
 //! at-least-once, with duplicates a plugin can recognise.
+//!
+//! Dispatch sees instances through two narrow views: phase changes on the
+//! event bus (a replica takes jobs while it is SERVING) and [`Replicas`]
+//! to catch up after missed events. Which plugins take jobs, and how, is
+//! given by the daemon ([`Dispatcher::configure`]), at start and on every
+//! reload.
 
+mod bulkhead;
 pub mod config;
 mod lane;
 mod link;
+mod queue;
 pub mod retry;
 pub mod store;
 
 pub use config::DispatchConfig;
 pub use store::{DeadLetter, StoreError, StoredJob};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use demi_proto::plugin::v1 as pb;
 use demi_proto::trace::TraceParent;
-use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{Bus, Event, InstanceEvent, JobEvent, Phase, Stamped};
 use crate::layout::Layout;
-use crate::supervisor::Supervisor;
-use lane::Lane;
+use bulkhead::Permit;
+use lane::{Lane, NoSlot};
 use retry::Verdict;
 use store::{Accepted, Store, now_ms};
 
@@ -42,6 +51,16 @@ pub enum DispatchError {
     NoJobs(String),
     #[error("the queue of {plugin:?} is full ({capacity} jobs waiting); try again later")]
     QueueFull { plugin: String, capacity: usize },
+    #[error(
+        "no replica of {plugin:?} has been live for {}; job {job} stays queued and is \
+         delivered once one is",
+        humantime::format_duration(*waited)
+    )]
+    NoReplicas {
+        plugin: String,
+        job: String,
+        waited: Duration,
+    },
     #[error("{field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
     #[error(transparent)]
@@ -49,6 +68,15 @@ pub enum DispatchError {
     #[error("the conductor is stopping")]
     Stopping,
 }
+
+/// The dispatcher's view of the instances: which serve now.
+pub trait Replicas: Send + Sync {
+    /// (index, pid) of every SERVING instance of `plugin`.
+    fn serving(&self, plugin: &str) -> Vec<(u32, u32)>;
+}
+
+/// Every plugin with how it takes jobs; `None`: it takes none.
+pub type Plugins = BTreeMap<String, Option<DispatchConfig>>;
 
 /// A job as a submitter hands it in.
 #[derive(Debug, Clone, Default)]
@@ -90,12 +118,20 @@ pub enum Finished {
     DeadLettered { errors: Vec<String>, attempts: u32 },
 }
 
+/// What a plugin is to dispatch.
+#[derive(Clone)]
+enum Route {
+    Lane(Arc<Lane>),
+    /// Known, but it takes no jobs.
+    NoJobs,
+}
+
 pub struct Dispatcher {
     store: Store,
-    supervisor: Arc<Supervisor>,
+    replicas: Arc<dyn Replicas>,
     layout: Layout,
     bus: Bus,
-    lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    routes: Mutex<HashMap<String, Route>>,
     waiters: Mutex<HashMap<String, oneshot::Sender<Finished>>>,
     cancel: CancellationToken,
     /// Every delivery in flight; drained at shutdown.
@@ -106,27 +142,35 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Why a removed lane's queued jobs are dead-lettered.
+const REMOVED: &str = "plugin removed";
+const NO_LONGER_TAKES_JOBS: &str = "plugin no longer takes jobs";
+
 impl Dispatcher {
-    /// Starts dispatching, re-queues every job an earlier run accepted and
-    /// did not finish, and follows replicas as they come and go.
+    /// Starts dispatching to `plugins`, follows their replicas as they
+    /// come and go, and re-queues every job an earlier run accepted and
+    /// did not finish.
     pub async fn start(
         store: Store,
-        supervisor: Arc<Supervisor>,
+        plugins: Plugins,
+        replicas: Arc<dyn Replicas>,
         layout: Layout,
         bus: Bus,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, DispatchError> {
-        let events = supervisor.events().subscribe();
+        // Before the lanes read who serves: nothing in between is missed.
+        let events = bus.subscribe();
         let dispatcher = Arc::new(Self {
             store,
-            supervisor,
+            replicas,
             layout,
             bus,
-            lanes: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             cancel,
             tasks: TaskTracker::new(),
         });
+        dispatcher.configure(plugins).await;
         tokio::spawn(follow_replicas(Arc::downgrade(&dispatcher), events));
         let pending = dispatcher.store.pending().await?;
         if !pending.is_empty() {
@@ -136,71 +180,125 @@ impl Dispatcher {
             );
         }
         for job in pending {
-            match dispatcher.lane(&job.plugin) {
-                Ok(lane) => {
-                    // Beyond the queue's capacity the sends wait their turn.
-                    let queue = lane.queue.clone();
-                    dispatcher.tasks.spawn(async move {
-                        let _ = queue.send(job).await;
-                    });
-                }
-                Err(error) => {
-                    let errors = vec![format!("cannot deliver after a restart: {error}")];
-                    dispatcher.bury(job, errors).await;
-                }
+            if let Err((job, refused)) = dispatcher.enqueue(job) {
+                let errors = vec![format!("cannot deliver after a restart: {refused}")];
+                dispatcher.bury(job, errors).await;
             }
         }
         Ok(dispatcher)
     }
 
-    /// The lane of `plugin`, made on first use.
-    fn lane(self: &Arc<Self>, plugin: &str) -> Result<Arc<Lane>, DispatchError> {
-        if let Some(lane) = lock(&self.lanes).get(plugin) {
-            return Ok(lane.clone());
-        }
-        let view = self
-            .supervisor
-            .get(plugin)
-            .map_err(|_| DispatchError::NotFound(plugin.to_owned()))?;
-        let config = self
-            .supervisor
-            .pool_config(plugin)
-            .map_err(|_| DispatchError::NotFound(plugin.to_owned()))?;
-        if !config.jobs || config.health.is_none() {
-            return Err(DispatchError::NoJobs(plugin.to_owned()));
-        }
-        let mut lanes = lock(&self.lanes);
-        if let Some(lane) = lanes.get(plugin) {
-            return Ok(lane.clone());
-        }
-        let (lane, jobs) = Lane::new(plugin, config.dispatch.clone());
-        for (index, status) in &view.instances {
-            if let (Some(pid), Phase::Serving) = (status.pid, status.state) {
-                lane.add(*index, pid, &self.layout.plugin_socket(plugin, *index));
+    /// Makes `plugins` the plugins jobs go to: new ones get a lane, changed
+    /// settings apply to new deliveries at once, and the queued jobs of a
+    /// plugin that is gone (or no longer takes jobs) are dead-lettered,
+    /// replayable once it is back. Returns when they are.
+    pub async fn configure(self: &Arc<Self>, plugins: Plugins) {
+        let mut closed = Vec::new();
+        {
+            let mut routes = lock(&self.routes);
+            routes.retain(|name, route| {
+                let keep = matches!(
+                    (&*route, plugins.get(name)),
+                    (Route::Lane(_), Some(Some(_))) | (Route::NoJobs, Some(_))
+                );
+                if !keep && let Route::Lane(lane) = route {
+                    let why = if plugins.contains_key(name) {
+                        NO_LONGER_TAKES_JOBS
+                    } else {
+                        REMOVED
+                    };
+                    closed.push((lane.clone(), why));
+                }
+                keep
+            });
+            for (name, config) in plugins {
+                match (routes.get(&name), config) {
+                    (Some(Route::Lane(lane)), Some(config)) => {
+                        if *lane.config() != config {
+                            tracing::info!(plugin = name, "dispatch settings changed");
+                            lane.reconfigure(config);
+                        }
+                    }
+                    (Some(Route::NoJobs), None) => {}
+                    (_, Some(config)) => {
+                        let lane = Lane::new(&name, config);
+                        lane.sync(&self.replicas.serving(&name), &self.layout);
+                        tokio::spawn(work(self.clone(), lane.clone()));
+                        routes.insert(name, Route::Lane(lane));
+                    }
+                    (_, None) => {
+                        routes.insert(name, Route::NoJobs);
+                    }
+                }
             }
         }
-        lanes.insert(plugin.to_owned(), lane.clone());
-        tokio::spawn(work(self.clone(), lane.clone(), jobs));
-        Ok(lane)
+        let mut burials = JoinSet::new();
+        for (lane, why) in closed {
+            let queued = lane.close();
+            if !queued.is_empty() {
+                tracing::warn!(
+                    plugin = &*lane.plugin,
+                    jobs = queued.len(),
+                    why,
+                    "dead-lettering the queued jobs of a plugin that takes no more"
+                );
+            }
+            for job in queued {
+                let dispatcher = self.clone();
+                burials.spawn(async move { dispatcher.bury(job, vec![why.to_owned()]).await });
+            }
+        }
+        while burials.join_next().await.is_some() {}
     }
 
-    /// What the autoscaler reads of `plugin`'s jobs; `None` until its
-    /// first submission.
+    /// The lane of `plugin`.
+    fn route(&self, plugin: &str) -> Result<Arc<Lane>, DispatchError> {
+        match lock(&self.routes).get(plugin) {
+            Some(Route::Lane(lane)) => Ok(lane.clone()),
+            Some(Route::NoJobs) => Err(DispatchError::NoJobs(plugin.to_owned())),
+            None => Err(DispatchError::NotFound(plugin.to_owned())),
+        }
+    }
+
+    /// Queues a job the conductor already holds (whatever the bound), or
+    /// hands it back with the reason it has nowhere to go.
+    #[allow(clippy::result_large_err)] // as `Queue::push`
+    fn enqueue(&self, job: StoredJob) -> Result<(), (StoredJob, DispatchError)> {
+        match self.route(&job.plugin) {
+            Ok(lane) => lane
+                .queue
+                .push(job)
+                .map_err(|job| (job, DispatchError::NotFound(lane.plugin.to_string()))),
+            Err(error) => Err((job, error)),
+        }
+    }
+
+    fn lanes_now(&self) -> Vec<Arc<Lane>> {
+        lock(&self.routes)
+            .values()
+            .filter_map(|route| match route {
+                Route::Lane(lane) => Some(lane.clone()),
+                Route::NoJobs => None,
+            })
+            .collect()
+    }
+
+    /// What the autoscaler reads of `plugin`'s jobs.
     pub fn load(&self, plugin: &str) -> Option<JobLoad> {
-        let lane = lock(&self.lanes).get(plugin).cloned()?;
+        let lane = self.route(plugin).ok()?;
         Some(JobLoad {
             offered: lane.load.offered.load(Ordering::Relaxed),
             completed: lane.load.completed.load(Ordering::Relaxed),
             busy: Duration::from_micros(lane.load.busy_micros.load(Ordering::Relaxed)),
             queued: lane.queued(),
-            slots_per_replica: lane.config.max_in_flight_per_replica,
+            slots_per_replica: lane.config().max_in_flight_per_replica,
         })
     }
 
-    /// Every lane, for metrics.
+    /// Every lane as (plugin, queued, in flight), for metrics.
     pub fn lanes(&self) -> Vec<(String, usize, usize)> {
-        lock(&self.lanes)
-            .values()
+        self.lanes_now()
+            .iter()
             .map(|l| (l.plugin.to_string(), l.queued(), l.in_flight()))
             .collect()
     }
@@ -211,21 +309,41 @@ impl Dispatcher {
         self: &Arc<Self>,
         submission: Submission,
     ) -> Result<Receipt, DispatchError> {
-        self.accept(submission, None).await
+        Ok(self.accept(submission, None).await?.0)
     }
 
     /// Accepts a job and waits until it completes or is dead-lettered.
+    /// Without a deadline of its own it waits at most the plugin's
+    /// `wait_without_replicas` while no replica is live, then answers
+    /// [`DispatchError::NoReplicas`]; the job stays queued.
     pub async fn submit_and_wait(
         self: &Arc<Self>,
         submission: Submission,
     ) -> Result<(Receipt, Option<Finished>), DispatchError> {
+        let bounded = submission.deadline.is_some();
         let (tx, rx) = oneshot::channel();
-        let receipt = self.accept(submission, Some(tx)).await?;
+        let (receipt, lane) = self.accept(submission, Some(tx)).await?;
         if receipt.duplicate {
             return Ok((receipt, None));
         }
+        let patience = lane.config().wait_without_replicas;
+        let stranded = async {
+            match bounded {
+                // Its deadline ends the wait (as a dead letter).
+                true => std::future::pending().await,
+                false => lane.without_replicas_for(patience).await,
+            }
+        };
         let finished = tokio::select! {
             finished = rx => finished.map_err(|_| DispatchError::Stopping)?,
+            () = stranded => {
+                lock(&self.waiters).remove(&receipt.id);
+                return Err(DispatchError::NoReplicas {
+                    plugin: lane.plugin.to_string(),
+                    job: receipt.id,
+                    waited: patience,
+                });
+            }
             () = self.cancel.cancelled() => return Err(DispatchError::Stopping),
         };
         Ok((receipt, Some(finished)))
@@ -235,23 +353,26 @@ impl Dispatcher {
         self: &Arc<Self>,
         submission: Submission,
         waiter: Option<oneshot::Sender<Finished>>,
-    ) -> Result<Receipt, DispatchError> {
+    ) -> Result<(Receipt, Arc<Lane>), DispatchError> {
         if submission.plugin.is_empty() {
             return Err(DispatchError::InvalidArgument {
                 field: "plugin",
                 reason: "must name the plugin that does the job".into(),
             });
         }
-        let lane = self.lane(&submission.plugin)?;
+        let lane = self.route(&submission.plugin)?;
         lane.load.offered.fetch_add(1, Ordering::Relaxed);
-        // Reserve the queue slot first: a full queue refuses before
+        // Reserve the queue's place first: a full queue refuses before
         // anything is written, and memory stays bounded.
-        let permit = lane
+        let place = lane
             .queue
             .try_reserve()
-            .map_err(|_| DispatchError::QueueFull {
-                plugin: submission.plugin.clone(),
-                capacity: lane.config.queue_capacity,
+            .ok_or_else(|| match lane.is_closed() {
+                true => DispatchError::NotFound(submission.plugin.clone()),
+                false => DispatchError::QueueFull {
+                    plugin: submission.plugin.clone(),
+                    capacity: lane.config().queue_capacity,
+                },
             })?;
         let trace = submission
             .trace
@@ -271,24 +392,32 @@ impl Dispatcher {
             attempts: 0,
             trace: Some(trace.to_string()),
         };
-        match self.store.accept(job.clone()).await? {
-            Accepted::Duplicate(id) => Ok(Receipt {
-                id,
-                duplicate: true,
-            }),
+        let receipt = match self.store.accept(job.clone()).await? {
+            Accepted::Duplicate(id) => {
+                drop(place);
+                Receipt {
+                    id,
+                    duplicate: true,
+                }
+            }
             Accepted::New => {
                 if let Some(waiter) = waiter {
                     lock(&self.waiters).insert(job.id.clone(), waiter);
                 }
                 lane.publish(&self.bus, JobEvent::Submitted);
                 let id = job.id.clone();
-                permit.send(job);
-                Ok(Receipt {
+                // Removed while the job was being stored: it is accepted,
+                // so it is dead-lettered like the rest of the queue.
+                if let Err(job) = place.fill(job) {
+                    self.bury(job, vec![REMOVED.to_owned()]).await;
+                }
+                Receipt {
                     id,
                     duplicate: false,
-                })
+                }
             }
-        }
+        };
+        Ok((receipt, lane))
     }
 
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, DispatchError> {
@@ -304,14 +433,8 @@ impl Dispatcher {
         let mut replayed = Vec::with_capacity(jobs.len());
         for job in jobs {
             replayed.push(job.id.clone());
-            match self.lane(&job.plugin) {
-                Ok(lane) => {
-                    let queue = lane.queue.clone();
-                    self.tasks.spawn(async move {
-                        let _ = queue.send(job).await;
-                    });
-                }
-                Err(error) => self.bury(job, vec![format!("replay: {error}")]).await,
+            if let Err((job, refused)) = self.enqueue(job) {
+                self.bury(job, vec![format!("replay: {refused}")]).await;
             }
         }
         Ok(replayed)
@@ -373,26 +496,23 @@ fn job_id() -> String {
 }
 
 /// Takes jobs off a lane's queue as the bulkhead lets them through.
-async fn work(
-    dispatcher: Arc<Dispatcher>,
-    lane: Arc<Lane>,
-    mut jobs: tokio::sync::mpsc::Receiver<StoredJob>,
-) {
+async fn work(dispatcher: Arc<Dispatcher>, lane: Arc<Lane>) {
     loop {
+        // The place first, then the job: a job taken off the queue always
+        // gets a delivery, so closing the queue hands back every other.
+        let permit = tokio::select! {
+            permit = lane.bulkhead.acquire() => permit,
+            () = lane.closed() => return,
+            () = dispatcher.cancel.cancelled() => return,
+        };
         let job = tokio::select! {
-            job = jobs.recv() => match job {
+            job = lane.queue.pop() => match job {
                 Some(job) => job,
                 None => return,
             },
             () = dispatcher.cancel.cancelled() => return,
         };
-        let permit = tokio::select! {
-            permit = lane.bulkhead.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            () = dispatcher.cancel.cancelled() => return,
-        };
+        // Stopping: the job stays in the store for the next start.
         if dispatcher.tasks.is_closed() {
             return;
         }
@@ -408,9 +528,8 @@ async fn deliver(
     dispatcher: Arc<Dispatcher>,
     lane: Arc<Lane>,
     mut job: StoredJob,
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 ) {
-    let config = &lane.config;
     let bus = &dispatcher.bus;
     let trace = job
         .trace
@@ -435,10 +554,19 @@ async fn deliver(
             slot = lane.slot(avoid, give_up) => slot,
             () = dispatcher.cancel.cancelled() => return,
         };
-        let Some(slot) = slot else {
-            errors.push("deadline passed while waiting for a replica".to_owned());
-            return dispatcher.bury(job, errors).await;
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(NoSlot::GaveUp) => {
+                errors.push("deadline passed while waiting for a replica".to_owned());
+                return dispatcher.bury(job, errors).await;
+            }
+            Err(NoSlot::Closed) => {
+                errors.push(REMOVED.to_owned());
+                return dispatcher.bury(job, errors).await;
+            }
         };
+        // Read at every attempt: a reload reaches jobs on their way.
+        let config = lane.config();
         job.attempts += 1;
         dispatcher.store.attempt(&job.id, job.attempts);
         let request = pb::Job {
@@ -506,9 +634,11 @@ async fn deliver(
                 }
                 lane.publish(bus, JobEvent::Retried);
                 avoid = Some(replica);
-                let pause = retry::delay(config, job.attempts, fastrand::f64());
+                let pause = retry::delay(&config, job.attempts, fastrand::f64());
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
+                    // Removed meanwhile: the next wait for a slot says so.
+                    () = lane.closed() => {}
                     () = dispatcher.cancel.cancelled() => return,
                 }
             }
@@ -531,22 +661,11 @@ async fn follow_replicas(
                 let Some(dispatcher) = dispatcher.upgrade() else {
                     return;
                 };
-                let lanes: Vec<String> = lock(&dispatcher.lanes).keys().cloned().collect();
-                for plugin in lanes {
-                    if let Ok(view) = dispatcher.supervisor.get(&plugin)
-                        && let Some(lane) = lock(&dispatcher.lanes).get(&plugin).cloned()
-                    {
-                        for (index, status) in &view.instances {
-                            match (status.pid, status.state) {
-                                (Some(pid), Phase::Serving) => lane.add(
-                                    *index,
-                                    pid,
-                                    &dispatcher.layout.plugin_socket(&plugin, *index),
-                                ),
-                                _ => lane.remove(*index, None),
-                            }
-                        }
-                    }
+                for lane in dispatcher.lanes_now() {
+                    lane.sync(
+                        &dispatcher.replicas.serving(&lane.plugin),
+                        &dispatcher.layout,
+                    );
                 }
                 continue;
             }
@@ -564,14 +683,18 @@ async fn follow_replicas(
         let Some(dispatcher) = dispatcher.upgrade() else {
             return;
         };
-        if *to == Phase::Serving {
-            if let (Some(pid), Ok(lane)) = (pid, dispatcher.lane(plugin)) {
-                let socket = dispatcher.layout.plugin_socket(plugin, *instance);
-                lane.add(*instance, *pid, &socket);
-            }
-        } else if *from == Phase::Serving
-            && let Some(lane) = lock(&dispatcher.lanes).get(&**plugin)
+        let Ok(lane) = dispatcher.route(plugin) else {
+            continue;
+        };
+        if *to == Phase::Serving
+            && let Some(pid) = pid
         {
+            lane.add(
+                *instance,
+                *pid,
+                &dispatcher.layout.plugin_socket(plugin, *instance),
+            );
+        } else if *from == Phase::Serving {
             lane.remove(*instance, *pid);
         }
     }

@@ -389,7 +389,6 @@ mod tests {
             lower: vec![upper * 0.6; len],
             upper: vec![upper; len],
             imputed: 0,
-            took: Duration::ZERO,
         }
     }
 

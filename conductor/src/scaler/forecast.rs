@@ -6,8 +6,6 @@
 //! per 1,000 points for AutoETS): callers run [`fit`] off the async
 //! runtime and cap the window.
 
-use std::time::{Duration, Instant};
-
 use augurs::ets::AutoETS;
 use augurs::mstl::MSTLModel;
 use augurs::{Fit as _, Predict as _};
@@ -59,7 +57,6 @@ pub struct Forecast {
     pub upper: Vec<f64>,
     /// Buckets in the history that had no data and were interpolated.
     pub imputed: usize,
-    pub took: Duration,
 }
 
 impl Forecast {
@@ -81,7 +78,6 @@ const MIN_ETS_POINTS: usize = 8;
 /// fails: a model that cannot be fitted falls back to a simpler one and
 /// says why in [`Forecast::fallback`].
 pub fn fit(history: &[f64], params: &FitParams) -> Forecast {
-    let started = Instant::now();
     let (data, imputed) = impute(history);
     let horizon = params.horizon.max(1);
     let mut forecast = if data.is_empty() {
@@ -98,7 +94,6 @@ pub fn fit(history: &[f64], params: &FitParams) -> Forecast {
     {
         *v = v.max(0.0);
     }
-    forecast.took = started.elapsed();
     forecast
 }
 
@@ -211,7 +206,6 @@ fn from_augurs(method: Method, f: augurs::Forecast, horizon: usize) -> Option<Fo
         lower,
         upper,
         imputed: 0,
-        took: Duration::ZERO,
     })
 }
 
@@ -258,7 +252,6 @@ fn bands(method: Method, point: Vec<f64>, spread: f64, why: String) -> Forecast 
         upper: point.iter().map(|p| p + spread).collect(),
         point,
         imputed: 0,
-        took: Duration::ZERO,
     }
 }
 

@@ -1,12 +1,17 @@
 //! The scaler inside the daemon: one task per autoscaled plugin measures
 //! a bucket, refits off the async runtime when due, decides with the
-//! shared [`Planner`], and asks the supervisor for the replicas.
+//! shared [`Planner`], and sets the replicas. It reads load from a
+//! [`LoadSource`] and scales through an [`Actuator`]: it knows neither
+//! dispatch nor the supervisor. Which plugins it scales, and how, is the
+//! daemon's to say ([`Scaler::configure`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -14,14 +19,52 @@ use tokio_util::task::TaskTracker;
 use super::config::{AutoscaleConfig, Signal};
 use super::decision::{Ahead, Decision, Policy};
 use super::forecast::Method;
-use super::planner::{Fitted, Planner, PlannerConfig};
-use super::signal::{CapacityEstimate, CpuSignal, JobsSignal, StartTimes};
-use crate::dispatch::Dispatcher;
-use crate::events::{AutoscaleDecision, Event, InstanceEvent, Stamped};
-use crate::supervisor::Supervisor;
+use super::planner::{FitJob, Fitted, Planner, PlannerConfig};
+use super::signal::{CapacityEstimate, CpuSignal, JobTotals, JobsSignal, StartTimes};
+use crate::events::{AutoscaleDecision, Bus, Event, InstanceEvent, Stamped};
 
 /// Lead time assumed until an instance start was measured.
 const UNMEASURED_START: Duration = Duration::from_secs(2);
+
+/// Where the scaler reads a plugin's load.
+pub trait LoadSource: Send + Sync {
+    /// Running totals of the plugin's jobs; `None` when it has none.
+    fn jobs(&self, plugin: &str) -> Option<JobTotals>;
+    /// CPU time so far of each live instance, as (index, pid, time);
+    /// `None` once the plugin is gone.
+    fn cpu(&self, plugin: &str) -> Option<Vec<(u32, u32, Duration)>>;
+}
+
+/// How the scaler changes a plugin's replicas.
+pub trait Actuator: Send + Sync {
+    /// Instances wanted now; `None` once the plugin is gone.
+    fn replicas(&self, plugin: &str) -> Option<u32>;
+    fn scale<'a>(
+        &'a self,
+        plugin: &'a str,
+        replicas: u32,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+}
+
+/// One autoscaled plugin, as the daemon configures it.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub config: AutoscaleConfig,
+    /// Load of the buckets before this run, oldest first (the history
+    /// seed, loaded by the daemon); `NaN` for a gap.
+    pub seed: Arc<[f64]>,
+    /// Cores one replica may use (its CPU limit, else one), the capacity
+    /// of `signal = "cpu"` when none is set.
+    pub cores_per_replica: f64,
+}
+
+impl Plan {
+    /// Whether `other` needs a fresh task (new settings start a new
+    /// history). The seed is read at start only.
+    fn same(&self, other: &Plan) -> bool {
+        self.config == other.config && self.cores_per_replica == other.cores_per_replica
+    }
+}
 
 /// What GetPlugin and the metrics show of a plugin's scaler.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,10 +87,9 @@ pub struct Status {
 }
 
 pub struct Scaler {
-    supervisor: Arc<Supervisor>,
-    dispatcher: Arc<Dispatcher>,
     statuses: Mutex<HashMap<String, Status>>,
     starts: Mutex<HashMap<String, StartTimes>>,
+    plans: watch::Sender<BTreeMap<String, Plan>>,
     tasks: TaskTracker,
 }
 
@@ -55,25 +97,46 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What every plugin task uses.
+#[derive(Clone)]
+struct Reach {
+    load: Arc<dyn LoadSource>,
+    actuator: Arc<dyn Actuator>,
+    bus: Bus,
+}
+
 impl Scaler {
-    /// Follows `events` (subscribed before the pools started, so their
-    /// first start-up times count) and scales every autoscaled plugin
-    /// until `cancel`.
+    /// Scales every plugin of `plans` until `cancel`. Subscribe before the
+    /// pools start (`events`), so their first start-up times count.
     pub fn start(
-        supervisor: Arc<Supervisor>,
-        dispatcher: Arc<Dispatcher>,
+        plans: BTreeMap<String, Plan>,
+        load: Arc<dyn LoadSource>,
+        actuator: Arc<dyn Actuator>,
+        bus: Bus,
         events: broadcast::Receiver<Arc<Stamped>>,
         cancel: CancellationToken,
     ) -> Arc<Self> {
         let scaler = Arc::new(Self {
-            supervisor,
-            dispatcher,
             statuses: Mutex::new(HashMap::new()),
             starts: Mutex::new(HashMap::new()),
+            plans: watch::Sender::new(plans),
             tasks: TaskTracker::new(),
         });
-        scaler.tasks.spawn(manage(scaler.clone(), events, cancel));
+        let reach = Reach {
+            load,
+            actuator,
+            bus,
+        };
         scaler
+            .tasks
+            .spawn(manage(scaler.clone(), reach, events, cancel));
+        scaler
+    }
+
+    /// Scales exactly `plans` from now on: new plugins get a task, changed
+    /// settings a fresh one, removed plugins none.
+    pub fn configure(&self, plans: BTreeMap<String, Plan>) {
+        self.plans.send_replace(plans);
     }
 
     pub fn status(&self, plugin: &str) -> Option<Status> {
@@ -102,67 +165,83 @@ impl Scaler {
     }
 }
 
-/// Keeps one task per autoscaled plugin in step with the config, and
+/// Keeps one task per autoscaled plugin in step with the plans, and
 /// measures start-up times from lifecycle events.
 async fn manage(
     scaler: Arc<Scaler>,
+    reach: Reach,
     mut events: broadcast::Receiver<Arc<Stamped>>,
     cancel: CancellationToken,
 ) {
-    let mut running: HashMap<String, (AutoscaleConfig, CancellationToken)> = HashMap::new();
-    reconcile(&scaler, &mut running, &cancel);
+    let mut plans = scaler.plans.subscribe();
+    let mut running: HashMap<String, (Plan, CancellationToken)> = HashMap::new();
     loop {
-        let event = tokio::select! {
-            event = events.recv() => event,
-            () = cancel.cancelled() => break,
-        };
-        match event {
-            Ok(stamped) => match &stamped.event {
-                Event::Instance {
-                    plugin,
-                    what: InstanceEvent::Serving { startup, .. },
-                    ..
-                } => {
-                    lock(&scaler.starts)
-                        .entry(plugin.to_string())
-                        .or_default()
-                        .record(*startup);
-                }
-                Event::Reloaded { .. } => reconcile(&scaler, &mut running, &cancel),
-                _ => {}
-            },
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                reconcile(&scaler, &mut running, &cancel);
+        let wanted = plans.borrow_and_update().clone();
+        reconcile(&scaler, &reach, &wanted, &mut running, &cancel);
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(stamped) => {
+                        if let Event::Instance {
+                            plugin,
+                            what: InstanceEvent::Serving { startup, .. },
+                            ..
+                        } = &stamped.event
+                        {
+                            lock(&scaler.starts)
+                                .entry(plugin.to_string())
+                                .or_default()
+                                .record(*startup);
+                        }
+                    }
+                    // A few start times fewer: the percentile survives it.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        // No more start times; plans still change.
+                        tokio::select! {
+                            _ = plans.changed() => break,
+                            () = cancel.cancelled() => return stop(running),
+                        }
+                    }
+                },
+                changed = plans.changed() => match changed {
+                    Ok(()) => break,
+                    Err(_) => return stop(running),
+                },
+                () = cancel.cancelled() => return stop(running),
             }
-            Err(broadcast::error::RecvError::Closed) => break,
         }
     }
+}
+
+fn stop(running: HashMap<String, (Plan, CancellationToken)>) {
     for (_, (_, token)) in running {
         token.cancel();
     }
 }
 
-/// Starts, restarts (new settings) and stops plugin tasks to match the
-/// supervisor's plugins. New settings start a fresh history.
+/// Starts, restarts (new settings) and stops plugin tasks to match
+/// `wanted`. New settings start a fresh history.
 fn reconcile(
     scaler: &Arc<Scaler>,
-    running: &mut HashMap<String, (AutoscaleConfig, CancellationToken)>,
+    reach: &Reach,
+    wanted: &BTreeMap<String, Plan>,
+    running: &mut HashMap<String, (Plan, CancellationToken)>,
     cancel: &CancellationToken,
 ) {
-    let wanted: HashMap<String, AutoscaleConfig> =
-        scaler.supervisor.autoscaled().into_iter().collect();
-    running.retain(|name, (config, token)| {
-        let keep = wanted.get(name) == Some(config);
+    running.retain(|name, (plan, token)| {
+        let keep = wanted.get(name).is_some_and(|w| w.same(plan));
         if !keep {
             token.cancel();
             lock(&scaler.statuses).remove(name);
         }
         keep
     });
-    for (name, config) in wanted {
-        if running.contains_key(&name) {
+    for (name, plan) in wanted {
+        if running.contains_key(name) {
             continue;
         }
+        let config = &plan.config;
         let token = cancel.child_token();
         tracing::info!(
             plugin = name,
@@ -174,54 +253,54 @@ fn reconcile(
         );
         scaler.tasks.spawn(scale_plugin(
             scaler.clone(),
+            reach.clone(),
             name.clone(),
-            config.clone(),
+            plan.clone(),
             token.clone(),
         ));
-        running.insert(name, (config, token));
+        running.insert(name.clone(), (plan.clone(), token));
     }
 }
 
 /// Where a fit runs: a blocking thread, so a long fit never delays a
-/// health check.
-fn refit(job: super::planner::FitJob) -> JoinHandle<Fitted> {
-    tokio::task::spawn_blocking(move || job.run())
+/// health check. It comes back with how long it took.
+fn refit(job: FitJob) -> JoinHandle<(Fitted, Duration)> {
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let fitted = job.run();
+        (fitted, started.elapsed())
+    })
 }
 
 async fn scale_plugin(
     scaler: Arc<Scaler>,
+    reach: Reach,
     name: String,
-    config: AutoscaleConfig,
+    plan: Plan,
     cancel: CancellationToken,
 ) {
+    let config = &plan.config;
     let bucket = config.bucket;
     let refit_every =
         ((config.refit_every.as_secs_f64() / bucket.as_secs_f64()).round() as usize).max(1);
     let mut planner = Planner::new(PlannerConfig {
-        policy: Policy::from(&config),
+        policy: Policy::from(config),
         window: config.history_buckets(),
         periods: config.period_buckets(),
         refit_every,
         level: config.forecast_level,
     });
     if let Some(path) = &config.history_seed {
-        match super::seed::load(path, bucket) {
-            Ok(values) => {
-                tracing::info!(plugin = name, buckets = values.len(), seed = %path.display(), "autoscaler history seeded");
-                // The seed ends where this run's clock begins.
-                for v in values {
-                    planner.observe(Duration::ZERO, v);
-                }
-            }
-            Err(error) => {
-                tracing::warn!(plugin = name, %error, "autoscaler history seed not loaded; starting empty")
-            }
-        }
+        tracing::info!(plugin = name, buckets = plan.seed.len(), seed = %path.display(), "autoscaler history seeded");
+    }
+    // The seed ends where this run's clock begins.
+    for v in plan.seed.iter() {
+        planner.observe(Duration::ZERO, *v);
     }
     let mut jobs = JobsSignal::default();
     let mut cpu = CpuSignal::default();
     let mut estimate = CapacityEstimate::default();
-    let mut fit: Option<JoinHandle<Fitted>> = None;
+    let mut fit: Option<JoinHandle<(Fitted, Duration)>> = None;
     let mut last_reason = String::new();
     let origin = Instant::now();
     let mut tick = tokio::time::interval(bucket);
@@ -238,11 +317,12 @@ async fn scale_plugin(
             fitted = fitted => {
                 fit = None;
                 match fitted {
-                    Ok(fitted) => {
+                    Ok((fitted, took)) => {
                         let f = &fitted.forecast;
+                        let took_ms = took.as_millis() as u64;
                         match &f.fallback {
-                            Some(why) => tracing::info!(plugin = name, model = f.method.as_str(), took_ms = f.took.as_millis() as u64, points = planner.history().len(), fallback = why.as_str(), "autoscaler forecast fell back to a simpler model"),
-                            None => tracing::debug!(plugin = name, model = f.method.as_str(), took_ms = f.took.as_millis() as u64, points = planner.history().len(), "autoscaler forecast refitted"),
+                            Some(why) => tracing::info!(plugin = name, model = f.method.as_str(), took_ms, points = planner.history().len(), fallback = why.as_str(), "autoscaler forecast fell back to a simpler model"),
+                            None => tracing::debug!(plugin = name, model = f.method.as_str(), took_ms, points = planner.history().len(), "autoscaler forecast refitted"),
                         }
                         planner.install(fitted);
                     }
@@ -255,18 +335,13 @@ async fn scale_plugin(
         let now = Instant::now();
         let measured = match config.signal {
             Signal::Jobs => {
-                let totals = scaler.dispatcher.load(&name).unwrap_or_default();
+                let totals = reach.load.jobs(&name).unwrap_or_default();
                 jobs.bucket(now, totals)
             }
             Signal::Cpu => {
-                let Ok(view) = scaler.supervisor.get(&name) else {
+                let Some(usage) = reach.load.cpu(&name) else {
                     break;
                 };
-                let usage: Vec<(u32, u32, Duration)> = view
-                    .instances
-                    .iter()
-                    .filter_map(|(i, s)| Some((*i, s.pid?, s.usage.as_ref()?.cpu)))
-                    .collect();
                 cpu.bucket(now, &usage)
             }
         };
@@ -283,18 +358,18 @@ async fn scale_plugin(
             Some(c) => (c, false),
             None => match config.signal {
                 Signal::Jobs => (estimate.update(measured.capacity).unwrap_or(f64::NAN), true),
-                // A replica may use one core unless its limits say otherwise.
-                Signal::Cpu => (cpu_capacity(&scaler, &name), false),
+                Signal::Cpu => (plan.cores_per_replica, false),
             },
         };
-        let Some(current) = scaler.supervisor.replicas(&name) else {
+        let Some(current) = reach.actuator.replicas(&name) else {
             break;
         };
         let decision = planner.decide(measured.queued, capacity, current, lead);
         report(
             &scaler,
+            &reach.bus,
             &name,
-            &config,
+            config,
             &planner,
             &decision,
             lead,
@@ -302,7 +377,7 @@ async fn scale_plugin(
             &mut last_reason,
         );
         if decision.desired != current
-            && let Err(error) = scaler.supervisor.autoscale(&name, decision.desired).await
+            && let Err(error) = reach.actuator.scale(&name, decision.desired).await
         {
             tracing::error!(plugin = name, %error, desired = decision.desired, "autoscaler could not scale");
         }
@@ -313,20 +388,12 @@ async fn scale_plugin(
     }
 }
 
-fn cpu_capacity(scaler: &Scaler, name: &str) -> f64 {
-    scaler
-        .supervisor
-        .pool_config(name)
-        .ok()
-        .and_then(|c| c.limits.cpu)
-        .unwrap_or(1.0)
-}
-
-/// The decision as an event, a log line (when something changed) and the
-/// status GetPlugin and the metrics read.
+/// The decision as an event (logged by telemetry, at info when it changed
+/// something) and the status GetPlugin and the metrics read.
 #[allow(clippy::too_many_arguments)]
 fn report(
     scaler: &Scaler,
+    bus: &Bus,
     name: &str,
     config: &AutoscaleConfig,
     planner: &Planner,
@@ -357,23 +424,20 @@ fn report(
     // bucket.
     let notable = d.desired != d.current || reason != *last_reason;
     last_reason.clone_from(&reason);
-    scaler
-        .supervisor
-        .events()
-        .emit(Event::Autoscaled(Box::new(AutoscaleDecision {
-            plugin: Arc::from(name),
-            from: d.current,
-            to: d.desired,
-            recommended: d.recommended,
-            reason: reason.clone(),
-            load: d.needed_now,
-            forecast: d.ahead.map(|a| (a.point, a.lower, a.upper)),
-            capacity: d.capacity,
-            lead,
-            model: fitted.map(|f| f.method.as_str()),
-            detail,
-            notable,
-        })));
+    bus.emit(Event::Autoscaled(Box::new(AutoscaleDecision {
+        plugin: Arc::from(name),
+        from: d.current,
+        to: d.desired,
+        recommended: d.recommended,
+        reason: reason.clone(),
+        load: d.needed_now,
+        forecast: d.ahead.map(|a| (a.point, a.lower, a.upper)),
+        capacity: d.capacity,
+        lead,
+        model: fitted.map(|f| f.method.as_str()),
+        detail,
+        notable,
+    })));
     lock(&scaler.statuses).insert(
         name.to_owned(),
         Status {

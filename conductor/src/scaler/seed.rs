@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::config::MAX_HISTORY_BUCKETS;
-use super::sim::trace::{self, TraceError};
+use super::trace::{self, TraceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {

@@ -5,7 +5,19 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::dispatch::JobLoad;
+/// Running totals of one plugin's jobs, as its dispatch lane counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct JobTotals {
+    /// Submissions, accepted or refused because the queue was full.
+    pub offered: u64,
+    pub completed: u64,
+    /// Time replicas spent on completed attempts.
+    pub busy: Duration,
+    /// Jobs waiting now.
+    pub queued: usize,
+    /// Jobs one replica takes at once.
+    pub slots_per_replica: usize,
+}
 
 /// One bucket's measurement.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,13 +33,13 @@ pub struct Bucket {
 /// Differences of the dispatch lane's totals.
 #[derive(Debug, Default)]
 pub struct JobsSignal {
-    last: Option<(Instant, JobLoad)>,
+    last: Option<(Instant, JobTotals)>,
 }
 
 impl JobsSignal {
     /// The bucket that ended at `now`; `None` for the first reading, which
     /// only sets the baseline.
-    pub fn bucket(&mut self, now: Instant, totals: JobLoad) -> Option<Bucket> {
+    pub fn bucket(&mut self, now: Instant, totals: JobTotals) -> Option<Bucket> {
         let previous = self.last.replace((now, totals));
         let (then, before) = previous?;
         let secs = now.duration_since(then).as_secs_f64();
@@ -135,8 +147,8 @@ impl StartTimes {
 mod tests {
     use super::*;
 
-    fn totals(offered: u64, completed: u64, busy_ms: u64, queued: usize) -> JobLoad {
-        JobLoad {
+    fn totals(offered: u64, completed: u64, busy_ms: u64, queued: usize) -> JobTotals {
+        JobTotals {
             offered,
             completed,
             busy: Duration::from_millis(busy_ms),

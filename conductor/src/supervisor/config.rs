@@ -1,4 +1,5 @@
-//! What an operator sets for one plugin: `[plugins.NAME]` and its sub-tables.
+//! What an operator sets about running one plugin: `[plugins.NAME]` less
+//! the parts other components own (`jobs`, `dispatch`, `autoscale`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -6,9 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::dispatch::DispatchConfig;
-use crate::process::cgroup::LimitsConfig;
-use crate::scaler::AutoscaleConfig;
+use crate::process::cgroup::config::LimitsConfig;
 
 /// One plugin's pool: what to run, how many, and how to keep it alive.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -26,12 +25,10 @@ pub struct PoolConfig {
     /// Working directory (relative to the config file); the config file's
     /// folder when unset.
     pub working_dir: Option<PathBuf>,
-    /// How many instances run side by side.
+    /// How many instances run side by side (for an autoscaled plugin,
+    /// the count to start with).
     #[serde(default = "default_replicas")]
     pub replicas: u32,
-    /// Whether the plugin takes jobs (`Handle` calls) from the conductor.
-    #[serde(default = "default_jobs")]
-    pub jobs: bool,
     /// How long an instance may take from spawn to SERVING.
     #[serde(default = "default_startup_timeout", with = "humantime_serde")]
     pub startup_timeout: Duration,
@@ -46,11 +43,6 @@ pub struct PoolConfig {
     pub restart: RestartConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
-    #[serde(default)]
-    pub dispatch: DispatchConfig,
-    /// Replicas follow the load between min and max; `replicas` is then
-    /// only the count to start with.
-    pub autoscale: Option<AutoscaleConfig>,
 }
 
 /// How an instance's health is known.
@@ -188,10 +180,6 @@ fn default_replicas() -> u32 {
     1
 }
 
-fn default_jobs() -> bool {
-    true
-}
-
 fn default_startup_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -209,14 +197,11 @@ impl PoolConfig {
             env: BTreeMap::new(),
             working_dir: None,
             replicas: default_replicas(),
-            jobs: default_jobs(),
             startup_timeout: default_startup_timeout(),
             shutdown_grace: default_shutdown_grace(),
             health: Health::default(),
             restart: RestartConfig::default(),
             limits: LimitsConfig::default(),
-            dispatch: DispatchConfig::default(),
-            autoscale: None,
         }
     }
 
@@ -290,18 +275,6 @@ impl PoolConfig {
             bad("restart.start_limit_burst", "must be at least 1".into());
         }
         out.extend(self.limits.problems());
-        out.extend(self.dispatch.problems());
-        if let Some(autoscale) = &self.autoscale {
-            out.extend(autoscale.problems(h.min_serving));
-            if self.health.is_none() {
-                out.push(("autoscale", "a plugin with health = \"none\" takes no jobs and reports no readiness; it cannot be autoscaled".into()));
-            } else if autoscale.signal == crate::scaler::Signal::Jobs && !self.jobs {
-                out.push((
-                    "autoscale.signal",
-                    "\"jobs\" needs a plugin that takes jobs (jobs = true); use \"cpu\"".into(),
-                ));
-            }
-        }
         out
     }
 }

@@ -12,7 +12,6 @@ fn config() -> PoolConfig {
         env: Default::default(),
         working_dir: None,
         replicas: 1,
-        jobs: true,
         startup_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(5),
         health: Health::Grpc(HealthConfig {
@@ -28,8 +27,6 @@ fn config() -> PoolConfig {
             ..RestartConfig::default()
         },
         limits: Default::default(),
-        dispatch: Default::default(),
-        autoscale: None,
     }
 }
 

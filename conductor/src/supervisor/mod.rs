@@ -1,6 +1,7 @@
 //! Keeping plugin instances alive: one pool per plugin, one state machine
 //! and one runner task per instance, and the operations an operator asks
-//! for (start, stop, rolling restart, scale, reload).
+//! for (start, stop, rolling restart, scale) or a reload brings (add,
+//! remove, update a pool).
 
 pub mod breaker;
 pub mod config;
@@ -15,15 +16,13 @@ pub use pool::{Pool, PoolContext};
 pub use runner::InstanceStatus;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
-use crate::config::{Config, ConfigErrors};
-use crate::events::{Bus, Event, InstanceEvent, Phase};
+use crate::events::{Bus, Event, Phase};
 use runner::Command;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +37,24 @@ pub enum SupervisorError {
         index: u32,
         reason: String,
     },
-    #[error("the configuration is invalid, nothing changed:\n{0}")]
-    Config(ConfigErrors),
     #[error(
         "{plugin:?} is autoscaled between {min} and {max} replicas; change \
          [plugins.{plugin}.autoscale] and reload instead"
     )]
     Autoscaled { plugin: String, min: u32, max: u32 },
+}
+
+/// One plugin as the supervisor runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSpec {
+    pub config: Arc<PoolConfig>,
+    /// Replicas to run at first.
+    pub replicas: u32,
+    /// The bounds its autoscaler keeps it in; `None`: an operator sets
+    /// the count.
+    pub autoscaled: Option<(u32, u32)>,
+    /// The file that defined it.
+    pub source: PathBuf,
 }
 
 /// What a plugin looks like from outside.
@@ -71,56 +81,29 @@ impl PluginView {
     }
 }
 
-/// What a reload did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReloadSummary {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub changed: Vec<String>,
-    pub unchanged: Vec<String>,
-    pub ignored: Vec<String>,
-    /// Broken manifests, skipped.
-    pub warnings: Vec<String>,
-}
-
 /// Every pool of the conductor.
 pub struct Supervisor {
     context: PoolContext,
     pools: Mutex<BTreeMap<String, Pool>>,
-    /// Serialises operations that change pools, and holds the config in force.
-    operations: tokio::sync::Mutex<Config>,
-    health: HealthReporter,
+    /// Serialises operations that change pools.
+    operations: tokio::sync::Mutex<()>,
 }
 
 impl Supervisor {
-    /// Starts every configured plugin and the task that keeps each
-    /// plugin's health status on `health` current.
-    pub async fn start(config: Config, context: PoolContext, health: HealthReporter) -> Arc<Self> {
-        // Registered before any instance runs, so a Watch works from the start.
-        for name in config.plugins.keys() {
-            health
-                .set_service_status(name.as_str(), ServingStatus::NotServing)
-                .await;
-        }
-        let pools = config
-            .plugins
-            .iter()
-            .map(|(name, pool)| {
-                let source = config.source_of(name);
-                (
-                    name.clone(),
-                    Pool::start(name, pool.clone(), source, &context),
-                )
+    /// Starts every pool of `pools`.
+    pub fn start(pools: BTreeMap<String, PoolSpec>, context: PoolContext) -> Arc<Self> {
+        let pools = pools
+            .into_iter()
+            .map(|(name, spec)| {
+                let pool = Pool::start(&name, spec, &context);
+                (name, pool)
             })
             .collect();
-        let supervisor = Arc::new(Self {
+        Arc::new(Self {
             context,
             pools: Mutex::new(pools),
-            operations: tokio::sync::Mutex::new(config),
-            health,
-        });
-        tokio::spawn(aggregate_health(Arc::downgrade(&supervisor)));
-        supervisor
+            operations: tokio::sync::Mutex::new(()),
+        })
     }
 
     fn pools(&self) -> MutexGuard<'_, BTreeMap<String, Pool>> {
@@ -136,14 +119,6 @@ impl Supervisor {
         self.pools().values().map(view).collect()
     }
 
-    /// Every autoscaled plugin with its settings.
-    pub fn autoscaled(&self) -> Vec<(String, crate::scaler::AutoscaleConfig)> {
-        self.pools()
-            .iter()
-            .filter_map(|(name, pool)| Some((name.clone(), pool.config.autoscale.clone()?)))
-            .collect()
-    }
-
     /// Instances wanted for `name` now.
     pub fn replicas(&self, name: &str) -> Option<u32> {
         self.pools().get(name).map(|p| p.replicas)
@@ -154,12 +129,6 @@ impl Supervisor {
             .get(name)
             .map(view)
             .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))
-    }
-
-    /// The config file's path and text as last loaded.
-    pub async fn config(&self) -> (String, String) {
-        let config = self.operations.lock().await;
-        (config.file.display().to_string(), config.text.clone())
     }
 
     fn handles(&self, name: &str) -> Result<Vec<(u32, HandleRef)>, SupervisorError> {
@@ -195,7 +164,7 @@ impl Supervisor {
     pub async fn stop_plugin(&self, name: &str) -> Result<PluginView, SupervisorError> {
         let _op = self.operations.lock().await;
         let handles = self.handles(name)?;
-        let grace = self.pool_config(name)?.shutdown_grace;
+        let grace = self.spec(name)?.config.shutdown_grace;
         for (_, handle) in &handles {
             let _ = handle.commands.send(Command::Stop).await;
         }
@@ -210,7 +179,7 @@ impl Supervisor {
     /// previous one is SERVING again.
     pub async fn restart_plugin(&self, name: &str) -> Result<PluginView, SupervisorError> {
         let _op = self.operations.lock().await;
-        let config = self.pool_config(name)?;
+        let config = self.spec(name)?.config;
         let patience = config.startup_timeout + config.shutdown_grace * 2 + SLACK;
         for (index, mut handle) in self.handles(name)? {
             let before = handle.status.borrow_and_update().pid;
@@ -224,11 +193,11 @@ impl Supervisor {
     /// Sets the number of instances of `name`, for an operator: refused
     /// for an autoscaled plugin, whose scaler would undo it.
     pub async fn scale(&self, name: &str, replicas: u32) -> Result<PluginView, SupervisorError> {
-        if let Some(a) = &self.pool_config(name)?.autoscale {
+        if let Some((min, max)) = self.spec(name)?.autoscaled {
             return Err(SupervisorError::Autoscaled {
                 plugin: name.to_owned(),
-                min: a.min,
-                max: a.max,
+                min,
+                max,
             });
         }
         self.set_replicas(name, replicas).await
@@ -245,13 +214,13 @@ impl Supervisor {
 
     async fn set_replicas(&self, name: &str, replicas: u32) -> Result<PluginView, SupervisorError> {
         let _op = self.operations.lock().await;
-        let config = self.pool_config(name)?;
-        if replicas < config.health.config().min_serving {
+        let config = self.spec(name)?.config;
+        let min_serving = config.health.config().min_serving;
+        if replicas < min_serving {
             return Err(SupervisorError::InvalidArgument {
                 field: "replicas",
                 reason: format!(
-                    "{replicas} is below the plugin's health.min_serving ({})",
-                    config.health.config().min_serving
+                    "{replicas} is below the plugin's health.min_serving ({min_serving})"
                 ),
             });
         }
@@ -285,94 +254,26 @@ impl Supervisor {
                 to: replicas,
             });
         }
-        self.refresh_health(name).await;
         Ok(())
     }
 
-    pub fn pool_config(&self, name: &str) -> Result<Arc<PoolConfig>, SupervisorError> {
+    fn spec(&self, name: &str) -> Result<PoolSpec, SupervisorError> {
         self.pools()
             .get(name)
-            .map(|p| p.config.clone())
+            .map(|p| p.spec.clone())
             .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))
     }
 
-    /// Re-reads the config file and applies the difference: new plugins
-    /// start, removed ones stop, changed ones are replaced one instance at
-    /// a time, unchanged ones are not touched.
-    pub async fn reload(&self) -> Result<ReloadSummary, SupervisorError> {
-        let mut current = self.operations.lock().await;
-        let next = crate::config::load(&current.file).map_err(SupervisorError::Config)?;
-        let mut summary = ReloadSummary {
-            warnings: next.warnings.iter().map(ToString::to_string).collect(),
-            ..ReloadSummary::default()
-        };
-        for warning in &next.warnings {
-            tracing::warn!(%warning, "plugin manifest skipped");
-        }
-        if next.conductor != current.conductor {
-            summary
-                .ignored
-                .push("[conductor] (takes effect at the next start)".into());
-        }
-        for name in current.plugins.keys() {
-            if !next.plugins.contains_key(name) {
-                self.remove_plugin(name).await;
-                summary.removed.push(name.clone());
-            }
-        }
-        for (name, config) in &next.plugins {
-            let source = next.source_of(name);
-            match current.plugins.get(name) {
-                None => {
-                    self.health
-                        .set_service_status(name.as_str(), ServingStatus::NotServing)
-                        .await;
-                    let pool = Pool::start(name, config.clone(), source, &self.context);
-                    self.pools().insert(name.clone(), pool);
-                    summary.added.push(name.clone());
-                }
-                Some(old) if old == config => summary.unchanged.push(name.clone()),
-                Some(old) => {
-                    // Counts alone change without touching an instance.
-                    let only_counts = PoolConfig {
-                        replicas: config.replicas,
-                        autoscale: config.autoscale.clone(),
-                        ..(**old).clone()
-                    } == **config;
-                    let running = self
-                        .pools()
-                        .get(name)
-                        .map_or(config.replicas, |p| p.replicas);
-                    if only_counts {
-                        if let Some(pool) = self.pools().get_mut(name) {
-                            pool.config = config.clone();
-                            pool.source = source;
-                        }
-                    } else {
-                        self.replace(name, config.clone(), source).await?;
-                    }
-                    // An autoscaled plugin keeps the count its scaler chose,
-                    // within the new bounds.
-                    let replicas = match &config.autoscale {
-                        Some(a) => running.clamp(a.min, a.max),
-                        None => config.replicas,
-                    };
-                    self.scale_locked(name, replicas).await?;
-                    summary.changed.push(name.clone());
-                }
-            }
-        }
-        self.events().emit(Event::Reloaded {
-            added: summary.added.clone(),
-            removed: summary.removed.clone(),
-            changed: summary.changed.clone(),
-            unchanged: summary.unchanged.len(),
-        });
-        *current = next;
-        Ok(summary)
+    /// Starts a new plugin's pool.
+    pub async fn add(&self, name: &str, spec: PoolSpec) {
+        let _op = self.operations.lock().await;
+        let pool = Pool::start(name, spec, &self.context);
+        self.pools().insert(name.to_owned(), pool);
     }
 
-    async fn remove_plugin(&self, name: &str) {
+    /// Stops every instance of `name` and forgets the plugin.
+    pub async fn remove(&self, name: &str) {
+        let _op = self.operations.lock().await;
         let pool = self.pools().remove(name);
         if let Some(mut pool) = pool {
             for handle in pool.shrink_to(0) {
@@ -382,25 +283,50 @@ impl Supervisor {
         let cgroups = self.context.cgroups.clone();
         let plugin = name.to_owned();
         let _ = tokio::task::spawn_blocking(move || cgroups.remove_plugin(&plugin)).await;
-        let mut health = self.health.clone();
-        health.clear_service_status(name).await;
     }
 
-    /// Swaps in `config` one instance at a time: each old instance stops,
+    /// Brings `name` to `spec`: nothing when only its source moved, a new
+    /// count when only counts changed, else its instances are replaced one
+    /// at a time. An autoscaled plugin keeps the count its scaler chose,
+    /// within the new bounds.
+    pub async fn update(&self, name: &str, spec: PoolSpec) -> Result<(), SupervisorError> {
+        let _op = self.operations.lock().await;
+        let (old, running) = {
+            let pools = self.pools();
+            let pool = pools
+                .get(name)
+                .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
+            (pool.spec.clone(), pool.replicas)
+        };
+        // Counts alone change without touching an instance.
+        let same_run = PoolConfig {
+            replicas: spec.config.replicas,
+            ..(*old.config).clone()
+        } == *spec.config;
+        if same_run {
+            if let Some(pool) = self.pools().get_mut(name) {
+                pool.spec = spec.clone();
+            }
+        } else {
+            self.replace(name, spec.clone()).await?;
+        }
+        let replicas = match spec.autoscaled {
+            Some((min, max)) => running.clamp(min, max),
+            None => spec.replicas,
+        };
+        self.scale_locked(name, replicas).await
+    }
+
+    /// Swaps in `spec` one instance at a time: each old instance stops,
     /// its successor starts and must be SERVING before the next one goes.
-    async fn replace(
-        &self,
-        name: &str,
-        config: Arc<PoolConfig>,
-        source: std::path::PathBuf,
-    ) -> Result<(), SupervisorError> {
+    async fn replace(&self, name: &str, spec: PoolSpec) -> Result<(), SupervisorError> {
+        let config = spec.config.clone();
         let count = {
             let mut pools = self.pools();
             let pool = pools
                 .get_mut(name)
                 .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
-            pool.config = config.clone();
-            pool.source = source;
+            pool.spec = spec;
             pool.instances.len()
         };
         let patience = config.startup_timeout + config.shutdown_grace * 2 + SLACK;
@@ -430,21 +356,6 @@ impl Supervisor {
             .await?;
         }
         Ok(())
-    }
-
-    async fn refresh_health(&self, name: &str) {
-        let healthy = self
-            .pools()
-            .get(name)
-            .map(|p| p.serving() >= p.config.health.config().min_serving);
-        if let Some(healthy) = healthy {
-            let status = if healthy {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            self.health.set_service_status(name, status).await;
-        }
     }
 
     /// Stops every instance (after the context's cancel token fired) and
@@ -502,48 +413,13 @@ fn view(pool: &Pool) -> PluginView {
     PluginView {
         name: pool.name.to_string(),
         replicas: pool.replicas,
-        min_serving: pool.config.health.config().min_serving,
-        command: pool.config.command.display().to_string(),
-        source: pool.source.display().to_string(),
+        min_serving: pool.spec.config.health.config().min_serving,
+        command: pool.spec.config.command.display().to_string(),
+        source: pool.spec.source.display().to_string(),
         instances: pool
             .instances
             .iter()
             .map(|i| (i.index, i.status.borrow().clone()))
             .collect(),
-    }
-}
-
-/// Keeps each plugin's status on the conductor's Health service in step
-/// with its instances, driven by lifecycle events (no polling).
-async fn aggregate_health(supervisor: std::sync::Weak<Supervisor>) {
-    let Some(events) = supervisor.upgrade().map(|s| s.events().subscribe()) else {
-        return;
-    };
-    let mut events = events;
-    loop {
-        let changed: Vec<String> = match events.recv().await {
-            Ok(stamped) => match &stamped.event {
-                Event::Instance {
-                    plugin,
-                    what: InstanceEvent::PhaseChanged { .. },
-                    ..
-                } => vec![plugin.to_string()],
-                _ => continue,
-            },
-            // Missed some: recompute everything.
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                match supervisor.upgrade() {
-                    Some(s) => s.pools().keys().cloned().collect(),
-                    None => return,
-                }
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        };
-        let Some(supervisor) = supervisor.upgrade() else {
-            return;
-        };
-        for name in changed {
-            supervisor.refresh_health(&name).await;
-        }
     }
 }

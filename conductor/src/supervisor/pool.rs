@@ -2,7 +2,7 @@
 //! cancel token so the pool can grow, shrink and replace instances.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::PoolSpec;
 use super::config::PoolConfig;
 use super::runner::{self, Command, InstanceSpec, InstanceStatus};
 use crate::events::{Bus, Phase};
@@ -56,31 +57,19 @@ impl InstanceHandle {
 
 pub struct Pool {
     pub name: Arc<str>,
-    pub config: Arc<PoolConfig>,
-    /// Instances wanted now (config, then `ScalePlugin`).
+    pub spec: PoolSpec,
+    /// Instances wanted now (the spec, then scaling).
     pub replicas: u32,
-    /// The file that defined the plugin.
-    pub source: PathBuf,
     pub instances: Vec<InstanceHandle>,
 }
 
 impl Pool {
-    /// Starts `config.replicas` instances (within the autoscale bounds).
-    pub fn start(
-        name: &str,
-        config: Arc<PoolConfig>,
-        source: PathBuf,
-        context: &PoolContext,
-    ) -> Self {
-        let replicas = match &config.autoscale {
-            Some(a) => config.replicas.clamp(a.min, a.max),
-            None => config.replicas,
-        };
+    /// Starts the spec's instances.
+    pub fn start(name: &str, spec: PoolSpec, context: &PoolContext) -> Self {
         let mut pool = Self {
             name: Arc::from(name),
-            replicas,
-            config,
-            source,
+            replicas: spec.replicas,
+            spec,
             instances: Vec::new(),
         };
         pool.grow_to(pool.replicas, context);
@@ -109,7 +98,7 @@ impl Pool {
     /// Starts instance `index` with the pool's current config.
     pub fn launch(&self, index: u32, context: &PoolContext) -> InstanceHandle {
         let name = &self.name;
-        let config = &self.config;
+        let config = &self.spec.config;
         let socket = context.layout.plugin_socket(name, index);
         let (cgroup, unlaunchable) = confine(name, index, config, context);
         let conductor_socket = context.layout.conductor_socket();
@@ -192,13 +181,17 @@ fn spawn_spec(
 
 /// The instance's cgroup, or why it may not start. Creation failure is
 /// fatal only for a plugin that declares limits under the `required`
-/// policy; otherwise the instance runs unconfined and says so.
+/// policy; otherwise the instance runs unconfined and says so. With the
+/// `off` policy nothing is confined (the daemon said so once at start).
 fn confine(
     plugin: &str,
     index: u32,
     config: &PoolConfig,
     context: &PoolContext,
 ) -> (Option<Arc<dyn Cgroup>>, Option<String>) {
+    if context.cgroup_policy == CgroupPolicy::Off {
+        return (None, None);
+    }
     match context.cgroups.create(plugin, index, &config.limits) {
         Ok(cgroup) => (Some(cgroup), None),
         Err(error) if config.limits.is_empty() => {

@@ -6,12 +6,14 @@
 //! leave this module. Children join their cgroup before exec: the spawner
 //! opens [`Cgroup::procs_files`] before forking and writes `0` to each.
 
+pub mod config;
 mod counters;
 mod limits;
 mod v1;
 mod v2;
 
-pub use limits::{CPU_PERIOD_US, LimitsConfig, Plan, cpu_quota};
+pub use config::{CPU_PERIOD_US, CgroupPolicy, LimitsConfig};
+pub use limits::{Plan, cpu_quota};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -22,24 +24,12 @@ use cgroups_rs::fs::hierarchies::{V1 as V1Hierarchy, V2 as V2Hierarchy};
 use cgroups_rs::fs::{Controller as _, Hierarchy, MaxValue};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde::Deserialize;
 
 /// Where cgroup filesystems are mounted.
 pub const CGROUP_FS: &str = "/sys/fs/cgroup";
 
 /// Controllers an instance cgroup is created in (where the host has them).
 const CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
-
-/// What to do when cgroups cannot be used.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CgroupPolicy {
-    /// A plugin that declares limits is not started without them.
-    #[default]
-    Required,
-    /// Such a plugin runs unconfined, with a warning.
-    Optional,
-}
 
 /// Resource usage of one instance, read from its cgroup.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -180,6 +170,18 @@ impl Cgroups {
             ));
         }
         this
+    }
+
+    /// No cgroups, by choice (`cgroup_policy = "off"`): nothing on the
+    /// host is touched.
+    pub fn off() -> Self {
+        Self {
+            setup: detect(Path::new(CGROUP_FS)),
+            root: String::new(),
+            controllers: Vec::new(),
+            unavailable: Some("cgroup_policy = \"off\"".into()),
+            favordynmods: false,
+        }
     }
 
     pub fn setup(&self) -> Setup {
@@ -349,6 +351,9 @@ impl Cgroups {
 
     /// Removes the (empty) folder of `plugin`. Blocking.
     pub fn remove_plugin(&self, plugin: &str) {
+        if self.unavailable.is_some() {
+            return;
+        }
         let name = format!("{}/{plugin}", self.root);
         let cgroup = cgroups_rs::fs::Cgroup::load_with_specified_controllers(
             self.hierarchy(),

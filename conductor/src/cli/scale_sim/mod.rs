@@ -6,10 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+mod plot;
+mod sim;
+
 use demi_conductor::scaler::AutoscaleConfig;
 use demi_conductor::scaler::config::MAX_HISTORY_BUCKETS;
-use demi_conductor::scaler::sim::{self, Outcome, SimConfig, plot, trace};
+use demi_conductor::scaler::trace;
 use serde_json::json;
+use sim::{Outcome, SimConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -9,7 +9,9 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
-use super::Outcome;
+use demi_conductor::scaler::decision::Ahead;
+
+use super::sim::Outcome;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
@@ -235,7 +237,7 @@ fn legend<'a, DB: DrawingBackend + 'a>(
 }
 
 /// Runs of consecutive buckets that have a forecast.
-fn segments(forecast: &[Option<super::Ahead>]) -> Vec<Vec<(usize, super::Ahead)>> {
+fn segments(forecast: &[Option<Ahead>]) -> Vec<Vec<(usize, Ahead)>> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     for (i, f) in forecast.iter().enumerate() {

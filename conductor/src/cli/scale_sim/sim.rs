@@ -4,16 +4,13 @@
 //! scaler (the very [`Planner`] the daemon runs), the Kubernetes HPA
 //! algorithm with its defaults, and a static pool at max.
 
-pub mod plot;
-pub mod trace;
-
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::config::AutoscaleConfig;
-use super::decision::{self, Ahead, Outlook, Policy};
-use super::forecast::Method;
-use super::planner::{Planner, PlannerConfig};
+use demi_conductor::scaler::config::AutoscaleConfig;
+use demi_conductor::scaler::decision::{self, Ahead, Outlook, Policy};
+use demi_conductor::scaler::forecast::Method;
+use demi_conductor::scaler::planner::{Planner, PlannerConfig};
 
 /// How the pool and the policies are modelled. Durations are virtual:
 /// every trace bucket lasts `bucket`.
@@ -333,9 +330,10 @@ fn replay(
             };
             planner.observe(now, observed);
             if let Some(job) = planner.refit_due(*lead) {
+                let started = Instant::now();
                 let fitted = job.run();
                 outcome.fits += 1;
-                outcome.fit_time += fitted.forecast.took;
+                outcome.fit_time += started.elapsed();
                 count(&mut outcome.methods, fitted.forecast.method);
                 if let Some(why) = &fitted.forecast.fallback {
                     count(&mut outcome.fallbacks, why.clone());

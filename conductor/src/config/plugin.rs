@@ -1,0 +1,94 @@
+//! One plugin's settings, assembled from the parts each component owns:
+//! the supervisor's [`PoolConfig`], whether it takes jobs, dispatch's
+//! [`DispatchConfig`] and the scaler's [`AutoscaleConfig`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::dispatch::config::DispatchConfig;
+use crate::scaler::config::{AutoscaleConfig, Signal};
+use crate::supervisor::config::PoolConfig;
+
+/// `[plugins.NAME]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    /// What to run and how to keep it alive.
+    pub pool: Arc<PoolConfig>,
+    /// Whether the plugin takes jobs (`Handle` calls) from the conductor.
+    pub jobs: bool,
+    pub dispatch: DispatchConfig,
+    /// Replicas follow the load between min and max; `replicas` is then
+    /// only the count to start with.
+    pub autoscale: Option<AutoscaleConfig>,
+    /// The file that defined the plugin: the config or its manifest.
+    pub source: PathBuf,
+}
+
+/// Keys of `[plugins.NAME]` that are not the supervisor's.
+pub(super) const NOT_POOL: [&str; 3] = ["jobs", "dispatch", "autoscale"];
+
+/// The parts of a plugin table that are not the supervisor's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Extras {
+    #[serde(default = "yes")]
+    pub jobs: bool,
+    #[serde(default)]
+    pub dispatch: DispatchConfig,
+    pub autoscale: Option<AutoscaleConfig>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl PluginConfig {
+    pub(super) fn assemble(pool: PoolConfig, extras: Extras, source: PathBuf) -> Self {
+        Self {
+            pool: Arc::new(pool),
+            jobs: extras.jobs,
+            dispatch: extras.dispatch,
+            autoscale: extras.autoscale,
+            source,
+        }
+    }
+
+    /// Jobs can reach it: it takes them and speaks gRPC.
+    pub fn takes_jobs(&self) -> bool {
+        self.jobs && !self.pool.health.is_none()
+    }
+
+    /// Problems of each part and between them, as (field below the
+    /// plugin, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = self.pool.problems();
+        out.extend(self.dispatch.problems());
+        if let Some(autoscale) = &self.autoscale {
+            out.extend(autoscale.problems(self.pool.health.config().min_serving));
+            if self.pool.health.is_none() {
+                out.push((
+                    "autoscale",
+                    "a plugin with health = \"none\" takes no jobs and reports no readiness; \
+                     it cannot be autoscaled"
+                        .into(),
+                ));
+            } else if autoscale.signal == Signal::Jobs && !self.jobs {
+                out.push((
+                    "autoscale.signal",
+                    "\"jobs\" needs a plugin that takes jobs (jobs = true); use \"cpu\"".into(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Replicas to run at start: within the autoscaler's bounds.
+    pub fn initial_replicas(&self) -> u32 {
+        match &self.autoscale {
+            Some(a) => self.pool.replicas.clamp(a.min, a.max),
+            None => self.pool.replicas,
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The bulkhead: at most `limit` deliveries of one plugin in flight, so a
+//! plugin whose jobs hang holds a bounded share of the conductor. A reload
+//! may change the limit while deliveries run: a raised limit lets waiting
+//! jobs through at once, a lowered one lets none through until the count
+//! is below it. (tokio's `Semaphore` cannot take permits back that are
+//! held, which a lowered limit needs.)
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Notify;
+
+pub struct Bulkhead {
+    in_flight: AtomicUsize,
+    limit: AtomicUsize,
+    /// Fires when a delivery ends or the limit changes.
+    changed: Notify,
+}
+
+/// One delivery's place in the bulkhead, given back on drop.
+pub struct Permit {
+    bulkhead: Arc<Bulkhead>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.bulkhead.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.bulkhead.changed.notify_waiters();
+    }
+}
+
+impl Bulkhead {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit),
+            changed: Notify::new(),
+        })
+    }
+
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Waits for a place under the limit.
+    pub async fn acquire(self: &Arc<Self>) -> Permit {
+        loop {
+            // Register before looking, so a change in between is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let limit = self.limit.load(Ordering::Acquire);
+            let taken = self
+                .in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limit).then_some(n + 1)
+                });
+            if taken.is_ok() {
+                return Permit {
+                    bulkhead: self.clone(),
+                };
+            }
+            changed.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_holds_and_follows_a_reload_both_ways() {
+        let bulkhead = Bulkhead::new(2);
+        let a = bulkhead.acquire().await;
+        let b = bulkhead.acquire().await;
+        let waiting = tokio::spawn({
+            let bulkhead = bulkhead.clone();
+            async move { bulkhead.acquire().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "full at 2");
+        bulkhead.set_limit(3);
+        let c = waiting.await.unwrap();
+        assert_eq!(bulkhead.in_flight(), 3);
+
+        // Lowered below what runs: nobody new until two have finished.
+        bulkhead.set_limit(1);
+        let next = tokio::spawn({
+            let bulkhead = bulkhead.clone();
+            async move { bulkhead.acquire().await }
+        });
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!next.is_finished(), "2 in flight, limit 1");
+        drop(b);
+        tokio::task::yield_now().await;
+        assert!(!next.is_finished(), "1 in flight, limit 1");
+        drop(c);
+        let d = next.await.unwrap();
+        assert_eq!(bulkhead.in_flight(), 1);
+        drop(d);
+        assert_eq!(bulkhead.in_flight(), 0);
+    }
+}

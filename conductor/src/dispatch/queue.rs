@@ -1,0 +1,210 @@
+//! A lane's queue: first in, first out, bounded by a capacity a reload
+//! may change. A submission reserves its place before the job is stored,
+//! so a full queue refuses before anything is written and memory stays
+//! bounded; jobs the conductor already holds (re-queued after a restart,
+//! replayed) go in whatever the bound. Closing it hands back what waits.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use super::store::StoredJob;
+
+pub struct Queue {
+    state: Mutex<State>,
+    capacity: AtomicUsize,
+    /// Fires when a job arrives or the queue closes.
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<StoredJob>,
+    /// Places promised to submissions being stored.
+    reserved: usize,
+    closed: bool,
+}
+
+/// A place in the queue, held while the job is being stored; given back
+/// if it is dropped unused.
+pub struct Reservation<'a> {
+    queue: &'a Queue,
+    used: bool,
+}
+
+impl Reservation<'_> {
+    /// Puts the job in its place; hands it back if the queue closed in
+    /// the meantime.
+    // The job itself is the error: handed back whole on the rare closed
+    // path rather than cloned or boxed on every push.
+    #[allow(clippy::result_large_err)]
+    pub fn fill(mut self, job: StoredJob) -> Result<(), StoredJob> {
+        self.used = true;
+        let mut state = self.queue.state();
+        state.reserved -= 1;
+        if state.closed {
+            return Err(job);
+        }
+        state.jobs.push_back(job);
+        drop(state);
+        self.queue.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            self.queue.state().reserved -= 1;
+        }
+    }
+}
+
+impl Queue {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            capacity: AtomicUsize::new(capacity),
+            ready: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity, Ordering::Release);
+    }
+
+    /// A place, unless the queue is full or closed.
+    pub fn try_reserve(&self) -> Option<Reservation<'_>> {
+        let mut state = self.state();
+        let capacity = self.capacity.load(Ordering::Acquire);
+        if state.closed || state.jobs.len() + state.reserved >= capacity {
+            return None;
+        }
+        state.reserved += 1;
+        Some(Reservation {
+            queue: self,
+            used: false,
+        })
+    }
+
+    /// Adds a job the conductor already holds, past the capacity if need
+    /// be; hands it back when the queue is closed.
+    #[allow(clippy::result_large_err)]
+    pub fn push(&self, job: StoredJob) -> Result<(), StoredJob> {
+        let mut state = self.state();
+        if state.closed {
+            return Err(job);
+        }
+        state.jobs.push_back(job);
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next job; `None` once the queue is closed.
+    pub async fn pop(&self) -> Option<StoredJob> {
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            {
+                let mut state = self.state();
+                if state.closed {
+                    return None;
+                }
+                if let Some(job) = state.jobs.pop_front() {
+                    return Some(job);
+                }
+            }
+            ready.await;
+        }
+    }
+
+    /// Jobs waiting.
+    pub fn len(&self) -> usize {
+        self.state().jobs.len()
+    }
+
+    /// Closes the queue and returns what was waiting in it.
+    pub fn close(&self) -> Vec<StoredJob> {
+        let mut state = self.state();
+        state.closed = true;
+        let jobs = state.jobs.drain(..).collect();
+        drop(state);
+        self.ready.notify_waiters();
+        jobs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str) -> StoredJob {
+        StoredJob {
+            id: id.into(),
+            plugin: "p".into(),
+            kind: String::new(),
+            payload: Vec::new(),
+            attributes: Default::default(),
+            idempotency_key: None,
+            deadline_ms: None,
+            accepted_ms: 0,
+            attempts: 0,
+            trace: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn reservations_count_against_a_capacity_that_can_change() {
+        let queue = Queue::new(2);
+        let a = queue.try_reserve().unwrap();
+        let b = queue.try_reserve().unwrap();
+        assert!(queue.try_reserve().is_none(), "two promised of two");
+        drop(b);
+        let c = queue.try_reserve().expect("an unused place comes back");
+        a.fill(job("a")).unwrap();
+        c.fill(job("c")).unwrap();
+        assert!(queue.try_reserve().is_none());
+        queue.set_capacity(4);
+        queue.try_reserve().unwrap().fill(job("d")).unwrap();
+        let late = queue.try_reserve().unwrap();
+        assert!(
+            queue.push(job("held")).is_ok(),
+            "held jobs go past the bound"
+        );
+        assert_eq!(queue.len(), 4);
+        assert_eq!(queue.pop().await.unwrap().id, "a");
+        let left: Vec<String> = queue.close().into_iter().map(|j| j.id).collect();
+        assert_eq!(left, ["c", "d", "held"]);
+        assert!(late.fill(job("stored meanwhile")).is_err(), "handed back");
+        assert!(queue.pop().await.is_none());
+        assert!(queue.try_reserve().is_none() && queue.push(job("late")).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_pop_wakes_for_a_job_and_for_the_close() {
+        let queue = std::sync::Arc::new(Queue::new(4));
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.pop().await.map(|j| j.id) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        queue.push(job("x")).unwrap();
+        assert_eq!(waiter.await.unwrap().as_deref(), Some("x"));
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.pop().await }
+        });
+        tokio::task::yield_now().await;
+        queue.close();
+        assert!(waiter.await.unwrap().is_none());
+    }
+}
