@@ -289,6 +289,18 @@ impl Conductor {
             .expect("run conductor CLI")
     }
 
+    /// Runs the `conductor` CLI the way an operator would: finding the
+    /// socket through the config file, not `--socket`.
+    pub fn cli_through_config(&self, args: &[&str]) -> std::process::Output {
+        self.api_socket();
+        Command::new(bin("conductor"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run conductor CLI")
+    }
+
     /// Runs grpcurl (from the project's venv) against the API socket.
     /// `-authority localhost`: grpcurl before 1.8.9 sends the socket path
     /// as `:authority`, which the HTTP/2 layer under tonic rejects.
@@ -489,6 +501,17 @@ pub fn remove_cgroup_tree(root: &str) {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// Waits until `done` holds, checking every 20 ms, for state that another
+/// process changes and no event announces (a file a plugin writes). Use
+/// sparingly: an event to wait on is better.
+pub fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

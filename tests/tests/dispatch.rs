@@ -487,3 +487,49 @@ fn a_platform_plugin_hands_jobs_to_a_worker_pool_and_gets_the_answers_back() {
         .count();
     assert_eq!(worked, 20);
 }
+
+#[test]
+fn submit_and_wait_with_every_replica_stopped_answers_unavailable_and_the_job_waits() {
+    let journal_file = tempfile::NamedTempFile::new().unwrap();
+    let conductor = Conductor::start(&plugin(
+        "worker",
+        &format!(
+            "replicas = 2\nargs = [\"--journal\", \"{}\"]\n\
+             [plugins.worker.dispatch]\nwait_without_replicas = \"1s\"",
+            journal_file.path().display()
+        ),
+    ));
+    conductor.wait_serving(0, "worker", 0);
+    conductor.wait_serving(0, "worker", 1);
+    let stopped = conductor.cli(&["stop", "worker"]);
+    assert!(stopped.status.success());
+    let rt = grpc::runtime();
+    let refused = rt.block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        api.submit_and_wait(job("worker", "k", "later"))
+            .await
+            .expect_err("no replica to answer")
+    });
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let message = refused.message();
+    assert!(
+        message.contains("no replica of \"worker\" has been live for 1s"),
+        "{message}"
+    );
+    // The answer names the job, which stays queued.
+    let id = message
+        .split_whitespace()
+        .find(|w| w.len() == 32 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no job id in {message:?}"))
+        .to_owned();
+    assert!(journal(journal_file.path()).is_empty(), "not delivered yet");
+
+    let cursor = conductor.cursor();
+    assert!(conductor.cli(&["start", "worker"]).status.success());
+    conductor.wait_serving(cursor, "worker", 0);
+    demi_e2e::eventually("the queued job to complete", || {
+        journal(journal_file.path())
+            .iter()
+            .any(|(done, _, outcome)| *done == id && outcome == "ok")
+    });
+}

@@ -495,40 +495,76 @@ fn job_id() -> String {
     format!("{:032x}", ms << 80 | noise)
 }
 
-/// Takes jobs off a lane's queue as the bulkhead lets them through.
+/// Takes jobs off a lane's queue as the bulkhead lets them through and a
+/// replica has room. The job at the front waits there for the replica,
+/// so a plugin with none keeps its jobs queued, where the bound, the
+/// metrics and the autoscaler see them.
 async fn work(dispatcher: Arc<Dispatcher>, lane: Arc<Lane>) {
     loop {
-        // The place first, then the job: a job taken off the queue always
-        // gets a delivery, so closing the queue hands back every other.
         let permit = tokio::select! {
             permit = lane.bulkhead.acquire() => permit,
             () = lane.closed() => return,
             () = dispatcher.cancel.cancelled() => return,
         };
-        let job = tokio::select! {
-            job = lane.queue.pop() => match job {
-                Some(job) => job,
+        let taken = tokio::select! {
+            taken = lane.queue.pop() => match taken {
+                Some(taken) => taken,
                 None => return,
             },
             () = dispatcher.cancel.cancelled() => return,
         };
-        // Stopping: the job stays in the store for the next start.
-        if dispatcher.tasks.is_closed() {
-            return;
+        let deadline = taken.job().and_then(deadline_of);
+        let slot = tokio::select! {
+            slot = lane.slot(None, sleep_until(deadline)) => slot,
+            // Stopping: the job stays in the store for the next start.
+            () = dispatcher.cancel.cancelled() => return,
+        };
+        let Some(job) = taken.hand_over() else {
+            continue;
+        };
+        match slot {
+            Ok(slot) if !dispatcher.tasks.is_closed() => {
+                let delivery = deliver(dispatcher.clone(), lane.clone(), job, permit, slot);
+                dispatcher.tasks.spawn(delivery);
+            }
+            Ok(_) => return,
+            Err(NoSlot::GaveUp) => {
+                let errors = vec![DEADLINE_WAITING.to_owned()];
+                dispatcher.bury(job, errors).await;
+            }
+            Err(NoSlot::Closed) => {
+                dispatcher.bury(job, vec![REMOVED.to_owned()]).await;
+                return;
+            }
         }
-        dispatcher
-            .tasks
-            .spawn(deliver(dispatcher.clone(), lane.clone(), job, permit));
     }
 }
 
-/// Delivers one job until it is answered, dead-lettered, or the conductor
-/// stops (then it stays in the store).
+const DEADLINE_WAITING: &str = "deadline passed while waiting for a replica";
+
+/// When the job's deadline falls on the runtime's clock.
+fn deadline_of(job: &StoredJob) -> Option<tokio::time::Instant> {
+    job.deadline_ms.map(|ms| {
+        let left = ms.saturating_sub(now_ms()).max(0) as u64;
+        tokio::time::Instant::now() + Duration::from_millis(left)
+    })
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Delivers one job, starting on `slot`, until it is answered,
+/// dead-lettered, or the conductor stops (then it stays in the store).
 async fn deliver(
     dispatcher: Arc<Dispatcher>,
     lane: Arc<Lane>,
     mut job: StoredJob,
     _permit: Permit,
+    slot: lane::Slot,
 ) {
     let bus = &dispatcher.bus;
     let trace = job
@@ -536,28 +572,29 @@ async fn deliver(
         .as_deref()
         .and_then(TraceParent::parse)
         .unwrap_or_else(|| TraceParent::new(random));
-    let deadline = job.deadline_ms.map(|ms| {
-        let left = ms.saturating_sub(now_ms()).max(0) as u64;
-        tokio::time::Instant::now() + Duration::from_millis(left)
-    });
+    let deadline = deadline_of(&job);
     let started = Instant::now();
     let mut errors = Vec::new();
-    let mut avoid = None;
+    let mut next = Some(slot);
+    // Where the last attempt failed: a retry goes elsewhere if it can.
+    let mut failed_on = None;
     loop {
-        let give_up = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        let slot = tokio::select! {
-            slot = lane.slot(avoid, give_up) => slot,
-            () = dispatcher.cancel.cancelled() => return,
+        let slot = match next.take() {
+            Some(slot) => Ok(slot),
+            None => tokio::select! {
+                slot = lane.slot(failed_on, sleep_until(deadline)) => slot,
+                () = dispatcher.cancel.cancelled() => return,
+            },
         };
         let slot = match slot {
+            // A slot free at the deadline still loses to it.
+            Ok(_) if deadline.is_some_and(|at| at <= tokio::time::Instant::now()) => {
+                errors.push(DEADLINE_WAITING.to_owned());
+                return dispatcher.bury(job, errors).await;
+            }
             Ok(slot) => slot,
             Err(NoSlot::GaveUp) => {
-                errors.push("deadline passed while waiting for a replica".to_owned());
+                errors.push(DEADLINE_WAITING.to_owned());
                 return dispatcher.bury(job, errors).await;
             }
             Err(NoSlot::Closed) => {
@@ -633,7 +670,7 @@ async fn deliver(
                     return dispatcher.bury(job, errors).await;
                 }
                 lane.publish(bus, JobEvent::Retried);
-                avoid = Some(replica);
+                failed_on = Some(replica);
                 let pause = retry::delay(&config, job.attempts, fastrand::f64());
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}

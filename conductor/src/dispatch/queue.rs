@@ -24,7 +24,41 @@ struct State {
     jobs: VecDeque<StoredJob>,
     /// Places promised to submissions being stored.
     reserved: usize,
+    /// Jobs taken off the front that wait for a replica: still queued.
+    taken: usize,
     closed: bool,
+}
+
+/// The job at the front, taken to wait for a replica. It still counts as
+/// queued until it is handed to a delivery; dropped unused, it goes back
+/// to the front.
+pub struct Taken<'a> {
+    queue: &'a Queue,
+    job: Option<StoredJob>,
+}
+
+impl Taken<'_> {
+    pub fn job(&self) -> Option<&StoredJob> {
+        self.job.as_ref()
+    }
+
+    /// The job leaves the queue.
+    pub fn hand_over(mut self) -> Option<StoredJob> {
+        self.queue.state().taken -= 1;
+        self.job.take()
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            let mut state = self.queue.state();
+            state.taken -= 1;
+            if !state.closed {
+                state.jobs.push_front(job);
+            }
+        }
+    }
 }
 
 /// A place in the queue, held while the job is being stored; given back
@@ -83,7 +117,7 @@ impl Queue {
     pub fn try_reserve(&self) -> Option<Reservation<'_>> {
         let mut state = self.state();
         let capacity = self.capacity.load(Ordering::Acquire);
-        if state.closed || state.jobs.len() + state.reserved >= capacity {
+        if state.closed || state.jobs.len() + state.reserved + state.taken >= capacity {
             return None;
         }
         state.reserved += 1;
@@ -108,7 +142,7 @@ impl Queue {
     }
 
     /// The next job; `None` once the queue is closed.
-    pub async fn pop(&self) -> Option<StoredJob> {
+    pub async fn pop(&self) -> Option<Taken<'_>> {
         loop {
             let ready = self.ready.notified();
             tokio::pin!(ready);
@@ -119,16 +153,21 @@ impl Queue {
                     return None;
                 }
                 if let Some(job) = state.jobs.pop_front() {
-                    return Some(job);
+                    state.taken += 1;
+                    return Some(Taken {
+                        queue: self,
+                        job: Some(job),
+                    });
                 }
             }
             ready.await;
         }
     }
 
-    /// Jobs waiting.
+    /// Jobs waiting, the one taken to wait for a replica included.
     pub fn len(&self) -> usize {
-        self.state().jobs.len()
+        let state = self.state();
+        state.jobs.len() + state.taken
     }
 
     /// Closes the queue and returns what was waiting in it.
@@ -180,7 +219,21 @@ mod tests {
             "held jobs go past the bound"
         );
         assert_eq!(queue.len(), 4);
-        assert_eq!(queue.pop().await.unwrap().id, "a");
+        let taken = queue.pop().await.unwrap();
+        assert_eq!(taken.job().map(|j| j.id.as_str()), Some("a"));
+        assert_eq!(queue.len(), 4, "taken, not yet handed over");
+        assert!(
+            queue.try_reserve().is_none(),
+            "still counts against the bound"
+        );
+        drop(taken);
+        let taken = queue.pop().await.unwrap();
+        assert_eq!(
+            taken.hand_over().map(|j| j.id),
+            Some("a".into()),
+            "back in front"
+        );
+        assert_eq!(queue.len(), 3);
         let left: Vec<String> = queue.close().into_iter().map(|j| j.id).collect();
         assert_eq!(left, ["c", "d", "held"]);
         assert!(late.fill(job("stored meanwhile")).is_err(), "handed back");
@@ -193,7 +246,7 @@ mod tests {
         let queue = std::sync::Arc::new(Queue::new(4));
         let waiter = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.pop().await.map(|j| j.id) }
+            async move { queue.pop().await.and_then(|t| t.hand_over()).map(|j| j.id) }
         });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
@@ -201,10 +254,10 @@ mod tests {
         assert_eq!(waiter.await.unwrap().as_deref(), Some("x"));
         let waiter = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.pop().await }
+            async move { queue.pop().await.is_none() }
         });
         tokio::task::yield_now().await;
         queue.close();
-        assert!(waiter.await.unwrap().is_none());
+        assert!(waiter.await.unwrap());
     }
 }
