@@ -220,7 +220,7 @@ def run_runit():
 
 def no_cgroup_extra():
     """`[conductor]` lines that run every instance without a cgroup."""
-    return 'cgroup_root = "cgroup.procs/none"\ncgroup_policy = "optional"'
+    return 'cgroup_policy = "off"'
 
 
 def run_conductor_grpc(cgroups, standby=False):

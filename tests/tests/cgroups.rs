@@ -295,6 +295,54 @@ fn without_usable_cgroups_required_refuses_and_optional_runs_unconfined() {
     assert_eq!(warning["plugin"], "limited");
 }
 
+#[test]
+fn cgroup_policy_off_confines_nothing_and_says_so_once() {
+    let conductor = Conductor::builder()
+        .conductor("cgroup_policy = \"off\"")
+        .start(&format!(
+            "{}{}",
+            plugin(
+                "limited",
+                "replicas = 2\n[plugins.limited.limits]\nmemory = \"64MiB\"\n"
+            ),
+            plugin("free", ""),
+        ));
+    let (_, a) = conductor.wait_serving(0, "limited", 0);
+    let (_, b) = conductor.wait_serving(0, "limited", 1);
+    let (_, c) = conductor.wait_serving(0, "free", 0);
+    let root = conductor.cgroup_root().to_owned();
+    for pid in [a, b, c] {
+        let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert!(
+            !membership.contains(&root),
+            "{pid} is confined: {membership}"
+        );
+    }
+    assert!(cgroup_dirs(&root).is_empty(), "no cgroup was made");
+    let said: Vec<_> = conductor
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cgroup_policy = \"off\""))
+        })
+        .collect();
+    assert_eq!(said.len(), 1, "said once: {said:?}");
+    assert_eq!(said[0]["unenforced"], "[\"limited\"]");
+    assert!(
+        !conductor
+            .events()
+            .iter()
+            .any(|e| e["level"] == "WARN"
+                && e["message"].as_str().is_some_and(|m| m.contains("LIMITS"))),
+        "no warning per instance"
+    );
+    let status = conductor.cli(&["status", "limited", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status[0]["instances"][0]["confined"], false);
+}
+
 /// The v2 code path on this v1 host: in a private mount namespace, the
 /// controller-less cgroup2 hierarchy at `unified/` is bind-mounted over
 /// `/sys/fs/cgroup`, so detection reports v2, instances join v2 cgroups and
