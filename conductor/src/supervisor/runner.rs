@@ -26,7 +26,7 @@ use super::report;
 use crate::events::{Bus, CheckOutcome, Event as Published, InstanceEvent, Phase};
 use crate::process::cgroup::{Cgroup, Usage};
 use crate::process::output::{self, Origin};
-use crate::process::{SpawnSpec, Spawner, signal_group};
+use crate::process::{SpawnError, SpawnSpec, Spawner, signal_group};
 use crate::rpc::HealthError;
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
 
@@ -182,6 +182,59 @@ pub async fn run(
     .await
 }
 
+/// What the runner waits for besides the process, and how it is leaving.
+struct Waits {
+    /// SERVING, then `Describe`, while starting.
+    probe: Pending<(PluginConnection, u32)>,
+    /// A periodic health check in flight.
+    check: Pending<(Result<(), HealthError>, Duration)>,
+    /// `Shutdown`, then SIGTERM, while stopping.
+    terminate: Pending<()>,
+    /// The next process, being prepared in the cgroup (a stand-in).
+    preparing: Pending<Result<Child, SpawnError>>,
+    check_interval: Duration,
+    check_tick: tokio::time::Interval,
+    usage_tick: tokio::time::Interval,
+    /// `health = "none"`: no gRPC, so no probe and no checks.
+    plain: bool,
+    /// The instance stops for good once it is down.
+    shutting_down: bool,
+    /// The pool still holds the command channel.
+    commands_open: bool,
+}
+
+impl Waits {
+    fn new(spec: &InstanceSpec) -> Self {
+        let check_interval = spec.config.health.config().interval;
+        Self {
+            probe: None,
+            check: None,
+            terminate: None,
+            preparing: None,
+            check_interval,
+            check_tick: aligned_interval(check_interval),
+            usage_tick: aligned_interval(spec.usage_interval),
+            plain: spec.config.health.is_none(),
+            shutting_down: false,
+            commands_open: true,
+        }
+    }
+}
+
+/// Why the runner woke up.
+enum Wake {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Ready(PluginConnection, u32),
+    Checked(Result<(), HealthError>, Duration),
+    Terminated,
+    Prepared(Result<Child, SpawnError>),
+    Deadline,
+    CheckDue,
+    UsageDue,
+    Command(Option<Command>),
+    Cancelled,
+}
+
 struct Runner {
     spec: InstanceSpec,
     machine: Instance,
@@ -208,150 +261,198 @@ struct Runner {
 }
 
 impl Runner {
+    /// The runner's loop: arrange what to wait for in the current state,
+    /// wait for the first thing to happen, turn it into a machine event
+    /// (or handle it on the side), step the machine, carry out its actions.
     async fn drive(&mut self, commands: &mut mpsc::Receiver<Command>, cancel: &CancellationToken) {
-        let health = self.spec.config.health.config();
-        let plain = self.spec.config.health.is_none();
-        let mut tick = aligned_interval(health.interval);
-        let mut usage_tick = aligned_interval(self.spec.usage_interval);
-        let mut probe: Pending<(PluginConnection, u32)> = None;
-        let mut check: Pending<(Result<(), HealthError>, Duration)> = None;
-        let mut terminate: Pending<()> = None;
-        let mut preparing: Pending<Result<Child, crate::process::SpawnError>> = None;
-        let mut shutting_down = false;
-        let mut commands_open = true;
+        let mut waits = Waits::new(&self.spec);
         if self.spec.config.restart.standby && self.spec.cgroup.is_some() {
             self.standby_exe = std::env::current_exe().ok();
         }
-
         self.apply(Event::StartRequested).await;
-        loop {
-            if shutting_down
-                && matches!(self.machine.state(), State::Stopped | State::Failed { .. })
-            {
-                break;
-            }
-            if self.machine.awaits_readiness() && probe.is_none() && !plain {
-                probe = Some(Box::pin(ready(
-                    self.spec.socket.clone(),
-                    self.spec.config.startup_timeout,
-                )));
-            }
-            if !self.machine.awaits_readiness() {
-                probe = None;
-            }
-            if !self.machine.checks_health() {
-                check = None;
-            }
-            // The next process is prepared while this one serves, so the
-            // cgroup join is paid off the restart's path.
-            if let Some(exe) = &self.standby_exe
-                && self.standby.is_none()
-                && preparing.is_none()
-                && !shutting_down
-                && matches!(self.machine.state(), State::Serving { .. })
-            {
-                let spawner = self.spawner.clone();
-                let spec = self.spec.spawn.standby(exe.clone());
-                preparing = Some(Box::pin(async move { spawner.spawn(spec).await }));
-            }
-            let deadline = self.machine.deadline();
-            let event = tokio::select! {
-                exit = wait_exit(&mut self.child) => {
-                    self.child = None;
-                    // Helpers the plugin forked into its group die with it.
-                    if let Some(pid) = self.machine.pid() {
-                        signal_group(pid, Signal::SIGKILL);
-                    }
-                    self.connection = None;
-                    terminate = None;
-                    let reason = match exit {
-                        Ok(status) => self.exit_reason(status),
-                        Err(error) => ExitReason::SpawnFailed(format!("wait failed: {error}")),
-                    };
-                    // Whatever escaped the process group (a double-forked
-                    // daemon) dies before a successor starts.
-                    self.empty_cgroup().await;
-                    Event::Exited { reason }
-                }
-                (connection, protocol_version) = maybe(&mut probe) => {
-                    probe = None;
-                    self.connection = Some(connection);
-                    // The first periodic check comes an interval after ready.
-                    tick = aligned_interval(health.interval);
-                    Event::Ready { protocol_version }
-                }
-                (result, took) = maybe(&mut check) => {
-                    check = None;
-                    let outcome = match &result {
-                        Ok(()) => CheckOutcome::Serving,
-                        Err(HealthError::NotServing(_)) => CheckOutcome::NotServing,
-                        Err(HealthError::Timeout(_)) => CheckOutcome::Timeout,
-                        Err(HealthError::Rpc(_)) => CheckOutcome::Error,
-                    };
-                    self.publish_event(self.machine.pid(), InstanceEvent::HealthChecked { outcome, took });
-                    match result {
-                        Ok(()) => Event::HealthPassed,
-                        Err(why) => Event::HealthFailed { why: why.to_string() },
-                    }
-                }
-                () = maybe(&mut terminate) => {
-                    terminate = None;
-                    continue;
-                }
-                prepared = maybe(&mut preparing) => {
-                    preparing = None;
-                    match prepared {
-                        Ok(standby) => {
-                            tracing::debug!(pid = standby.id(), "stand-in ready");
-                            self.standby = Some(standby);
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "cannot start a stand-in; restarts will fork as usual");
-                            self.standby_exe = None;
-                        }
-                    }
-                    continue;
-                }
-                () = sleep_until(deadline) => Event::Deadline,
-                _ = tick.tick(), if self.machine.checks_health() && check.is_none() && !plain => {
-                    if let Some(connection) = self.connection.clone() {
-                        let service = self.spec.plugin.to_string();
-                        let timeout = health.timeout;
-                        check = Some(Box::pin(async move {
-                            let started = Instant::now();
-                            let result = connection.check(&service, timeout).await;
-                            (result, started.elapsed())
-                        }));
-                    }
-                    continue;
-                }
-                _ = usage_tick.tick(), if self.spec.cgroup.is_some() => {
-                    self.sample_usage();
-                    continue;
-                }
-                command = commands.recv(), if commands_open => match command {
-                    Some(Command::Start) => Event::StartRequested,
-                    Some(Command::Stop) => Event::StopRequested,
-                    Some(Command::Restart) => Event::RestartRequested,
-                    // The pool is gone: nobody can start us again, so stop.
-                    None => {
-                        commands_open = false;
-                        shutting_down = true;
-                        Event::StopRequested
-                    }
-                },
-                () = cancel.cancelled(), if !shutting_down => {
-                    shutting_down = true;
-                    Event::StopRequested
-                }
+        while !(waits.shutting_down && self.machine.state().phase().is_down()) {
+            self.arrange(&mut waits);
+            let wake = self.wait(&mut waits, commands, cancel).await;
+            let Some(event) = self.on(wake, &mut waits).await else {
+                continue;
             };
             for action in self.apply(event).await {
                 if let Some(future) = self.execute(action) {
-                    terminate = Some(future);
+                    waits.terminate = Some(future);
                 }
             }
         }
-        if let Some(prepared) = preparing.take()
+        self.wind_down(waits).await;
+    }
+
+    /// Starts or drops what the current state waits for: the readiness
+    /// probe while starting, health checks while live, a stand-in while
+    /// serving (so the next process pays the cgroup join off the restart's
+    /// path).
+    fn arrange(&mut self, waits: &mut Waits) {
+        let plain = self.spec.config.health.is_none();
+        if !self.machine.awaits_readiness() {
+            waits.probe = None;
+        } else if waits.probe.is_none() && !plain {
+            waits.probe = Some(Box::pin(ready(
+                self.spec.socket.clone(),
+                self.spec.config.startup_timeout,
+            )));
+        }
+        if !self.machine.checks_health() {
+            waits.check = None;
+        }
+        if let Some(exe) = &self.standby_exe
+            && self.standby.is_none()
+            && waits.preparing.is_none()
+            && !waits.shutting_down
+            && matches!(self.machine.state(), State::Serving { .. })
+        {
+            let spawner = self.spawner.clone();
+            let spec = self.spec.spawn.standby(exe.clone());
+            waits.preparing = Some(Box::pin(async move { spawner.spawn(spec).await }));
+        }
+    }
+
+    /// The first thing to happen, of everything the runner waits for.
+    async fn wait(
+        &mut self,
+        waits: &mut Waits,
+        commands: &mut mpsc::Receiver<Command>,
+        cancel: &CancellationToken,
+    ) -> Wake {
+        let deadline = self.machine.deadline();
+        let checks = self.machine.checks_health() && waits.check.is_none() && !waits.plain;
+        tokio::select! {
+            exit = wait_exit(&mut self.child) => Wake::Exited(exit),
+            (connection, version) = maybe(&mut waits.probe) => Wake::Ready(connection, version),
+            (result, took) = maybe(&mut waits.check) => Wake::Checked(result, took),
+            () = maybe(&mut waits.terminate) => Wake::Terminated,
+            prepared = maybe(&mut waits.preparing) => Wake::Prepared(prepared),
+            () = sleep_until(deadline) => Wake::Deadline,
+            _ = waits.check_tick.tick(), if checks => Wake::CheckDue,
+            _ = waits.usage_tick.tick(), if self.spec.cgroup.is_some() => Wake::UsageDue,
+            command = commands.recv(), if waits.commands_open => Wake::Command(command),
+            () = cancel.cancelled(), if !waits.shutting_down => Wake::Cancelled,
+        }
+    }
+
+    /// What a wake-up means to the machine, if anything.
+    async fn on(&mut self, wake: Wake, waits: &mut Waits) -> Option<Event> {
+        match wake {
+            Wake::Exited(exit) => {
+                waits.terminate = None;
+                Some(self.on_exit(exit).await)
+            }
+            Wake::Ready(connection, protocol_version) => {
+                waits.probe = None;
+                self.connection = Some(connection);
+                // The first periodic check comes an interval after ready.
+                waits.check_tick = aligned_interval(waits.check_interval);
+                Some(Event::Ready { protocol_version })
+            }
+            Wake::Checked(result, took) => {
+                waits.check = None;
+                Some(self.on_check(result, took))
+            }
+            Wake::Terminated => {
+                waits.terminate = None;
+                None
+            }
+            Wake::Prepared(prepared) => {
+                waits.preparing = None;
+                self.on_prepared(prepared);
+                None
+            }
+            Wake::Deadline => Some(Event::Deadline),
+            Wake::CheckDue => {
+                waits.check = self.check();
+                None
+            }
+            Wake::UsageDue => {
+                self.sample_usage();
+                None
+            }
+            Wake::Command(Some(Command::Start)) => Some(Event::StartRequested),
+            Wake::Command(Some(Command::Stop)) => Some(Event::StopRequested),
+            Wake::Command(Some(Command::Restart)) => Some(Event::RestartRequested),
+            // The pool is gone: nobody can start us again, so stop.
+            Wake::Command(None) => {
+                waits.commands_open = false;
+                waits.shutting_down = true;
+                Some(Event::StopRequested)
+            }
+            Wake::Cancelled => {
+                waits.shutting_down = true;
+                Some(Event::StopRequested)
+            }
+        }
+    }
+
+    async fn on_exit(&mut self, exit: std::io::Result<std::process::ExitStatus>) -> Event {
+        self.child = None;
+        // Helpers the plugin forked into its group die with it.
+        if let Some(pid) = self.machine.pid() {
+            signal_group(pid, Signal::SIGKILL);
+        }
+        self.connection = None;
+        let reason = match exit {
+            Ok(status) => self.exit_reason(status),
+            Err(error) => ExitReason::SpawnFailed(format!("wait failed: {error}")),
+        };
+        // Whatever escaped the process group (a double-forked daemon) dies
+        // before a successor starts.
+        self.empty_cgroup().await;
+        Event::Exited { reason }
+    }
+
+    fn on_check(&mut self, result: Result<(), HealthError>, took: Duration) -> Event {
+        let outcome = match &result {
+            Ok(()) => CheckOutcome::Serving,
+            Err(HealthError::NotServing(_)) => CheckOutcome::NotServing,
+            Err(HealthError::Timeout(_)) => CheckOutcome::Timeout,
+            Err(HealthError::Rpc(_)) => CheckOutcome::Error,
+        };
+        self.publish_event(
+            self.machine.pid(),
+            InstanceEvent::HealthChecked { outcome, took },
+        );
+        match result {
+            Ok(()) => Event::HealthPassed,
+            Err(why) => Event::HealthFailed {
+                why: why.to_string(),
+            },
+        }
+    }
+
+    /// One health check, timed, on the live connection.
+    fn check(&self) -> Pending<(Result<(), HealthError>, Duration)> {
+        let connection = self.connection.clone()?;
+        let service = self.spec.plugin.to_string();
+        let timeout = self.spec.config.health.config().timeout;
+        Some(Box::pin(async move {
+            let started = Instant::now();
+            let result = connection.check(&service, timeout).await;
+            (result, started.elapsed())
+        }))
+    }
+
+    fn on_prepared(&mut self, prepared: Result<Child, SpawnError>) {
+        match prepared {
+            Ok(standby) => {
+                tracing::debug!(pid = standby.id(), "stand-in ready");
+                self.standby = Some(standby);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot start a stand-in; restarts will fork as usual");
+                self.standby_exe = None;
+            }
+        }
+    }
+
+    /// After the last stop: no stand-in, no output left unlogged, no cgroup.
+    async fn wind_down(&mut self, mut waits: Waits) {
+        if let Some(prepared) = waits.preparing.take()
             && let Ok(standby) = prepared.await
         {
             self.standby = Some(standby);
