@@ -587,6 +587,15 @@ pub fn journal(path: &Path) -> Vec<(String, u32, String)> {
         .collect()
 }
 
+/// Ids an echo `--journal` shows answered.
+pub fn journal_completed(path: &Path) -> std::collections::BTreeSet<String> {
+    journal(path)
+        .into_iter()
+        .filter(|(_, _, outcome)| outcome == "ok")
+        .map(|(id, _, _)| id)
+        .collect()
+}
+
 /// Live processes whose process group is `pgid`.
 pub fn group_members(pgid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use demi_e2e::grpc::{self, admin_pb as pb};
-use demi_e2e::{Conductor, WAIT, alive, journal, rss_kib};
+use demi_e2e::{Conductor, alive, journal, journal_completed, rss_kib};
 use nix::sys::signal::Signal;
 use tonic::Code;
 
@@ -131,22 +131,10 @@ fn permanent_failures_are_dead_lettered_survive_a_restart_and_replay_after_a_fix
     );
     let replay = conductor.cli(&["dlq", "replay", "--all"]);
     assert!(String::from_utf8_lossy(&replay.stdout).contains("replayed 5 jobs"));
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let done: BTreeSet<String> = journal(journal_file.path())
-            .into_iter()
-            .filter(|(_, _, outcome)| outcome == "ok")
-            .map(|(id, _, _)| id)
-            .collect();
-        if ids.iter().all(|id| done.contains(id)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replayed jobs did not complete: {done:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    demi_e2e::eventually("the replayed jobs to complete", || {
+        let done = journal_completed(journal_file.path());
+        ids.iter().all(|id| done.contains(id))
+    });
     let listed = conductor.cli(&["dlq", "list"]);
     assert!(
         listed.stdout.is_empty(),
@@ -247,23 +235,10 @@ fn a_sigkilled_conductor_delivers_every_accepted_job_after_its_restart() {
         requeued["jobs"]
     );
 
-    let deadline = Instant::now() + WAIT * 2;
-    loop {
-        let done: BTreeSet<String> = journal(journal_file.path())
-            .into_iter()
-            .filter(|(_, _, o)| o == "ok")
-            .map(|(id, _, _)| id)
-            .collect();
-        let missing = ids.iter().filter(|id| !done.contains(*id)).count();
-        if missing == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{missing} accepted jobs never completed"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    demi_e2e::eventually("every accepted job to complete", || {
+        let done = journal_completed(journal_file.path());
+        ids.iter().all(|id| done.contains(id))
+    });
     let listed = conductor.cli(&["dlq", "list"]);
     assert!(listed.stdout.is_empty());
 }
@@ -528,8 +503,6 @@ fn submit_and_wait_with_every_replica_stopped_answers_unavailable_and_the_job_wa
     assert!(conductor.cli(&["start", "worker"]).status.success());
     conductor.wait_serving(cursor, "worker", 0);
     demi_e2e::eventually("the queued job to complete", || {
-        journal(journal_file.path())
-            .iter()
-            .any(|(done, _, outcome)| *done == id && outcome == "ok")
+        journal_completed(journal_file.path()).contains(&id)
     });
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use demi_e2e::grpc::{self, admin_pb as pb};
-use demi_e2e::{Conductor, eventually, journal};
+use demi_e2e::{Conductor, eventually, journal_completed};
 use serde_json::Value;
 use tonic::Code;
 
@@ -163,12 +163,7 @@ fn a_removed_plugins_queued_jobs_are_dead_lettered_and_replay_once_it_is_back() 
     let replayed = ok(conductor.cli(&["dlq", "replay", "--all"]));
     assert!(replayed.contains("replayed 100 jobs"), "{replayed}");
     eventually("every replayed job to complete", || {
-        let done: BTreeSet<String> = journal(journal_file.path())
-            .into_iter()
-            .filter(|(_, _, outcome)| outcome == "ok")
-            .map(|(id, _, _)| id)
-            .collect();
-        ids.is_subset(&done)
+        ids.is_subset(&journal_completed(journal_file.path()))
     });
     assert_eq!(ok(conductor.cli(&["dlq", "list"])), "");
 }

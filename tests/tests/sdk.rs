@@ -29,6 +29,33 @@ fn start_echo(socket: &Path, args: &[&str]) -> Child {
     child
 }
 
+/// Starts echo announcing every job it starts; the lines arrive on the
+/// returned channel.
+fn start_echo_announcing(
+    socket: &Path,
+    args: &[&str],
+) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let mut command = Command::new(bin("demi-plugin-echo"));
+    handshake_env(&mut command, socket);
+    let mut child = command
+        .args(args)
+        .arg("--announce-jobs")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    wait_serving(socket);
+    (child, rx)
+}
+
 fn wait_serving(socket: &Path) {
     let deadline = Instant::now() + WAIT;
     let rt = grpc::runtime();
@@ -103,7 +130,7 @@ fn sigterm_drains_and_removes_the_socket() {
 fn shutdown_finishes_in_flight_jobs_refuses_new_ones_and_exits() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("echo.sock");
-    let mut echo = start_echo(&socket, &["--delay", "400ms"]);
+    let (mut echo, mut announced) = start_echo_announcing(&socket, &["--delay", "400ms"]);
     let rt = grpc::runtime();
     rt.block_on(async {
         let channel = grpc::connect(&socket).await;
@@ -118,7 +145,17 @@ fn shutdown_finishes_in_flight_jobs_refuses_new_ones_and_exits() {
             })
             .await
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Shutdown only once the slow job is in the plugin's hands.
+        let started = tokio::time::timeout(WAIT, async {
+            while let Some(line) = announced.recv().await {
+                if line.contains("job started") && line.contains("\"slow\"") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(started, Ok(true), "the slow job never started");
         client
             .shutdown(pb::ShutdownRequest {
                 grace: Some(prost_types_duration(Duration::from_secs(5))),

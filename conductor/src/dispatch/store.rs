@@ -12,7 +12,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension as _, params};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// Operations written in one transaction, at most.
 const BATCH: usize = 4096;
@@ -97,6 +97,16 @@ enum Op {
 #[derive(Clone)]
 pub struct Store {
     ops: std_mpsc::Sender<Op>,
+    progress: watch::Receiver<Progress>,
+}
+
+/// How far the writer is, for whoever must know a write is on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Transactions committed so far.
+    pub commits: u64,
+    /// Attempt counts waiting for the next transaction.
+    pub held: usize,
 }
 
 impl Store {
@@ -111,6 +121,7 @@ impl Store {
         // survives any crash of the conductor (not of the machine's power).
         connection.execute_batch(SCHEMA).map_err(error)?;
         let (ops, rx) = std_mpsc::channel();
+        let (progress, watched) = watch::channel(Progress::default());
         let owned = path.to_owned();
         std::thread::Builder::new()
             .name("demi-store".into())
@@ -119,6 +130,7 @@ impl Store {
                     db: connection,
                     path: owned,
                     held: HashMap::new(),
+                    progress,
                 }
                 .run(rx)
             })
@@ -126,7 +138,14 @@ impl Store {
                 path: path.to_owned(),
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
-        Ok(Self { ops })
+        Ok(Self {
+            ops,
+            progress: watched,
+        })
+    }
+
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
     }
 
     async fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
@@ -227,6 +246,7 @@ struct Writer {
     path: PathBuf,
     /// Attempt counts from the last transaction, not written yet.
     held: HashMap<String, u32>,
+    progress: watch::Sender<Progress>,
 }
 
 /// Replies held until the batch's commit.
@@ -351,6 +371,11 @@ impl Writer {
                 .and_then(|mut s| s.execute(params![attempts, id]));
         }
         let committed = tx.commit().map_err(|e| self.error(e));
+        let held = self.held.len();
+        self.progress.send_modify(|p| {
+            p.commits += 1;
+            p.held = held;
+        });
         for item in done {
             match item {
                 Done::Accept(reply, result) => {
@@ -563,9 +588,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("jobs.db")).unwrap();
         store.accept(job("a", None)).await.unwrap();
+        let mut progress = store.progress();
+        let before = progress.borrow_and_update().commits;
         store.attempt("a", 3);
-        tokio::time::sleep(HOLD_ATTEMPTS * 4).await;
-        // No flush: the read sees what the quiet writer wrote by itself.
+        // The count is held by one transaction and written by the next,
+        // which the quiet writer makes by itself.
+        let written = tokio::time::timeout(
+            Duration::from_secs(30),
+            progress.wait_for(|p| p.commits > before && p.held == 0),
+        )
+        .await;
+        assert!(matches!(written, Ok(Ok(_))), "never written");
+        // No flush: the read sees what the quiet writer wrote.
         assert_eq!(store.pending().await.unwrap()[0].attempts, 3);
     }
 

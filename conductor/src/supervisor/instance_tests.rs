@@ -258,6 +258,13 @@ fn never_restart_codes_fail_at_once() {
         }
     );
     assert!(i.state().to_string() == "failed");
+    // Failed is final: it waits for no deadline and checks nothing, so
+    // only an operator's start can move it.
+    assert_eq!(i.deadline(), None);
+    assert!(!i.checks_health() && !i.awaits_readiness());
+    let before = i.state().clone();
+    assert!(i.step(Event::Deadline, t0, 0.5).is_err());
+    assert_eq!(i.state(), &before);
     // Even while still starting.
     let mut i = instance_with(config());
     drive(

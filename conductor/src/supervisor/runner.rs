@@ -763,3 +763,44 @@ fn exit_reason(status: std::process::ExitStatus) -> ExitReason {
         (None, None) => ExitReason::Code(-1),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One check per interval per instance, whatever else the runtime
+    /// does: ticks come a period apart, start a period from now (on the
+    /// grid), and one missed while the runner was busy is skipped, not
+    /// made up for with a burst.
+    #[tokio::test(start_paused = true)]
+    async fn periodic_work_ticks_once_per_period_and_skips_what_it_missed() {
+        let period = Duration::from_millis(200);
+        let start = tokio::time::Instant::now();
+        let mut ticks = aligned_interval(period);
+        let mut at = Vec::new();
+        for _ in 0..5 {
+            ticks.tick().await;
+            at.push(start.elapsed());
+        }
+        let grid = TICK_GRID.min(period / 10);
+        assert!(
+            at[0] >= period && at[0] <= period + grid + Duration::from_millis(5),
+            "{at:?}"
+        );
+        for pair in at.windows(2) {
+            assert_eq!(pair[1] - pair[0], period, "{at:?}");
+        }
+        // Busy for two and a half periods: one late tick, then the grid.
+        tokio::time::advance(period * 5 / 2).await;
+        ticks.tick().await;
+        let late = start.elapsed();
+        ticks.tick().await;
+        let next = start.elapsed();
+        assert!(next > late, "no burst of missed ticks");
+        assert_eq!(
+            (next - at[0]).as_nanos() % period.as_nanos(),
+            0,
+            "back on the grid"
+        );
+    }
+}

@@ -75,6 +75,12 @@ impl Recorder {
                 }
             }
             InstanceEvent::HealthChecked { outcome, took } => {
+                tracing::trace!(
+                    pid,
+                    outcome = check_label(*outcome),
+                    took_us = took.as_micros() as u64,
+                    "health checked"
+                );
                 // The seed's series names: `platform`, not `plugin`.
                 let platform = KeyValue::new("platform", plugin.clone());
                 metrics.health_checks.add(

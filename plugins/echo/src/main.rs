@@ -57,6 +57,10 @@ struct Args {
     /// Kind of job that never answers (the call hangs until cancelled).
     #[arg(long, env = "ECHO_HANG_KIND")]
     hang_kind: Option<String>,
+    /// Print a line on stdout as each job starts, for tests that must act
+    /// while a job is in flight.
+    #[arg(long, env = "ECHO_ANNOUNCE_JOBS")]
+    announce_jobs: bool,
     /// Claim this protocol version in Describe, whatever was negotiated.
     #[arg(long, env = "ECHO_CLAIM_PROTOCOL")]
     claim_protocol: Option<u32>,
@@ -70,6 +74,7 @@ struct Echo {
     fail_retryable: f64,
     fail_permanent: f64,
     crash_after: Option<u64>,
+    announce_jobs: bool,
     handled: AtomicU64,
 }
 
@@ -79,6 +84,9 @@ impl Plugin for Echo {
     }
 
     async fn handle(&self, job: Job) -> Outcome {
+        if self.announce_jobs {
+            log("job started", &format!("\"job\":\"{}\"", job.id));
+        }
         let n = self.handled.fetch_add(1, Ordering::Relaxed) + 1;
         if self.crash_after.is_some_and(|limit| n >= limit) {
             log("crashing on purpose", &format!("\"jobs\":{n}"));
@@ -211,6 +219,7 @@ fn main() -> ExitCode {
         fail_retryable: args.fail_retryable,
         fail_permanent: args.fail_permanent,
         crash_after: args.crash_after,
+        announce_jobs: args.announce_jobs,
         handled: AtomicU64::new(0),
     };
     match runtime.block_on(serve_with(echo, handshake)) {
