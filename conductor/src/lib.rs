@@ -1,8 +1,15 @@
 //! Demi Conductor: a process-per-plugin supervisor that speaks gRPC.
 //!
-//! Data flows one way: [`config`] → [`supervisor`] (pool → instance state
-//! machine) → [`process`] (spawn, output) → [`rpc`]; [`telemetry`] reports
-//! along the way and [`daemon`] ties it together.
+//! Every arrow points one way (README, Layout; `tests/architecture.rs`
+//! holds the code to it). At the bottom, [`events`] (the domain's events
+//! and their bus), [`layout`], [`backoff`], [`process`] and [`rpc`] use
+//! nothing above them. Each component's settings live beside it and
+//! [`config`] only loads and assembles them. [`supervisor`] (pool →
+//! instance state machine) uses `process` and `rpc`; [`dispatch`] sees
+//! instances through phase events and a narrow view; [`scaler`] decides
+//! purely and acts through a narrow lever; [`telemetry`] consumes events
+//! and snapshots; [`api`] serves operators; [`daemon`] builds and wires
+//! them all and applies reloads.
 
 pub mod api;
 pub mod backoff;

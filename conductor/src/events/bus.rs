@@ -72,7 +72,7 @@ impl Bus {
     }
 
     /// Lifecycle events from now on. A subscriber that falls more than
-    /// [`STREAM_CAPACITY`] behind loses the oldest and is told how many.
+    /// 4096 events behind loses the oldest and is told how many.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Stamped>> {
         self.0.stream.subscribe()
     }
