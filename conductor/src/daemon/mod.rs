@@ -133,162 +133,233 @@ async fn open_cgroups(config: &Config) -> Result<Cgroups, DaemonError> {
 pub async fn run(prepared: Prepared) -> Result<(), DaemonError> {
     let Prepared { config, plan } = prepared;
     let runtime_dir = RuntimeDir::prepare(&Layout::new(&config.conductor.runtime_dir))?;
-    let layout = runtime_dir.layout().clone();
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
-    let spawner =
-        Arc::new(Spawner::start(tokio::runtime::Handle::current()).map_err(DaemonError::Spawner)?);
-    let cgroups = Arc::new(open_cgroups(&config).await?);
-    let metrics = Metrics::new()?;
-    // Every event is logged and counted where it happens.
-    let bus = Bus::new(vec![Arc::new(Recorder::new(metrics.clone()))]);
-    let cancel = CancellationToken::new();
-    let context = PoolContext {
-        layout: layout.clone(),
-        spawner: spawner.clone(),
-        cgroups: cgroups.clone(),
-        cgroup_policy: config.conductor.cgroup_policy,
-        usage_interval: config.conductor.usage_interval,
-        bus: bus.clone(),
-        cancel: cancel.clone(),
-    };
-    for warning in &config.warnings {
-        tracing::warn!(%warning, "plugin manifest skipped");
-    }
-    let instances: u32 = plan.pools.values().map(|p| p.replicas).sum();
-    tracing::info!(
-        config = %config.file.display(),
-        plugins = config.plugins.len(),
-        instances,
-        runtime_dir = %layout.root().display(),
-        "conductor starting"
-    );
-    let api_config = config.conductor.api.clone();
-    let state_dir = config.conductor.state_dir.clone();
-    let metrics_config = config.conductor.metrics.clone();
-    let (health, health_service) = tonic_health::server::health_reporter();
-    // Before the pools start: the scaler measures their first starts, and
-    // health aggregation misses no change.
-    let scaler_events = bus.subscribe();
-    let health_events = bus.subscribe();
-    let supervisor = Supervisor::start(plan.pools, context);
-    let store = open_store(&state_dir)?;
-    let dispatch_cancel = CancellationToken::new();
-    let dispatcher = Dispatcher::start(
-        store.clone(),
-        plan.lanes,
-        Arc::new(wiring::Serving(supervisor.clone())),
-        layout.clone(),
-        bus.clone(),
-        dispatch_cancel.clone(),
-    )
-    .await?;
-    let scaler_cancel = CancellationToken::new();
-    let scaler = Scaler::start(
-        plan.scalers,
-        Arc::new(wiring::Load {
-            dispatcher: dispatcher.clone(),
-            supervisor: supervisor.clone(),
-        }),
-        Arc::new(wiring::Pools(supervisor.clone())),
-        bus.clone(),
-        scaler_events,
-        scaler_cancel.clone(),
-    );
-    metrics.observe(Arc::new(wiring::Scrape::new(
-        &supervisor,
-        &dispatcher,
-        &scaler,
-    )));
-    let reloader = Arc::new(Reloader::new(
-        config,
-        supervisor.clone(),
-        dispatcher.clone(),
-        scaler.clone(),
-        bus.clone(),
-    ));
-    let api_shutdown = CancellationToken::new();
-    let aggregation = tokio::spawn(api::health::aggregate(
-        supervisor.clone(),
-        health_events,
-        health.clone(),
-        api_shutdown.clone(),
-    ));
-    let metrics_endpoint = if metrics_config.enabled {
-        let (addr, task) =
-            metrics::serve(metrics.clone(), metrics_config.listen, api_shutdown.clone())
-                .await
-                .map_err(|source| DaemonError::Metrics {
-                    addr: metrics_config.listen,
-                    source,
-                })?;
-        tracing::info!(%addr, "metrics listening on http://{addr}/metrics");
-        Some(task)
-    } else {
-        None
-    };
-    let parts = api::Parts {
-        supervisor: supervisor.clone(),
-        dispatcher: dispatcher.clone(),
-        scaler: scaler.clone(),
-        control: reloader.clone(),
-    };
-    let mut api = api::serve(
-        parts,
-        health_service,
-        &layout.conductor_socket(),
-        &api_config,
-        api_shutdown.clone(),
-    )
-    .await?;
-
-    let signal = loop {
-        tokio::select! {
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
-            _ = sighup.recv() => match reloader.reload().await {
-                Ok(diff) => tracing::info!(?diff, "reloaded on SIGHUP"),
-                Err(error) => tracing::error!(%error, "SIGHUP reload refused"),
-            },
-        }
-    };
+    let mut signals = Signals::install()?;
+    let daemon = Daemon::start(config, plan, runtime_dir.layout().clone()).await?;
+    let signal = signals.until_stop(&daemon.reloader).await;
     tracing::info!(signal, "stopping every instance");
-    // No scaling decisions while everything stops.
-    scaler_cancel.cancel();
-    scaler.wait().await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    // Jobs in flight get a moment to finish; the rest stay in the store
-    // and are delivered again at the next start.
-    dispatcher.stop(DISPATCH_DRAIN).await;
-    dispatch_cancel.cancel();
-    if let Err(error) = store.flush().await {
-        tracing::error!(%error, "cannot flush the job store");
-    }
-    cancel.cancel();
-    supervisor.wait().await;
-    // The API outlives the instances, so watchers see them stop.
-    api_shutdown.cancel();
-    let _ = aggregation.await;
-    let drained = tokio::time::timeout(API_DRAIN, async {
-        while api.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        api.abort_all();
-    }
-    if let Some(task) = metrics_endpoint {
-        let _ = tokio::time::timeout(API_DRAIN, task).await;
-    }
-    metrics.shutdown();
-    // Only now may the spawner threads end: their exit fires the death signal
-    // of every child they forked.
-    drop(spawner);
-    let _ = tokio::task::spawn_blocking(move || cgroups.remove_root()).await;
+    daemon.stop().await;
     tracing::info!("conductor stopped");
     Ok(())
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, DaemonError> {
+        let install = |kind, name| signal(kind).map_err(|e| DaemonError::Signal(name, e));
+        Ok(Self {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            hup: install(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    /// Reloads on every SIGHUP; returns the signal that asks to stop.
+    async fn until_stop(&mut self, reloader: &Reloader) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => match reloader.reload().await {
+                    Ok(diff) => tracing::info!(?diff, "reloaded on SIGHUP"),
+                    Err(error) => tracing::error!(%error, "SIGHUP reload refused"),
+                },
+            }
+        }
+    }
+}
+
+/// Every running part, with what stops each, in the order it stops.
+struct Daemon {
+    spawner: Arc<Spawner>,
+    cgroups: Arc<Cgroups>,
+    metrics: Arc<Metrics>,
+    store: Store,
+    supervisor: Arc<Supervisor>,
+    dispatcher: Arc<Dispatcher>,
+    scaler: Arc<Scaler>,
+    reloader: Arc<Reloader>,
+    health: tonic_health::server::HealthReporter,
+    /// Fires on shutdown; every instance token is a child of it.
+    instances: CancellationToken,
+    dispatching: CancellationToken,
+    scaling: CancellationToken,
+    /// The API, the metrics endpoint and health aggregation.
+    serving: CancellationToken,
+    api: tokio::task::JoinSet<()>,
+    aggregation: tokio::task::JoinHandle<()>,
+    metrics_endpoint: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Builds every component from `plan` and wires each to the narrow
+    /// views it asks for (`wiring.rs`).
+    async fn start(config: Config, plan: Plan, layout: Layout) -> Result<Self, DaemonError> {
+        let spawner = Arc::new(
+            Spawner::start(tokio::runtime::Handle::current()).map_err(DaemonError::Spawner)?,
+        );
+        let cgroups = Arc::new(open_cgroups(&config).await?);
+        let metrics = Metrics::new()?;
+        // Every event is logged and counted where it happens.
+        let bus = Bus::new(vec![Arc::new(Recorder::new(metrics.clone()))]);
+        let instances = CancellationToken::new();
+        let context = PoolContext {
+            layout: layout.clone(),
+            spawner: spawner.clone(),
+            cgroups: cgroups.clone(),
+            cgroup_policy: config.conductor.cgroup_policy,
+            usage_interval: config.conductor.usage_interval,
+            bus: bus.clone(),
+            cancel: instances.clone(),
+        };
+        for warning in &config.warnings {
+            tracing::warn!(%warning, "plugin manifest skipped");
+        }
+        tracing::info!(
+            config = %config.file.display(),
+            plugins = config.plugins.len(),
+            instances = plan.pools.values().map(|p| p.replicas).sum::<u32>(),
+            runtime_dir = %layout.root().display(),
+            "conductor starting"
+        );
+        // Before the pools start: the scaler measures their first starts,
+        // and health aggregation misses no change.
+        let scaler_events = bus.subscribe();
+        let health_events = bus.subscribe();
+        let supervisor = Supervisor::start(plan.pools, context);
+        let store = open_store(&config.conductor.state_dir)?;
+        let dispatching = CancellationToken::new();
+        let dispatcher = Dispatcher::start(
+            store.clone(),
+            plan.lanes,
+            Arc::new(wiring::Serving(supervisor.clone())),
+            layout.clone(),
+            bus.clone(),
+            dispatching.clone(),
+        )
+        .await?;
+        let scaling = CancellationToken::new();
+        let scaler = Scaler::start(
+            plan.scalers,
+            Arc::new(wiring::Load {
+                dispatcher: dispatcher.clone(),
+                supervisor: supervisor.clone(),
+            }),
+            Arc::new(wiring::Pools(supervisor.clone())),
+            bus.clone(),
+            scaler_events,
+            scaling.clone(),
+        );
+        metrics.observe(Arc::new(wiring::Scrape::new(
+            &supervisor,
+            &dispatcher,
+            &scaler,
+        )));
+        let api_config = config.conductor.api.clone();
+        let metrics_config = config.conductor.metrics.clone();
+        let reloader = Arc::new(Reloader::new(
+            config,
+            supervisor.clone(),
+            dispatcher.clone(),
+            scaler.clone(),
+            bus,
+        ));
+        let serving = CancellationToken::new();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let aggregation = tokio::spawn(api::health::aggregate(
+            supervisor.clone(),
+            health_events,
+            health.clone(),
+            serving.clone(),
+        ));
+        let metrics_endpoint = match metrics_config.enabled {
+            true => {
+                let listen = metrics_config.listen;
+                let (addr, task) = metrics::serve(metrics.clone(), listen, serving.clone())
+                    .await
+                    .map_err(|source| DaemonError::Metrics {
+                        addr: listen,
+                        source,
+                    })?;
+                tracing::info!(%addr, "metrics listening on http://{addr}/metrics");
+                Some(task)
+            }
+            false => None,
+        };
+        let parts = api::Parts {
+            supervisor: supervisor.clone(),
+            dispatcher: dispatcher.clone(),
+            scaler: scaler.clone(),
+            control: reloader.clone(),
+        };
+        let api = api::serve(
+            parts,
+            health_service,
+            &layout.conductor_socket(),
+            &api_config,
+            serving.clone(),
+        )
+        .await?;
+        Ok(Self {
+            spawner,
+            cgroups,
+            metrics,
+            store,
+            supervisor,
+            dispatcher,
+            scaler,
+            reloader,
+            health,
+            instances,
+            dispatching,
+            scaling,
+            serving,
+            api,
+            aggregation,
+            metrics_endpoint,
+        })
+    }
+
+    /// Stops everything, each part after what depends on it, and returns
+    /// once no child is left.
+    async fn stop(mut self) {
+        // No scaling decisions while everything stops.
+        self.scaling.cancel();
+        self.scaler.wait().await;
+        self.health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        // Jobs in flight get a moment to finish; the rest stay in the store
+        // and are delivered again at the next start.
+        self.dispatcher.stop(DISPATCH_DRAIN).await;
+        self.dispatching.cancel();
+        if let Err(error) = self.store.flush().await {
+            tracing::error!(%error, "cannot flush the job store");
+        }
+        self.instances.cancel();
+        self.supervisor.wait().await;
+        // The API outlives the instances, so watchers see them stop.
+        self.serving.cancel();
+        let _ = self.aggregation.await;
+        let drained = tokio::time::timeout(API_DRAIN, async {
+            while self.api.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            self.api.abort_all();
+        }
+        if let Some(task) = self.metrics_endpoint {
+            let _ = tokio::time::timeout(API_DRAIN, task).await;
+        }
+        self.metrics.shutdown();
+        // Only now may the spawner threads end: their exit fires the death
+        // signal of every child they forked.
+        drop(self.spawner);
+        let cgroups = self.cgroups;
+        let _ = tokio::task::spawn_blocking(move || cgroups.remove_root()).await;
+    }
 }
