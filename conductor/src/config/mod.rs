@@ -157,7 +157,6 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     // Children run in their own working directory, so every path handed to
     // them must be absolute.
     let base = base_of(file);
-
     for key in doc.keys() {
         let key = key.get_ref().as_ref();
         if key != "conductor" && key != "plugins" {
@@ -169,52 +168,126 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         }
     }
     // [conductor] first: its plugin_dirs decide what is discovered.
-    let mut conductor = DaemonConfig::default();
-    if let Some(value) = doc.get("conductor")
-        && let Some(c) = report.deserialize::<DaemonConfig>(value, doc)
-    {
-        for (field, reason) in c.problems() {
-            report.at(doc, &["conductor", field], reason);
-        }
-        conductor = c;
-    }
-    conductor.runtime_dir = join(&base, &conductor.runtime_dir);
-    conductor.state_dir = join(&base, &conductor.state_dir);
-    for dir in &mut conductor.plugin_dirs {
-        *dir = join(&base, dir);
-    }
-    if let Some(token) = conductor.api.token_file.take() {
-        let token = join(&base, &token);
-        if let Err(error) = std::fs::metadata(&token) {
-            report.at(
-                doc,
-                &["conductor", "api", "token_file"],
-                format!("{}: {error}", token.display()),
-            );
-        }
-        conductor.api.token_file = Some(token);
-    }
+    let conductor = report.conductor(doc, &base);
     let scan = discovery::scan(&conductor.plugin_dirs);
+    let (plugins, disabled) = report.plugins(doc, &base, &scan);
+    let plugins = plugins
+        .into_iter()
+        .map(|(name, (plugin, from))| {
+            let plugin = report.resolve(doc, &name, plugin, &from);
+            (name, plugin)
+        })
+        .collect();
+    if !report.errors.is_empty() {
+        return Err(report.finish());
+    }
+    Ok(Config {
+        file: std::path::absolute(file).unwrap_or_else(|_| file.to_owned()),
+        text: text.to_owned(),
+        conductor,
+        plugins,
+        disabled,
+        manifests: scan
+            .manifests
+            .into_iter()
+            .map(|(n, m)| (n, m.path))
+            .collect(),
+        warnings: scan.problems,
+    })
+}
 
-    // Each plugin with the folder its relative paths start from.
-    let mut plugins: BTreeMap<String, (PluginConfig, PathBuf)> = BTreeMap::new();
-    let mut disabled = Vec::new();
-    let tables = match doc.get("plugins").map(|v| v.get_ref()) {
-        Some(DeValue::Table(table)) => Some(table),
-        Some(_) => {
-            report.at(doc, &["plugins"], "must be a table: [plugins.NAME]".into());
-            None
+/// Plugins by name, each with the folder its relative paths start from.
+type Unresolved = BTreeMap<String, (PluginConfig, PathBuf)>;
+
+impl Report<'_> {
+    /// `[conductor]`, its paths made absolute.
+    fn conductor(&mut self, doc: &DeTable<'_>, base: &Path) -> DaemonConfig {
+        let mut conductor = DaemonConfig::default();
+        if let Some(value) = doc.get("conductor")
+            && let Some(c) = self.deserialize::<DaemonConfig>(value, doc)
+        {
+            for (field, reason) in c.problems() {
+                self.at(doc, &["conductor", field], reason);
+            }
+            conductor = c;
         }
-        None => None,
-    };
-    for (name, plugin) in tables.into_iter().flat_map(|t| t.iter()) {
-        let name = name.get_ref().to_string();
-        if let Some(reason) = invalid_name(&name) {
-            report.at(doc, &["plugins", &name], reason);
+        conductor.runtime_dir = join(base, &conductor.runtime_dir);
+        conductor.state_dir = join(base, &conductor.state_dir);
+        for dir in &mut conductor.plugin_dirs {
+            *dir = join(base, dir);
         }
+        if let Some(token) = conductor.api.token_file.take() {
+            let token = join(base, &token);
+            if let Err(error) = std::fs::metadata(&token) {
+                self.at(
+                    doc,
+                    &["conductor", "api", "token_file"],
+                    format!("{}: {error}", token.display()),
+                );
+            }
+            conductor.api.token_file = Some(token);
+        }
+        conductor
+    }
+
+    /// Every `[plugins.NAME]` (laid over its manifest when one was found),
+    /// then every discovered plugin the file does not name; and the names
+    /// of those turned off with `enabled = false`.
+    fn plugins(
+        &mut self,
+        doc: &DeTable<'_>,
+        base: &Path,
+        scan: &discovery::Scan,
+    ) -> (Unresolved, Vec<String>) {
+        let mut plugins = BTreeMap::new();
+        let mut disabled = Vec::new();
+        let tables = match doc.get("plugins").map(|v| v.get_ref()) {
+            Some(DeValue::Table(table)) => Some(table),
+            Some(_) => {
+                self.at(doc, &["plugins"], "must be a table: [plugins.NAME]".into());
+                None
+            }
+            None => None,
+        };
+        for (name, plugin) in tables.into_iter().flat_map(|t| t.iter()) {
+            let name = name.get_ref().to_string();
+            if let Some(reason) = invalid_name(&name) {
+                self.at(doc, &["plugins", &name], reason);
+            }
+            let Some((enabled, parsed)) = self.plugin_table(doc, &name, plugin, base, scan) else {
+                continue;
+            };
+            if enabled {
+                plugins.insert(name, parsed);
+            } else {
+                disabled.push(name);
+            }
+        }
+        for (name, manifest) in &scan.manifests {
+            if plugins.contains_key(name) || disabled.contains(name) {
+                continue;
+            }
+            // Already checked when the manifest was read.
+            if let Ok(config) = plugin_from_table(manifest.table.clone(), manifest.path.clone()) {
+                plugins.insert(name.clone(), (config, manifest.dir().to_owned()));
+            }
+        }
+        (plugins, disabled)
+    }
+
+    /// One `[plugins.NAME]`: whether it is enabled, and its settings with
+    /// the folder its relative paths start from.
+    fn plugin_table(
+        &mut self,
+        doc: &DeTable<'_>,
+        name: &str,
+        plugin: &toml::Spanned<DeValue<'_>>,
+        base: &Path,
+        scan: &discovery::Scan,
+    ) -> Option<(bool, (PluginConfig, PathBuf))> {
         let DeValue::Table(table) = plugin.get_ref() else {
-            report.at(doc, &["plugins", &name], "must be a table".into());
-            continue;
+            self.at(doc, &["plugins", name], "must be a table".into());
+            return None;
         };
         // `enabled` belongs to the config, not to the plugin.
         let mut table = table.clone();
@@ -222,73 +295,64 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             None => true,
             Some(DeValue::Boolean(b)) => b,
             Some(_) => {
-                report.at(
+                self.at(
                     doc,
-                    &["plugins", &name, "enabled"],
+                    &["plugins", name, "enabled"],
                     "must be true or false".into(),
                 );
                 true
             }
         };
-        let parsed = match scan.manifests.get(&name) {
+        let parsed = match scan.manifests.get(name) {
             // A discovered plugin: the config's table overrides its manifest.
             Some(manifest) => {
                 let patch = toml::Spanned::new(plugin.span(), DeValue::Table(table));
-                let overrides = report
+                let overrides = self
                     .deserialize::<toml::Table>(&patch, doc)
                     .unwrap_or_default();
-                let base_of_command =
+                let from =
                     if overrides.contains_key("command") || overrides.contains_key("working_dir") {
-                        base.clone()
+                        base.to_owned()
                     } else {
                         manifest.dir().to_owned()
                     };
                 let merged = discovery::merge(manifest.table.clone(), overrides);
                 match plugin_from_table(merged, manifest.path.clone()) {
-                    Ok(config) => Some((config, base_of_command)),
+                    Ok(config) => (config, from),
                     Err(reason) => {
-                        report.at(doc, &["plugins", &name], reason);
-                        None
+                        self.at(doc, &["plugins", name], reason);
+                        return None;
                     }
                 }
             }
-            None => report
-                .plugin(plugin.span(), table, doc, file)
-                .map(|config| (config, base.clone())),
+            None => (
+                self.plugin(plugin.span(), table, doc, self.file)?,
+                base.to_owned(),
+            ),
         };
-        let Some((config, from)) = parsed else {
-            continue;
-        };
-        for (field, reason) in config.problems() {
-            let path: Vec<&str> = ["plugins", name.as_str()]
+        for (field, reason) in parsed.0.problems() {
+            let path: Vec<&str> = ["plugins", name]
                 .into_iter()
                 .chain(field.split('.'))
                 .collect();
-            report.at(doc, &path, reason);
+            self.at(doc, &path, reason);
         }
-        if enabled {
-            plugins.insert(name, (config, from));
-        } else {
-            disabled.push(name);
-        }
-    }
-    for (name, manifest) in &scan.manifests {
-        if plugins.contains_key(name) || disabled.contains(name) {
-            continue;
-        }
-        // Already checked when the manifest was read.
-        if let Ok(config) = plugin_from_table(manifest.table.clone(), manifest.path.clone()) {
-            plugins.insert(name.clone(), (config, manifest.dir().to_owned()));
-        }
+        Some((enabled, parsed))
     }
 
-    let mut resolved = BTreeMap::new();
-    for (name, (mut plugin, from)) in plugins {
+    /// Makes a plugin's paths absolute (against `from`) and checks the
+    /// command and working folder exist.
+    fn resolve(
+        &mut self,
+        doc: &DeTable<'_>,
+        name: &str,
+        mut plugin: PluginConfig,
+        from: &Path,
+    ) -> PluginConfig {
         // Problems of a discovered plugin belong to its manifest.
         let source = plugin.source.clone();
-        let in_manifest = source != file;
-        let config = std::sync::Arc::make_mut(&mut plugin.pool);
-        let problem = |report: &mut Report<'_>, field: &str, reason: String| {
+        let in_manifest = source != self.file;
+        let problem = |report: &mut Self, field: &str, reason: String| {
             if in_manifest {
                 report.errors.push(ConfigError {
                     file: source.clone(),
@@ -297,20 +361,21 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
                     reason,
                 });
             } else {
-                report.at(doc, &["plugins", &name, field], reason);
+                report.at(doc, &["plugins", name, field], reason);
             }
         };
-        match resolve_command(&config.command, &from) {
+        let config = std::sync::Arc::make_mut(&mut plugin.pool);
+        match resolve_command(&config.command, from) {
             Ok(command) => config.command = command,
-            Err(reason) => problem(&mut report, "command", reason),
+            Err(reason) => problem(self, "command", reason),
         }
         let working_dir = match &config.working_dir {
-            Some(dir) => join(&from, dir),
-            None => from.clone(),
+            Some(dir) => join(from, dir),
+            None => from.to_owned(),
         };
         if !working_dir.is_dir() {
             problem(
-                &mut report,
+                self,
                 "working_dir",
                 format!("{} is not a directory", working_dir.display()),
             );
@@ -320,26 +385,9 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         if let Some(autoscale) = &mut plugin.autoscale
             && let Some(seed) = &autoscale.history_seed
         {
-            autoscale.history_seed = Some(join(&from, seed));
+            autoscale.history_seed = Some(join(from, seed));
         }
-        resolved.insert(name, plugin);
-    }
-    if report.errors.is_empty() {
-        Ok(Config {
-            file: std::path::absolute(file).unwrap_or_else(|_| file.to_owned()),
-            text: text.to_owned(),
-            conductor,
-            plugins: resolved,
-            disabled,
-            manifests: scan
-                .manifests
-                .into_iter()
-                .map(|(n, m)| (n, m.path))
-                .collect(),
-            warnings: scan.problems,
-        })
-    } else {
-        Err(report.finish())
+        plugin
     }
 }
 
