@@ -562,124 +562,181 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 async fn deliver(
     dispatcher: Arc<Dispatcher>,
     lane: Arc<Lane>,
-    mut job: StoredJob,
+    job: StoredJob,
     _permit: Permit,
     slot: lane::Slot,
 ) {
-    let bus = &dispatcher.bus;
-    let trace = job
-        .trace
-        .as_deref()
-        .and_then(TraceParent::parse)
-        .unwrap_or_else(|| TraceParent::new(random));
-    let deadline = deadline_of(&job);
-    let started = Instant::now();
-    let mut errors = Vec::new();
+    let mut delivery = Delivery::new(dispatcher, lane, job);
     let mut next = Some(slot);
-    // Where the last attempt failed: a retry goes elsewhere if it can.
-    let mut failed_on = None;
-    loop {
+    let end = loop {
         let slot = match next.take() {
-            Some(slot) => Ok(slot),
-            None => tokio::select! {
-                slot = lane.slot(failed_on, sleep_until(deadline)) => slot,
-                () = dispatcher.cancel.cancelled() => return,
+            Some(slot) => slot,
+            None => match delivery.wait_for_slot().await {
+                Ok(slot) => slot,
+                Err(end) => break end,
             },
         };
-        let slot = match slot {
-            // A slot free at the deadline still loses to it.
-            Ok(_) if deadline.is_some_and(|at| at <= tokio::time::Instant::now()) => {
-                errors.push(DEADLINE_WAITING.to_owned());
-                return dispatcher.bury(job, errors).await;
+        match delivery.attempt(slot).await {
+            Ok(pause) => {
+                if let Err(end) = delivery.pause(pause).await {
+                    break end;
+                }
             }
-            Ok(slot) => slot,
-            Err(NoSlot::GaveUp) => {
-                errors.push(DEADLINE_WAITING.to_owned());
-                return dispatcher.bury(job, errors).await;
-            }
-            Err(NoSlot::Closed) => {
-                errors.push(REMOVED.to_owned());
-                return dispatcher.bury(job, errors).await;
-            }
+            Err(end) => break end,
+        }
+    };
+    if let End::DeadLetter(why) = end {
+        delivery.bury(why).await;
+    }
+}
+
+/// How a delivery ends.
+enum End {
+    Answered,
+    /// The conductor stops: the job stays in the store.
+    Stopping,
+    /// With the last error line, if the attempts do not say it all.
+    DeadLetter(Option<String>),
+}
+
+/// One job on its way, and what its attempts have come to.
+struct Delivery {
+    dispatcher: Arc<Dispatcher>,
+    lane: Arc<Lane>,
+    job: StoredJob,
+    trace: TraceParent,
+    deadline: Option<tokio::time::Instant>,
+    started: Instant,
+    errors: Vec<String>,
+    /// Where the last attempt failed: a retry goes elsewhere if it can.
+    failed_on: Option<u32>,
+}
+
+impl Delivery {
+    fn new(dispatcher: Arc<Dispatcher>, lane: Arc<Lane>, job: StoredJob) -> Self {
+        let trace = job
+            .trace
+            .as_deref()
+            .and_then(TraceParent::parse)
+            .unwrap_or_else(|| TraceParent::new(random));
+        Self {
+            deadline: deadline_of(&job),
+            dispatcher,
+            lane,
+            job,
+            trace,
+            started: Instant::now(),
+            errors: Vec::new(),
+            failed_on: None,
+        }
+    }
+
+    /// A slot for the next attempt.
+    async fn wait_for_slot(&self) -> Result<lane::Slot, End> {
+        let slot = tokio::select! {
+            slot = self.lane.slot(self.failed_on, sleep_until(self.deadline)) => slot,
+            () = self.dispatcher.cancel.cancelled() => return Err(End::Stopping),
         };
+        slot.map_err(|missing| match missing {
+            NoSlot::GaveUp => End::DeadLetter(Some(DEADLINE_WAITING.to_owned())),
+            NoSlot::Closed => End::DeadLetter(Some(REMOVED.to_owned())),
+        })
+    }
+
+    /// One attempt on `slot`; the pause before the next, if it failed and
+    /// may be tried again.
+    async fn attempt(&mut self, slot: lane::Slot) -> Result<Duration, End> {
+        let now = tokio::time::Instant::now();
+        // A slot free at the deadline still loses to it.
+        if self.deadline.is_some_and(|at| at <= now) {
+            return Err(End::DeadLetter(Some(DEADLINE_WAITING.to_owned())));
+        }
         // Read at every attempt: a reload reaches jobs on their way.
-        let config = lane.config();
+        let config = self.lane.config();
+        let job = &mut self.job;
         job.attempts += 1;
-        dispatcher.store.attempt(&job.id, job.attempts);
-        let request = pb::Job {
-            id: job.id.clone(),
-            kind: job.kind.clone(),
-            payload: job.payload.clone(),
-            attributes: job.attributes.clone(),
-            attempt: job.attempts,
-            deadline: job.deadline_ms.map(|ms| prost_types::Timestamp {
-                seconds: ms.div_euclid(1000),
-                nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-            }),
-        };
-        let timeout = match deadline {
+        self.dispatcher.store.attempt(&job.id, job.attempts);
+        let timeout = match self.deadline {
             Some(at) => config
                 .attempt_timeout
-                .min(at.saturating_duration_since(tokio::time::Instant::now())),
+                .min(at.saturating_duration_since(now)),
             None => config.attempt_timeout,
         };
         let attempt_started = Instant::now();
+        let call = slot.link.handle(request(job), self.trace.child(random));
         let answer = tokio::select! {
-            answer = tokio::time::timeout(timeout, slot.link.handle(request, trace.child(random))) => answer.ok(),
-            () = dispatcher.cancel.cancelled() => return,
+            answer = tokio::time::timeout(timeout, call) => answer.ok(),
+            () = self.dispatcher.cancel.cancelled() => return Err(End::Stopping),
         };
         let replica = slot.index;
         drop(slot);
+        let (bus, lane) = (&self.dispatcher.bus, &self.lane);
+        let attempt = |error: String| {
+            format!(
+                "attempt {} on {}-{replica}: {error}",
+                job.attempts, job.plugin
+            )
+        };
         match retry::classify(answer, timeout) {
             Verdict::Done(payload) => {
                 let busy = attempt_started.elapsed().as_micros() as u64;
                 lane.load.busy_micros.fetch_add(busy, Ordering::Relaxed);
                 lane.load.completed.fetch_add(1, Ordering::Relaxed);
-                dispatcher.store.complete(&job.id);
-                lane.publish(
-                    bus,
-                    JobEvent::Completed {
-                        took: started.elapsed(),
-                    },
-                );
-                dispatcher.finish(
-                    &job.id,
-                    Finished::Completed {
-                        payload,
-                        attempts: job.attempts,
-                    },
-                );
-                return;
+                self.dispatcher.store.complete(&job.id);
+                let took = self.started.elapsed();
+                lane.publish(bus, JobEvent::Completed { took });
+                let attempts = job.attempts;
+                let answer = Finished::Completed { payload, attempts };
+                self.dispatcher.finish(&job.id, answer);
+                Err(End::Answered)
             }
             Verdict::Permanent(error) => {
                 lane.publish(bus, JobEvent::AttemptFailed);
-                errors.push(format!(
-                    "attempt {} on {}-{replica}: {error}",
-                    job.attempts, job.plugin
-                ));
-                return dispatcher.bury(job, errors).await;
+                self.errors.push(attempt(error));
+                Err(End::DeadLetter(None))
             }
             Verdict::Retry(error) => {
                 lane.publish(bus, JobEvent::AttemptFailed);
-                errors.push(format!(
-                    "attempt {} on {}-{replica}: {error}",
-                    job.attempts, job.plugin
-                ));
+                self.errors.push(attempt(error));
                 if job.attempts >= config.max_attempts {
-                    errors.push(format!("gave up after {} attempts", job.attempts));
-                    return dispatcher.bury(job, errors).await;
+                    let why = format!("gave up after {} attempts", job.attempts);
+                    return Err(End::DeadLetter(Some(why)));
                 }
                 lane.publish(bus, JobEvent::Retried);
-                failed_on = Some(replica);
-                let pause = retry::delay(&config, job.attempts, fastrand::f64());
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    // Removed meanwhile: the next wait for a slot says so.
-                    () = lane.closed() => {}
-                    () = dispatcher.cancel.cancelled() => return,
-                }
+                self.failed_on = Some(replica);
+                Ok(retry::delay(&config, job.attempts, fastrand::f64()))
             }
         }
+    }
+
+    /// Waits `pause` before a retry.
+    async fn pause(&self, pause: Duration) -> Result<(), End> {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => Ok(()),
+            // Removed meanwhile: the next wait for a slot says so.
+            () = self.lane.closed() => Ok(()),
+            () = self.dispatcher.cancel.cancelled() => Err(End::Stopping),
+        }
+    }
+
+    async fn bury(mut self, why: Option<String>) {
+        self.errors.extend(why);
+        self.dispatcher.bury(self.job, self.errors).await;
+    }
+}
+
+/// The job as a replica receives it.
+fn request(job: &StoredJob) -> pb::Job {
+    pb::Job {
+        id: job.id.clone(),
+        kind: job.kind.clone(),
+        payload: job.payload.clone(),
+        attributes: job.attributes.clone(),
+        attempt: job.attempts,
+        deadline: job.deadline_ms.map(|ms| prost_types::Timestamp {
+            seconds: ms.div_euclid(1000),
+            nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+        }),
     }
 }
 
