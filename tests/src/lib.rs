@@ -289,6 +289,17 @@ impl Conductor {
             .expect("run conductor CLI")
     }
 
+    /// The pids of `plugin`'s live instances, as `conductor status` shows.
+    pub fn pids_of(&self, plugin: &str) -> Vec<u64> {
+        let status = json(self.cli(&["status", plugin, "--json"]));
+        status[0]["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .filter_map(|i| i["pid"].as_u64())
+            .collect()
+    }
+
     /// Runs the `conductor` CLI the way an operator would: finding the
     /// socket through the config file, not `--socket`.
     pub fn cli_through_config(&self, args: &[&str]) -> std::process::Output {
@@ -502,6 +513,24 @@ pub fn remove_cgroup_tree(root: &str) {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// The stdout of a command that must succeed; its stderr in the panic
+/// when it did not.
+pub fn ok(out: std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The stdout of a command that must succeed, as JSON.
+pub fn json(out: std::process::Output) -> Value {
+    serde_json::from_str(&ok(out)).expect("JSON answer")
 }
 
 /// Waits until `done` holds, checking every 20 ms, for state that another

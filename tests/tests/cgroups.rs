@@ -338,8 +338,7 @@ fn cgroup_policy_off_confines_nothing_and_says_so_once() {
                 && e["message"].as_str().is_some_and(|m| m.contains("LIMITS"))),
         "no warning per instance"
     );
-    let status = conductor.cli(&["status", "limited", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = demi_e2e::json(conductor.cli(&["status", "limited", "--json"]));
     assert_eq!(status[0]["instances"][0]["confined"], false);
 }
 

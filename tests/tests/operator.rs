@@ -4,27 +4,11 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::{Duration, Instant};
 
-use demi_e2e::{Conductor, WAIT, alive, signal_pid, wait_all_gone};
+use demi_e2e::{Conductor, WAIT, alive, json, ok, signal_pid, wait_all_gone};
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
 fn plugin(name: &str, extra: &str) -> String {
     format!("[plugins.{name}]\ncommand = \"{{echo}}\"\nshutdown_grace = \"2s\"\n{extra}\n")
-}
-
-fn ok(out: std::process::Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}{stdout}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn json(out: std::process::Output) -> Value {
-    serde_json::from_str(&ok(out)).expect("JSON answer")
 }
 
 fn health(conductor: &Conductor, service: &str) -> String {
@@ -44,16 +28,6 @@ fn health_becomes(conductor: &Conductor, service: &str, want: &str) {
         assert!(Instant::now() < deadline, "{service} never became {want}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn pids_of(conductor: &Conductor, plugin: &str) -> Vec<u64> {
-    let status = json(conductor.cli(&["status", plugin, "--json"]));
-    status[0]["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|i| i["pid"].as_u64())
-        .collect()
 }
 
 #[test]
@@ -92,7 +66,7 @@ fn grpcurl_lists_describes_and_checks_health_through_reflection() {
     health_becomes(&conductor, "slow", "SERVING");
 
     // Every replica killed: NOT_SERVING until one is back (each takes 0.7 s).
-    for pid in pids_of(&conductor, "slow") {
+    for pid in conductor.pids_of("slow") {
         signal_pid(pid as u32, Signal::SIGKILL);
     }
     health_becomes(&conductor, "slow", "NOT_SERVING");
@@ -181,10 +155,10 @@ fn the_cli_shows_status_rolls_restarts_and_scales() {
     assert!(table.lines().next().unwrap().starts_with("PLUGIN"));
 
     // Rolling restart, as the event stream tells it.
-    let before = pids_of(&conductor, "echo");
+    let before = conductor.pids_of("echo");
     let cursor = conductor.cursor();
     ok(conductor.cli(&["restart", "echo"]));
-    let after = pids_of(&conductor, "echo");
+    let after = conductor.pids_of("echo");
     assert!(
         before.iter().all(|p| !after.contains(p)),
         "{before:?} -> {after:?}"
@@ -220,8 +194,8 @@ fn the_cli_shows_status_rolls_restarts_and_scales() {
 
     ok(conductor.cli(&["scale", "echo", "5"]));
     conductor.wait_serving(0, "echo", 4);
-    assert_eq!(pids_of(&conductor, "echo").len(), 5);
-    let before = pids_of(&conductor, "echo");
+    assert_eq!(conductor.pids_of("echo").len(), 5);
+    let before = conductor.pids_of("echo");
     let table = ok(conductor.cli(&["scale", "echo", "1"]));
     assert_eq!(table.lines().count(), 2, "{table}");
     wait_all_gone(
@@ -264,9 +238,9 @@ fn reload_adds_removes_and_rolls_only_what_changed() {
     ] {
         conductor.wait_serving(0, p, i);
     }
-    let keep = pids_of(&conductor, "keep");
-    let change = pids_of(&conductor, "change");
-    let removed = pids_of(&conductor, "remove");
+    let keep = conductor.pids_of("keep");
+    let change = conductor.pids_of("change");
+    let removed = conductor.pids_of("remove");
 
     conductor.write_plugins(&format!(
         "{}{}{}",
@@ -283,8 +257,8 @@ fn reload_adds_removes_and_rolls_only_what_changed() {
         summary.contains("changed [\"change\"]") && summary.contains("unchanged [\"keep\"]"),
         "{summary}"
     );
-    assert_eq!(pids_of(&conductor, "keep"), keep, "untouched: same pids");
-    let changed = pids_of(&conductor, "change");
+    assert_eq!(conductor.pids_of("keep"), keep, "untouched: same pids");
+    let changed = conductor.pids_of("change");
     assert_eq!(changed.len(), 2);
     assert!(
         changed.iter().all(|p| !change.contains(p)),
@@ -312,7 +286,7 @@ fn reload_adds_removes_and_rolls_only_what_changed() {
         errors.contains("plugins.keep.replicas") && errors.contains("plugins.bad"),
         "{errors}"
     );
-    assert_eq!(pids_of(&conductor, "keep"), keep);
+    assert_eq!(conductor.pids_of("keep"), keep);
     assert_eq!(
         json(conductor.grpcurl(&[], &["demi.conductor.v1.Conductor/GetConfig"])),
         before
@@ -326,7 +300,7 @@ fn reload_adds_removes_and_rolls_only_what_changed() {
     ));
     conductor.signal(Signal::SIGHUP);
     conductor.wait_serving(0, "hup", 0);
-    assert_eq!(pids_of(&conductor, "keep"), keep);
+    assert_eq!(conductor.pids_of("keep"), keep);
 }
 
 #[test]
@@ -423,7 +397,7 @@ fn watch_events_tells_a_kill_and_restart_in_order() {
         );
     }
     seen.clear();
-    let new_pid = pids_of(&conductor, "echo")[0] as u32;
+    let new_pid = conductor.pids_of("echo")[0] as u32;
     assert_ne!(new_pid, pid);
     signal_pid(new_pid, Signal::SIGKILL);
     while !seen.iter().any(|l| l.contains(" serving ")) {
@@ -456,7 +430,7 @@ fn a_plugin_dropped_into_a_plugin_folder_starts_on_reload_beside_a_broken_one() 
         .conductor("plugin_dirs = [\"plugins.d\"]")
         .start(&plugin("echo", ""));
     conductor.wait_serving(0, "echo", 0);
-    let echo = pids_of(&conductor, "echo");
+    let echo = conductor.pids_of("echo");
 
     let folder = conductor.folder().join("plugins.d");
     std::fs::create_dir_all(folder.join("greeter")).unwrap();
@@ -486,7 +460,7 @@ fn a_plugin_dropped_into_a_plugin_folder_starts_on_reload_beside_a_broken_one() 
     );
     conductor.wait_serving(0, "greeter", 0);
     conductor.wait_serving(0, "greeter", 1);
-    assert_eq!(pids_of(&conductor, "echo"), echo);
+    assert_eq!(conductor.pids_of("echo"), echo);
 
     let listed = ok(std::process::Command::new(demi_e2e::bin("conductor"))
         .arg("--config")

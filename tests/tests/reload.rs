@@ -5,8 +5,7 @@
 use std::collections::BTreeSet;
 
 use demi_e2e::grpc::{self, admin_pb as pb};
-use demi_e2e::{Conductor, eventually, journal_completed};
-use serde_json::Value;
+use demi_e2e::{Conductor, eventually, journal_completed, json, ok};
 use tonic::Code;
 
 type Admin = pb::conductor_client::ConductorClient<tonic::transport::Channel>;
@@ -22,28 +21,6 @@ fn job(plugin: &str, payload: &str) -> pb::SubmitRequest {
         payload: payload.as_bytes().to_vec(),
         ..Default::default()
     }
-}
-
-fn ok(out: std::process::Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}{stdout}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn pids_of(conductor: &Conductor, plugin: &str) -> Vec<u64> {
-    let status: Value =
-        serde_json::from_str(&ok(conductor.cli(&["status", plugin, "--json"]))).expect("JSON");
-    status[0]["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .filter_map(|i| i["pid"].as_u64())
-        .collect()
 }
 
 /// A worker whose every job fails retryably, with fast retries.
@@ -62,7 +39,7 @@ fn failing_worker(max_attempts: u32, queue_capacity: u32) -> String {
 fn changed_dispatch_settings_apply_to_the_next_jobs_without_a_restart() {
     let conductor = Conductor::start(&failing_worker(2, 3));
     conductor.wait_serving(0, "worker", 0);
-    let pids = pids_of(&conductor, "worker");
+    let pids = conductor.pids_of("worker");
     let rt = grpc::runtime();
     let mut api = rt.block_on(grpc::admin(&conductor.api_socket()));
     let attempts = |api: &mut Admin| {
@@ -95,8 +72,7 @@ fn changed_dispatch_settings_apply_to_the_next_jobs_without_a_restart() {
     );
 
     // Only dispatch changed: the stopped instance was not restarted.
-    let status: Value =
-        serde_json::from_str(&ok(conductor.cli(&["status", "worker", "--json"]))).expect("JSON");
+    let status = json(conductor.cli(&["status", "worker", "--json"]));
     assert_eq!(status[0]["instances"][0]["state"], "stopped");
     assert!(pids.iter().all(|p| !demi_e2e::alive(*p as u32)));
 
@@ -126,7 +102,7 @@ fn a_removed_plugins_queued_jobs_are_dead_lettered_and_replay_once_it_is_back() 
     let conductor = Conductor::start(&format!("{worker}{bystander}"));
     conductor.wait_serving(0, "worker", 0);
     conductor.wait_serving(0, "bystander", 0);
-    let bystanders = pids_of(&conductor, "bystander");
+    let bystanders = conductor.pids_of("bystander");
     ok(conductor.cli(&["stop", "worker"]));
     let rt = grpc::runtime();
     let mut api = rt.block_on(grpc::admin(&conductor.api_socket()));
@@ -154,7 +130,7 @@ fn a_removed_plugins_queued_jobs_are_dead_lettered_and_replay_once_it_is_back() 
         .block_on(api.submit(job("worker", "late")))
         .expect_err("no such plugin");
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
-    assert_eq!(pids_of(&conductor, "bystander"), bystanders, "untouched");
+    assert_eq!(conductor.pids_of("bystander"), bystanders, "untouched");
 
     let cursor = conductor.cursor();
     conductor.write_plugins(&format!("{worker}{bystander}"));
@@ -173,7 +149,7 @@ fn a_broken_file_reaches_the_daemon_which_refuses_it_and_says_every_problem() {
     let conductor = Conductor::start(&plugin("keep", "replicas = 2"));
     conductor.wait_serving(0, "keep", 0);
     conductor.wait_serving(0, "keep", 1);
-    let pids = pids_of(&conductor, "keep");
+    let pids = conductor.pids_of("keep");
     conductor.write_plugins(
         "[plugins.keep]\ncommand = \"{echo}\"\nreplicas = 0\n\
          [plugins.keep.dispatch]\nmax_attempts = 0\n[plugins.bad]\n",
@@ -189,9 +165,5 @@ fn a_broken_file_reaches_the_daemon_which_refuses_it_and_says_every_problem() {
     ] {
         assert!(errors.contains(problem), "{problem} not in:\n{errors}");
     }
-    assert_eq!(
-        pids_of(&conductor, "keep"),
-        pids,
-        "the plugins are untouched"
-    );
+    assert_eq!(conductor.pids_of("keep"), pids, "the plugins are untouched");
 }

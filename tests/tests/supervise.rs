@@ -148,8 +148,7 @@ fn exit_78_fails_without_restart_and_a_crash_loop_hits_the_start_limit() {
     // Failed is final (the machine's tests show nothing but an operator
     // moves it): both say so, with the starts they had.
     for (plugin, spawned) in [("config-error", 1), ("crasher", 4)] {
-        let status = conductor.cli(&["status", plugin, "--json"]);
-        let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        let status = demi_e2e::json(conductor.cli(&["status", plugin, "--json"]));
         assert_eq!(status[0]["instances"][0]["state"], "failed", "{status}");
         assert_eq!(
             status[0]["instances"][0]["restarts"],
@@ -180,8 +179,7 @@ fn a_protocol_mismatch_fails_naming_both_versions() {
         failed["reason"],
         "protocol version mismatch: plugin answered 9, conductor accepts [1]"
     );
-    let status = conductor.cli(&["status", "future", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = demi_e2e::json(conductor.cli(&["status", "future", "--json"]));
     assert_eq!(status[0]["instances"][0]["state"], "failed", "{status}");
     assert_eq!(status[0]["instances"][0]["restarts"], 0, "not restarted");
     assert_eq!(conductor.count("future", "instance spawned"), 1);
