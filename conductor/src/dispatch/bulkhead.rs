@@ -49,24 +49,33 @@ impl Bulkhead {
 
     /// Waits for a place under the limit.
     pub async fn acquire(self: &Arc<Self>) -> Permit {
+        // Most of the time there is room: no waiting list to join.
+        if let Some(permit) = self.try_acquire() {
+            return permit;
+        }
         loop {
-            // Register before looking, so a change in between is not missed.
+            // Register before looking again, so a change in between is not
+            // missed.
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let limit = self.limit.load(Ordering::Acquire);
-            let taken = self
-                .in_flight
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < limit).then_some(n + 1)
-                });
-            if taken.is_ok() {
-                return Permit {
-                    bulkhead: self.clone(),
-                };
+            if let Some(permit) = self.try_acquire() {
+                return permit;
             }
             changed.await;
         }
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let limit = self.limit.load(Ordering::Acquire);
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Permit {
+                bulkhead: self.clone(),
+            })
     }
 }
 

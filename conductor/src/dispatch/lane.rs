@@ -50,6 +50,8 @@ pub struct Lane {
     pub queue: Queue,
     pub bulkhead: Arc<Bulkhead>,
     replicas: Mutex<Vec<Replica>>,
+    /// `max_in_flight_per_replica`, read at every pick.
+    per_replica: AtomicUsize,
     /// Fires when a replica joins or a slot frees up.
     changed: Notify,
     /// SERVING replicas, for whoever waits on there being one.
@@ -86,6 +88,7 @@ impl Lane {
             plugin: Arc::from(plugin),
             queue: Queue::new(config.queue_capacity),
             bulkhead: Bulkhead::new(config.max_in_flight),
+            per_replica: AtomicUsize::new(config.max_in_flight_per_replica),
             config: Mutex::new(Arc::new(config)),
             replicas: Mutex::new(Vec::new()),
             changed: Notify::new(),
@@ -113,6 +116,8 @@ impl Lane {
     pub fn reconfigure(&self, config: DispatchConfig) {
         self.queue.set_capacity(config.queue_capacity);
         self.bulkhead.set_limit(config.max_in_flight);
+        self.per_replica
+            .store(config.max_in_flight_per_replica, Ordering::Release);
         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
         // A raised per-replica limit may free a slot for a waiting job.
         self.changed.notify_waiters();
@@ -220,7 +225,7 @@ impl Lane {
     /// The SERVING replica with the fewest jobs in flight and a free slot,
     /// preferring any but `avoid` (where the last attempt failed).
     fn pick(self: &Arc<Self>, avoid: Option<u32>) -> Option<Slot> {
-        let limit = self.config().max_in_flight_per_replica;
+        let limit = self.per_replica.load(Ordering::Acquire);
         let replicas = self.replicas();
         let open = replicas
             .iter()
@@ -244,10 +249,17 @@ impl Lane {
         avoid: Option<u32>,
         give_up: impl std::future::Future<Output = ()>,
     ) -> Result<Slot, NoSlot> {
+        if self.is_closed() {
+            return Err(NoSlot::Closed);
+        }
+        // Most of the time a replica has room: no waiting list to join.
+        if let Some(slot) = self.pick(avoid) {
+            return Ok(slot);
+        }
         tokio::pin!(give_up);
         loop {
-            // Register interest before looking, so a change between the
-            // look and the wait is not missed.
+            // Register interest before looking again, so a change between
+            // the look and the wait is not missed.
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();

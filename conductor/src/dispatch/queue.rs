@@ -143,25 +143,35 @@ impl Queue {
 
     /// The next job; `None` once the queue is closed.
     pub async fn pop(&self) -> Option<Taken<'_>> {
+        // Under load there is a job waiting: no waiting list to join.
+        if let Some(next) = self.try_pop() {
+            return next;
+        }
         loop {
+            // Register before looking again, so a job pushed in between
+            // is not missed.
             let ready = self.ready.notified();
             tokio::pin!(ready);
             ready.as_mut().enable();
-            {
-                let mut state = self.state();
-                if state.closed {
-                    return None;
-                }
-                if let Some(job) = state.jobs.pop_front() {
-                    state.taken += 1;
-                    return Some(Taken {
-                        queue: self,
-                        job: Some(job),
-                    });
-                }
+            if let Some(next) = self.try_pop() {
+                return next;
             }
             ready.await;
         }
+    }
+
+    /// The next job if there is one (`Some(None)`: closed).
+    fn try_pop(&self) -> Option<Option<Taken<'_>>> {
+        let mut state = self.state();
+        if state.closed {
+            return Some(None);
+        }
+        let job = state.jobs.pop_front()?;
+        state.taken += 1;
+        Some(Some(Taken {
+            queue: self,
+            job: Some(job),
+        }))
     }
 
     /// Jobs waiting, the one taken to wait for a replica included.
