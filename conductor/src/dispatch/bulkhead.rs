@@ -49,21 +49,7 @@ impl Bulkhead {
 
     /// Waits for a place under the limit.
     pub async fn acquire(self: &Arc<Self>) -> Permit {
-        // Most of the time there is room: no waiting list to join.
-        if let Some(permit) = self.try_acquire() {
-            return permit;
-        }
-        loop {
-            // Register before looking again, so a change in between is not
-            // missed.
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if let Some(permit) = self.try_acquire() {
-                return permit;
-            }
-            changed.await;
-        }
+        super::wake::when(&self.changed, || self.try_acquire()).await
     }
 
     fn try_acquire(self: &Arc<Self>) -> Option<Permit> {

@@ -243,37 +243,22 @@ impl Lane {
         })
     }
 
-    /// Waits for a slot, until `give_up` resolves or the lane closes.
+    /// Waits for a slot, until `give_up` resolves or the lane closes. A
+    /// free slot wins over giving up.
     pub async fn slot(
         self: &Arc<Self>,
         avoid: Option<u32>,
         give_up: impl std::future::Future<Output = ()>,
     ) -> Result<Slot, NoSlot> {
-        if self.is_closed() {
-            return Err(NoSlot::Closed);
-        }
-        // Most of the time a replica has room: no waiting list to join.
-        if let Some(slot) = self.pick(avoid) {
-            return Ok(slot);
-        }
-        tokio::pin!(give_up);
-        loop {
-            // Register interest before looking again, so a change between
-            // the look and the wait is not missed.
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.is_closed() {
-                return Err(NoSlot::Closed);
-            }
-            if let Some(slot) = self.pick(avoid) {
-                return Ok(slot);
-            }
-            tokio::select! {
-                () = &mut changed => {}
-                () = &mut give_up => return Err(NoSlot::GaveUp),
-                () = self.closed.cancelled() => return Err(NoSlot::Closed),
-            }
+        let look = || match self.is_closed() {
+            true => Some(Err(NoSlot::Closed)),
+            false => self.pick(avoid).map(Ok),
+        };
+        tokio::select! {
+            biased;
+            found = super::wake::when(&self.changed, look) => found,
+            () = give_up => Err(NoSlot::GaveUp),
+            () = self.closed.cancelled() => Err(NoSlot::Closed),
         }
     }
 }

@@ -20,6 +20,7 @@ mod link;
 mod queue;
 pub mod retry;
 pub mod store;
+mod wake;
 
 pub use config::DispatchConfig;
 pub use store::{DeadLetter, StoreError, StoredJob};

@@ -143,21 +143,7 @@ impl Queue {
 
     /// The next job; `None` once the queue is closed.
     pub async fn pop(&self) -> Option<Taken<'_>> {
-        // Under load there is a job waiting: no waiting list to join.
-        if let Some(next) = self.try_pop() {
-            return next;
-        }
-        loop {
-            // Register before looking again, so a job pushed in between
-            // is not missed.
-            let ready = self.ready.notified();
-            tokio::pin!(ready);
-            ready.as_mut().enable();
-            if let Some(next) = self.try_pop() {
-                return next;
-            }
-            ready.await;
-        }
+        super::wake::when(&self.ready, || self.try_pop()).await
     }
 
     /// The next job if there is one (`Some(None)`: closed).
