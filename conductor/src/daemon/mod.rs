@@ -337,6 +337,7 @@ impl Daemon {
         // and are delivered again at the next start.
         self.dispatcher.stop(DISPATCH_DRAIN).await;
         self.dispatching.cancel();
+        self.dispatcher.finished().await;
         if let Err(error) = self.store.flush().await {
             tracing::error!(%error, "cannot flush the job store");
         }

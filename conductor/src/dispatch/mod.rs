@@ -137,6 +137,8 @@ pub struct Dispatcher {
     cancel: CancellationToken,
     /// Every delivery in flight; drained at shutdown.
     tasks: TaskTracker,
+    /// Each lane's worker and the replica follower; they end on `cancel`.
+    workers: TaskTracker,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -170,9 +172,12 @@ impl Dispatcher {
             waiters: Mutex::new(HashMap::new()),
             cancel,
             tasks: TaskTracker::new(),
+            workers: TaskTracker::new(),
         });
         dispatcher.configure(plugins).await;
-        tokio::spawn(follow_replicas(Arc::downgrade(&dispatcher), events));
+        dispatcher
+            .workers
+            .spawn(follow_replicas(Arc::downgrade(&dispatcher), events));
         let pending = dispatcher.store.pending().await?;
         if !pending.is_empty() {
             tracing::info!(
@@ -224,7 +229,7 @@ impl Dispatcher {
                     (_, Some(config)) => {
                         let lane = Lane::new(&name, config);
                         lane.sync(&self.replicas.serving(&name), &self.layout);
-                        tokio::spawn(work(self.clone(), lane.clone()));
+                        self.workers.spawn(work(self.clone(), lane.clone()));
                         routes.insert(name, Route::Lane(lane));
                     }
                     (_, None) => {
@@ -450,6 +455,12 @@ impl Dispatcher {
     pub async fn stop(&self, patience: Duration) {
         self.tasks.close();
         let _ = tokio::time::timeout(patience, self.tasks.wait()).await;
+    }
+
+    /// Returns once every worker has ended (after the cancel).
+    pub async fn finished(&self) {
+        self.workers.close();
+        self.workers.wait().await;
     }
 
     async fn bury(&self, job: StoredJob, errors: Vec<String>) {
@@ -748,8 +759,15 @@ async fn follow_replicas(
     dispatcher: Weak<Dispatcher>,
     mut events: broadcast::Receiver<Arc<Stamped>>,
 ) {
+    let Some(cancel) = dispatcher.upgrade().map(|d| d.cancel.clone()) else {
+        return;
+    };
     loop {
-        let stamped = match events.recv().await {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = cancel.cancelled() => return,
+        };
+        let stamped = match event {
             Ok(stamped) => stamped,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "dispatch missed lifecycle events; resynchronising");
