@@ -59,9 +59,22 @@ impl Bus {
     }
 
     pub fn emit(&self, event: Event) {
+        self.record(&event);
+        self.stream(event);
+    }
+
+    /// The first half of [`Bus::emit`]: the sinks hear it. A publisher
+    /// whose own state must change between the log and the stream (so a
+    /// stream subscriber reads fresh state, and nobody sees the state
+    /// before the log says how it came about) calls the halves itself.
+    pub fn record(&self, event: &Event) {
         for sink in &self.0.sinks {
-            sink.record(&event);
+            sink.record(event);
         }
+    }
+
+    /// The second half of [`Bus::emit`]: stream subscribers get it.
+    pub fn stream(&self, event: Event) {
         // Nobody listening is fine: the sinks have it.
         if event.streamed() && self.0.stream.receiver_count() > 0 {
             let _ = self.0.stream.send(Arc::new(Stamped {

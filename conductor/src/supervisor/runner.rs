@@ -578,21 +578,23 @@ impl Runner {
             if let Event::Exited { reason } = &next {
                 self.record_exit(&before, reason.clone());
             }
-            // Status first: whoever reacts to the event reads fresh status.
-            self.publish();
-            let happened = report::describe(
+            let happened: Vec<Published> = report::describe(
                 &before,
                 &next,
                 &self.machine,
                 breaker_before,
                 Instant::now(),
-            );
-            // In the life's span, so every line carries its lifecycle id.
-            self.life.in_scope(|| {
-                for (pid, what) in happened {
-                    self.publish_event(pid, what);
-                }
-            });
+            )
+            .into_iter()
+            .map(|(pid, what)| Published::instance(&self.spec.plugin, self.spec.index, pid, what))
+            .collect();
+            // The status and the log change together (see `publish`), and
+            // only then the stream: whoever reacts to an event reads fresh
+            // status.
+            self.publish_with(&happened);
+            for event in happened {
+                self.spec.bus.stream(event);
+            }
             for action in actions {
                 if action == Action::Spawn {
                     event = Some(self.spawn().await);
@@ -697,6 +699,15 @@ impl Runner {
     }
 
     fn publish(&self) {
+        self.publish_with(&[]);
+    }
+
+    /// Publishes the status and logs `happened` as one change: the lines
+    /// are written while the status is locked for writing, so whoever
+    /// reads the new status finds what led to it logged (a rolling
+    /// restart's next step never precedes the previous instance's
+    /// "serving" line), and whoever saw a line reads at least that status.
+    fn publish_with(&self, happened: &[Published]) {
         let status = InstanceStatus {
             state: self.machine.state().phase(),
             pid: self.machine.pid(),
@@ -713,6 +724,12 @@ impl Runner {
             },
         };
         self.status.send_if_modified(|current| {
+            // In the life's span, so every line carries its lifecycle id.
+            self.life.in_scope(|| {
+                for event in happened {
+                    self.spec.bus.record(event);
+                }
+            });
             let changed = *current != status;
             *current = status;
             changed
