@@ -175,43 +175,42 @@ async fn manage(
 ) {
     let mut plans = scaler.plans.subscribe();
     let mut running: HashMap<String, (Plan, CancellationToken)> = HashMap::new();
+    let wanted = plans.borrow_and_update().clone();
+    reconcile(&scaler, &reach, &wanted, &mut running, &cancel);
+    // Closed only when the conductor is going: no more start times then,
+    // but plans may still change until the cancel.
+    let mut events_open = true;
     loop {
-        let wanted = plans.borrow_and_update().clone();
-        reconcile(&scaler, &reach, &wanted, &mut running, &cancel);
-        loop {
-            tokio::select! {
-                event = events.recv() => match event {
-                    Ok(stamped) => {
-                        if let Event::Instance {
-                            plugin,
-                            what: InstanceEvent::Serving { startup, .. },
-                            ..
-                        } = &stamped.event
-                        {
-                            lock(&scaler.starts)
-                                .entry(plugin.to_string())
-                                .or_default()
-                                .record(*startup);
-                        }
+        tokio::select! {
+            event = events.recv(), if events_open => match event {
+                Ok(stamped) => {
+                    if let Event::Instance {
+                        plugin,
+                        what: InstanceEvent::Serving { startup, .. },
+                        ..
+                    } = &stamped.event
+                    {
+                        lock(&scaler.starts)
+                            .entry(plugin.to_string())
+                            .or_default()
+                            .record(*startup);
                     }
-                    // A few start times fewer: the percentile survives it.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => {
-                        // No more start times; plans still change.
-                        tokio::select! {
-                            _ = plans.changed() => break,
-                            () = cancel.cancelled() => return stop(running),
-                        }
-                    }
-                },
-                changed = plans.changed() => match changed {
-                    Ok(()) => break,
-                    Err(_) => return stop(running),
-                },
-                () = cancel.cancelled() => return stop(running),
+                }
+                // A few start times fewer: the percentile survives it.
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => events_open = false,
+            },
+            changed = plans.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let wanted = plans.borrow_and_update().clone();
+                reconcile(&scaler, &reach, &wanted, &mut running, &cancel);
             }
+            () = cancel.cancelled() => break,
         }
     }
+    stop(running);
 }
 
 fn stop(running: HashMap<String, (Plan, CancellationToken)>) {
