@@ -6,6 +6,7 @@ use prost::Message as _;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "demi/plugin/v1/plugin.proto",
+        "demi/plugin/v1/host.proto",
         "demi/conductor/v1/conductor.proto",
     ];
     for file in files {

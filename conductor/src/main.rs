@@ -90,12 +90,24 @@ enum Command {
         /// The job's kind.
         #[arg(long, default_value = "")]
         kind: String,
-        /// The payload, as text.
-        #[arg(long, default_value = "")]
-        payload: String,
-        /// Wait for the answer and print it.
+        #[command(flatten)]
+        payload: cli::Payload,
+        /// Wait for the answer and print it (as text, or as base64 when it
+        /// is binary).
         #[arg(long)]
         wait: bool,
+    },
+    /// Where a job is: queued, in flight, completed (with its answer),
+    /// dead-lettered, expired or unknown.
+    Job {
+        id: String,
+        /// Wait until the job has finished (at most --timeout).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(long)]
+        json: bool,
     },
     /// Replay a load trace (CSV) against the predictive scaler, the
     /// Kubernetes HPA and a static pool; print a table and write a plot.
@@ -364,13 +376,13 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
                 let request = pb::SubmitRequest {
                     plugin,
                     kind,
-                    payload: payload.into_bytes(),
+                    payload: payload.bytes()?,
                     ..Default::default()
                 };
                 if wait {
                     let outcome = cli::rpc(api.submit_and_wait(request).await)?;
                     if outcome.status == pb::job_outcome::Status::Completed as i32 {
-                        println!("{}", String::from_utf8_lossy(&outcome.payload));
+                        println!("{}", cli::shown(&outcome.payload));
                     } else {
                         eprintln!("job {} did not complete:", outcome.job_id);
                         for error in outcome.errors {
@@ -381,6 +393,23 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
                 } else {
                     println!("{}", cli::rpc(api.submit(request).await)?.job_id);
                 }
+            }
+            Command::Job {
+                id,
+                wait,
+                timeout,
+                json,
+            } => {
+                let state = if wait {
+                    let request = pb::WaitJobRequest {
+                        job_id: id,
+                        timeout: prost_types::Duration::try_from(timeout).ok(),
+                    };
+                    cli::rpc(api.wait_job(request).await)?
+                } else {
+                    cli::rpc(api.get_job(pb::GetJobRequest { job_id: id }).await)?
+                };
+                cli::print_job(&state, json);
             }
             Command::Dlq { command } => {
                 let letters = || async {
@@ -409,7 +438,7 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
                             "job      {}\nplugin   {}\nkind     {}\nattempts {}",
                             l.job_id, l.plugin, l.kind, l.attempts
                         );
-                        println!("payload  {}", String::from_utf8_lossy(&l.payload));
+                        println!("payload  {}", cli::shown(&l.payload));
                         for error in &l.errors {
                             println!("error    {error}");
                         }

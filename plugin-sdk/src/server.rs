@@ -416,4 +416,13 @@ impl<P: Plugin> pb::plugin_server::Plugin for PluginService<P> {
         self.work.stop.cancel();
         Ok(Response::new(pb::ShutdownResponse {}))
     }
+
+    async fn membership_changed(
+        &self,
+        _request: Request<pb::Membership>,
+    ) -> Result<Response<pb::MembershipChangedResponse>, Status> {
+        Err(Status::unimplemented(
+            "membership changes restart this plugin",
+        ))
+    }
 }

@@ -1,6 +1,7 @@
 //! The Demi Conductor wire contract, generated from `proto/*.proto`.
 //!
-//! `plugin::v1` is what every plugin serves; `conductor::v1` is the
+//! `plugin::v1` is what every plugin serves (`Plugin`) and what the
+//! conductor serves to plugins (`Host`); `conductor::v1` is the
 //! conductor's admin API. The standard `grpc.health.v1.Health` service
 //! comes from `tonic-health`.
 
@@ -40,8 +41,17 @@ pub mod handshake {
     pub const NAME_KEY: &str = "DEMI_PLUGIN_NAME";
     /// The replica index of this instance, from 0.
     pub const INSTANCE_KEY: &str = "DEMI_PLUGIN_INSTANCE";
-    /// The conductor's own API socket, for plugins that submit work.
+    /// How many replicas the instance's pool had when it started.
+    pub const REPLICAS_KEY: &str = "DEMI_PLUGIN_REPLICAS";
+    /// The conductor's plugin API socket (`demi.plugin.v1.Host`), never
+    /// the operator's.
     pub const CONDUCTOR_SOCKET_KEY: &str = "DEMI_CONDUCTOR_SOCKET";
+    /// The instance's token for the plugin API, sent on every call as
+    /// `authorization: Bearer TOKEN`. Valid while the instance exists.
+    pub const CONDUCTOR_TOKEN_KEY: &str = "DEMI_CONDUCTOR_TOKEN";
+    /// A private folder (0700) holding the plugin's credentials, one file
+    /// per `[plugins.NAME.credentials]` entry; unset when it has none.
+    pub const CREDENTIALS_DIRECTORY_KEY: &str = "DEMI_CREDENTIALS_DIRECTORY";
     /// Exit code for "this process was started wrongly": never restarted
     /// (sysexits.h `EX_CONFIG`).
     pub const EXIT_CONFIG: u8 = 78;

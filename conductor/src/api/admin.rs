@@ -8,12 +8,8 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use std::time::SystemTime;
-
-use demi_proto::trace::{TRACEPARENT, TraceParent};
-
+use super::jobs::{self, timestamp};
 use super::{Parts, ReloadError};
-use crate::dispatch::{DispatchError, Finished, Submission};
 use crate::events::{Event, InstanceEvent, Stamped};
 use crate::supervisor::{InstanceStatus, PluginView, SupervisorError};
 
@@ -64,44 +60,6 @@ fn autoscale(s: crate::scaler::live::Status) -> pb::Autoscale {
         decided_at: Some(prost_types::Timestamp::from(s.decided_at)),
         history: s.history as u32,
     }
-}
-
-fn submission(request: Request<pb::SubmitRequest>) -> Submission {
-    let trace = request
-        .metadata()
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceParent::parse);
-    let r = request.into_inner();
-    Submission {
-        plugin: r.plugin,
-        kind: r.kind,
-        payload: r.payload,
-        attributes: r.attributes,
-        idempotency_key: Some(r.idempotency_key).filter(|k| !k.is_empty()),
-        deadline: r.deadline.and_then(|d| SystemTime::try_from(d).ok()),
-        trace,
-    }
-}
-
-/// Dispatch errors to gRPC codes, at the edge.
-fn job_status(error: DispatchError) -> Status {
-    match &error {
-        DispatchError::NotFound(_) => Status::not_found(error.to_string()),
-        DispatchError::NoJobs(_) => Status::failed_precondition(error.to_string()),
-        DispatchError::QueueFull { .. } => Status::resource_exhausted(error.to_string()),
-        DispatchError::NoReplicas { .. } => Status::unavailable(error.to_string()),
-        DispatchError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
-        DispatchError::Store(_) => Status::internal(error.to_string()),
-        DispatchError::Stopping => Status::unavailable(error.to_string()),
-    }
-}
-
-fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    })
 }
 
 fn name_of(request: Request<pb::PluginRef>) -> Result<String, Status> {
@@ -247,9 +205,9 @@ impl pb::conductor_server::Conductor for Admin {
         let receipt = self
             .parts
             .dispatcher
-            .submit(submission(request))
+            .submit(jobs::submission(request, None))
             .await
-            .map_err(job_status)?;
+            .map_err(jobs::status)?;
         Ok(Response::new(pb::SubmitResponse {
             job_id: receipt.id,
             duplicate: receipt.duplicate,
@@ -257,31 +215,33 @@ impl pb::conductor_server::Conductor for Admin {
     }
 
     async fn submit_and_wait(&self, request: Request<pb::SubmitRequest>) -> Answer<pb::JobOutcome> {
-        use pb::job_outcome::Status as S;
         let (receipt, finished) = self
             .parts
             .dispatcher
-            .submit_and_wait(submission(request))
+            .submit_and_wait(jobs::submission(request, None))
             .await
-            .map_err(job_status)?;
-        let mut outcome = pb::JobOutcome {
-            job_id: receipt.id,
-            ..Default::default()
-        };
-        match finished {
-            None => outcome.status = S::Duplicate as i32,
-            Some(Finished::Completed { payload, attempts }) => {
-                outcome.status = S::Completed as i32;
-                outcome.payload = payload;
-                outcome.attempts = attempts;
-            }
-            Some(Finished::DeadLettered { errors, attempts }) => {
-                outcome.status = S::DeadLettered as i32;
-                outcome.errors = errors;
-                outcome.attempts = attempts;
-            }
-        }
-        Ok(Response::new(outcome))
+            .map_err(jobs::status)?;
+        Ok(Response::new(jobs::outcome(receipt, finished)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Answer<pb::JobState> {
+        let id = jobs::job_id(request.into_inner().job_id)?;
+        let state = self.parts.dispatcher.job(&id).await.map_err(jobs::status)?;
+        Ok(Response::new(jobs::state(id, state)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn wait_job(&self, request: Request<pb::WaitJobRequest>) -> Answer<pb::JobState> {
+        let request = request.into_inner();
+        let id = jobs::job_id(request.job_id)?;
+        let patience = jobs::patience(request.timeout)?;
+        let dispatcher = &self.parts.dispatcher;
+        let state = dispatcher
+            .wait_job(&id, patience)
+            .await
+            .map_err(jobs::status)?;
+        Ok(Response::new(jobs::state(id, state)))
     }
 
     #[tracing::instrument(skip_all)]
@@ -294,7 +254,7 @@ impl pb::conductor_server::Conductor for Admin {
             .dispatcher
             .dead_letters()
             .await
-            .map_err(job_status)?;
+            .map_err(jobs::status)?;
         Ok(Response::new(pb::ListDeadLettersResponse {
             dead_letters: letters
                 .into_iter()
@@ -333,7 +293,7 @@ impl pb::conductor_server::Conductor for Admin {
             .dispatcher
             .replay(ids)
             .await
-            .map_err(job_status)?;
+            .map_err(jobs::status)?;
         Ok(Response::new(pb::ReplayDeadLettersResponse { job_ids }))
     }
 
@@ -342,7 +302,7 @@ impl pb::conductor_server::Conductor for Admin {
         &self,
         _: Request<pb::PurgeDeadLettersRequest>,
     ) -> Answer<pb::PurgeDeadLettersResponse> {
-        let purged = self.parts.dispatcher.purge().await.map_err(job_status)?;
+        let purged = self.parts.dispatcher.purge().await.map_err(jobs::status)?;
         Ok(Response::new(pb::PurgeDeadLettersResponse {
             purged: purged as u64,
         }))

@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 pub mod config;
 pub mod health;
+mod jobs;
 
 pub use admin::Admin;
 pub use auth::BearerToken;

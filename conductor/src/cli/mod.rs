@@ -67,6 +67,107 @@ async fn connect(socket: &Path) -> anyhow::Result<Channel> {
     )
 }
 
+/// A job's payload from exactly one of the command line's sources.
+#[derive(Debug, clap::Args)]
+#[group(multiple = false)]
+pub struct Payload {
+    /// The payload, as text.
+    #[arg(long)]
+    payload: Option<String>,
+    /// The payload, read from this file as it is (binary is fine).
+    #[arg(long)]
+    payload_file: Option<PathBuf>,
+    /// The payload, as standard base64.
+    #[arg(long)]
+    payload_base64: Option<String>,
+}
+
+impl Payload {
+    pub fn bytes(self) -> anyhow::Result<Vec<u8>> {
+        use base64::Engine as _;
+        if let Some(path) = self.payload_file {
+            return std::fs::read(&path)
+                .with_context(|| format!("cannot read --payload-file {}", path.display()));
+        }
+        if let Some(text) = self.payload_base64 {
+            return base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .context("--payload-base64 is not standard base64");
+        }
+        Ok(self.payload.unwrap_or_default().into_bytes())
+    }
+}
+
+/// Bytes for a terminal: UTF-8 text as it is, anything else as
+/// `base64:…` (so a binary payload survives a copy and paste into
+/// `--payload-base64`).
+pub fn shown(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.contains('\0') => text.to_owned(),
+        _ => format!(
+            "base64:{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        ),
+    }
+}
+
+/// A job look-up, as a few labelled lines or JSON.
+pub fn print_job(state: &pb::JobState, as_json: bool) {
+    use base64::Engine as _;
+    let name = pb::job_state::State::try_from(state.state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("STATE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| state.state.to_string());
+    let at = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| t.seconds);
+    if as_json {
+        let answer = (!state.answer.is_empty()).then(|| match std::str::from_utf8(&state.answer) {
+            Ok(text) => json!({ "text": text }),
+            Err(_) => json!({
+                "base64": base64::engine::general_purpose::STANDARD.encode(&state.answer)
+            }),
+        });
+        let value = json!({
+            "job_id": state.job_id,
+            "state": name,
+            "plugin": (!state.plugin.is_empty()).then_some(&state.plugin),
+            "kind": (!state.kind.is_empty()).then_some(&state.kind),
+            "attempts": state.attempts,
+            "answer": answer,
+            "errors": state.errors,
+            "accepted_at": at(&state.accepted_at),
+            "finished_at": at(&state.finished_at),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return;
+    }
+    println!(
+        "job      {}
+state    {name}",
+        state.job_id
+    );
+    if !state.plugin.is_empty() {
+        println!(
+            "plugin   {}
+kind     {}",
+            state.plugin, state.kind
+        );
+        println!("attempts {}", state.attempts);
+    }
+    if state.state == pb::job_state::State::Completed as i32 {
+        println!("answer   {}", shown(&state.answer));
+    }
+    for error in &state.errors {
+        println!("error    {error}");
+    }
+}
+
 /// Calls that carry a gRPC error become one readable line.
 pub fn rpc<T>(result: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
     match result {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::api::config::ApiConfig;
+use crate::dispatch::config::JobsConfig;
 use crate::process::cgroup::config::CgroupPolicy;
 use crate::telemetry::config::{LogFormat, MetricsConfig};
 
@@ -44,6 +45,9 @@ pub struct DaemonConfig {
     /// `[conductor.api]`: TCP listener and its token.
     #[serde(default)]
     pub api: ApiConfig,
+    /// `[conductor.jobs]`: how long finished jobs can be looked up.
+    #[serde(default)]
+    pub jobs: JobsConfig,
 }
 
 impl DaemonConfig {
@@ -84,6 +88,7 @@ impl Default for DaemonConfig {
             plugin_dirs: Vec::new(),
             metrics: MetricsConfig::default(),
             api: ApiConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }

@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiError, Control as _};
 use crate::config::Config;
-use crate::dispatch::store::Store;
+use crate::dispatch::config::JobsConfig;
+use crate::dispatch::store::{Retention, Store};
 use crate::dispatch::{DispatchError, Dispatcher, StoreError};
 use crate::events::Bus;
 use crate::layout::Layout;
@@ -68,7 +69,7 @@ pub enum DaemonError {
 const DISPATCH_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The job store in `state_dir`, which is created private (0700).
-fn open_store(state_dir: &std::path::Path) -> Result<Store, DaemonError> {
+fn open_store(state_dir: &std::path::Path, jobs: &JobsConfig) -> Result<Store, DaemonError> {
     use std::os::unix::fs::PermissionsExt as _;
     let io = |source| DaemonError::StateDir {
         path: state_dir.to_owned(),
@@ -76,7 +77,11 @@ fn open_store(state_dir: &std::path::Path) -> Result<Store, DaemonError> {
     };
     std::fs::create_dir_all(state_dir).map_err(io)?;
     std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-    Ok(Store::open(&state_dir.join("jobs.db"))?)
+    let retention = Retention {
+        age: jobs.keep_answers,
+        bytes: jobs.keep_answers_bytes.as_u64(),
+    };
+    Ok(Store::open(&state_dir.join("jobs.db"), retention)?)
 }
 
 /// How long open API connections may take to close at shutdown.
@@ -231,7 +236,7 @@ impl Daemon {
         let scaler_events = bus.subscribe();
         let health_events = bus.subscribe();
         let supervisor = Supervisor::start(plan.pools, context);
-        let store = open_store(&config.conductor.state_dir)?;
+        let store = open_store(&config.conductor.state_dir, &config.conductor.jobs)?;
         let dispatching = CancellationToken::new();
         let dispatcher = Dispatcher::start(
             store.clone(),

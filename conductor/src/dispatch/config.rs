@@ -94,3 +94,25 @@ impl DispatchConfig {
         out
     }
 }
+
+/// `[conductor.jobs]`: what the job store keeps of finished jobs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// How long a completed job's answer can still be looked up
+    /// (`GetJob`, `WaitJob`, `conductor job`), and its idempotency key
+    /// still names it. "0s" keeps none.
+    #[serde(with = "humantime_serde")]
+    pub keep_answers: Duration,
+    /// At most this much answer data is kept; the oldest go first.
+    pub keep_answers_bytes: bytesize::ByteSize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            keep_answers: Duration::from_secs(600),
+            keep_answers_bytes: bytesize::ByteSize::mib(64),
+        }
+    }
+}

@@ -23,10 +23,11 @@ pub mod store;
 mod wake;
 
 pub use config::DispatchConfig;
+pub use store::Answer;
 pub use store::{DeadLetter, StoreError, StoredJob};
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,7 +43,7 @@ use crate::layout::Layout;
 use bulkhead::Permit;
 use lane::{Lane, NoSlot};
 use retry::Verdict;
-use store::{Accepted, Store, now_ms};
+use store::{Accepted, Found, Store, now_ms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -90,6 +91,9 @@ pub struct Submission {
     pub deadline: Option<SystemTime>,
     /// The submitter's trace, if it sent one.
     pub trace: Option<TraceParent>,
+    /// The plugin that submits it; `None` for an operator. Only it (and
+    /// operators) may look the job up.
+    pub submitter: Option<String>,
 }
 
 /// Proof of acceptance.
@@ -119,6 +123,48 @@ pub enum Finished {
     DeadLettered { errors: Vec<String>, attempts: u32 },
 }
 
+/// Where a job is, as a look-up finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    Unknown,
+    /// Accepted, waiting for a replica or for its next attempt.
+    Queued(StoredJob),
+    /// On a replica now, in its `attempt`th delivery.
+    InFlight {
+        job: StoredJob,
+        attempt: u32,
+    },
+    Completed(store::Answer),
+    DeadLettered(DeadLetter),
+    /// Finished longer ago than answers are kept.
+    Expired,
+}
+
+impl JobState {
+    /// The plugin that submitted the job (`None`: an operator, or the
+    /// store no longer knows).
+    pub fn submitter(&self) -> Option<&str> {
+        match self {
+            JobState::Queued(job) | JobState::InFlight { job, .. } => job.submitter.as_deref(),
+            JobState::DeadLettered(letter) => letter.job.submitter.as_deref(),
+            JobState::Completed(answer) => answer.submitter.as_deref(),
+            JobState::Unknown | JobState::Expired => None,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self,
+            JobState::Completed(_) | JobState::DeadLettered(_) | JobState::Expired
+        )
+    }
+}
+
+/// Longest a `WaitJob` waits before it answers the state as it is.
+pub const MAX_JOB_WAIT: Duration = Duration::from_secs(300);
+
+type Waiters = HashMap<String, Vec<(u64, oneshot::Sender<Finished>)>>;
+
 /// What a plugin is to dispatch.
 #[derive(Clone)]
 enum Route {
@@ -133,7 +179,10 @@ pub struct Dispatcher {
     layout: Layout,
     bus: Bus,
     routes: Mutex<HashMap<String, Route>>,
-    waiters: Mutex<HashMap<String, oneshot::Sender<Finished>>>,
+    /// Whoever waits for a job's end, by job id: its submitter, look-ups.
+    waiters: Mutex<Waiters>,
+    /// Jobs on a replica now, with their attempt number.
+    flights: Mutex<HashMap<String, u32>>,
     cancel: CancellationToken,
     /// Every delivery in flight; drained at shutdown.
     tasks: TaskTracker,
@@ -170,6 +219,7 @@ impl Dispatcher {
             bus,
             routes: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
             cancel,
             tasks: TaskTracker::new(),
             workers: TaskTracker::new(),
@@ -343,7 +393,7 @@ impl Dispatcher {
         let finished = tokio::select! {
             finished = rx => finished.map_err(|_| DispatchError::Stopping)?,
             () = stranded => {
-                lock(&self.waiters).remove(&receipt.id);
+                self.unwait(&receipt.id, SUBMITTER);
                 return Err(DispatchError::NoReplicas {
                     plugin: lane.plugin.to_string(),
                     job: receipt.id,
@@ -397,6 +447,7 @@ impl Dispatcher {
             accepted_ms: now_ms(),
             attempts: 0,
             trace: Some(trace.to_string()),
+            submitter: submission.submitter,
         };
         let receipt = match self.store.accept(job.clone()).await? {
             Accepted::Duplicate(id) => {
@@ -408,7 +459,10 @@ impl Dispatcher {
             }
             Accepted::New => {
                 if let Some(waiter) = waiter {
-                    lock(&self.waiters).insert(job.id.clone(), waiter);
+                    lock(&self.waiters)
+                        .entry(job.id.clone())
+                        .or_default()
+                        .push((SUBMITTER, waiter));
                 }
                 lane.publish(&self.bus, JobEvent::Submitted);
                 let id = job.id.clone();
@@ -424,6 +478,60 @@ impl Dispatcher {
             }
         };
         Ok((receipt, lane))
+    }
+
+    /// Where job `id` is now.
+    pub async fn job(&self, id: &str) -> Result<JobState, DispatchError> {
+        Ok(match self.store.find(id).await? {
+            Found::Pending(job) => match lock(&self.flights).get(id) {
+                Some(&attempt) => JobState::InFlight { job, attempt },
+                None => JobState::Queued(job),
+            },
+            Found::Completed(answer) => JobState::Completed(answer),
+            Found::Dead(letter) => JobState::DeadLettered(letter),
+            Found::Expired => JobState::Expired,
+            Found::Unknown => JobState::Unknown,
+        })
+    }
+
+    /// [`Dispatcher::job`] once the job has finished, or once `patience`
+    /// (at most [`MAX_JOB_WAIT`]) is up.
+    pub async fn wait_job(&self, id: &str, patience: Duration) -> Result<JobState, DispatchError> {
+        static NEXT_WAITER: AtomicU64 = AtomicU64::new(SUBMITTER + 1);
+        let (tx, rx) = oneshot::channel();
+        let token = NEXT_WAITER.fetch_add(1, Ordering::Relaxed);
+        // Registered before the look-up: a job that ends in between still
+        // wakes this wait, and the look-up after it sees the end.
+        lock(&self.waiters)
+            .entry(id.to_owned())
+            .or_default()
+            .push((token, tx));
+        let state = self.job(id).await;
+        if !matches!(&state, Ok(JobState::Queued(_) | JobState::InFlight { .. })) {
+            self.unwait(id, token);
+            return state;
+        }
+        let ended = tokio::select! {
+            ended = tokio::time::timeout(patience.min(MAX_JOB_WAIT), rx) => ended,
+            () = self.cancel.cancelled() => {
+                self.unwait(id, token);
+                return Err(DispatchError::Stopping);
+            }
+        };
+        if ended.is_err() {
+            self.unwait(id, token);
+        }
+        self.job(id).await
+    }
+
+    fn unwait(&self, id: &str, token: u64) {
+        let mut waiters = lock(&self.waiters);
+        if let Some(list) = waiters.get_mut(id) {
+            list.retain(|(t, _)| *t != token);
+            if list.is_empty() {
+                waiters.remove(id);
+            }
+        }
     }
 
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, DispatchError> {
@@ -488,8 +596,11 @@ impl Dispatcher {
     }
 
     fn finish(&self, id: &str, finished: Finished) {
-        if let Some(waiter) = lock(&self.waiters).remove(id) {
-            let _ = waiter.send(finished);
+        let Some(waiters) = lock(&self.waiters).remove(id) else {
+            return;
+        };
+        for (_, waiter) in waiters {
+            let _ = waiter.send(finished.clone());
         }
     }
 }
@@ -497,6 +608,9 @@ impl Dispatcher {
 fn random() -> u64 {
     fastrand::u64(..)
 }
+
+/// The waiter token of a job's own submitter (look-ups take others).
+const SUBMITTER: u64 = 0;
 
 /// 32 hex digits, milliseconds since the epoch first (as in UUIDv7):
 /// ids made close in time sort together, so the store's index on them
@@ -676,10 +790,15 @@ impl Delivery {
         };
         let attempt_started = Instant::now();
         let call = slot.link.handle(request(job), self.trace.child(random));
+        lock(&self.dispatcher.flights).insert(job.id.clone(), job.attempts);
         let answer = tokio::select! {
             answer = tokio::time::timeout(timeout, call) => answer.ok(),
-            () = self.dispatcher.cancel.cancelled() => return Err(End::Stopping),
+            () = self.dispatcher.cancel.cancelled() => None,
         };
+        lock(&self.dispatcher.flights).remove(&job.id);
+        if answer.is_none() && self.dispatcher.cancel.is_cancelled() {
+            return Err(End::Stopping);
+        }
         let replica = slot.index;
         drop(slot);
         let (bus, lane) = (&self.dispatcher.bus, &self.lane);
@@ -694,10 +813,12 @@ impl Delivery {
                 let busy = attempt_started.elapsed().as_micros() as u64;
                 lane.load.busy_micros.fetch_add(busy, Ordering::Relaxed);
                 lane.load.completed.fetch_add(1, Ordering::Relaxed);
-                self.dispatcher.store.complete(&job.id);
+                let attempts = job.attempts;
+                self.dispatcher
+                    .store
+                    .complete(&job.id, payload.clone(), attempts);
                 let took = self.started.elapsed();
                 lane.publish(bus, JobEvent::Completed { took });
-                let attempts = job.attempts;
                 let answer = Finished::Completed { payload, attempts };
                 self.dispatcher.finish(&job.id, answer);
                 Err(End::Answered)

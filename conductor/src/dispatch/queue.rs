@@ -193,6 +193,7 @@ mod tests {
             accepted_ms: 0,
             attempts: 0,
             trace: None,
+            submitter: None,
         }
     }
 

@@ -1,5 +1,7 @@
-//! Durable job state in SQLite: accepted-but-unfinished jobs and dead
-//! letters, so a crash or restart of the conductor loses no accepted job.
+//! Durable job state in SQLite: accepted-but-unfinished jobs, dead
+//! letters, and the answers of completed jobs for a while, so a crash or
+//! restart of the conductor loses no accepted job and a submitter can
+//! still ask for an answer it did not wait for.
 //!
 //! One thread owns the connection. It drains every pending operation into
 //! one transaction and answers only after the commit (group commit): a
@@ -47,6 +49,48 @@ pub struct StoredJob {
     pub attempts: u32,
     /// W3C traceparent of the job's trace.
     pub trace: Option<String>,
+    /// The plugin that submitted it; `None` for an operator.
+    pub submitter: Option<String>,
+}
+
+/// A completed job's answer, as long as answers are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub id: String,
+    pub plugin: String,
+    pub kind: String,
+    pub submitter: Option<String>,
+    pub payload: Vec<u8>,
+    pub attempts: u32,
+    pub accepted_ms: i64,
+    pub finished_ms: i64,
+}
+
+/// What the store knows of one job id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Accepted and not finished.
+    Pending(StoredJob),
+    Completed(Answer),
+    Dead(DeadLetter),
+    /// Finished, and its answer is no longer kept.
+    Expired,
+    Unknown,
+}
+
+/// How long, and how much, completed jobs' answers are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub age: Duration,
+    pub bytes: u64,
+}
+
+impl Retention {
+    /// Nothing kept: what the store's own tests use unless they test it.
+    pub const NONE: Self = Self {
+        age: Duration::ZERO,
+        bytes: 0,
+    };
 }
 
 /// A job that will not be delivered again unless replayed.
@@ -82,7 +126,10 @@ enum Op {
     },
     Complete {
         id: String,
+        answer: Vec<u8>,
+        attempts: u32,
     },
+    Find(String, Reply<Found>),
     DeadLetter(DeadLetter, Reply<()>),
     Pending(Reply<Vec<StoredJob>>),
     ListDead(Reply<Vec<DeadLetter>>),
@@ -110,8 +157,9 @@ pub struct Progress {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens (creating if needed) the database at `path`, keeping
+    /// completed jobs' answers as `retention` says.
+    pub fn open(path: &Path, retention: Retention) -> Result<Self, StoreError> {
         let error = |e: rusqlite::Error| StoreError::Sqlite {
             path: path.to_owned(),
             reason: e.to_string(),
@@ -120,6 +168,14 @@ impl Store {
         // WAL: readers never block the writer. synchronous=NORMAL in WAL
         // survives any crash of the conductor (not of the machine's power).
         connection.execute_batch(SCHEMA).map_err(error)?;
+        migrate(&connection).map_err(error)?;
+        let answer_bytes: i64 = connection
+            .query_row(
+                "SELECT COALESCE(SUM(length(answer)), 0) FROM answers",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(error)?;
         let (ops, rx) = std_mpsc::channel();
         let (progress, watched) = watch::channel(Progress::default());
         let owned = path.to_owned();
@@ -131,6 +187,12 @@ impl Store {
                     path: owned,
                     held: HashMap::new(),
                     progress,
+                    answers: Kept {
+                        retention,
+                        bytes: answer_bytes.max(0) as u64,
+                        dropped_through: None,
+                        pruned_at: std::time::Instant::now(),
+                    },
                 }
                 .run(rx)
             })
@@ -167,10 +229,19 @@ impl Store {
         });
     }
 
-    /// Forgets a finished job (not awaited: a crash before the commit
-    /// means one more delivery, which at-least-once allows).
-    pub fn complete(&self, id: &str) {
-        let _ = self.ops.send(Op::Complete { id: id.to_owned() });
+    /// Moves a finished job to the answers (not awaited: a crash before
+    /// the commit means one more delivery, which at-least-once allows).
+    pub fn complete(&self, id: &str, answer: Vec<u8>, attempts: u32) {
+        let _ = self.ops.send(Op::Complete {
+            id: id.to_owned(),
+            answer,
+            attempts,
+        });
+    }
+
+    /// Where job `id` is, after everything sent before this call.
+    pub async fn find(&self, id: &str) -> Result<Found, StoreError> {
+        self.ask(|reply| Op::Find(id.to_owned(), reply)).await
     }
 
     /// Moves a job to the dead letters; returns once committed.
@@ -237,9 +308,44 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     dead_ms INTEGER NOT NULL,
     errors TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS answers (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    plugin TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    submitter TEXT,
+    idempotency_key TEXT,
+    answer BLOB NOT NULL,
+    attempts INTEGER NOT NULL,
+    accepted_ms INTEGER NOT NULL,
+    finished_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS answers_idempotency
+    ON answers (plugin, idempotency_key) WHERE idempotency_key IS NOT NULL;
 ";
 
-const JOB_COLUMNS: &str = "id, plugin, kind, payload, attributes, idempotency_key, deadline_ms, accepted_ms, attempts, trace";
+/// Columns added after the first release, to tables an older conductor
+/// may have created without them.
+fn migrate(db: &Connection) -> rusqlite::Result<()> {
+    for table in ["jobs", "dead_letters"] {
+        let has: bool = db.query_row(
+            &format!(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = 'submitter'"
+            ),
+            [],
+            |r| r.get(0),
+        )?;
+        if !has {
+            db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN submitter TEXT"))?;
+        }
+    }
+    Ok(())
+}
+
+const JOB_COLUMNS: &str = "id, plugin, kind, payload, attributes, idempotency_key, deadline_ms, accepted_ms, attempts, trace, submitter";
+
+/// How often answers past their age are deleted, at most.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 struct Writer {
     db: Connection,
@@ -247,6 +353,19 @@ struct Writer {
     /// Attempt counts from the last transaction, not written yet.
     held: HashMap<String, u32>,
     progress: watch::Sender<Progress>,
+    answers: Kept,
+}
+
+/// The bookkeeping of the answers table.
+struct Kept {
+    retention: Retention,
+    /// Bytes of answers kept now.
+    bytes: u64,
+    /// The newest job id whose answer was dropped (not kept, or evicted
+    /// for room): ids sort by time, so any id up to it that the store no
+    /// longer has finished and expired.
+    dropped_through: Option<String>,
+    pruned_at: std::time::Instant,
 }
 
 /// Replies held until the batch's commit.
@@ -300,7 +419,7 @@ impl Writer {
         let finished: std::collections::HashSet<String> = batch
             .iter()
             .filter_map(|op| match op {
-                Op::Complete { id } => Some(id.clone()),
+                Op::Complete { id, .. } => Some(id.clone()),
                 _ => None,
             })
             .collect();
@@ -336,10 +455,22 @@ impl Writer {
                     self.held.insert(id, attempts);
                 }
                 Op::Attempt { id, attempts } => due.push((id, attempts)),
-                Op::Complete { id } => {
+                Op::Complete {
+                    id,
+                    answer,
+                    attempts,
+                } => {
+                    let kept = self.answers.keep(&tx, &id, &answer, attempts);
+                    if let Err(error) = kept {
+                        tracing::warn!(job = %id, %error, "cannot keep a job's answer");
+                    }
                     let _ = tx
                         .prepare_cached("DELETE FROM jobs WHERE id = ?1")
                         .and_then(|mut s| s.execute(params![id]));
+                }
+                Op::Find(id, reply) => {
+                    let found = self.answers.find(&tx, &id);
+                    let _ = reply.send(found.map_err(|e| sqlite(&self.path, e)));
                 }
                 Op::DeadLetter(letter, reply) => {
                     let result = bury(&tx, &letter).map_err(|e| sqlite(&self.path, e));
@@ -370,6 +501,9 @@ impl Writer {
                 .prepare_cached("UPDATE jobs SET attempts = ?1 WHERE id = ?2")
                 .and_then(|mut s| s.execute(params![attempts, id]));
         }
+        if let Err(error) = self.answers.prune(&tx) {
+            tracing::warn!(%error, "cannot drop old answers");
+        }
         let committed = tx.commit().map_err(|e| self.error(e));
         let held = self.held.len();
         self.progress.send_modify(|p| {
@@ -389,6 +523,163 @@ impl Writer {
     }
 }
 
+impl Kept {
+    /// Copies a completing job's answer into `answers`, if answers are
+    /// kept and this one fits at all.
+    fn keep(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        id: &str,
+        answer: &[u8],
+        attempts: u32,
+    ) -> rusqlite::Result<()> {
+        let size = answer.len() as u64;
+        if self.retention.age.is_zero() || size > self.retention.bytes {
+            self.dropped(id);
+            return Ok(());
+        }
+        let inserted = tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO answers (id, plugin, kind, submitter, idempotency_key, \
+                 answer, attempts, accepted_ms, finished_ms) \
+                 SELECT id, plugin, kind, submitter, idempotency_key, ?2, ?3, accepted_ms, ?4 \
+                 FROM jobs WHERE id = ?1",
+            )?
+            .execute(params![id, answer, attempts, now_ms()])?;
+        if inserted > 0 {
+            self.bytes += size;
+        }
+        Ok(())
+    }
+
+    fn dropped(&mut self, id: &str) {
+        if self.dropped_through.as_deref().is_none_or(|d| d < id) {
+            self.dropped_through = Some(id.to_owned());
+        }
+    }
+
+    /// Drops answers past their age (at most every [`PRUNE_EVERY`]) and,
+    /// oldest first, those beyond the byte bound.
+    fn prune(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        let over = self.bytes > self.retention.bytes;
+        if !over && self.pruned_at.elapsed() < PRUNE_EVERY {
+            return Ok(());
+        }
+        self.pruned_at = std::time::Instant::now();
+        let horizon = now_ms() - self.retention.age.as_millis() as i64;
+        let newest_old: Option<String> = tx
+            .prepare_cached("SELECT MAX(id) FROM answers WHERE finished_ms < ?1")?
+            .query_row(params![horizon], |r| r.get(0))?;
+        if let Some(id) = newest_old {
+            tx.prepare_cached("DELETE FROM answers WHERE finished_ms < ?1")?
+                .execute(params![horizon])?;
+            self.dropped(&id);
+        }
+        let mut bytes: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(length(answer)), 0) FROM answers",
+            [],
+            |r| r.get(0),
+        )?;
+        while bytes.max(0) as u64 > self.retention.bytes {
+            let mut oldest = tx.prepare_cached(
+                "SELECT seq, id, length(answer) FROM answers ORDER BY seq LIMIT 64",
+            )?;
+            let rows: Vec<(i64, String, i64)> = oldest
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            if rows.is_empty() {
+                break;
+            }
+            for (seq, id, size) in rows {
+                if bytes.max(0) as u64 <= self.retention.bytes {
+                    break;
+                }
+                tx.prepare_cached("DELETE FROM answers WHERE seq = ?1")?
+                    .execute(params![seq])?;
+                bytes -= size;
+                self.dropped(&id);
+            }
+        }
+        self.bytes = bytes.max(0) as u64;
+        Ok(())
+    }
+
+    fn find(&self, tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<Found> {
+        find(tx, id, self.retention, self.dropped_through.as_deref())
+    }
+}
+
+/// Where job `id` is: pending, answered, dead, or gone. A job the store
+/// no longer has expired if its id says it finished before the answers
+/// kept now (ids start with their acceptance time).
+fn find(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    retention: Retention,
+    dropped_through: Option<&str>,
+) -> rusqlite::Result<Found> {
+    let pending = tx
+        .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
+        .query_row(params![id], job_from_row)
+        .optional()?;
+    if let Some(job) = pending {
+        return Ok(Found::Pending(job));
+    }
+    let answer = tx
+        .prepare_cached(
+            "SELECT id, plugin, kind, submitter, answer, attempts, accepted_ms, finished_ms \
+             FROM answers WHERE id = ?1",
+        )?
+        .query_row(params![id], |r| {
+            Ok(Answer {
+                id: r.get(0)?,
+                plugin: r.get(1)?,
+                kind: r.get(2)?,
+                submitter: r.get(3)?,
+                payload: r.get(4)?,
+                attempts: r.get(5)?,
+                accepted_ms: r.get(6)?,
+                finished_ms: r.get(7)?,
+            })
+        })
+        .optional()?;
+    let horizon = now_ms() - retention.age.as_millis() as i64;
+    if let Some(answer) = answer {
+        // Pruning runs with writes; an idle store may still hold it.
+        return Ok(match answer.finished_ms < horizon {
+            true => Found::Expired,
+            false => Found::Completed(answer),
+        });
+    }
+    let dead = tx
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS}, dead_ms, errors FROM dead_letters WHERE id = ?1"
+        ))?
+        .query_row(params![id], dead_from_row)
+        .optional()?;
+    if let Some(letter) = dead {
+        return Ok(Found::Dead(letter));
+    }
+    let Some(accepted_ms) = accepted_ms_of(id) else {
+        return Ok(Found::Unknown);
+    };
+    let expired = accepted_ms < horizon || dropped_through.is_some_and(|d| id <= d);
+    Ok(if expired {
+        Found::Expired
+    } else {
+        Found::Unknown
+    })
+}
+
+/// The acceptance time a job id starts with (see `dispatch::job_id`), or
+/// `None` for a string that is no id of ours.
+pub fn accepted_ms_of(id: &str) -> Option<i64> {
+    if id.len() != 32 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    i64::from_str_radix(&id[..12], 16).ok()
+}
+
 fn sqlite(path: &Path, e: rusqlite::Error) -> StoreError {
     StoreError::Sqlite {
         path: path.to_owned(),
@@ -401,6 +692,7 @@ fn fail(op: Op, error: StoreError) {
         Op::Accept(_, reply) => drop(reply.send(Err(error))),
         Op::DeadLetter(_, reply) | Op::Flush(reply) => drop(reply.send(Err(error))),
         Op::Pending(reply) | Op::Replay(_, reply) => drop(reply.send(Err(error))),
+        Op::Find(_, reply) => drop(reply.send(Err(error))),
         Op::ListDead(reply) => drop(reply.send(Err(error))),
         Op::Purge(reply) => drop(reply.send(Err(error))),
         Op::Attempt { .. } | Op::Complete { .. } => {}
@@ -414,6 +706,8 @@ fn insert_job(tx: &rusqlite::Transaction<'_>, job: &StoredJob) -> rusqlite::Resu
                 "SELECT id FROM jobs WHERE plugin = ?1 AND idempotency_key = ?2
                  UNION ALL
                  SELECT id FROM dead_letters WHERE plugin = ?1 AND idempotency_key = ?2
+                 UNION ALL
+                 SELECT id FROM answers WHERE plugin = ?1 AND idempotency_key = ?2
                  LIMIT 1",
             )?
             .query_row(params![job.plugin, key], |row| row.get(0))
@@ -436,12 +730,12 @@ fn bury(tx: &rusqlite::Transaction<'_>, letter: &DeadLetter) -> rusqlite::Result
 }
 
 const INSERT_JOB: &str = "INSERT INTO jobs (id, plugin, kind, payload, attributes, \
-    idempotency_key, deadline_ms, accepted_ms, attempts, trace) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+    idempotency_key, deadline_ms, accepted_ms, attempts, trace, submitter) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
 const INSERT_DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters (id, plugin, kind, \
-    payload, attributes, idempotency_key, deadline_ms, accepted_ms, attempts, trace, dead_ms, \
-    errors) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+    payload, attributes, idempotency_key, deadline_ms, accepted_ms, attempts, trace, submitter, \
+    dead_ms, errors) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
 /// Inserts `job`'s columns, then `extra`, with the cached statement `sql`.
 fn insert_row(
@@ -462,6 +756,7 @@ fn insert_row(
         &job.accepted_ms,
         &job.attempts,
         &job.trace,
+        &job.submitter,
     ];
     values.extend_from_slice(extra);
     tx.prepare_cached(sql)?
@@ -486,6 +781,16 @@ fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
         accepted_ms: row.get(7)?,
         attempts: row.get(8)?,
         trace: row.get(9)?,
+        submitter: row.get(10)?,
+    })
+}
+
+fn dead_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    let errors: String = row.get(12)?;
+    Ok(DeadLetter {
+        job: job_from_row(row)?,
+        dead_ms: row.get(11)?,
+        errors: serde_json::from_str(&errors).unwrap_or_default(),
     })
 }
 
@@ -498,16 +803,7 @@ fn dead_letters(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<DeadLett
     let mut statement = tx.prepare(&format!(
         "SELECT {JOB_COLUMNS}, dead_ms, errors FROM dead_letters ORDER BY seq"
     ))?;
-    statement
-        .query_map([], |row| {
-            let errors: String = row.get(11)?;
-            Ok(DeadLetter {
-                job: job_from_row(row)?,
-                dead_ms: row.get(10)?,
-                errors: serde_json::from_str(&errors).unwrap_or_default(),
-            })
-        })?
-        .collect()
+    statement.query_map([], dead_from_row)?.collect()
 }
 
 fn replay(
@@ -555,6 +851,7 @@ mod tests {
             accepted_ms: now_ms(),
             attempts: 0,
             trace: None,
+            submitter: None,
         }
     }
 
@@ -562,7 +859,7 @@ mod tests {
     async fn accepted_jobs_survive_a_reopen_until_completed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, Retention::NONE).unwrap();
         for i in 0..100 {
             assert_eq!(
                 store.accept(job(&format!("j{i}"), None)).await,
@@ -570,11 +867,11 @@ mod tests {
             );
         }
         store.attempt("j0", 2);
-        store.complete("j1");
+        store.complete("j1", Vec::new(), 1);
         store.flush().await.unwrap();
         drop(store);
 
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, Retention::NONE).unwrap();
         let pending = store.pending().await.unwrap();
         assert_eq!(pending.len(), 99);
         assert_eq!(pending[0].id, "j0");
@@ -586,7 +883,7 @@ mod tests {
     #[tokio::test]
     async fn a_held_attempt_count_is_written_once_the_store_is_quiet() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let store = Store::open(&dir.path().join("jobs.db"), Retention::NONE).unwrap();
         store.accept(job("a", None)).await.unwrap();
         let mut progress = store.progress();
         let before = progress.borrow_and_update().commits;
@@ -606,7 +903,7 @@ mod tests {
     #[tokio::test]
     async fn idempotency_keys_return_the_first_job() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let store = Store::open(&dir.path().join("jobs.db"), Retention::NONE).unwrap();
         assert_eq!(store.accept(job("a", Some("k1"))).await, Ok(Accepted::New));
         assert_eq!(
             store.accept(job("b", Some("k1"))).await,
@@ -620,7 +917,7 @@ mod tests {
     async fn dead_letters_keep_their_errors_and_replay_resets_attempts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, Retention::NONE).unwrap();
         store.accept(job("a", Some("k"))).await.unwrap();
         store.accept(job("b", None)).await.unwrap();
         let letter = |id: &str| DeadLetter {
@@ -636,7 +933,7 @@ mod tests {
         assert!(store.pending().await.unwrap().is_empty());
         drop(store);
 
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, Retention::NONE).unwrap();
         let letters = store.dead_letters().await.unwrap();
         assert_eq!(letters.len(), 2);
         assert_eq!(letters[0].errors.len(), 2);
@@ -648,5 +945,104 @@ mod tests {
         assert_eq!(store.dead_letters().await.unwrap().len(), 1);
         assert_eq!(store.purge().await, Ok(1));
         assert!(store.dead_letters().await.unwrap().is_empty());
+    }
+
+    /// A real job id accepted `ago` in the past (see `dispatch::job_id`).
+    fn id_from(ago: Duration, noise: u64) -> String {
+        let ms = (now_ms() - ago.as_millis() as i64) as u128;
+        format!("{:032x}", ms << 80 | u128::from(noise))
+    }
+
+    #[tokio::test]
+    async fn find_tells_every_state_and_answers_are_kept_then_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            age: Duration::from_secs(600),
+            bytes: 1 << 20,
+        };
+        let store = Store::open(&dir.path().join("jobs.db"), retention).unwrap();
+        let (queued, done, dead) = (
+            id_from(Duration::ZERO, 1),
+            id_from(Duration::ZERO, 2),
+            id_from(Duration::ZERO, 3),
+        );
+        for id in [&queued, &done, &dead] {
+            let mut j = job(id, Some(id));
+            j.submitter = Some("bridge".into());
+            store.accept(j).await.unwrap();
+        }
+        store.complete(&done, b"answer".to_vec(), 2);
+        store
+            .dead_letter(DeadLetter {
+                job: job(&dead, None),
+                dead_ms: now_ms(),
+                errors: vec!["boom".into()],
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(store.find(&queued).await, Ok(Found::Pending(j)) if j.submitter.as_deref() == Some("bridge"))
+        );
+        match store.find(&done).await.unwrap() {
+            Found::Completed(a) => {
+                assert_eq!((a.payload.as_slice(), a.attempts), (&b"answer"[..], 2));
+                assert_eq!(a.submitter.as_deref(), Some("bridge"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(store.find(&dead).await, Ok(Found::Dead(l)) if l.errors == ["boom"]));
+        assert_eq!(
+            store.find(&id_from(Duration::ZERO, 9)).await,
+            Ok(Found::Unknown)
+        );
+        assert_eq!(store.find("not-an-id").await, Ok(Found::Unknown));
+        assert_eq!(
+            store.find(&id_from(Duration::from_secs(3600), 9)).await,
+            Ok(Found::Expired),
+            "older than the answers kept"
+        );
+        // A completed job's key still names it while its answer is kept.
+        let again = job(&id_from(Duration::ZERO, 4), Some(&done));
+        assert_eq!(
+            store.accept(again).await,
+            Ok(Accepted::Duplicate(done.clone()))
+        );
+        drop(store);
+        let store = Store::open(&dir.path().join("jobs.db"), retention).unwrap();
+        assert!(
+            matches!(store.find(&done).await, Ok(Found::Completed(_))),
+            "kept across a restart"
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_beyond_the_byte_bound_go_oldest_first_and_read_as_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            age: Duration::from_secs(600),
+            bytes: 250,
+        };
+        let store = Store::open(&dir.path().join("jobs.db"), retention).unwrap();
+        let ids: Vec<String> = (0..5).map(|i| id_from(Duration::ZERO, i + 1)).collect();
+        for id in &ids {
+            store.accept(job(id, None)).await.unwrap();
+            store.complete(id, vec![7; 100], 1);
+        }
+        store.flush().await.unwrap();
+        let mut states = Vec::new();
+        for id in &ids {
+            states.push(match store.find(id).await.unwrap() {
+                Found::Completed(_) => "kept",
+                Found::Expired => "expired",
+                other => panic!("{other:?}"),
+            });
+        }
+        assert_eq!(states, ["expired", "expired", "expired", "kept", "kept"]);
+
+        let nothing = Store::open(&dir.path().join("none.db"), Retention::NONE).unwrap();
+        let id = id_from(Duration::ZERO, 1);
+        nothing.accept(job(&id, None)).await.unwrap();
+        nothing.complete(&id, b"x".to_vec(), 1);
+        assert_eq!(nothing.find(&id).await, Ok(Found::Expired));
     }
 }
