@@ -21,7 +21,7 @@ run: build
 	./target/debug/conductor run --config $(CONFIG)
 
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --examples
 
 # What CI runs: style and lints first (cheap, fail fast), then every test
 # against freshly built binaries; nextest runs last so its summary closes

@@ -27,6 +27,22 @@ impl Layout {
         self.root.join("conductor.sock")
     }
 
+    /// The plugin API's socket (`demi.plugin.v1.Host`): what plugins get
+    /// as `DEMI_CONDUCTOR_SOCKET`.
+    pub fn plugin_api_socket(&self) -> PathBuf {
+        self.root.join("plugin-api.sock")
+    }
+
+    /// Where instances' private credential folders live.
+    pub fn credentials_root(&self) -> PathBuf {
+        self.root.join("credentials")
+    }
+
+    /// Instance `index` of `plugin`'s credential folder.
+    pub fn credentials_dir(&self, plugin: &str, index: u32) -> PathBuf {
+        self.credentials_root().join(format!("{plugin}-{index}"))
+    }
+
     /// The lock that keeps a second conductor off this folder.
     pub fn lock_file(&self) -> PathBuf {
         self.root.join("conductor.lock")

@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod events;
 pub mod layout;
+pub mod limits;
 pub mod process;
 pub mod rpc;
 pub mod scaler;

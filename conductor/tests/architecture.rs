@@ -399,10 +399,18 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("dispatch", &["rpc", "events", "layout", "backoff"]),
     ("scaler", &["events"]),
+    ("limits", &[]),
     ("telemetry", &["events"]),
     (
         "api",
-        &["supervisor", "dispatch", "scaler", "config", "events"],
+        &[
+            "supervisor",
+            "dispatch",
+            "scaler",
+            "limits",
+            "config",
+            "events",
+        ],
     ),
     ("conformance", &["process", "rpc"]),
 ];

@@ -1,20 +1,27 @@
-//! Submitting work to other plugins through the conductor.
+//! The conductor's plugin API, as a client: submitting work to other
+//! plugins, looking jobs up, the pool's membership and shared limits.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use demi_proto::conductor::v1 as pb;
+use demi_proto::plugin::v1 as host;
 use demi_proto::trace::{TRACEPARENT, TraceParent};
-use pb::conductor_client::ConductorClient;
+use host::host_client::HostClient;
+use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::handshake::CONDUCTOR_SOCKET_KEY;
+use crate::handshake::{CONDUCTOR_SOCKET_KEY, CONDUCTOR_TOKEN_KEY};
+use crate::membership::Membership;
 
-/// Why a submission failed.
+/// Why a call to the conductor failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{CONDUCTOR_SOCKET_KEY} is not set: this process was not started by a conductor")]
+    #[error(
+        "{CONDUCTOR_SOCKET_KEY} or {CONDUCTOR_TOKEN_KEY} is not set: this process was not \
+         started by a conductor"
+    )]
     NoSocket,
     #[error("cannot reach the conductor at {socket}: {source}")]
     Connect {
@@ -22,7 +29,8 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     /// The conductor refused or failed the call; `RESOURCE_EXHAUSTED` means
-    /// the target's queue is full: back off and try again.
+    /// the target's queue is full: back off and try again;
+    /// `PERMISSION_DENIED`, that the plugin's config does not allow it.
     #[error("{}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
 }
@@ -98,6 +106,61 @@ impl Submit {
     }
 }
 
+/// Where a job is, as [`Conductor::job`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobStatus {
+    /// No such job (or not one this conductor ever accepted).
+    Unknown,
+    /// Accepted, waiting for a replica (`attempts` made so far).
+    Queued {
+        attempts: u32,
+    },
+    /// On a replica now, in its `attempt`th delivery.
+    InFlight {
+        attempt: u32,
+    },
+    Completed {
+        answer: Vec<u8>,
+        attempts: u32,
+    },
+    DeadLettered {
+        errors: Vec<String>,
+    },
+    /// It finished longer ago than the conductor keeps answers.
+    Expired,
+}
+
+impl JobStatus {
+    fn from_wire(state: pb::JobState) -> Self {
+        use pb::job_state::State;
+        match State::try_from(state.state) {
+            Ok(State::Queued) => JobStatus::Queued {
+                attempts: state.attempts,
+            },
+            Ok(State::InFlight) => JobStatus::InFlight {
+                attempt: state.attempts,
+            },
+            Ok(State::Completed) => JobStatus::Completed {
+                answer: state.answer,
+                attempts: state.attempts,
+            },
+            Ok(State::DeadLettered) => JobStatus::DeadLettered {
+                errors: state.errors,
+            },
+            Ok(State::Expired) => JobStatus::Expired,
+            _ => JobStatus::Unknown,
+        }
+    }
+
+    /// Whether the job will not change any more.
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed { .. } | JobStatus::DeadLettered { .. } | JobStatus::Expired
+        )
+    }
+}
+
 /// How a job submitted with [`Conductor::submit_and_wait`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -109,22 +172,36 @@ pub enum Answer {
     Duplicate(String),
 }
 
-/// A connection to the conductor that launched this plugin. Cheap to clone.
+/// A turn under a shared limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// When the conductor granted it.
+    pub at: SystemTime,
+    /// How long the call waited for it.
+    pub waited: Duration,
+}
+
+/// The plugin API of the conductor that launched this plugin
+/// (`demi.plugin.v1.Host`). Cheap to clone; every call carries this
+/// instance's token.
 #[derive(Debug, Clone)]
 pub struct Conductor {
-    client: ConductorClient<Channel>,
+    client: HostClient<Channel>,
+    token: MetadataValue<tonic::metadata::Ascii>,
 }
 
 impl Conductor {
-    /// Connects through `DEMI_CONDUCTOR_SOCKET`. The connection is made on
-    /// first use and remade after a failure.
+    /// Connects through `DEMI_CONDUCTOR_SOCKET` with `DEMI_CONDUCTOR_TOKEN`.
+    /// The connection is made on first use and remade after a failure.
     pub fn from_env() -> Result<Self, ClientError> {
         let socket = std::env::var(CONDUCTOR_SOCKET_KEY).map_err(|_| ClientError::NoSocket)?;
-        Self::at(Path::new(&socket))
+        let token = std::env::var(CONDUCTOR_TOKEN_KEY).map_err(|_| ClientError::NoSocket)?;
+        Self::at(Path::new(&socket), &token)
     }
 
-    /// Connects to the conductor's API socket at `socket`.
-    pub fn at(socket: &Path) -> Result<Self, ClientError> {
+    /// Connects to the plugin API at `socket` as the instance holding
+    /// `token`.
+    pub fn at(socket: &Path, token: &str) -> Result<Self, ClientError> {
         let endpoint =
             Endpoint::from_shared(format!("unix://{}", socket.display())).map_err(|source| {
                 ClientError::Connect {
@@ -132,33 +209,96 @@ impl Conductor {
                     source,
                 }
             })?;
+        let token = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::NoSocket)?;
         Ok(Self {
-            client: ConductorClient::new(endpoint.connect_lazy()),
+            client: HostClient::new(endpoint.connect_lazy()),
+            token,
         })
+    }
+
+    fn signed<T>(&self, mut request: tonic::Request<T>) -> tonic::Request<T> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.token.clone());
+        request
     }
 
     /// Hands `job` over; returns its id once the conductor has stored it.
     pub async fn submit(&mut self, job: Submit) -> Result<String, ClientError> {
-        Ok(self
-            .client
-            .submit(job.into_request())
-            .await?
-            .into_inner()
-            .job_id)
+        let request = self.signed(job.into_request());
+        Ok(self.client.submit(request).await?.into_inner().job_id)
     }
 
     /// Hands `job` over and waits for its end.
     pub async fn submit_and_wait(&mut self, job: Submit) -> Result<Answer, ClientError> {
         use pb::job_outcome::Status;
-        let outcome = self
-            .client
-            .submit_and_wait(job.into_request())
-            .await?
-            .into_inner();
+        let request = self.signed(job.into_request());
+        let outcome = self.client.submit_and_wait(request).await?.into_inner();
         Ok(match Status::try_from(outcome.status) {
             Ok(Status::Completed) => Answer::Completed(outcome.payload),
             Ok(Status::Duplicate) => Answer::Duplicate(outcome.job_id),
             _ => Answer::DeadLettered(outcome.errors),
+        })
+    }
+
+    /// Where job `id` (one this plugin submitted) is now.
+    pub async fn job(&mut self, id: &str) -> Result<JobStatus, ClientError> {
+        let request = self.signed(tonic::Request::new(pb::GetJobRequest {
+            job_id: id.to_owned(),
+        }));
+        let state = self.client.get_job(request).await?.into_inner();
+        Ok(JobStatus::from_wire(state))
+    }
+
+    /// [`Conductor::job`] once the job has finished, or after `timeout`
+    /// (at most 5 minutes) with the state it is in then.
+    pub async fn wait_job(
+        &mut self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<JobStatus, ClientError> {
+        let mut request = self.signed(tonic::Request::new(pb::WaitJobRequest {
+            job_id: id.to_owned(),
+            timeout: prost_types::Duration::try_from(timeout).ok(),
+        }));
+        request.set_timeout(timeout + Duration::from_secs(5));
+        let state = self.client.wait_job(request).await?.into_inner();
+        Ok(JobStatus::from_wire(state))
+    }
+
+    /// This instance's index and its pool's replica count now.
+    pub async fn membership(&mut self) -> Result<Membership, ClientError> {
+        let request = self.signed(tonic::Request::new(host::GetMembershipRequest {}));
+        let m = self.client.get_membership(request).await?.into_inner();
+        Ok(Membership::from_wire(&m))
+    }
+
+    /// Waits for this replica's turn under the plugin's shared limit
+    /// `limit` (in `bucket`; 0 for limits without buckets), at most
+    /// `patience`: `DEADLINE_EXCEEDED` if the turn would come later.
+    pub async fn acquire(
+        &mut self,
+        limit: &str,
+        bucket: u32,
+        patience: Duration,
+    ) -> Result<Grant, ClientError> {
+        let mut request = self.signed(tonic::Request::new(host::AcquireRequest {
+            limit: limit.to_owned(),
+            bucket,
+        }));
+        request.set_timeout(patience);
+        let grant = self.client.acquire(request).await?.into_inner();
+        Ok(Grant {
+            at: grant
+                .granted_at
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .unwrap_or_else(SystemTime::now),
+            waited: grant
+                .waited
+                .and_then(|d| Duration::try_from(d).ok())
+                .unwrap_or_default(),
         })
     }
 }

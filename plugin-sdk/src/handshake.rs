@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 pub use demi_proto::handshake::{
-    CONDUCTOR_SOCKET_KEY, EXIT_CONFIG, INSTANCE_KEY, MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE,
-    NAME_KEY, PROTOCOL_VERSIONS_KEY, SOCKET_KEY,
+    CONDUCTOR_SOCKET_KEY, CONDUCTOR_TOKEN_KEY, CREDENTIALS_DIRECTORY_KEY, EXIT_CONFIG,
+    INSTANCE_KEY, MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE, NAME_KEY, PROTOCOL_VERSIONS_KEY,
+    REPLICAS_KEY, SOCKET_KEY,
 };
 
 /// Why a plugin cannot start talking to the conductor.
@@ -43,8 +44,15 @@ pub struct Handshake {
     pub socket: PathBuf,
     /// The protocol version both sides speak.
     pub protocol_version: u32,
-    /// The conductor's API socket, when it offers one.
+    /// How many replicas the pool had when this process started (1 when
+    /// the conductor did not say).
+    pub replicas: u32,
+    /// The conductor's plugin API socket, when it offers one.
     pub conductor_socket: Option<PathBuf>,
+    /// This instance's token for the plugin API.
+    pub conductor_token: Option<String>,
+    /// The folder holding the plugin's credentials, when it has some.
+    pub credentials_dir: Option<PathBuf>,
 }
 
 impl Handshake {
@@ -96,12 +104,23 @@ impl Handshake {
             value: instance_raw.clone(),
             reason: "expected a replica index such as 0",
         })?;
+        let replicas = match lookup(REPLICAS_KEY) {
+            None => 1,
+            Some(raw) => raw.parse().map_err(|_| HandshakeError::Invalid {
+                key: REPLICAS_KEY,
+                value: raw.clone(),
+                reason: "expected a replica count such as 2",
+            })?,
+        };
         Ok(Self {
             name: required(NAME_KEY)?,
             instance,
             socket,
             protocol_version,
+            replicas,
             conductor_socket: lookup(CONDUCTOR_SOCKET_KEY).map(PathBuf::from),
+            conductor_token: lookup(CONDUCTOR_TOKEN_KEY),
+            credentials_dir: lookup(CREDENTIALS_DIRECTORY_KEY).map(PathBuf::from),
         })
     }
 }
@@ -136,6 +155,7 @@ mod tests {
         assert_eq!(hs.protocol_version, 1);
         assert_eq!(hs.socket, PathBuf::from("/run/demi/echo-0.sock"));
         assert_eq!(hs.conductor_socket, None);
+        assert_eq!((hs.replicas, hs.credentials_dir), (1, None));
     }
 
     #[test]

@@ -33,7 +33,14 @@
 //! ```
 //!
 //! A plugin can hand work to other plugins through the conductor that
-//! launched it, with [`Conductor::from_env`] and [`Submit`].
+//! launched it, with [`Conductor::from_env`] and [`Submit`], look its jobs
+//! up, read its pool's [`Membership`] and wait on limits its replicas
+//! share ([`Conductor::acquire`]); its secrets come as files
+//! ([`credential`]).
+//!
+//! A plugin that originates work (a bot on a gateway, a bridge for
+//! devices) takes no jobs: it runs its own loop with [`run_origin`],
+//! which hands it a [`Context`] that says when to stop.
 //!
 //! Run by hand, such a binary prints one line saying it must be started by
 //! the conductor and exits with [`EXIT_CONFIG`] (78), which the conductor
@@ -41,17 +48,24 @@
 //! for authors in other languages.
 
 mod client;
+mod credentials;
 mod handshake;
 mod job;
+mod membership;
+mod origin;
 mod parent;
 mod server;
 
-pub use client::{Answer, ClientError, Conductor, Submit};
+pub use client::{Answer, ClientError, Conductor, Grant, JobStatus, Submit};
+pub use credentials::{CredentialError, credential};
 pub use handshake::{
-    CONDUCTOR_SOCKET_KEY, EXIT_CONFIG, Handshake, HandshakeError, INSTANCE_KEY, MAGIC_COOKIE_KEY,
-    MAGIC_COOKIE_VALUE, NAME_KEY, PROTOCOL_VERSIONS_KEY, SOCKET_KEY,
+    CONDUCTOR_SOCKET_KEY, CONDUCTOR_TOKEN_KEY, CREDENTIALS_DIRECTORY_KEY, EXIT_CONFIG, Handshake,
+    HandshakeError, INSTANCE_KEY, MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE, NAME_KEY,
+    PROTOCOL_VERSIONS_KEY, REPLICAS_KEY, SOCKET_KEY,
 };
 pub use job::{Job, Outcome, TraceParent};
+pub use membership::Membership;
+pub use origin::{Context, Health, run_origin};
 pub use server::{DEFAULT_GRACE, ServeError, run, serve, serve_with};
 
 use std::future::Future;

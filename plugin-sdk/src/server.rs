@@ -12,7 +12,7 @@ use demi_proto::plugin::v1 as pb;
 use pb::plugin_server::PluginServer;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,7 +23,8 @@ use tonic_health::server::HealthReporter;
 use demi_proto::trace::{TRACEPARENT, TraceParent};
 
 use crate::handshake::{EXIT_CONFIG, Handshake, HandshakeError};
-use crate::{Job, Plugin, parent};
+use crate::origin::Context;
+use crate::{Job, Membership, Plugin, parent};
 
 /// How long in-flight jobs may run after SIGTERM when the conductor did not
 /// name a grace through `Shutdown` first.
@@ -55,6 +56,9 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// The plugin's own main loop ([`crate::run_origin`]) failed.
+    #[error("{0}")]
+    Plugin(String),
 }
 
 impl ServeError {
@@ -103,6 +107,23 @@ pub async fn serve<P: Plugin>(plugin: P) -> Result<(), ServeError> {
 /// Serves `plugin` on the socket named by `handshake` until `Shutdown`,
 /// SIGTERM, SIGINT or the death of the parent process.
 pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<(), ServeError> {
+    serve_inner(plugin, handshake, None).await
+}
+
+/// An origin plugin's own loop, started once the plugin serves.
+pub(crate) type Main = Box<
+    dyn FnOnce(Context) -> Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send,
+>;
+
+/// Serves `plugin`; with `main`, also runs it as the plugin's own loop
+/// (see [`crate::run_origin`]): the drain waits for it within the grace,
+/// and its end ends the plugin.
+pub(crate) async fn serve_inner<P: Plugin>(
+    plugin: P,
+    handshake: Handshake,
+    main: Option<Main>,
+) -> Result<(), ServeError> {
     let listener = bind(&handshake.socket)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|source| ServeError::Signal {
         signal: "SIGTERM",
@@ -124,6 +145,14 @@ pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<()
     let close = CancellationToken::new();
     let in_flight = TaskTracker::new();
     let grace = Arc::new(Mutex::new(None));
+    let (membership, members) = watch::channel(Membership {
+        index: handshake.instance,
+        replicas: handshake.replicas,
+        generation: 0,
+    });
+    // Only a plugin with its own loop can act on a new membership; for
+    // the rest, UNIMPLEMENTED tells the conductor to restart them with it.
+    let membership = main.is_some().then_some(membership);
     let service = PluginService {
         work: Work {
             plugin: Arc::new(plugin),
@@ -135,6 +164,7 @@ pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<()
         protocol_version: handshake.protocol_version,
         grace: grace.clone(),
         health: health.clone(),
+        membership,
     };
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -145,6 +175,20 @@ pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<()
         );
     tokio::pin!(server);
 
+    let (ended_tx, mut ended) = tokio::sync::oneshot::channel();
+    if let Some(main) = main {
+        let context = Context::new(
+            &handshake,
+            stop.clone(),
+            grace.clone(),
+            health.clone(),
+            members,
+        );
+        in_flight.spawn(async move {
+            let _ = ended_tx.send(main(context).await);
+        });
+    }
+    let mut failed = None;
     let parent_gone = tokio::select! {
         result = &mut server => {
             remove_socket(&handshake.socket);
@@ -154,6 +198,10 @@ pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<()
         _ = sigterm.recv() => false,
         _ = sigint.recv() => false,
         _ = parent::exited() => true,
+        Ok(result) = &mut ended => {
+            failed = result.err();
+            false
+        }
     };
     mark_not_serving(&health, &handshake.name).await;
     stop.cancel();
@@ -171,6 +219,12 @@ pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<()
     // Connections are idle now; closing them takes one round trip.
     let result = tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await;
     remove_socket(&handshake.socket);
+    if let Ok(Err(message)) = ended.try_recv() {
+        failed.get_or_insert(message);
+    }
+    if let Some(message) = failed {
+        return Err(ServeError::Plugin(message));
+    }
     match result {
         Ok(served) => served.map_err(ServeError::from),
         Err(_) => Ok(()),
@@ -326,6 +380,8 @@ struct PluginService<P> {
     protocol_version: u32,
     grace: Arc<Mutex<Option<Duration>>>,
     health: HealthReporter,
+    /// Where membership changes go, for a plugin that acts on them.
+    membership: Option<watch::Sender<Membership>>,
 }
 
 type AnswerStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Answer, Status>> + Send>>;
@@ -419,10 +475,22 @@ impl<P: Plugin> pb::plugin_server::Plugin for PluginService<P> {
 
     async fn membership_changed(
         &self,
-        _request: Request<pb::Membership>,
+        request: Request<pb::Membership>,
     ) -> Result<Response<pb::MembershipChangedResponse>, Status> {
-        Err(Status::unimplemented(
-            "membership changes restart this plugin",
-        ))
+        let Some(membership) = &self.membership else {
+            return Err(Status::unimplemented(
+                "membership changes restart this plugin",
+            ));
+        };
+        let new = Membership::from_wire(request.get_ref());
+        // A late notice never undoes a newer one.
+        membership.send_if_modified(|current| {
+            let newer = new.generation > current.generation;
+            if newer {
+                *current = new;
+            }
+            newer
+        });
+        Ok(Response::new(pb::MembershipChangedResponse {}))
     }
 }

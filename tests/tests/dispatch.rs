@@ -414,7 +414,10 @@ fn a_platform_plugin_hands_jobs_to_a_worker_pool_and_gets_the_answers_back() {
     let journal_file = tempfile::NamedTempFile::new().unwrap();
     let conductor = Conductor::start(&format!(
         "{}{}",
-        plugin("platform", "args = [\"--forward-to\", \"workers\"]"),
+        plugin(
+            "platform",
+            "args = [\"--forward-to\", \"workers\"]\nsubmits_to = [\"workers\"]"
+        ),
         plugin(
             "workers",
             &format!(

@@ -451,7 +451,7 @@ fn event_of(stamped: &Stamped) -> Option<pb::Event> {
             None,
             decision.detail.clone(),
         ),
-        Event::Job { .. } => return None,
+        Event::Job { .. } | Event::PluginApi { .. } => return None,
     };
     Some(pb::Event {
         at: Some(prost_types::Timestamp::from(stamped.at)),

@@ -28,3 +28,11 @@ impl ApiConfig {
         out
     }
 }
+
+/// What one plugin may do through the plugin API, beyond its own
+/// membership and its own jobs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Grants {
+    /// `submits_to = ["brain"]`: the plugins it may submit jobs to.
+    pub submits_to: Vec<String>,
+}

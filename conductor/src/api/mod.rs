@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 pub mod config;
 pub mod health;
+pub mod host;
 mod jobs;
 
 pub use admin::Admin;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use demi_proto::conductor::v1::conductor_server::ConductorServer;
+use demi_proto::plugin::v1::host_server::HostServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -173,6 +175,61 @@ fn read_token(path: &Path) -> Result<BearerToken, ApiError> {
     }
     Ok(BearerToken::new(&text))
 }
+
+/// Binds the plugin API's socket. Done before any plugin starts, so an
+/// early caller waits in the listen queue instead of finding nothing.
+pub fn bind_plugin_api(socket: &Path) -> Result<UnixListener, ApiError> {
+    let failed = |source| ApiError::Unix {
+        path: socket.to_owned(),
+        source,
+    };
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).map_err(failed)?;
+    // The token, not the file mode, decides who may call; plugins may run
+    // as other users than the conductor.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).map_err(failed)?;
+    Ok(listener)
+}
+
+/// Serves the plugin API on `listener` until `shutdown` fires.
+pub fn serve_plugin_api(
+    parts: host::HostParts,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ApiError> {
+    let identify = host::Identify(parts.supervisor.clone());
+    let operator_only = host::OperatorOnly {
+        bus: parts.bus.clone(),
+    };
+    let reflection = |builder: tonic_reflection::server::Builder<'static>| {
+        builder
+            .register_encoded_file_descriptor_set(demi_proto::FILE_DESCRIPTOR_SET)
+            .with_service_name(PLUGIN_API)
+    };
+    let router = Server::builder()
+        .add_service(HostServer::with_interceptor(
+            host::Host::new(parts),
+            identify.clone(),
+        ))
+        .add_service(InterceptedService::new(operator_only, identify))
+        // Open: the contract is public, and grpcurl lists it without a token.
+        .add_service(reflection(tonic_reflection::server::Builder::configure()).build_v1()?)
+        .add_service(reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?);
+    Ok(tokio::spawn(async move {
+        if let Err(error) = router
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
+            .await
+        {
+            tracing::error!(%error, "plugin API failed");
+        }
+    }))
+}
+
+/// The one service reflection lists on the plugin API's socket.
+const PLUGIN_API: &str = "demi.plugin.v1.Host";
 
 /// What reflection lists: what this server really serves. (The descriptor
 /// set also holds `demi.plugin.v1.Plugin`, which plugins serve, not us.)

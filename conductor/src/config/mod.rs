@@ -27,7 +27,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::daemon::config::DaemonConfig;
-use crate::supervisor::config::PoolConfig;
+use crate::supervisor::config::{MAX_CREDENTIAL_BYTES, PoolConfig, Secret};
 use plugin::{Extras, NOT_POOL};
 
 /// A checked configuration with every path made absolute.
@@ -171,13 +171,24 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let conductor = report.conductor(doc, &base);
     let scan = discovery::scan(&conductor.plugin_dirs);
     let (plugins, disabled) = report.plugins(doc, &base, &scan);
-    let plugins = plugins
+    let plugins: BTreeMap<String, PluginConfig> = plugins
         .into_iter()
         .map(|(name, (plugin, from))| {
             let plugin = report.resolve(doc, &name, plugin, &from);
             (name, plugin)
         })
         .collect();
+    for (name, plugin) in &plugins {
+        for target in &plugin.grants.submits_to {
+            if !plugins.contains_key(target) && !disabled.contains(target) {
+                report.at(
+                    doc,
+                    &["plugins", name, "submits_to"],
+                    format!("names {target:?}, which is no plugin of this configuration"),
+                );
+            }
+        }
+    }
     if !report.errors.is_empty() {
         return Err(report.finish());
     }
@@ -361,7 +372,11 @@ impl Report<'_> {
                     reason,
                 });
             } else {
-                report.at(doc, &["plugins", name, field], reason);
+                let path: Vec<&str> = ["plugins", name]
+                    .into_iter()
+                    .chain(field.split('.'))
+                    .collect();
+                report.at(doc, &path, reason);
             }
         };
         let config = std::sync::Arc::make_mut(&mut plugin.pool);
@@ -381,6 +396,13 @@ impl Report<'_> {
             );
         }
         config.working_dir = Some(working_dir);
+        for (key, credential) in &mut config.credentials.0 {
+            credential.path = join(from, &credential.path);
+            match load_credential(&credential.path) {
+                Ok(secret) => credential.secret = secret,
+                Err(reason) => problem(self, &format!("credentials.{key}"), reason),
+            }
+        }
         // The seed's content is the scaler's to read, when it starts.
         if let Some(autoscale) = &mut plugin.autoscale
             && let Some(seed) = &autoscale.history_seed
@@ -389,6 +411,36 @@ impl Report<'_> {
         }
         plugin
     }
+}
+
+/// A credential file's content, if it is a regular file only its owner
+/// can read: anyone else who can read it holds the secret already.
+fn load_credential(path: &Path) -> Result<Secret, String> {
+    use std::io::Read as _;
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{shown} has mode {mode:04o}: other users can read or change it; \
+             make it the owner's alone (chmod 600)"
+        ));
+    }
+    if meta.len() > MAX_CREDENTIAL_BYTES {
+        return Err(format!(
+            "{shown} is {} bytes; credentials are at most {MAX_CREDENTIAL_BYTES}",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CREDENTIAL_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    Ok(Secret::new(bytes))
 }
 
 /// `base/path` without `.` components, so messages show clean paths.

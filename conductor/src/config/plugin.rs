@@ -1,13 +1,17 @@
 //! One plugin's settings, assembled from the parts each component owns:
 //! the supervisor's [`PoolConfig`], whether it takes jobs, dispatch's
-//! [`DispatchConfig`] and the scaler's [`AutoscaleConfig`].
+//! [`DispatchConfig`], the scaler's [`AutoscaleConfig`], and what the
+//! plugin API lets it do ([`Grants`], shared limits).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::api::config::Grants;
 use crate::dispatch::config::DispatchConfig;
+use crate::limits::config::LimitConfig;
 use crate::scaler::config::{AutoscaleConfig, Signal};
 use crate::supervisor::config::PoolConfig;
 
@@ -22,12 +26,22 @@ pub struct PluginConfig {
     /// Replicas follow the load between min and max; `replicas` is then
     /// only the count to start with.
     pub autoscale: Option<AutoscaleConfig>,
+    /// What the plugin may do through the plugin API.
+    pub grants: Grants,
+    /// Limits its replicas share, by name.
+    pub shared_limits: BTreeMap<String, LimitConfig>,
     /// The file that defined the plugin: the config or its manifest.
     pub source: PathBuf,
 }
 
 /// Keys of `[plugins.NAME]` that are not the supervisor's.
-pub(super) const NOT_POOL: [&str; 3] = ["jobs", "dispatch", "autoscale"];
+pub(super) const NOT_POOL: [&str; 5] = [
+    "jobs",
+    "dispatch",
+    "autoscale",
+    "submits_to",
+    "shared_limits",
+];
 
 /// The parts of a plugin table that are not the supervisor's.
 #[derive(Debug, Deserialize)]
@@ -38,6 +52,10 @@ pub(super) struct Extras {
     #[serde(default)]
     pub dispatch: DispatchConfig,
     pub autoscale: Option<AutoscaleConfig>,
+    #[serde(default)]
+    pub submits_to: Vec<String>,
+    #[serde(default)]
+    pub shared_limits: BTreeMap<String, LimitConfig>,
 }
 
 fn yes() -> bool {
@@ -51,6 +69,10 @@ impl PluginConfig {
             jobs: extras.jobs,
             dispatch: extras.dispatch,
             autoscale: extras.autoscale,
+            grants: Grants {
+                submits_to: extras.submits_to,
+            },
+            shared_limits: extras.shared_limits,
             source,
         }
     }
@@ -65,6 +87,11 @@ impl PluginConfig {
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = self.pool.problems();
         out.extend(self.dispatch.problems());
+        for (name, limit) in &self.shared_limits {
+            if let Some(reason) = limit.problem() {
+                out.push(("shared_limits", format!("{name}: {reason}")));
+            }
+        }
         if let Some(autoscale) = &self.autoscale {
             out.extend(autoscale.problems(self.pool.health.config().min_serving));
             if self.pool.health.is_none() {

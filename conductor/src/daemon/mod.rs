@@ -20,6 +20,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::host::{Access, HostParts};
 use crate::api::{self, ApiError, Control as _};
 use crate::config::Config;
 use crate::dispatch::config::JobsConfig;
@@ -27,13 +28,14 @@ use crate::dispatch::store::{Retention, Store};
 use crate::dispatch::{DispatchError, Dispatcher, StoreError};
 use crate::events::Bus;
 use crate::layout::Layout;
+use crate::limits::Limits;
 use crate::process::Spawner;
 use crate::process::cgroup::{CgroupPolicy, Cgroups};
 use crate::scaler::Scaler;
-use crate::supervisor::{PoolContext, Supervisor};
+use crate::supervisor::{Callers, PoolContext, Supervisor};
 use crate::telemetry::Recorder;
 use crate::telemetry::metrics::{self, Metrics, MetricsError};
-use reload::Reloader;
+use reload::{Reloaded, Reloader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -220,6 +222,7 @@ impl Daemon {
             usage_interval: config.conductor.usage_interval,
             bus: bus.clone(),
             cancel: instances.clone(),
+            callers: Callers::default(),
         };
         for warning in &config.warnings {
             tracing::warn!(%warning, "plugin manifest skipped");
@@ -235,6 +238,8 @@ impl Daemon {
         // and health aggregation misses no change.
         let scaler_events = bus.subscribe();
         let health_events = bus.subscribe();
+        // Listening before any plugin starts: an early caller waits.
+        let plugin_api = api::bind_plugin_api(&layout.plugin_api_socket())?;
         let supervisor = Supervisor::start(plan.pools, context);
         let store = open_store(&config.conductor.state_dir, &config.conductor.jobs)?;
         let dispatching = CancellationToken::new();
@@ -266,12 +271,18 @@ impl Daemon {
         )));
         let api_config = config.conductor.api.clone();
         let metrics_config = config.conductor.metrics.clone();
+        let access = Arc::new(Access::new(plan.grants));
+        let limits = Arc::new(Limits::new(plan.limits));
         let reloader = Arc::new(Reloader::new(
             config,
-            supervisor.clone(),
-            dispatcher.clone(),
-            scaler.clone(),
-            bus,
+            Reloaded {
+                supervisor: supervisor.clone(),
+                dispatcher: dispatcher.clone(),
+                scaler: scaler.clone(),
+                access: access.clone(),
+                limits: limits.clone(),
+                bus: bus.clone(),
+            },
         ));
         let serving = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -301,7 +312,7 @@ impl Daemon {
             scaler: scaler.clone(),
             control: reloader.clone(),
         };
-        let api = api::serve(
+        let mut api = api::serve(
             parts,
             health_service,
             &layout.conductor_socket(),
@@ -309,6 +320,17 @@ impl Daemon {
             serving.clone(),
         )
         .await?;
+        let host = HostParts {
+            supervisor: supervisor.clone(),
+            dispatcher: dispatcher.clone(),
+            limits,
+            access,
+            bus,
+        };
+        let plugin_api = api::serve_plugin_api(host, plugin_api, serving.clone())?;
+        api.spawn(async move {
+            let _ = plugin_api.await;
+        });
         Ok(Self {
             spawner,
             cgroups,

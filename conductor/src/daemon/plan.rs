@@ -7,9 +7,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::api::config::Grants;
 use crate::config::{Config, ConfigErrors};
 use crate::dispatch;
 use crate::layout::{Layout, MAX_SOCKET_PATH};
+use crate::limits;
 use crate::scaler;
 use crate::supervisor::PoolSpec;
 
@@ -19,6 +21,9 @@ pub struct Plan {
     pub pools: BTreeMap<String, PoolSpec>,
     pub lanes: dispatch::Plugins,
     pub scalers: BTreeMap<String, scaler::Plan>,
+    /// What each plugin may do through the plugin API.
+    pub grants: BTreeMap<String, Grants>,
+    pub limits: limits::Table,
 }
 
 /// A configuration with its plan: ready to run.
@@ -41,6 +46,8 @@ pub fn plan(config: &Config) -> Result<Plan, ConfigErrors> {
         pools: BTreeMap::new(),
         lanes: BTreeMap::new(),
         scalers: BTreeMap::new(),
+        grants: BTreeMap::new(),
+        limits: BTreeMap::new(),
     };
     for (name, plugin) in &config.plugins {
         let most = plugin
@@ -71,6 +78,9 @@ pub fn plan(config: &Config) -> Result<Plan, ConfigErrors> {
             name.clone(),
             plugin.takes_jobs().then(|| plugin.dispatch.clone()),
         );
+        plan.grants.insert(name.clone(), plugin.grants.clone());
+        plan.limits
+            .insert(name.clone(), plugin.shared_limits.clone());
         let Some(autoscale) = &plugin.autoscale else {
             continue;
         };

@@ -5,10 +5,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::api::host::Access;
 use crate::api::{Control, ReloadError};
 use crate::config::{self, Config, Diff};
 use crate::dispatch::Dispatcher;
 use crate::events::{Bus, Event};
+use crate::limits::Limits;
 use crate::scaler::Scaler;
 use crate::supervisor::Supervisor;
 
@@ -21,23 +23,31 @@ pub struct Reloader {
     supervisor: Arc<Supervisor>,
     dispatcher: Arc<Dispatcher>,
     scaler: Arc<Scaler>,
+    access: Arc<Access>,
+    limits: Arc<Limits>,
     bus: Bus,
 }
 
+/// The components a reload tells what changed.
+pub struct Reloaded {
+    pub supervisor: Arc<Supervisor>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub scaler: Arc<Scaler>,
+    pub access: Arc<Access>,
+    pub limits: Arc<Limits>,
+    pub bus: Bus,
+}
+
 impl Reloader {
-    pub fn new(
-        config: Config,
-        supervisor: Arc<Supervisor>,
-        dispatcher: Arc<Dispatcher>,
-        scaler: Arc<Scaler>,
-        bus: Bus,
-    ) -> Self {
+    pub fn new(config: Config, parts: Reloaded) -> Self {
         Self {
             current: tokio::sync::Mutex::new(config),
-            supervisor,
-            dispatcher,
-            scaler,
-            bus,
+            supervisor: parts.supervisor,
+            dispatcher: parts.dispatcher,
+            scaler: parts.scaler,
+            access: parts.access,
+            limits: parts.limits,
+            bus: parts.bus,
         }
     }
 }
@@ -57,7 +67,10 @@ impl Control for Reloader {
             tracing::warn!(%warning, "plugin manifest skipped");
         }
         let diff = config::diff(&current, &next);
-        // Dispatch first: a removed plugin takes no job past this point,
+        // Rights first: a plugin loses what it lost before anything else.
+        self.access.configure(plan.grants);
+        self.limits.configure(plan.limits);
+        // Dispatch next: a removed plugin takes no job past this point,
         // and its queue is dead-lettered before its replicas go.
         self.dispatcher.configure(plan.lanes).await;
         for name in &diff.removed {

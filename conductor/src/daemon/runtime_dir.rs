@@ -78,6 +78,11 @@ impl RuntimeDir {
         if stale > 0 {
             tracing::info!(stale, folder = %plugins.display(), "removed sockets left by an earlier run");
         }
+        // Secrets a killed conductor left behind go before anything starts.
+        let credentials = layout.credentials_root();
+        if credentials.exists() {
+            std::fs::remove_dir_all(&credentials).map_err(io(&credentials))?;
+        }
         Ok(Self {
             layout: layout.clone(),
             _lock: lock,

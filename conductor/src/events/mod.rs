@@ -203,6 +203,24 @@ pub enum Event {
         plugin: Arc<str>,
         what: JobEvent,
     },
+    /// A call on the plugin API, by one instance of `plugin`.
+    PluginApi {
+        plugin: Arc<str>,
+        instance: u32,
+        what: PluginApiEvent,
+    },
+}
+
+/// What a plugin did on the plugin API that is counted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PluginApiEvent {
+    /// A call outside the plugin's rights (an operator RPC, a job for a
+    /// plugin not in its `submits_to`, another plugin's job).
+    Denied { method: String, reason: String },
+    /// A turn under a shared limit, after `waited`.
+    Granted { limit: String, waited: Duration },
+    /// No turn before the caller's deadline.
+    Refused { limit: String },
 }
 
 impl Event {
@@ -225,7 +243,8 @@ impl Event {
         match self {
             Event::Instance { plugin, .. }
             | Event::Scaled { plugin, .. }
-            | Event::Job { plugin, .. } => Some(plugin),
+            | Event::Job { plugin, .. }
+            | Event::PluginApi { plugin, .. } => Some(plugin),
             Event::Autoscaled(decision) => Some(&decision.plugin),
             Event::Reloaded { .. } => None,
         }
@@ -237,6 +256,7 @@ impl Event {
         !matches!(
             self,
             Event::Job { .. }
+                | Event::PluginApi { .. }
                 | Event::Instance {
                     what: InstanceEvent::HealthChecked { .. },
                     ..

@@ -73,6 +73,37 @@ impl PluginConnection {
         }
     }
 
+    /// Connects to `socket` once, without waiting for readiness.
+    pub async fn connect(socket: &Path) -> Result<Self, tonic::Status> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, conn::connect(socket)).await {
+            Ok(Ok(channel)) => Ok(Self { channel }),
+            Ok(Err(error)) => Err(tonic::Status::unavailable(format!(
+                "cannot connect to {}: {error}",
+                socket.display()
+            ))),
+            Err(_) => Err(tonic::Status::unavailable(format!(
+                "cannot connect to {} in time",
+                socket.display()
+            ))),
+        }
+    }
+
+    /// Tells the instance its new membership; UNIMPLEMENTED from a plugin
+    /// without the call.
+    pub async fn membership_changed(
+        &self,
+        membership: pb::Membership,
+        timeout: Duration,
+    ) -> Result<(), tonic::Status> {
+        let mut client = PluginClient::new(self.channel.clone());
+        let mut request = traced(membership);
+        request.set_timeout(timeout);
+        tokio::time::timeout(timeout, client.membership_changed(request))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("MembershipChanged timed out"))?
+            .map(|_| ())
+    }
+
     /// One `grpc.health.v1.Health/Check` for `service`.
     pub async fn check(&self, service: &str, timeout: Duration) -> Result<(), HealthError> {
         let check = self

@@ -43,6 +43,80 @@ pub struct PoolConfig {
     pub restart: RestartConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The plugin divides work by its replicas' membership (a sharded bot):
+    /// when the pool is scaled, each running instance is told its new
+    /// membership (`MembershipChanged`), or restarted with it when it
+    /// lacks the call. Other plugins are not disturbed by a scale.
+    #[serde(default)]
+    pub sharded: bool,
+    /// `[plugins.NAME.credentials]`: name = "file"; each instance reads
+    /// them as files in `DEMI_CREDENTIALS_DIRECTORY`.
+    #[serde(default)]
+    pub credentials: Credentials,
+}
+
+/// Secrets a plugin reads as files by name, as systemd's
+/// `LoadCredential=` hands them: never in its environment, arguments,
+/// logs or the conductor's API. Loading the config reads each file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct Credentials(pub BTreeMap<String, Credential>);
+
+/// One credential: the file named in the config, and what it held when
+/// the config was loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Credential {
+    pub path: PathBuf,
+    pub secret: Secret,
+}
+
+impl<'de> Deserialize<'de> for Credential {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Self {
+            path: PathBuf::deserialize(deserializer)?,
+            secret: Secret::default(),
+        })
+    }
+}
+
+/// Bytes that never print: `Debug` shows only their length.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(std::sync::Arc<[u8]>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes.into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<secret, {} bytes>", self.0.len())
+    }
+}
+
+/// Largest credential file: secrets are small, and each is copied into
+/// every instance's folder (systemd's limit is the same order).
+pub const MAX_CREDENTIAL_BYTES: u64 = 1 << 20;
+
+/// A credential name is a file name in the instance's folder.
+pub fn invalid_credential_name(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    (!ok).then(|| {
+        format!(
+            "credential name {name:?} must be 1 to 128 letters, digits, '-', '_' or '.', \
+             not starting with '.'"
+        )
+    })
 }
 
 /// How an instance's health is known.
@@ -202,6 +276,8 @@ impl PoolConfig {
             health: Health::default(),
             restart: RestartConfig::default(),
             limits: LimitsConfig::default(),
+            sharded: false,
+            credentials: Credentials::default(),
         }
     }
 
@@ -275,6 +351,11 @@ impl PoolConfig {
             bad("restart.start_limit_burst", "must be at least 1".into());
         }
         out.extend(self.limits.problems());
+        for name in self.credentials.0.keys() {
+            if let Some(reason) = invalid_credential_name(name) {
+                out.push(("credentials", reason));
+            }
+        }
         out
     }
 }

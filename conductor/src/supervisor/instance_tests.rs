@@ -27,6 +27,8 @@ fn config() -> PoolConfig {
             ..RestartConfig::default()
         },
         limits: Default::default(),
+        sharded: false,
+        credentials: Default::default(),
     }
 }
 

@@ -12,7 +12,7 @@ pub mod restarts;
 pub mod runner;
 
 pub use config::{Health, HealthConfig, PoolConfig, RestartConfig};
-pub use pool::{Pool, PoolContext};
+pub use pool::{Caller, Callers, Members, Pool, PoolContext};
 pub use runner::InstanceStatus;
 
 use std::collections::BTreeMap;
@@ -115,6 +115,18 @@ impl Supervisor {
         &self.context.bus
     }
 
+    /// The instance that holds plugin API `token`, if one does.
+    pub fn caller(&self, token: &str) -> Option<Caller> {
+        self.context.callers.get(token)
+    }
+
+    /// `caller`'s pool's membership now.
+    pub fn members(&self, caller: &Caller) -> Option<Members> {
+        self.pools()
+            .get(&*caller.plugin)
+            .map(|pool| *pool.members.borrow())
+    }
+
     pub fn list(&self) -> Vec<PluginView> {
         self.pools().values().map(view).collect()
     }
@@ -181,11 +193,8 @@ impl Supervisor {
         let _op = self.operations.lock().await;
         let config = self.spec(name)?.config;
         let patience = config.startup_timeout + config.shutdown_grace * 2 + SLACK;
-        for (index, mut handle) in self.handles(name)? {
-            let before = handle.status.borrow_and_update().pid;
-            let _ = handle.commands.send(Command::Restart).await;
-            let back = |s: &InstanceStatus| s.state == Phase::Serving && s.pid != before;
-            wait_status(name, index, &mut handle.status, patience, back).await?;
+        for (index, handle) in self.handles(name)? {
+            roll(name, index, handle, patience).await?;
         }
         self.get(name)
     }
@@ -234,18 +243,35 @@ impl Supervisor {
         self.get(name)
     }
 
+    /// Brings `name` to `replicas` instances. A sharded plugin never has
+    /// two instances on one share: growing, the running instances learn
+    /// the new membership (and give up shares) before new ones start;
+    /// shrinking, the extra instances stop before the rest learn it.
     async fn scale_locked(&self, name: &str, replicas: u32) -> Result<(), SupervisorError> {
-        let (before, retired) = {
+        let (before, sharded) = {
+            let pools = self.pools();
+            let pool = pools
+                .get(name)
+                .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
+            (pool.replicas, pool.spec.config.sharded)
+        };
+        if sharded && replicas > before {
+            self.tell_members(name, replicas).await?;
+        }
+        let retired = {
             let mut pools = self.pools();
             let pool = pools
                 .get_mut(name)
                 .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
-            let before = pool.replicas;
+            pool.set_members(replicas);
             pool.grow_to(replicas, &self.context);
-            (before, pool.shrink_to(replicas))
+            pool.shrink_to(replicas)
         };
         for handle in retired {
             handle.retire().await;
+        }
+        if sharded && replicas < before {
+            self.tell_members(name, replicas).await?;
         }
         if before != replicas {
             self.events().emit(Event::Scaled {
@@ -253,6 +279,72 @@ impl Supervisor {
                 from: before,
                 to: replicas,
             });
+        }
+        Ok(())
+    }
+
+    /// Makes `replicas` the membership of `name` and tells each running
+    /// instance below it; an instance that cannot be told (it lacks
+    /// `MembershipChanged`, or did not answer) is restarted with it, one
+    /// at a time, each SERVING again before the next.
+    async fn tell_members(&self, name: &str, replicas: u32) -> Result<(), SupervisorError> {
+        let (members, told, config) = {
+            let pools = self.pools();
+            let pool = pools
+                .get(name)
+                .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
+            let members = pool.set_members(replicas);
+            let told: Vec<(u32, HandleRef)> = pool
+                .instances
+                .iter()
+                .filter(|i| i.index < replicas && i.status.borrow().pid.is_some())
+                .map(|i| {
+                    let handle = HandleRef {
+                        commands: i.commands.clone(),
+                        status: i.status.clone(),
+                    };
+                    (i.index, handle)
+                })
+                .collect();
+            (members, told, pool.spec.config.clone())
+        };
+        let mut restart = Vec::new();
+        for (index, handle) in told {
+            let membership = demi_proto::plugin::v1::Membership {
+                index,
+                replicas: members.replicas,
+                generation: members.generation,
+            };
+            let socket = self.context.layout.plugin_socket(name, index);
+            let told = async {
+                let connection = crate::rpc::PluginConnection::connect(&socket).await?;
+                connection
+                    .membership_changed(membership, config.startup_timeout)
+                    .await
+            };
+            match told.await {
+                Ok(()) => tracing::info!(
+                    plugin = name,
+                    instance = index,
+                    replicas = members.replicas,
+                    generation = members.generation,
+                    "told its new membership"
+                ),
+                Err(status) => {
+                    tracing::info!(
+                        plugin = name,
+                        instance = index,
+                        replicas = members.replicas,
+                        reason = %status.message(),
+                        "cannot tell the new membership; restarting the instance with it"
+                    );
+                    restart.push((index, handle));
+                }
+            }
+        }
+        let patience = config.startup_timeout + config.shutdown_grace * 2 + SLACK;
+        for (index, handle) in restart {
+            roll(name, index, handle, patience).await?;
         }
         Ok(())
     }
@@ -380,6 +472,19 @@ const MAX_REPLICAS: u32 = 10_000;
 struct HandleRef {
     commands: tokio::sync::mpsc::Sender<Command>,
     status: watch::Receiver<InstanceStatus>,
+}
+
+/// Restarts one instance and waits until its new process is SERVING.
+async fn roll(
+    name: &str,
+    index: u32,
+    mut handle: HandleRef,
+    patience: Duration,
+) -> Result<(), SupervisorError> {
+    let before = handle.status.borrow_and_update().pid;
+    let _ = handle.commands.send(Command::Restart).await;
+    let back = |s: &InstanceStatus| s.state == Phase::Serving && s.pid != before;
+    wait_status(name, index, &mut handle.status, patience, back).await
 }
 
 async fn wait_status(

@@ -1,9 +1,10 @@
 //! One plugin's replicas: a runner task per instance, each with its own
 //! cancel token so the pool can grow, shrink and replace instances.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use demi_proto::handshake as hs;
@@ -12,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::PoolSpec;
-use super::config::PoolConfig;
+use super::config::{Credentials, PoolConfig};
 use super::runner::{self, Command, InstanceSpec, InstanceStatus};
 use crate::events::{Bus, Phase};
 use crate::layout::Layout;
@@ -31,6 +32,54 @@ pub struct PoolContext {
     pub bus: Bus,
     /// Fires on conductor shutdown; every instance token is a child of it.
     pub cancel: CancellationToken,
+    /// Every instance's plugin API token.
+    pub callers: Callers,
+}
+
+/// The instance a plugin API call comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub plugin: Arc<str>,
+    pub index: u32,
+}
+
+/// The plugin API tokens of the instances that exist now. A token is made
+/// when an instance is launched, handed to each of its processes, and
+/// revoked once the instance is retired: a call is tied to the instance,
+/// whichever of its processes (or their children) makes it.
+#[derive(Clone, Default)]
+pub struct Callers(Arc<Mutex<HashMap<String, Caller>>>);
+
+impl Callers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Caller>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Who holds `token`, if anyone.
+    pub fn get(&self, token: &str) -> Option<Caller> {
+        self.lock().get(token).cloned()
+    }
+
+    /// A new token for `caller`: 256 bits from the kernel's random source.
+    fn issue(&self, caller: Caller) -> Result<String, String> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|e| format!("cannot make a plugin API token: {e}"))?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        self.lock().insert(token.clone(), caller);
+        Ok(token)
+    }
+
+    fn revoke(&self, token: &str) {
+        self.lock().remove(token);
+    }
+}
+
+/// A pool's membership: how many replicas it has, and how many times that
+/// changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Members {
+    pub replicas: u32,
+    pub generation: u64,
 }
 
 /// A handle to one running instance.
@@ -42,6 +91,11 @@ pub struct InstanceHandle {
     pub cgroup: Option<Arc<dyn Cgroup>>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+    /// Its plugin API token, revoked once it is gone.
+    token: Option<String>,
+    callers: Callers,
+    /// Its private credentials folder, removed once it is gone.
+    credentials: Option<PathBuf>,
 }
 
 impl InstanceHandle {
@@ -52,6 +106,12 @@ impl InstanceHandle {
         if let Err(error) = self.task.await {
             tracing::error!(%error, index = self.index, "an instance runner panicked");
         }
+        if let Some(token) = &self.token {
+            self.callers.revoke(token);
+        }
+        if let Some(dir) = &self.credentials {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -61,16 +121,23 @@ pub struct Pool {
     /// Instances wanted now (the spec, then scaling).
     pub replicas: u32,
     pub instances: Vec<InstanceHandle>,
+    /// The membership each instance is started with and told of.
+    pub members: watch::Sender<Members>,
 }
 
 impl Pool {
     /// Starts the spec's instances.
     pub fn start(name: &str, spec: PoolSpec, context: &PoolContext) -> Self {
+        let members = Members {
+            replicas: spec.replicas,
+            generation: 1,
+        };
         let mut pool = Self {
             name: Arc::from(name),
             replicas: spec.replicas,
             spec,
             instances: Vec::new(),
+            members: watch::channel(members).0,
         };
         pool.grow_to(pool.replicas, context);
         pool
@@ -95,14 +162,48 @@ impl Pool {
         removed
     }
 
+    /// A new membership of `replicas`, for instances started from now on
+    /// and to tell running ones; returns it.
+    pub fn set_members(&self, replicas: u32) -> Members {
+        self.members.send_modify(|m| {
+            if m.replicas != replicas {
+                m.replicas = replicas;
+                m.generation += 1;
+            }
+        });
+        *self.members.borrow()
+    }
+
     /// Starts instance `index` with the pool's current config.
     pub fn launch(&self, index: u32, context: &PoolContext) -> InstanceHandle {
         let name = &self.name;
         let config = &self.spec.config;
         let socket = context.layout.plugin_socket(name, index);
-        let (cgroup, unlaunchable) = confine(name, index, config, context);
-        let conductor_socket = context.layout.conductor_socket();
-        let mut spawn = spawn_spec(name, index, config, &socket, &conductor_socket);
+        let (cgroup, mut unlaunchable) = confine(name, index, config, context);
+        let caller = Caller {
+            plugin: name.clone(),
+            index,
+        };
+        let token = context.callers.issue(caller);
+        let credentials = match config.credentials.0.is_empty() {
+            true => Ok(None),
+            false => {
+                let dir = context.layout.credentials_dir(name, index);
+                install_credentials(&dir, &config.credentials).map(|()| Some(dir))
+            }
+        };
+        let unready = [token.as_ref().err(), credentials.as_ref().err()];
+        if let Some(reason) = unready.into_iter().flatten().next() {
+            unlaunchable.get_or_insert_with(|| reason.clone());
+        }
+        let (token, credentials) = (token.ok(), credentials.ok().flatten());
+        let handshake = Handshake {
+            socket: &socket,
+            plugin_api: &context.layout.plugin_api_socket(),
+            token: token.as_deref().unwrap_or_default(),
+            credentials: credentials.as_deref(),
+        };
+        let mut spawn = spawn_spec(name, index, config, &handshake);
         spawn.cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
         let spec = InstanceSpec {
             plugin: name.clone(),
@@ -114,6 +215,7 @@ impl Pool {
             unlaunchable,
             usage_interval: context.usage_interval,
             bus: context.bus.clone(),
+            members: self.members.subscribe(),
         };
         let (commands, command_rx) = mpsc::channel(8);
         let (status_tx, status) = watch::channel(InstanceStatus::new(cgroup.is_some()));
@@ -132,6 +234,9 @@ impl Pool {
             cgroup,
             cancel,
             task,
+            token,
+            callers: context.callers.clone(),
+            credentials,
         }
     }
 
@@ -144,13 +249,15 @@ impl Pool {
     }
 }
 
-fn spawn_spec(
-    name: &str,
-    index: u32,
-    config: &PoolConfig,
-    socket: &Path,
-    conductor_socket: &Path,
-) -> SpawnSpec {
+/// Where an instance finds the conductor and its own things.
+struct Handshake<'a> {
+    socket: &'a Path,
+    plugin_api: &'a Path,
+    token: &'a str,
+    credentials: Option<&'a Path>,
+}
+
+fn spawn_spec(name: &str, index: u32, config: &PoolConfig, handshake: &Handshake<'_>) -> SpawnSpec {
     let versions = ACCEPTED_PROTOCOLS
         .iter()
         .map(u32::to_string)
@@ -164,11 +271,17 @@ fn spawn_spec(
     env.extend([
         (hs::MAGIC_COOKIE_KEY.into(), hs::MAGIC_COOKIE_VALUE.into()),
         (hs::PROTOCOL_VERSIONS_KEY.into(), versions.into()),
-        (hs::SOCKET_KEY.into(), socket.into()),
+        (hs::SOCKET_KEY.into(), handshake.socket.into()),
         (hs::NAME_KEY.into(), name.into()),
         (hs::INSTANCE_KEY.into(), index.to_string().into()),
-        (hs::CONDUCTOR_SOCKET_KEY.into(), conductor_socket.into()),
+        // Set again at every spawn, from the pool's membership then.
+        (hs::REPLICAS_KEY.into(), config.replicas.to_string().into()),
+        (hs::CONDUCTOR_SOCKET_KEY.into(), handshake.plugin_api.into()),
+        (hs::CONDUCTOR_TOKEN_KEY.into(), handshake.token.into()),
     ]);
+    if let Some(dir) = handshake.credentials {
+        env.push((hs::CREDENTIALS_DIRECTORY_KEY.into(), dir.into()));
+    }
     SpawnSpec {
         program: config.command.clone(),
         args: config.args.clone(),
@@ -176,6 +289,45 @@ fn spawn_spec(
         working_dir: config.working_dir.clone().unwrap_or_else(|| ".".into()),
         cgroup_procs: Vec::new(),
         stdin_piped: false,
+    }
+}
+
+/// Writes `credentials` into a fresh private folder `dir`: the folder
+/// 0700 and each file 0400, the conductor's user's alone (the instance
+/// runs as it). What an earlier instance left there goes first.
+fn install_credentials(dir: &Path, credentials: &Credentials) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let failed = |e: std::io::Error| format!("cannot write credentials to {}: {e}", dir.display());
+    let _ = std::fs::remove_dir_all(dir);
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(failed)?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(failed)?;
+    for (name, credential) in &credentials.0 {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(dir.join(name))
+            .map_err(failed)?;
+        file.write_all(credential.secret.expose()).map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// Sets `key` in a spawn's environment, replacing what was there.
+pub fn set_env(env: &mut Vec<(OsString, OsString)>, key: &str, value: String) {
+    match env.iter_mut().find(|(k, _)| k == key) {
+        Some(entry) => entry.1 = value.into(),
+        None => env.push((key.into(), value.into())),
     }
 }
 

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use demi_proto::handshake as hs;
 use nix::sys::signal::Signal;
 use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
@@ -101,6 +102,8 @@ pub struct InstanceSpec {
     pub unlaunchable: Option<String>,
     pub usage_interval: Duration,
     pub bus: Bus,
+    /// The pool's membership, which each new process is started with.
+    pub members: watch::Receiver<super::pool::Members>,
 }
 
 /// Pause between `Describe` attempts of an instance that fails them.
@@ -666,7 +669,12 @@ impl Runner {
         };
         let spawned = match adopted {
             Some(child) => Ok(child),
-            None => self.spawner.spawn(self.spec.spawn.clone()).await,
+            None => {
+                let mut spawn = self.spec.spawn.clone();
+                let replicas = self.spec.members.borrow().replicas;
+                super::pool::set_env(&mut spawn.env, hs::REPLICAS_KEY, replicas.to_string());
+                self.spawner.spawn(spawn).await
+            }
         };
         match spawned {
             Ok(mut child) => {

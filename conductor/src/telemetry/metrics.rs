@@ -111,6 +111,13 @@ pub struct Metrics {
     pub jobs_dead_lettered: Counter<u64>,
     /// Accepted to answered.
     pub job_duration: Histogram<f64>,
+    /// Plugin API calls refused, by plugin and method.
+    pub plugin_api_denied: Counter<u64>,
+    /// Turns granted under shared limits, and how long each waited.
+    pub limit_grants: Counter<u64>,
+    pub limit_wait: Histogram<f64>,
+    /// Acquires whose turn would have come after their deadline.
+    pub limit_refusals: Counter<u64>,
     /// Observable instruments live as long as their registration.
     observers: Mutex<Vec<Box<dyn std::any::Any + Send + Sync>>>,
 }
@@ -185,6 +192,24 @@ impl Metrics {
                 .with_unit("s")
                 .with_boundaries(SECONDS.to_vec())
                 .with_description("Time from acceptance to answer")
+                .build(),
+            plugin_api_denied: meter
+                .u64_counter("demi_plugin_api_denied")
+                .with_description("Plugin API calls refused as outside the plugin's rights")
+                .build(),
+            limit_grants: meter
+                .u64_counter("demi_shared_limit_grants")
+                .with_description("Turns granted under a plugin's shared limits")
+                .build(),
+            limit_wait: meter
+                .f64_histogram("demi_shared_limit_wait")
+                .with_unit("s")
+                .with_boundaries(SECONDS.to_vec())
+                .with_description("Time an Acquire waited for its turn")
+                .build(),
+            limit_refusals: meter
+                .u64_counter("demi_shared_limit_refusals")
+                .with_description("Acquires refused: the turn came after the caller's deadline")
                 .build(),
             registry,
             provider,

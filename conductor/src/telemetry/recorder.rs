@@ -9,7 +9,8 @@ use opentelemetry::KeyValue;
 
 use super::metrics::Metrics;
 use crate::events::{
-    AutoscaleDecision, CheckOutcome, Event, InstanceEvent, JobEvent, RestartCause, Sink,
+    AutoscaleDecision, CheckOutcome, Event, InstanceEvent, JobEvent, PluginApiEvent, RestartCause,
+    Sink,
 };
 
 /// The sink that logs and counts.
@@ -46,6 +47,11 @@ impl Sink for Recorder {
                 "configuration reloaded"
             ),
             Event::Autoscaled(decision) => autoscaled(decision),
+            Event::PluginApi {
+                plugin,
+                instance,
+                what,
+            } => self.plugin_api(plugin, *instance, what),
         }
     }
 }
@@ -55,6 +61,43 @@ fn plugin_label(plugin: &Arc<str>) -> KeyValue {
 }
 
 impl Recorder {
+    fn plugin_api(&self, plugin: &Arc<str>, instance: u32, what: &PluginApiEvent) {
+        let metrics = &self.metrics;
+        match what {
+            PluginApiEvent::Denied { method, reason } => {
+                tracing::warn!(
+                    plugin = &**plugin,
+                    instance,
+                    method,
+                    reason,
+                    "plugin API call denied"
+                );
+                metrics.plugin_api_denied.add(
+                    1,
+                    &[
+                        plugin_label(plugin),
+                        KeyValue::new("method", method.clone()),
+                    ],
+                );
+            }
+            PluginApiEvent::Granted { limit, waited } => {
+                let labels = [plugin_label(plugin), KeyValue::new("limit", limit.clone())];
+                metrics.limit_grants.add(1, &labels);
+                metrics.limit_wait.record(waited.as_secs_f64(), &labels);
+            }
+            PluginApiEvent::Refused { limit } => {
+                tracing::debug!(
+                    plugin = &**plugin,
+                    instance,
+                    limit,
+                    "no turn before the deadline"
+                );
+                let labels = [plugin_label(plugin), KeyValue::new("limit", limit.clone())];
+                metrics.limit_refusals.add(1, &labels);
+            }
+        }
+    }
+
     fn instance(&self, plugin: &Arc<str>, pid: Option<u32>, what: &InstanceEvent) {
         let metrics = &self.metrics;
         match what {

@@ -1,0 +1,183 @@
+//! Plugins that originate work rather than answer it: a bot reading a
+//! gateway, a bridge accepting device streams. They run their own loop
+//! and hand what arrives to worker pools through the conductor.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::client::{ClientError, Conductor};
+use crate::credentials::{CredentialError, credential};
+use crate::handshake::Handshake;
+use crate::server::{DEFAULT_GRACE, ServeError, serve_inner};
+use crate::{Job, Membership, Outcome, Plugin};
+
+/// What the conductor gives a plugin's own loop: when to stop and how
+/// long it may take, a health switch, its membership, its credentials and
+/// the plugin API.
+pub struct Context {
+    name: String,
+    stop: CancellationToken,
+    grace: Arc<Mutex<Option<Duration>>>,
+    health: Health,
+    members: watch::Receiver<Membership>,
+}
+
+impl Context {
+    pub(crate) fn new(
+        handshake: &Handshake,
+        stop: CancellationToken,
+        grace: Arc<Mutex<Option<Duration>>>,
+        reporter: HealthReporter,
+        members: watch::Receiver<Membership>,
+    ) -> Self {
+        Self {
+            name: handshake.name.clone(),
+            stop,
+            grace,
+            health: Health {
+                reporter,
+                name: handshake.name.clone(),
+            },
+            members,
+        }
+    }
+
+    /// The plugin's name in the conductor's config.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Fires when the plugin must stop: `Shutdown` from the conductor,
+    /// SIGTERM or SIGINT, or the conductor's death. Stop taking new work
+    /// then, finish what is under way within [`Context::grace`], and
+    /// return from the loop.
+    pub fn stopping(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// How long the drain may take once [`Context::stopping`] fired: what
+    /// the conductor named in `Shutdown`, else [`DEFAULT_GRACE`]. The
+    /// process is killed after it.
+    pub fn grace(&self) -> Duration {
+        self.grace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(DEFAULT_GRACE)
+    }
+
+    /// The switch the conductor's health checks read.
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    /// This instance's place in its pool now.
+    pub fn membership(&self) -> Membership {
+        *self.members.borrow()
+    }
+
+    /// Membership as it changes (with `sharded = true` in the plugin's
+    /// config, the conductor tells a running instance when the pool is
+    /// scaled): `changed().await`, then read it, and give up what is no
+    /// longer this instance's share.
+    pub fn membership_changes(&self) -> watch::Receiver<Membership> {
+        self.members.clone()
+    }
+
+    /// A credential by name; see [`credential`].
+    pub fn credential(&self, name: &str) -> Result<Vec<u8>, CredentialError> {
+        credential(name)
+    }
+
+    /// The plugin API: submit jobs, look them up, shared limits.
+    pub fn conductor(&self) -> Result<Conductor, ClientError> {
+        Conductor::from_env()
+    }
+}
+
+/// Sets what the conductor's health checks of this instance read. An
+/// instance NOT_SERVING for the plugin's `health.failure_threshold`
+/// checks in a row is restarted by the conductor, so say NOT_SERVING
+/// when a fresh process could help (a wedged connection), and keep
+/// SERVING with work paused when it could not.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    name: String,
+}
+
+impl Health {
+    pub async fn serving(&self) {
+        self.set(ServingStatus::Serving).await;
+    }
+
+    pub async fn not_serving(&self, reason: &str) {
+        tracing::warn!(reason, "reporting NOT_SERVING");
+        self.set(ServingStatus::NotServing).await;
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+        self.reporter
+            .set_service_status(self.name.as_str(), status)
+            .await;
+    }
+}
+
+/// The plugin service of an origin plugin: it takes no jobs.
+struct Origin;
+
+impl Plugin for Origin {
+    fn capabilities(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    async fn handle(&self, _job: Job) -> Outcome {
+        Outcome::Permanent("this plugin originates work and takes no jobs (jobs = false)".into())
+    }
+}
+
+/// Runs a plugin that originates work: serves the conductor's side of the
+/// contract (health, Describe, Shutdown, membership changes) and runs
+/// `main` with a [`Context`] until it returns or the conductor stops the
+/// plugin. Returns the exit code for `main`: 1 if `main` failed (the
+/// conductor restarts the plugin with backoff), [`crate::EXIT_CONFIG`]
+/// when the process was not started by a conductor. Configure it with
+/// `jobs = false`.
+///
+/// A plugin that reads the lines of a file and hands each to a worker
+/// pool (`examples/lines.rs`, run end to end by the project's tests):
+///
+/// ```no_run
+#[doc = include_str!("../examples/lines.rs")]
+/// ```
+pub fn run_origin<F, Fut>(main: F) -> ExitCode
+where
+    F: FnOnce(Context) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let main: crate::server::Main = Box::new(move |context| Box::pin(main(context)));
+    let result = Handshake::from_env()
+        .map_err(ServeError::from)
+        .and_then(|handshake| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(ServeError::Runtime)?
+                .block_on(serve_inner(Origin, handshake, Some(main)))
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let program = std::env::args().next().unwrap_or_else(|| "plugin".into());
+            eprintln!("{program}: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
