@@ -80,6 +80,17 @@ enum Command {
         /// How long the plugin may take to report SERVING.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         startup_timeout: std::time::Duration,
+        /// A job to send, as KIND=PAYLOAD (repeatable); without one a
+        /// plain echo job is sent and its outcome left unchecked.
+        #[arg(long, value_parser = probe)]
+        probe: Vec<demi_conductor::conformance::Probe>,
+        /// Every probe must answer OUTCOME_OK.
+        #[arg(long, requires = "probe")]
+        expect_ok: bool,
+        /// The folder the plugin starts in (the config's `working_dir`);
+        /// the current one by default.
+        #[arg(long)]
+        working_dir: Option<std::path::PathBuf>,
         /// The plugin's command and arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -143,11 +154,15 @@ const EXIT_CONFIG: u8 = 78;
 fn main() -> ExitCode {
     // A stand-in waits for its go before anything else happens here.
     let mut args = std::env::args_os();
-    if args
-        .nth(1)
-        .is_some_and(|a| a == demi_conductor::process::standby::ARG)
-    {
-        return demi_conductor::process::standby::wait_then_exec(args);
+    match args.nth(1) {
+        Some(a) if a == demi_conductor::process::standby::ARG => {
+            return demi_conductor::process::standby::wait_then_exec(args);
+        }
+        // plugin-check's stand-in for a conductor that dies.
+        Some(a) if a == demi_conductor::conformance::parent::ARG => {
+            return demi_conductor::conformance::parent::launch_and_wait(args);
+        }
+        _ => {}
     }
     let cli = Cli::parse();
     match cli.command {
@@ -165,8 +180,21 @@ fn main() -> ExitCode {
             json,
             name,
             startup_timeout,
+            probe,
+            expect_ok,
+            working_dir,
             command,
-        } => plugin_check(command, name, startup_timeout, json),
+        } => {
+            let options = demi_conductor::conformance::Options {
+                name,
+                startup_timeout,
+                probes: probe,
+                expect_ok,
+                working_dir,
+                ..Default::default()
+            };
+            plugin_check(command, options, json)
+        }
         command => match client(command, &cli.target) {
             Ok(code) => code,
             Err(error) => {
@@ -201,10 +229,20 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `KIND=PAYLOAD` for `plugin-check --probe`.
+fn probe(text: &str) -> Result<demi_conductor::conformance::Probe, String> {
+    let (kind, payload) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KIND=PAYLOAD"))?;
+    Ok(demi_conductor::conformance::Probe {
+        kind: kind.to_owned(),
+        payload: payload.as_bytes().to_vec(),
+    })
+}
+
 fn plugin_check(
     command: Vec<String>,
-    name: String,
-    startup_timeout: std::time::Duration,
+    options: demi_conductor::conformance::Options,
     json: bool,
 ) -> ExitCode {
     use demi_conductor::conformance;
@@ -230,11 +268,6 @@ fn plugin_check(
             eprintln!("conductor plugin-check: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
-    };
-    let options = conformance::Options {
-        name,
-        startup_timeout,
-        ..conformance::Options::default()
     };
     let report = runtime.block_on(conformance::run(program, args.to_vec(), options));
     if json {

@@ -9,6 +9,8 @@ conductor is gone. The gRPC code is generated from proto/ at set-up time
 
 PYTHON_ECHO_BROKEN breaks it on purpose, for the conformance tests:
 no-cookie-check, never-serving, ignore-shutdown or wrong-socket.
+PYTHON_ECHO_NO_PARENT_WATCH=1 leaves the conductor's death to the
+kernel's death signal alone.
 """
 
 import os
@@ -105,6 +107,8 @@ def main():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     plugin_pb2_grpc.add_PluginServicer_to_server(Echo(name, stopping, grace), server)
     health_servicer = health.HealthServicer()
+    # The stock servicer answers SERVING for "" from the start: not ready yet.
+    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port("unix:" + socket)
     server.start()
@@ -122,7 +126,8 @@ def main():
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     else:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=watch_parent, args=(stopping,), daemon=True).start()
+    if not os.environ.get("PYTHON_ECHO_NO_PARENT_WATCH"):
+        threading.Thread(target=watch_parent, args=(stopping,), daemon=True).start()
 
     stopping.wait()
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

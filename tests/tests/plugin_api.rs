@@ -19,7 +19,7 @@ fn read(path: &Path) -> String {
 }
 
 #[test]
-fn a_plugin_cannot_use_operator_powers_nor_submit_outside_its_grants() {
+fn a_plugin_cannot_use_operator_powers_submit_outside_its_grants_or_see_others_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let (trigger, out) = (dir.path().join("go"), dir.path().join("calls.txt"));
     // Calls the conductor through what it was handed, as any plugin could,
@@ -43,16 +43,40 @@ call reload $admin demi.conductor.v1.Conductor/Reload '{}'
 call purge $admin demi.conductor.v1.Conductor/PurgeDeadLetters '{}'
 call outside $host demi.plugin.v1.Host/Submit '{"plugin":"broken"}'
 call allowed $host demi.plugin.v1.Host/Submit '{"plugin":"workers","payload":"aGk="}'
+own=$(sed -n 's/.*"jobId": "\([0-9a-f]*\)".*/\1/p' "$OUT" | head -n 1)
+call own $host demi.plugin.v1.Host/WaitJob "{\"job_id\":\"$own\"}"
+for id in $(cat "$TRIGGER"); do
+  call "foreign $id" $host demi.plugin.v1.Host/GetJob "{\"job_id\":\"$id\"}"
+done
 echo done >> "$OUT"
 exec sleep 3600"#,
     );
+    // Another plugin's job, for the intruder to (fail to) look up.
+    let other_id = dir.path().join("other.txt");
+    let other = script(
+        dir.path(),
+        "other.sh",
+        r#""$GRPCURL" -plaintext -unix -authority localhost -import-path "$PROTO" \
+  -proto demi/plugin/v1/host.proto -H "authorization: Bearer $DEMI_CONDUCTOR_TOKEN" \
+  -d '{"plugin":"workers","payload":"aGk="}' "$DEMI_CONDUCTOR_SOCKET" \
+  demi.plugin.v1.Host/Submit | sed -n 's/.*"jobId": "\([0-9a-f]*\)".*/\1/p' > "$OUT.tmp"
+mv "$OUT.tmp" "$OUT"
+exec sleep 3600"#,
+    );
     let conductor = Conductor::start(&format!(
-        "[plugins.intruder]\ncommand = \"{}\"\nhealth = \"none\"\njobs = false\n\
+        "[plugins.other]\ncommand = \"{}\"\nhealth = \"none\"\njobs = false\n\
+         submits_to = [\"workers\"]\nshutdown_grace = \"1s\"\n\
+         env = {{ OUT = \"{}\", GRPCURL = \"{}\", PROTO = \"{}\" }}\n\
+         [plugins.intruder]\ncommand = \"{}\"\nhealth = \"none\"\njobs = false\n\
          submits_to = [\"workers\"]\nshutdown_grace = \"1s\"\n\
          env = {{ TRIGGER = \"{}\", OUT = \"{}\", GRPCURL = \"{}\", PROTO = \"{}\" }}\n\
          [plugins.workers]\ncommand = \"{{echo}}\"\nreplicas = 2\nshutdown_grace = \"1s\"\n\
          [plugins.broken]\ncommand = \"{{echo}}\"\nargs = [\"--fail-permanent\", \"1.0\"]\n\
          shutdown_grace = \"1s\"\n",
+        other.display(),
+        other_id.display(),
+        grpcurl().display(),
+        repo_root().join("proto").display(),
         intruder.display(),
         trigger.display(),
         out.display(),
@@ -67,7 +91,11 @@ exec sleep 3600"#,
     let workers_before = conductor.pids_of("workers");
     assert_eq!(workers_before.len(), 2);
 
-    std::fs::write(&trigger, "").unwrap();
+    eventually("the other plugin submitted", || {
+        read(&other_id).trim().len() == 32
+    });
+    let foreign = [read(&other_id).trim().to_owned(), id.trim().to_owned()];
+    std::fs::write(&trigger, foreign.join(" ")).unwrap();
     eventually("the intruder made its calls", || {
         read(&out).contains("done")
     });
@@ -77,11 +105,26 @@ exec sleep 3600"#,
         let rest = &calls[start + 4..];
         rest[..rest.find("== ").unwrap_or(rest.len())].to_owned()
     };
-    for denied in ["stop", "scale", "reload", "purge", "outside"] {
+    let foreign = foreign.map(|id| format!("foreign {id}"));
+    for denied in [
+        "stop",
+        "scale",
+        "reload",
+        "purge",
+        "outside",
+        &foreign[0],
+        &foreign[1],
+    ] {
         let answer = section(denied);
         assert!(answer.contains("PermissionDenied"), "{denied}: {answer}");
     }
     assert!(section("allowed").contains("jobId"), "{calls}");
+    // Its own job it may look up, answer and all.
+    let own = section("own");
+    assert!(
+        own.contains("STATE_COMPLETED") && own.contains("aGk="),
+        "{own}"
+    );
 
     // Nothing changed.
     assert_eq!(conductor.pids_of("workers"), workers_before);
@@ -110,7 +153,7 @@ exec sleep 3600"#,
         .iter()
         .filter(|e| e["message"] == "plugin API call denied" && e["plugin"] == "intruder")
         .count();
-    assert_eq!(logged, 5, "each logged with the plugin's name");
+    assert_eq!(logged, 7, "each logged with the plugin's name");
 
     // grpcurl on the plugin socket sees only the plugin API, and a call
     // without a token is nobody's.

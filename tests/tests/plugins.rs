@@ -21,9 +21,15 @@ fn python_plugin() -> PathBuf {
 }
 
 fn plugin_check(broken: Option<&str>, command: &[PathBuf]) -> (bool, Value) {
+    plugin_check_with(broken, &[], command)
+}
+
+fn plugin_check_with(broken: Option<&str>, flags: &[&str], command: &[PathBuf]) -> (bool, Value) {
     let mut check = Command::new(bin("conductor"));
     check
-        .args(["plugin-check", "--json", "--startup-timeout", "3s", "--"])
+        .args(["plugin-check", "--json", "--startup-timeout", "3s"])
+        .args(flags)
+        .arg("--")
         .args(command);
     if let Some(mode) = broken {
         check.env("PYTHON_ECHO_BROKEN", mode);
@@ -54,12 +60,18 @@ fn failed(report: &Value) -> Vec<String> {
         .collect()
 }
 
+fn verdict<'a>(report: &'a Value, name: &str) -> &'a Value {
+    let checks = report["checks"].as_array().unwrap();
+    &checks.iter().find(|c| c["name"] == name).expect(name)["verdict"]
+}
+
 #[test]
 fn plugin_check_passes_the_rust_and_the_python_plugin() {
     // The Rust SDK serves the job stream; the Python example does not,
     // which is allowed (the conductor then calls Handle per job).
     for (command, stream) in [(bin("demi-plugin-echo"), "pass"), (python_plugin(), "skip")] {
-        let (passed, report) = plugin_check(None, std::slice::from_ref(&command));
+        let probe = ["--probe", "count=a b", "--expect-ok"];
+        let (passed, report) = plugin_check_with(None, &probe, std::slice::from_ref(&command));
         assert!(passed, "{}: {report:#}", command.display());
         let names: Vec<&str> = report["checks"]
             .as_array()
@@ -91,6 +103,63 @@ fn plugin_check_passes_the_rust_and_the_python_plugin() {
             assert_eq!(check["verdict"], expected, "{report:#}");
         }
     }
+}
+
+#[test]
+fn plugin_check_cannot_be_fooled_by_a_plugin_that_fails_every_job() {
+    let echo = bin("demi-plugin-echo");
+    let failing = [echo.clone(), "--fail-permanent".into(), "1.0".into()];
+    let probe = ["--probe", "count=a b", "--expect-ok"];
+    let (passed, report) = plugin_check_with(None, &probe, &failing);
+    assert!(!passed, "{report:#}");
+    assert_eq!(failed(&report), ["handle", "handle-stream"], "{report:#}");
+    let checks = report["checks"].as_array().unwrap();
+    let handle = checks.iter().find(|c| c["name"] == "handle").unwrap();
+    let detail = handle["detail"].as_str().unwrap();
+    assert!(detail.contains("OUTCOME_PERMANENT"), "by name: {detail}");
+    assert!(detail.contains("injected permanent failure"), "{detail}");
+
+    // Without a probe nothing says what the right answer is: unchecked.
+    let (passed, report) = plugin_check(None, &failing);
+    assert!(passed, "{report:#}");
+    assert_eq!(verdict(&report, "handle"), "unchecked", "{report:#}");
+    let (_, report) = plugin_check(None, std::slice::from_ref(&echo));
+    assert_eq!(verdict(&report, "handle"), "unchecked", "{report:#}");
+}
+
+#[test]
+fn the_kernels_death_signal_is_enough_for_parent_death_and_stderr_is_shown() {
+    // The conductor's own death signal ends a plugin with no watch of its
+    // own: plugin-check launches it the same way.
+    let mut check = Command::new(bin("conductor"));
+    check
+        .args(["plugin-check", "--json", "--startup-timeout", "3s", "--"])
+        .arg(python_plugin())
+        .env("PYTHON_ECHO_NO_PARENT_WATCH", "1");
+    let out = check.output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verdict(&report, "parent-death"), "pass", "{report:#}");
+
+    // A plugin that dies says why, and plugin-check shows it.
+    let dir = tempfile::tempdir().unwrap();
+    let dying = dir.path().join("dying.sh");
+    std::fs::write(
+        &dying,
+        "#!/bin/sh
+[ -z \"$DEMI_PLUGIN_MAGIC_COOKIE\" ] && { echo 'started by hand' >&2; exit 78; }
+         echo 'cannot open /etc/bot.toml: permission denied' >&2
+exit 1
+",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dying, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (passed, report) = plugin_check(None, &[dying]);
+    assert!(!passed);
+    let checks = report["checks"].as_array().unwrap();
+    let serving = checks.iter().find(|c| c["name"] == "serving").unwrap();
+    let detail = serving["detail"].as_str().unwrap();
+    assert!(detail.contains("cannot open /etc/bot.toml"), "{detail}");
 }
 
 #[test]
@@ -141,4 +210,50 @@ fn a_python_plugin_is_supervised_beside_the_rust_one_and_both_take_jobs() {
     let (_, again) = conductor.wait_serving(at + 1, "python", 0);
     assert_ne!(again, pid);
     assert_eq!(ask("python", "after").payload, b"after");
+}
+
+#[test]
+fn the_guides_python_example_copied_verbatim_passes_plugin_check_from_another_folder() {
+    let guide = std::fs::read_to_string(repo_root().join("proto/README.md")).unwrap();
+    let section = &guide[guide
+        .find("## 6. A complete plugin in Python")
+        .expect("section 6")..];
+    let start = section.find("```python\n").expect("a python block") + "```python\n".len();
+    let code = &section[start..start + section[start..].find("```").unwrap()];
+
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("plugin.py");
+    std::fs::write(&plugin, code).unwrap();
+    // The stubs, as the guide generates them: into gen/ beside plugin.py.
+    let python = repo_root().join(".venv/bin/python");
+    std::fs::create_dir_all(dir.path().join("gen")).unwrap();
+    let generated = Command::new(&python)
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(repo_root().join("proto"))
+        .args([
+            "--python_out=gen",
+            "--grpc_python_out=gen",
+            "demi/plugin/v1/plugin.proto",
+        ])
+        .current_dir(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(generated, "grpc_tools could not generate the stubs");
+
+    // Started from a folder that is not the plugin's.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("conductor"))
+        .args(["plugin-check", "--json", "--startup-timeout", "5s"])
+        .args(["--probe", "echo=hi", "--expect-ok", "--"])
+        .arg(&python)
+        .arg(&plugin)
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!("not JSON: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert!(out.status.success(), "{report:#}");
+    assert_eq!(verdict(&report, "handle"), "pass", "{report:#}");
+    assert_eq!(verdict(&report, "parent-death"), "pass", "{report:#}");
 }
