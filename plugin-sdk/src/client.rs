@@ -275,6 +275,17 @@ impl Conductor {
         Ok(Membership::from_wire(&m))
     }
 
+    /// Tells the conductor why this instance is (or is no longer) not
+    /// serving; [`crate::Health`] does it for you.
+    pub async fn report_health(&mut self, serving: bool, reason: &str) -> Result<(), ClientError> {
+        let request = self.signed(tonic::Request::new(host::ReportHealthRequest {
+            serving,
+            reason: reason.to_owned(),
+        }));
+        self.client.report_health(request).await?;
+        Ok(())
+    }
+
     /// Waits for this replica's turn under the plugin's shared limit
     /// `limit` (in `bucket`; 0 for limits without buckets), at most
     /// `patience`: `DEADLINE_EXCEEDED` if the turn would come later.

@@ -44,6 +44,7 @@ impl Context {
             health: Health {
                 reporter,
                 name: handshake.name.clone(),
+                conductor: Conductor::from_env().ok(),
             },
             members,
         }
@@ -101,7 +102,8 @@ impl Context {
     }
 }
 
-/// Sets what the conductor's health checks of this instance read. An
+/// Sets what the conductor's health checks of this instance read, and
+/// tells the conductor why (`conductor status` shows the reason). An
 /// instance NOT_SERVING for the plugin's `health.failure_threshold`
 /// checks in a row is restarted by the conductor, so say NOT_SERVING
 /// when a fresh process could help (a wedged connection), and keep
@@ -110,16 +112,29 @@ impl Context {
 pub struct Health {
     reporter: HealthReporter,
     name: String,
+    conductor: Option<Conductor>,
 }
 
 impl Health {
     pub async fn serving(&self) {
         self.set(ServingStatus::Serving).await;
+        self.report(true, "").await;
     }
 
     pub async fn not_serving(&self, reason: &str) {
         tracing::warn!(reason, "reporting NOT_SERVING");
         self.set(ServingStatus::NotServing).await;
+        self.report(false, reason).await;
+    }
+
+    /// Best effort: the health status is what counts; the reason only
+    /// explains it.
+    async fn report(&self, serving: bool, reason: &str) {
+        if let Some(conductor) = &self.conductor
+            && let Err(error) = conductor.clone().report_health(serving, reason).await
+        {
+            tracing::debug!(%error, "cannot tell the conductor why");
+        }
     }
 
     async fn set(&self, status: ServingStatus) {

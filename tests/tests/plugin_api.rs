@@ -250,6 +250,64 @@ exec sleep 3600"#,
     );
     assert!(human.status.success() && !said.contains(&secret), "{said}");
 
+    // The daemon's human log says nothing of it either: the same config
+    // run in human format (its own folders) for a moment, at debug level.
+    let copy = dir.path().join("human.toml");
+    let text = std::fs::read_to_string(conductor.config_path()).unwrap();
+    let text = text
+        .replace(
+            "runtime_dir = \"run\"",
+            &format!("runtime_dir = \"{}\"", dir.path().join("hrun").display()),
+        )
+        .replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"{}\"", dir.path().join("hstate").display()),
+        )
+        .replace("cgroup_root = \"", "cgroup_root = \"human-");
+    std::fs::write(&copy, text).unwrap();
+    let mut daemon = std::process::Command::new(demi_e2e::bin("conductor"))
+        .args(["run", "--log-format", "human", "--config"])
+        .arg(&copy)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = daemon.wait();
+    let mut log = String::new();
+    use std::io::Read as _;
+    daemon
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("instance spawned"), "{log}");
+    assert!(
+        !log.contains(&secret),
+        "the secret leaked into the human log"
+    );
+
+    // A new secret reaches the instances on reload (they are replaced).
+    let renewed = format!("tok-{:016x}", fastrand::u64(..));
+    std::fs::write(&file, &renewed).unwrap();
+    ok(conductor.cli(&["reload"]));
+    eventually("the instance read the new credential", || {
+        read(&out).lines().next() == Some(renewed.as_str())
+    });
+
     // A file other users can read is refused, naming it.
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let refused = std::process::Command::new(demi_e2e::bin("conductor"))
@@ -294,4 +352,24 @@ fn the_sdk_origin_example_hands_every_line_to_a_pool_and_stops_when_told() {
     let status = demi_e2e::json(conductor.cli(&["status", "lines", "--json"]));
     let exit = &status[0]["instances"][0]["last_exit"];
     assert_eq!(exit, "exit code 0", "{status}");
+}
+
+#[test]
+fn an_instance_says_why_it_is_not_serving_and_status_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let conductor = Conductor::start(&format!(
+        "[plugins.bot]\ncommand = \"{}\"\nargs = [\"--journal\", \"{}\", \"--not-serving\", \
+         \"gateway unreachable\"]\njobs = false\nshutdown_grace = \"1s\"\n\
+         [plugins.bot.health]\ninterval = \"500ms\"\ntimeout = \"400ms\"\nfailure_threshold = 1000\n",
+        demi_e2e::bin("probe_plugin").display(),
+        dir.path().join("journal.txt").display()
+    ));
+    conductor.wait_serving(0, "bot", 0);
+    eventually("the instance is unhealthy, with its reason", || {
+        let status = demi_e2e::json(conductor.cli(&["status", "bot", "--json"]));
+        let instance = &status[0]["instances"][0];
+        instance["state"] == "unhealthy" && instance["health_note"] == "gateway unreachable"
+    });
+    let table = ok(conductor.cli(&["status", "bot"]));
+    assert!(table.contains("unhealthy (gateway unreachable)"), "{table}");
 }

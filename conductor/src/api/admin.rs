@@ -346,7 +346,10 @@ pub(crate) fn plugin(view: PluginView) -> pb::Plugin {
         instances: view
             .instances
             .into_iter()
-            .map(|(i, s)| instance(i, s))
+            .map(|(i, s)| pb::Instance {
+                health_note: view.notes.get(&i).cloned().unwrap_or_default(),
+                ..instance(i, s)
+            })
             .collect(),
         autoscale: None,
     }
@@ -384,6 +387,7 @@ fn instance(index: u32, s: InstanceStatus) -> pb::Instance {
                 ran: duration(e.ran),
             })
             .collect(),
+        health_note: String::new(),
     }
 }
 

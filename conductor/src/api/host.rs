@@ -284,7 +284,30 @@ impl pb::host_server::Host for Host {
             }),
         }
     }
+
+    async fn report_health(
+        &self,
+        request: Request<pb::ReportHealthRequest>,
+    ) -> Answer<pb::ReportHealthResponse> {
+        let caller = caller_of(&request)?;
+        let pb::ReportHealthRequest { serving, reason } = request.into_inner();
+        // A note is for a terminal line, not a place to park data.
+        let reason: String = reason.chars().take(MAX_NOTE).collect();
+        if !serving {
+            tracing::info!(
+                plugin = &*caller.plugin,
+                instance = caller.index,
+                reason,
+                "instance reports it is not serving"
+            );
+        }
+        self.parts.supervisor.note_health(&caller, serving, reason);
+        Ok(Response::new(pb::ReportHealthResponse {}))
+    }
 }
+
+/// Longest health note kept, in characters.
+const MAX_NOTE: usize = 256;
 
 /// The call's deadline as its `grpc-timeout` header gives it: digits and
 /// one unit letter (H, M, S, m, u, n), as the gRPC HTTP/2 spec says.

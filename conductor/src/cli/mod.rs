@@ -202,7 +202,10 @@ pub fn print_plugins(plugins: &[pb::Plugin], as_json: bool) {
             rows.push(vec![
                 format!("{}{}", p.name, if p.healthy { "" } else { " (unhealthy)" }),
                 i.index.to_string(),
-                i.state.clone(),
+                match i.health_note.is_empty() {
+                    true => i.state.clone(),
+                    false => format!("{} ({})", i.state, i.health_note),
+                },
                 if i.pid == 0 {
                     "-".into()
                 } else {
@@ -335,6 +338,7 @@ fn plugin_json(p: &pb::Plugin) -> Value {
             "failure": (!i.failure.is_empty()).then_some(&i.failure),
             "uptime_s": i.uptime.as_ref().map(seconds),
             "confined": i.confined,
+            "health_note": (!i.health_note.is_empty()).then_some(&i.health_note),
             "usage": i.usage.as_ref().map(|u| json!({
                 "memory_bytes": u.memory_bytes,
                 "memory_peak_bytes": u.memory_peak_bytes,

@@ -15,7 +15,7 @@ pub use config::{Health, HealthConfig, PoolConfig, RestartConfig};
 pub use pool::{Caller, Callers, Members, Pool, PoolContext};
 pub use runner::InstanceStatus;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -66,6 +66,9 @@ pub struct PluginView {
     pub command: String,
     pub source: String,
     pub instances: Vec<(u32, InstanceStatus)>,
+    /// Why instances say they are not serving, by index (their current
+    /// process's own words).
+    pub notes: BTreeMap<u32, String>,
 }
 
 impl PluginView {
@@ -87,6 +90,9 @@ pub struct Supervisor {
     pools: Mutex<BTreeMap<String, Pool>>,
     /// Serialises operations that change pools.
     operations: tokio::sync::Mutex<()>,
+    /// What instances reported about their health: (plugin, index) →
+    /// (the process that said it, what it said).
+    notes: Mutex<HashMap<(String, u32), (u32, String)>>,
 }
 
 impl Supervisor {
@@ -103,6 +109,7 @@ impl Supervisor {
             context,
             pools: Mutex::new(pools),
             operations: tokio::sync::Mutex::new(()),
+            notes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -128,7 +135,40 @@ impl Supervisor {
     }
 
     pub fn list(&self) -> Vec<PluginView> {
-        self.pools().values().map(view).collect()
+        let views: Vec<PluginView> = self.pools().values().map(view).collect();
+        views.into_iter().map(|v| self.annotated(v)).collect()
+    }
+
+    /// Records why `caller` says it is not serving (or clears it), for its
+    /// current process only: a new process starts with a clean slate.
+    pub fn note_health(&self, caller: &Caller, serving: bool, reason: String) {
+        let pid = self
+            .pools()
+            .get(&*caller.plugin)
+            .and_then(|p| p.instances.iter().find(|i| i.index == caller.index))
+            .and_then(|i| i.status.borrow().pid);
+        let mut notes = self.notes.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (caller.plugin.to_string(), caller.index);
+        match (serving, pid) {
+            (false, Some(pid)) => {
+                notes.insert(key, (pid, reason));
+            }
+            _ => {
+                notes.remove(&key);
+            }
+        }
+    }
+
+    fn annotated(&self, mut view: PluginView) -> PluginView {
+        let notes = self.notes.lock().unwrap_or_else(|p| p.into_inner());
+        for (index, status) in &view.instances {
+            if let Some((pid, note)) = notes.get(&(view.name.clone(), *index))
+                && status.pid == Some(*pid)
+            {
+                view.notes.insert(*index, note.clone());
+            }
+        }
+        view
     }
 
     /// Instances wanted for `name` now.
@@ -137,10 +177,12 @@ impl Supervisor {
     }
 
     pub fn get(&self, name: &str) -> Result<PluginView, SupervisorError> {
-        self.pools()
+        let view = self
+            .pools()
             .get(name)
             .map(view)
-            .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))
+            .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
+        Ok(self.annotated(view))
     }
 
     fn handles(&self, name: &str) -> Result<Vec<(u32, HandleRef)>, SupervisorError> {
@@ -526,5 +568,6 @@ fn view(pool: &Pool) -> PluginView {
             .iter()
             .map(|i| (i.index, i.status.borrow().clone()))
             .collect(),
+        notes: BTreeMap::new(),
     }
 }

@@ -8,6 +8,9 @@
 //! - `grant PID INDEX BUCKET GRANTED_US RECEIVED_US`: with `--acquire`,
 //!   each turn under a shared limit, as fast as it can ask, in bucket
 //!   `INDEX % BUCKETS` (`--buckets`, 1 by default).
+//!
+//! `--not-serving REASON` reports NOT_SERVING, with the reason, a second
+//! after it started.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -35,17 +38,21 @@ struct Args {
     journal: PathBuf,
     acquire: Option<String>,
     buckets: u32,
+    /// Report NOT_SERVING with this reason once started.
+    not_serving: Option<String>,
 }
 
 fn args() -> Option<Args> {
     let mut journal = None;
     let mut acquire = None;
     let mut buckets = 1;
+    let mut not_serving = None;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--journal" => journal = it.next().map(PathBuf::from),
             "--acquire" => acquire = it.next(),
+            "--not-serving" => not_serving = it.next(),
             "--buckets" => buckets = it.next()?.parse().ok().filter(|b| *b > 0)?,
             _ => return None,
         }
@@ -54,6 +61,7 @@ fn args() -> Option<Args> {
         journal: journal?,
         acquire,
         buckets,
+        not_serving,
     })
 }
 
@@ -74,6 +82,11 @@ async fn probe(ctx: Context, args: Args) -> Result<(), String> {
         );
     };
     member(ctx.membership());
+    if let Some(reason) = &args.not_serving {
+        // After the conductor saw it ready, as an upstream would fail.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        ctx.health().not_serving(reason).await;
+    }
     let stopping = ctx.stopping();
     if let Some(limit) = &args.acquire {
         let mut conductor = ctx.conductor().map_err(|e| e.to_string())?;
@@ -127,7 +140,10 @@ async fn probe(ctx: Context, args: Args) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let Some(args) = args() else {
-        eprintln!("usage: probe_plugin --journal FILE [--acquire LIMIT [--buckets N]]");
+        eprintln!(
+            "usage: probe_plugin --journal FILE [--acquire LIMIT [--buckets N]] \
+             [--not-serving REASON]"
+        );
         return ExitCode::from(2);
     };
     demi_plugin_sdk::run_origin(move |ctx| probe(ctx, args))
