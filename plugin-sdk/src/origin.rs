@@ -27,6 +27,7 @@ pub struct Context {
     grace: Arc<Mutex<Option<Duration>>>,
     health: Health,
     members: watch::Receiver<Membership>,
+    applied: watch::Sender<u64>,
 }
 
 impl Context {
@@ -35,7 +36,7 @@ impl Context {
         stop: CancellationToken,
         grace: Arc<Mutex<Option<Duration>>>,
         reporter: HealthReporter,
-        members: watch::Receiver<Membership>,
+        (members, applied): (watch::Receiver<Membership>, watch::Sender<u64>),
     ) -> Self {
         Self {
             name: handshake.name.clone(),
@@ -47,6 +48,7 @@ impl Context {
                 conductor: Conductor::from_env().ok(),
             },
             members,
+            applied,
         }
     }
 
@@ -85,10 +87,25 @@ impl Context {
 
     /// Membership as it changes (with `sharded = true` in the plugin's
     /// config, the conductor tells a running instance when the pool is
-    /// scaled): `changed().await`, then read it, and give up what is no
-    /// longer this instance's share.
+    /// scaled): `changed().await`, then read it, give up what is no
+    /// longer this instance's share, and say so with
+    /// [`Context::membership_applied`].
     pub fn membership_changes(&self) -> watch::Receiver<Membership> {
         self.members.clone()
+    }
+
+    /// Says this instance works on `membership` now: it has let go of
+    /// what is no longer its share. The conductor waits for this (within
+    /// the plugin's `startup_timeout`, else it restarts the instance)
+    /// before it starts replicas that take over that share.
+    pub fn membership_applied(&self, membership: Membership) {
+        self.applied.send_if_modified(|g| {
+            let newer = membership.generation > *g;
+            if newer {
+                *g = membership.generation;
+            }
+            newer
+        });
     }
 
     /// A credential by name; see [`credential`].

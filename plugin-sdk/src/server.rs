@@ -152,7 +152,11 @@ pub(crate) async fn serve_inner<P: Plugin>(
     });
     // Only a plugin with its own loop can act on a new membership; for
     // the rest, UNIMPLEMENTED tells the conductor to restart them with it.
-    let membership = main.is_some().then_some(membership);
+    let (applied, applied_rx) = watch::channel(0u64);
+    let membership = main.is_some().then_some(Members {
+        current: membership,
+        applied: applied_rx,
+    });
     let service = PluginService {
         work: Work {
             plugin: Arc::new(plugin),
@@ -182,7 +186,7 @@ pub(crate) async fn serve_inner<P: Plugin>(
             stop.clone(),
             grace.clone(),
             health.clone(),
-            members,
+            (members, applied),
         );
         in_flight.spawn(async move {
             let _ = ended_tx.send(main(context).await);
@@ -381,7 +385,14 @@ struct PluginService<P> {
     grace: Arc<Mutex<Option<Duration>>>,
     health: HealthReporter,
     /// Where membership changes go, for a plugin that acts on them.
-    membership: Option<watch::Sender<Membership>>,
+    membership: Option<Members>,
+}
+
+/// A membership change goes out on `current`; the plugin says on
+/// `applied` (the generation) when it has acted on it.
+struct Members {
+    current: watch::Sender<Membership>,
+    applied: watch::Receiver<u64>,
 }
 
 type AnswerStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Answer, Status>> + Send>>;
@@ -484,13 +495,20 @@ impl<P: Plugin> pb::plugin_server::Plugin for PluginService<P> {
         };
         let new = Membership::from_wire(request.get_ref());
         // A late notice never undoes a newer one.
-        membership.send_if_modified(|current| {
+        membership.current.send_if_modified(|current| {
             let newer = new.generation > current.generation;
             if newer {
                 *current = new;
             }
             newer
         });
+        // Answered once the plugin has handed over what is no longer its
+        // share: only then does the conductor start the replicas that take
+        // it. (The conductor's deadline bounds the wait.)
+        let mut applied = membership.applied.clone();
+        if applied.wait_for(|g| *g >= new.generation).await.is_err() {
+            return Err(Status::unavailable("the plugin is stopping"));
+        }
         Ok(Response::new(pb::MembershipChangedResponse {}))
     }
 }

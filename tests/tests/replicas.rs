@@ -44,7 +44,8 @@ fn a_scaled_sharded_pool_tells_every_instance_and_no_share_is_held_twice() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("members.txt");
     let conductor = Conductor::start(&format!(
-        "[plugins.bot]\ncommand = \"{}\"\nargs = [\"--journal\", \"{}\"]\nreplicas = 2\n\
+        "[plugins.bot]\ncommand = \"{}\"\nargs = [\"--journal\", \"{}\", \"--handover-ms\", \"300\"]\n\
+         replicas = 2\n\
          sharded = true\njobs = false\nshutdown_grace = \"2s\"\n\
          [plugins.plain]\ncommand = \"{{echo}}\"\nreplicas = 2\nsharded = true\n\
          shutdown_grace = \"1s\"\n",

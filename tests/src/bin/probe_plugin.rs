@@ -9,6 +9,8 @@
 //!   each turn under a shared limit, as fast as it can ask, in bucket
 //!   `INDEX % BUCKETS` (`--buckets`, 1 by default).
 //!
+//! `--handover-ms N` takes N ms to hand a share over on a membership
+//! change, before journaling and acknowledging the new one.
 //! `--not-serving REASON` reports NOT_SERVING, with the reason, a second
 //! after it started.
 
@@ -40,6 +42,9 @@ struct Args {
     buckets: u32,
     /// Report NOT_SERVING with this reason once started.
     not_serving: Option<String>,
+    /// How long handing a share over takes, before the new membership is
+    /// journaled and acknowledged.
+    handover: Duration,
 }
 
 fn args() -> Option<Args> {
@@ -47,12 +52,14 @@ fn args() -> Option<Args> {
     let mut acquire = None;
     let mut buckets = 1;
     let mut not_serving = None;
+    let mut handover = Duration::ZERO;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--journal" => journal = it.next().map(PathBuf::from),
             "--acquire" => acquire = it.next(),
             "--not-serving" => not_serving = it.next(),
+            "--handover-ms" => handover = Duration::from_millis(it.next()?.parse().ok()?),
             "--buckets" => buckets = it.next()?.parse().ok().filter(|b| *b > 0)?,
             _ => return None,
         }
@@ -62,6 +69,7 @@ fn args() -> Option<Args> {
         acquire,
         buckets,
         not_serving,
+        handover,
     })
 }
 
@@ -126,7 +134,11 @@ async fn probe(ctx: Context, args: Args) -> Result<(), String> {
                     break;
                 }
                 let now = *members.borrow_and_update();
+                // Closing what is no longer ours takes a while; the new
+                // share is ours only after.
+                tokio::time::sleep(args.handover).await;
                 member(now);
+                ctx.membership_applied(now);
             }
         }
     }
@@ -142,7 +154,7 @@ fn main() -> ExitCode {
     let Some(args) = args() else {
         eprintln!(
             "usage: probe_plugin --journal FILE [--acquire LIMIT [--buckets N]] \
-             [--not-serving REASON]"
+             [--not-serving REASON] [--handover-ms N]"
         );
         return ExitCode::from(2);
     };
