@@ -336,6 +336,8 @@ pub(crate) fn plugin(view: PluginView) -> pb::Plugin {
     let serving = view.serving();
     let healthy = view.healthy();
     pb::Plugin {
+        waiting_for: view.waiting_for.clone(),
+        held: view.held,
         name: view.name,
         replicas: view.replicas,
         serving,
@@ -454,6 +456,17 @@ fn event_of(stamped: &Stamped) -> Option<pb::Event> {
             0,
             None,
             decision.detail.clone(),
+        ),
+        Event::Dependency {
+            plugin,
+            dependency,
+            ready,
+        } => (
+            K::Dependency,
+            plugin.to_string(),
+            0,
+            None,
+            format!("{dependency} {}", if *ready { "back" } else { "lost" }),
         ),
         Event::Job { .. } | Event::PluginApi { .. } => return None,
     };

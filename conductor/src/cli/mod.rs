@@ -198,9 +198,31 @@ pub fn print_plugins(plugins: &[pb::Plugin], as_json: bool) {
         .to_vec(),
     ];
     for p in plugins {
+        // Held: no instance runs; one row per wanted replica says why.
+        if p.held {
+            for index in 0..p.replicas {
+                let mut row = vec![String::new(); 9];
+                row[0] = p.name.clone();
+                row[1] = index.to_string();
+                row[2] = format!("waiting ({})", p.waiting_for.join(", "));
+                for cell in &mut row[3..] {
+                    *cell = "-".into();
+                }
+                rows.push(row);
+            }
+            continue;
+        }
         for i in &p.instances {
             rows.push(vec![
-                format!("{}{}", p.name, if p.healthy { "" } else { " (unhealthy)" }),
+                format!(
+                    "{}{}{}",
+                    p.name,
+                    if p.healthy { "" } else { " (unhealthy)" },
+                    match p.waiting_for.is_empty() {
+                        true => String::new(),
+                        false => format!(" (needs {})", p.waiting_for.join(", ")),
+                    }
+                ),
                 i.index.to_string(),
                 match i.health_note.is_empty() {
                     true => i.state.clone(),
@@ -311,6 +333,8 @@ fn plugin_json(p: &pb::Plugin) -> Value {
         "min_serving": p.min_serving,
         "command": p.command,
         "source": p.source,
+        "held": p.held,
+        "waiting_for": p.waiting_for,
         "autoscale": p.autoscale.as_ref().map(|a| json!({
             "min": a.min,
             "max": a.max,
@@ -371,7 +395,8 @@ pub fn event_line(e: &pb::Event) -> String {
         e.at.as_ref()
             .map(|t| format!("{}.{:03}", t.seconds, t.nanos / 1_000_000))
             .unwrap_or_default();
-    let plugin_wide = e.kind == pb::event::Kind::Scaled as i32;
+    let plugin_wide =
+        e.kind == pb::event::Kind::Scaled as i32 || e.kind == pb::event::Kind::Dependency as i32;
     let who = match (e.plugin.is_empty(), plugin_wide) {
         (true, _) => "conductor".to_owned(),
         (false, true) => e.plugin.clone(),

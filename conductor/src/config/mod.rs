@@ -179,6 +179,33 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         })
         .collect();
     for (name, plugin) in &plugins {
+        for dependency in &plugin.pool.depends_on {
+            let reason = match (
+                plugins.contains_key(dependency),
+                disabled.contains(dependency),
+            ) {
+                (true, _) if dependency == name => Some("names the plugin itself".to_owned()),
+                (true, _) => None,
+                (false, true) => Some(format!(
+                    "names {dependency:?}, which is disabled: {name:?} would never start"
+                )),
+                (false, false) => Some(format!(
+                    "names {dependency:?}, which is no plugin of this configuration"
+                )),
+            };
+            if let Some(reason) = reason {
+                report.at(doc, &["plugins", name, "depends_on"], reason);
+            }
+        }
+    }
+    if let Some(cycle) = dependency_cycle(&plugins) {
+        report.at(
+            doc,
+            &["plugins", &cycle[0], "depends_on"],
+            format!("a dependency cycle: {}", cycle.join(" -> ")),
+        );
+    }
+    for (name, plugin) in &plugins {
         for target in &plugin.grants.submits_to {
             if !plugins.contains_key(target) && !disabled.contains(target) {
                 report.at(
@@ -411,6 +438,44 @@ impl Report<'_> {
         }
         plugin
     }
+}
+
+/// The first cycle of `depends_on` arrows, as the chain of names that
+/// closes it (`a -> b -> a`), if there is one. Self-dependencies are
+/// reported on their own.
+fn dependency_cycle(plugins: &BTreeMap<String, PluginConfig>) -> Option<Vec<String>> {
+    // Depth-first, colouring: on the path now, or done.
+    fn visit(
+        name: &str,
+        plugins: &BTreeMap<String, PluginConfig>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|p| p == name) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(name.to_owned());
+            return Some(cycle);
+        }
+        if done.contains(name) {
+            return None;
+        }
+        path.push(name.to_owned());
+        let dependencies = plugins.get(name).map(|p| p.pool.depends_on.as_slice());
+        for dependency in dependencies.unwrap_or_default() {
+            if dependency != name
+                && let Some(cycle) = visit(dependency, plugins, path, done)
+            {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(name.to_owned());
+        None
+    }
+    let mut done = std::collections::BTreeSet::new();
+    plugins
+        .keys()
+        .find_map(|name| visit(name, plugins, &mut Vec::new(), &mut done))
 }
 
 /// A credential file's content, if it is a regular file only its owner

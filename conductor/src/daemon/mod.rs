@@ -368,6 +368,8 @@ impl Daemon {
         if let Err(error) = self.store.flush().await {
             tracing::error!(%error, "cannot flush the job store");
         }
+        // Dependants first, then what they depend on.
+        self.supervisor.stop_all().await;
         self.instances.cancel();
         self.supervisor.wait().await;
         // The API outlives the instances, so watchers see them stop.

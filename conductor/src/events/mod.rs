@@ -203,6 +203,13 @@ pub enum Event {
         plugin: Arc<str>,
         what: JobEvent,
     },
+    /// A dependency of `plugin` dropped below its `min_serving` (`ready`
+    /// false) or is back.
+    Dependency {
+        plugin: Arc<str>,
+        dependency: String,
+        ready: bool,
+    },
     /// A call on the plugin API, by one instance of `plugin`.
     PluginApi {
         plugin: Arc<str>,
@@ -244,6 +251,7 @@ impl Event {
             Event::Instance { plugin, .. }
             | Event::Scaled { plugin, .. }
             | Event::Job { plugin, .. }
+            | Event::Dependency { plugin, .. }
             | Event::PluginApi { plugin, .. } => Some(plugin),
             Event::Autoscaled(decision) => Some(&decision.plugin),
             Event::Reloaded { .. } => None,

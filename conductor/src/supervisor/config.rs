@@ -53,6 +53,15 @@ pub struct PoolConfig {
     /// them as files in `DEMI_CREDENTIALS_DIRECTORY`.
     #[serde(default)]
     pub credentials: Credentials,
+    /// Plugins that must have `min_serving` instances SERVING before this
+    /// one starts (systemd's `After=` + `Requires=`, on readiness).
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// Stop this plugin when a dependency drops below its `min_serving`,
+    /// and start it again once the dependency is back (systemd's
+    /// `BindsTo=`); otherwise it is only told.
+    #[serde(default)]
+    pub binds_to: bool,
 }
 
 /// Secrets a plugin reads as files by name, as systemd's
@@ -278,6 +287,8 @@ impl PoolConfig {
             limits: LimitsConfig::default(),
             sharded: false,
             credentials: Credentials::default(),
+            depends_on: Vec::new(),
+            binds_to: false,
         }
     }
 

@@ -29,6 +29,8 @@ fn config() -> PoolConfig {
         limits: Default::default(),
         sharded: false,
         credentials: Default::default(),
+        depends_on: Vec::new(),
+        binds_to: false,
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod breaker;
 pub mod config;
+mod depends;
 pub mod instance;
 pub mod pool;
 mod report;
@@ -17,6 +18,7 @@ pub use runner::InstanceStatus;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -69,6 +71,10 @@ pub struct PluginView {
     /// Why instances say they are not serving, by index (their current
     /// process's own words).
     pub notes: BTreeMap<u32, String>,
+    /// Dependencies without `min_serving` instances SERVING.
+    pub waiting_for: Vec<String>,
+    /// No instance runs until `waiting_for` is empty.
+    pub held: bool,
 }
 
 impl PluginView {
@@ -93,11 +99,19 @@ pub struct Supervisor {
     /// What instances reported about their health: (plugin, index) →
     /// (the process that said it, what it said).
     notes: Mutex<HashMap<(String, u32), (u32, String)>>,
+    /// Starts and stops dependants as their dependencies come and go.
+    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set once the conductor stops: dependants are no longer started.
+    stopping: AtomicBool,
 }
 
 impl Supervisor {
-    /// Starts every pool of `pools`.
+    /// Starts every pool of `pools`; one that depends on others waits
+    /// until they are ready.
     pub fn start(pools: BTreeMap<String, PoolSpec>, context: PoolContext) -> Arc<Self> {
+        // Before any pool starts: no readiness is missed.
+        let events = context.bus.subscribe();
+        let cancel = context.cancel.clone();
         let pools = pools
             .into_iter()
             .map(|(name, spec)| {
@@ -105,12 +119,69 @@ impl Supervisor {
                 (name, pool)
             })
             .collect();
-        Arc::new(Self {
+        let supervisor = Arc::new(Self {
             context,
             pools: Mutex::new(pools),
             operations: tokio::sync::Mutex::new(()),
             notes: Mutex::new(HashMap::new()),
-        })
+            follower: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+        });
+        let follower = tokio::spawn(follow(Arc::downgrade(&supervisor), events, cancel));
+        *supervisor
+            .follower
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(follower);
+        supervisor
+    }
+
+    /// Starts the dependants whose dependencies are ready, stops those
+    /// bound to one that is not, and says what changed.
+    async fn settle(&self) {
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let _op = self.operations.lock().await;
+        let (settled, retired) = {
+            let mut pools = self.pools();
+            let settled = depends::settle(&mut pools);
+            let mut retired = Vec::new();
+            for name in &settled.start {
+                if let Some(pool) = pools.get_mut(name) {
+                    pool.held = false;
+                    let replicas = pool.replicas;
+                    pool.grow_to(replicas, &self.context);
+                }
+            }
+            for name in &settled.hold {
+                if let Some(pool) = pools.get_mut(name) {
+                    retired.extend(pool.hold());
+                }
+            }
+            (settled, retired)
+        };
+        for name in &settled.start {
+            tracing::info!(plugin = name, "dependencies ready; starting");
+        }
+        for name in &settled.hold {
+            tracing::info!(
+                plugin = name,
+                "a dependency it binds to is down; stopping it"
+            );
+        }
+        for (plugin, dependency, ready) in settled.changed {
+            self.events().emit(Event::Dependency {
+                plugin: Arc::from(plugin.as_str()),
+                dependency,
+                ready,
+            });
+        }
+        for handle in &retired {
+            handle.begin_stop();
+        }
+        for handle in retired {
+            handle.retire().await;
+        }
     }
 
     fn pools(&self) -> MutexGuard<'_, BTreeMap<String, Pool>> {
@@ -291,10 +362,16 @@ impl Supervisor {
     /// shrinking, the extra instances stop before the rest learn it.
     async fn scale_locked(&self, name: &str, replicas: u32) -> Result<(), SupervisorError> {
         let (before, sharded) = {
-            let pools = self.pools();
+            let mut pools = self.pools();
             let pool = pools
-                .get(name)
+                .get_mut(name)
                 .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
+            // Held: the count is for when its dependencies are ready.
+            if pool.held {
+                pool.replicas = replicas;
+                pool.set_members(replicas);
+                return Ok(());
+            }
             (pool.replicas, pool.spec.config.sharded)
         };
         if sharded && replicas > before {
@@ -398,11 +475,14 @@ impl Supervisor {
             .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))
     }
 
-    /// Starts a new plugin's pool.
+    /// Starts a new plugin's pool (once its dependencies are ready).
     pub async fn add(&self, name: &str, spec: PoolSpec) {
-        let _op = self.operations.lock().await;
-        let pool = Pool::start(name, spec, &self.context);
-        self.pools().insert(name.to_owned(), pool);
+        {
+            let _op = self.operations.lock().await;
+            let pool = Pool::start(name, spec, &self.context);
+            self.pools().insert(name.to_owned(), pool);
+        }
+        self.settle().await;
     }
 
     /// Stops every instance of `name` and forgets the plugin.
@@ -432,9 +512,11 @@ impl Supervisor {
                 .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
             (pool.spec.clone(), pool.replicas)
         };
-        // Counts alone change without touching an instance.
+        // Counts and order alone change without touching an instance.
         let same_run = PoolConfig {
             replicas: spec.config.replicas,
+            depends_on: spec.config.depends_on.clone(),
+            binds_to: spec.config.binds_to,
             ..(*old.config).clone()
         } == *spec.config;
         if same_run {
@@ -492,9 +574,46 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Stops every pool in the reverse of start order: each plugin, all
+    /// its instances at once, before the plugins it depends on.
+    /// Not serialised with operations: shutdown does not wait for a
+    /// rolling restart to finish; whatever one starts meanwhile ends with
+    /// the context's cancel.
+    pub async fn stop_all(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let layers = depends::stop_order(&self.pools());
+        for layer in layers {
+            let handles: Vec<_> = {
+                let mut pools = self.pools();
+                let mut handles = Vec::new();
+                for name in &layer {
+                    if let Some(pool) = pools.get_mut(name) {
+                        handles.extend(pool.hold());
+                    }
+                }
+                handles
+            };
+            for handle in &handles {
+                handle.begin_stop();
+            }
+            for handle in handles {
+                handle.retire().await;
+            }
+        }
+    }
+
     /// Stops every instance (after the context's cancel token fired) and
     /// waits until all are gone.
     pub async fn wait(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let follower = self
+            .follower
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(follower) = follower {
+            let _ = follower.await;
+        }
         let all: Vec<_> = {
             let mut pools = self.pools();
             pools.values_mut().flat_map(|p| p.shrink_to(0)).collect()
@@ -569,5 +688,45 @@ fn view(pool: &Pool) -> PluginView {
             .map(|i| (i.index, i.status.borrow().clone()))
             .collect(),
         notes: BTreeMap::new(),
+        waiting_for: pool.missing.clone(),
+        held: pool.held,
+    }
+}
+
+/// Settles dependencies whenever an instance's phase or a pool's size
+/// changed, until the conductor stops.
+async fn follow(
+    supervisor: std::sync::Weak<Supervisor>,
+    mut events: tokio::sync::broadcast::Receiver<Arc<crate::events::Stamped>>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = cancel.cancelled() => return,
+        };
+        let relevant = match &event {
+            Ok(stamped) => matches!(
+                &stamped.event,
+                Event::Instance {
+                    what: crate::events::InstanceEvent::PhaseChanged { .. },
+                    ..
+                } | Event::Scaled { .. }
+                    | Event::Reloaded { .. }
+            ),
+            Err(RecvError::Lagged(_)) => true,
+            Err(RecvError::Closed) => return,
+        };
+        if !relevant {
+            continue;
+        }
+        let Some(supervisor) = supervisor.upgrade() else {
+            return;
+        };
+        tokio::select! {
+            () = supervisor.settle() => {}
+            () = cancel.cancelled() => return,
+        }
     }
 }

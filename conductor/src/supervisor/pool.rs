@@ -99,6 +99,11 @@ pub struct InstanceHandle {
 }
 
 impl InstanceHandle {
+    /// Starts stopping the instance gracefully, without waiting.
+    pub fn begin_stop(&self) {
+        self.cancel.cancel();
+    }
+
     /// Stops the instance gracefully and waits until its runner is done
     /// (process gone, cgroup removed).
     pub async fn retire(self) {
@@ -123,24 +128,45 @@ pub struct Pool {
     pub instances: Vec<InstanceHandle>,
     /// The membership each instance is started with and told of.
     pub members: watch::Sender<Members>,
+    /// Its dependencies that do not have `min_serving` instances SERVING
+    /// (see `depends.rs`).
+    pub missing: Vec<String>,
+    /// No instances run until the dependencies are ready: it is waiting
+    /// to start, or was stopped with a dependency it `binds_to`.
+    pub held: bool,
 }
 
 impl Pool {
-    /// Starts the spec's instances.
+    /// Starts the spec's instances, unless the plugin depends on others:
+    /// then it waits (held) until they are ready.
     pub fn start(name: &str, spec: PoolSpec, context: &PoolContext) -> Self {
         let members = Members {
             replicas: spec.replicas,
             generation: 1,
         };
+        let missing = spec.config.depends_on.clone();
         let mut pool = Self {
             name: Arc::from(name),
             replicas: spec.replicas,
+            held: !missing.is_empty(),
+            missing,
             spec,
             instances: Vec::new(),
             members: watch::channel(members).0,
         };
-        pool.grow_to(pool.replicas, context);
+        if !pool.held {
+            pool.grow_to(pool.replicas, context);
+        }
         pool
+    }
+
+    /// Detaches every instance but keeps the count wanted, for a pool
+    /// that is held; the caller retires them.
+    pub fn hold(&mut self) -> Vec<InstanceHandle> {
+        self.held = true;
+        let mut all = std::mem::take(&mut self.instances);
+        all.reverse();
+        all
     }
 
     /// Adds instances up to `replicas`.

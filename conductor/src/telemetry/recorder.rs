@@ -52,6 +52,16 @@ impl Sink for Recorder {
                 instance,
                 what,
             } => self.plugin_api(plugin, *instance, what),
+            Event::Dependency {
+                plugin,
+                dependency,
+                ready: false,
+            } => tracing::warn!(plugin = &**plugin, dependency, "dependency lost"),
+            Event::Dependency {
+                plugin,
+                dependency,
+                ready: true,
+            } => tracing::info!(plugin = &**plugin, dependency, "dependency back"),
         }
     }
 }
