@@ -172,6 +172,33 @@ pub enum Answer {
     Duplicate(String),
 }
 
+/// The plugin's dependencies as the conductor sees them; from
+/// [`Conductor::dependencies`].
+#[derive(Debug)]
+pub struct DependencyWatch {
+    stream: tonic::Streaming<host::Dependencies>,
+}
+
+impl DependencyWatch {
+    /// Each dependency (a plugin named in `depends_on`) with whether it
+    /// has its `min_serving` instances SERVING: the first call answers
+    /// at once, later ones when something changed. `None` once the
+    /// conductor ends the watch (it is stopping).
+    pub async fn next(
+        &mut self,
+    ) -> Option<Result<std::collections::BTreeMap<String, bool>, ClientError>> {
+        match self.stream.message().await {
+            Ok(Some(now)) => Some(Ok(now
+                .dependencies
+                .into_iter()
+                .map(|d| (d.plugin, d.ready))
+                .collect())),
+            Ok(None) => None,
+            Err(status) => Some(Err(status.into())),
+        }
+    }
+}
+
 /// A turn under a shared limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
@@ -273,6 +300,13 @@ impl Conductor {
         let request = self.signed(tonic::Request::new(host::GetMembershipRequest {}));
         let m = self.client.get_membership(request).await?.into_inner();
         Ok(Membership::from_wire(&m))
+    }
+
+    /// The plugins this plugin `depends_on`, as they come and go.
+    pub async fn dependencies(&mut self) -> Result<DependencyWatch, ClientError> {
+        let request = self.signed(tonic::Request::new(host::WatchDependenciesRequest {}));
+        let stream = self.client.watch_dependencies(request).await?.into_inner();
+        Ok(DependencyWatch { stream })
     }
 
     /// Tells the conductor why this instance is (or is no longer) not

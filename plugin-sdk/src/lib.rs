@@ -56,7 +56,7 @@ mod origin;
 mod parent;
 mod server;
 
-pub use client::{Answer, ClientError, Conductor, Grant, JobStatus, Submit};
+pub use client::{Answer, ClientError, Conductor, DependencyWatch, Grant, JobStatus, Submit};
 pub use credentials::{CredentialError, credential};
 pub use handshake::{
     CONDUCTOR_SOCKET_KEY, CONDUCTOR_TOKEN_KEY, CREDENTIALS_DIRECTORY_KEY, EXIT_CONFIG, Handshake,

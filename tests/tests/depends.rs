@@ -1,7 +1,7 @@
 //! Start order on readiness: a plugin that depends on a pool starts once
 //! the pool serves, hears when it goes, and stops before it.
 
-use demi_e2e::{Conductor, bin, json, ok, signal_pid};
+use demi_e2e::{Conductor, bin, eventually, json, ok, signal_pid};
 use nix::sys::signal::Signal;
 
 fn dependency_event(e: &serde_json::Value, plugin: &str, message: &str) -> bool {
@@ -10,13 +10,20 @@ fn dependency_event(e: &serde_json::Value, plugin: &str, message: &str) -> bool 
 
 #[test]
 fn a_dependant_starts_after_its_pool_serves_hears_when_it_goes_and_stops_first() {
-    let mut conductor = Conductor::start(
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("watcher.txt");
+    let mut conductor = Conductor::start(&format!(
+        "[plugins.watcher]\ncommand = \"{}\"\nargs = [\"--journal\", \"{}\", \
+         \"--watch-dependencies\"]\njobs = false\ndepends_on = [\"pool\"]\n\
+         shutdown_grace = \"1s\"\n{}",
+        bin("probe_plugin").display(),
+        journal.display(),
         "[plugins.pool]\ncommand = \"{echo}\"\nargs = [\"--start-delay\", \"2s\"]\nreplicas = 2\n\
          shutdown_grace = \"1s\"\n\
          [plugins.bot]\ncommand = \"{echo}\"\ndepends_on = [\"pool\"]\nshutdown_grace = \"1s\"\n\
          [plugins.bound]\ncommand = \"{echo}\"\ndepends_on = [\"pool\"]\nbinds_to = true\n\
          shutdown_grace = \"1s\"\n",
-    );
+    ));
     // While the pool starts, the dependants wait, and say so.
     let waiting = ok(conductor.cli(&["status"]));
     assert!(waiting.contains("waiting (pool)"), "{waiting}");
@@ -57,8 +64,17 @@ fn a_dependant_starts_after_its_pool_serves_hears_when_it_goes_and_stops_first()
     });
     let (_, new_bound) = conductor.wait_serving(back, "bound", 0);
     assert_ne!(new_bound, bound_pid, "bound was started again");
-    // The bot was told, not touched.
+    // The bot was told, not touched; a plugin can follow it too.
     assert_eq!(conductor.pids_of("bot"), [u64::from(bot_pid)]);
+    eventually("the watcher saw the pool go and come back", || {
+        let seen: Vec<String> = std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("dep "))
+            .map(|l| l.split_whitespace().nth(3).unwrap_or_default().to_owned())
+            .collect();
+        seen.windows(3).any(|w| w == ["true", "false", "true"])
+    });
 
     // Stop order: the dependants before the pool they depend on.
     let from = conductor.cursor();

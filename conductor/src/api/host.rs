@@ -70,6 +70,8 @@ pub struct HostParts {
     pub limits: Arc<Limits>,
     pub access: Arc<Access>,
     pub bus: Bus,
+    /// Ends open streams when the conductor stops.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Ties each call to its instance, or refuses it: UNAUTHENTICATED without
@@ -283,6 +285,64 @@ impl pb::host_server::Host for Host {
                 }
             }),
         }
+    }
+
+    type WatchDependenciesStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::Dependencies, Status>> + Send>,
+    >;
+
+    async fn watch_dependencies(
+        &self,
+        request: Request<pb::WatchDependenciesRequest>,
+    ) -> Answer<Self::WatchDependenciesStream> {
+        let caller = caller_of(&request)?;
+        let plugin = caller.plugin.clone();
+        let supervisor = self.parts.supervisor.clone();
+        let snapshot = move || {
+            let now = supervisor.dependencies(&caller.plugin).unwrap_or_default();
+            pb::Dependencies {
+                dependencies: now
+                    .into_iter()
+                    .map(|(plugin, ready)| pb::Dependency { plugin, ready })
+                    .collect(),
+            }
+        };
+        // Subscribed before the first snapshot: no change falls between.
+        let mut events = self.parts.bus.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let shutdown = self.parts.shutdown.clone();
+        tokio::spawn(async move {
+            let mut last = snapshot();
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            loop {
+                let event = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    event = events.recv() => event,
+                };
+                let relevant = match &event {
+                    Ok(stamped) => match &stamped.event {
+                        Event::Dependency { plugin: p, .. } => **p == *plugin,
+                        Event::Reloaded { .. } => true,
+                        _ => false,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let now = snapshot();
+                if relevant && now != last {
+                    if tx.send(Ok(now.clone())).await.is_err() {
+                        return;
+                    }
+                    last = now;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn report_health(

@@ -326,6 +326,7 @@ impl Daemon {
             limits,
             access,
             bus,
+            shutdown: serving.clone(),
         };
         let plugin_api = api::serve_plugin_api(host, plugin_api, serving.clone())?;
         api.spawn(async move {

@@ -198,6 +198,20 @@ impl Supervisor {
         self.context.callers.get(token)
     }
 
+    /// `plugin`'s dependencies, each with whether it is ready.
+    pub fn dependencies(&self, plugin: &str) -> Option<Vec<(String, bool)>> {
+        let pools = self.pools();
+        let pool = pools.get(plugin)?;
+        Some(
+            pool.spec
+                .config
+                .depends_on
+                .iter()
+                .map(|d| (d.clone(), !pool.missing.contains(d)))
+                .collect(),
+        )
+    }
+
     /// `caller`'s pool's membership now.
     pub fn members(&self, caller: &Caller) -> Option<Members> {
         self.pools()

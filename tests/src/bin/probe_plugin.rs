@@ -9,6 +9,8 @@
 //!   each turn under a shared limit, as fast as it can ask, in bucket
 //!   `INDEX % BUCKETS` (`--buckets`, 1 by default).
 //!
+//! `--watch-dependencies` journals `dep PID PLUGIN READY US` for each
+//! dependency at start and at every change.
 //! `--handover-ms N` takes N ms to hand a share over on a membership
 //! change, before journaling and acknowledging the new one.
 //! `--not-serving REASON` reports NOT_SERVING, with the reason, a second
@@ -45,6 +47,8 @@ struct Args {
     /// How long handing a share over takes, before the new membership is
     /// journaled and acknowledged.
     handover: Duration,
+    /// Journal the plugin's dependencies as they change.
+    dependencies: bool,
 }
 
 fn args() -> Option<Args> {
@@ -53,12 +57,14 @@ fn args() -> Option<Args> {
     let mut buckets = 1;
     let mut not_serving = None;
     let mut handover = Duration::ZERO;
+    let mut dependencies = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--journal" => journal = it.next().map(PathBuf::from),
             "--acquire" => acquire = it.next(),
             "--not-serving" => not_serving = it.next(),
+            "--watch-dependencies" => dependencies = true,
             "--handover-ms" => handover = Duration::from_millis(it.next()?.parse().ok()?),
             "--buckets" => buckets = it.next()?.parse().ok().filter(|b| *b > 0)?,
             _ => return None,
@@ -70,6 +76,7 @@ fn args() -> Option<Args> {
         buckets,
         not_serving,
         handover,
+        dependencies,
     })
 }
 
@@ -96,6 +103,19 @@ async fn probe(ctx: Context, args: Args) -> Result<(), String> {
         ctx.health().not_serving(reason).await;
     }
     let stopping = ctx.stopping();
+    if args.dependencies {
+        let mut conductor = ctx.conductor().map_err(|e| e.to_string())?;
+        let mut watch = conductor.dependencies().await.map_err(|e| e.to_string())?;
+        let journal = args.journal.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(now)) = watch.next().await {
+                for (name, ready) in now {
+                    let line = format!("dep {pid} {name} {ready} {}", us(SystemTime::now()));
+                    note(&journal, line);
+                }
+            }
+        });
+    }
     if let Some(limit) = &args.acquire {
         let mut conductor = ctx.conductor().map_err(|e| e.to_string())?;
         let index = ctx.membership().index;
@@ -154,7 +174,7 @@ fn main() -> ExitCode {
     let Some(args) = args() else {
         eprintln!(
             "usage: probe_plugin --journal FILE [--acquire LIMIT [--buckets N]] \
-             [--not-serving REASON] [--handover-ms N]"
+             [--not-serving REASON] [--handover-ms N] [--watch-dependencies]"
         );
         return ExitCode::from(2);
     };
