@@ -149,10 +149,12 @@ fn the_cli_shows_status_rolls_restarts_and_scales() {
     conductor.wait_serving(0, "other", 0);
 
     let table = ok(conductor.cli(&["status"]));
-    let rows: Vec<&str> = table.lines().skip(1).collect();
+    let mut lines = table.lines();
+    assert_eq!(lines.next(), Some("conductor: ok"), "{table}");
+    assert!(lines.next().unwrap().starts_with("PLUGIN"));
+    let rows: Vec<&str> = lines.collect();
     assert_eq!(rows.len(), 4, "{table}");
     assert!(rows.iter().all(|r| r.contains("serving")), "{table}");
-    assert!(table.lines().next().unwrap().starts_with("PLUGIN"));
 
     // Rolling restart, as the event stream tells it.
     let before = conductor.pids_of("echo");
@@ -197,7 +199,11 @@ fn the_cli_shows_status_rolls_restarts_and_scales() {
     assert_eq!(conductor.pids_of("echo").len(), 5);
     let before = conductor.pids_of("echo");
     let table = ok(conductor.cli(&["scale", "echo", "1"]));
-    assert_eq!(table.lines().count(), 2, "{table}");
+    assert_eq!(
+        table.lines().count(),
+        3,
+        "conductor line, header, one row: {table}"
+    );
     wait_all_gone(
         &before[1..].iter().map(|p| *p as u32).collect::<Vec<_>>(),
         Duration::from_secs(5),

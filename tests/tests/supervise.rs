@@ -164,7 +164,29 @@ fn exit_78_fails_without_restart_and_a_crash_loop_hits_the_start_limit() {
     rt.block_on(async {
         let channel = grpc::connect(&conductor.socket("steady", 0)).await;
         assert_eq!(grpc::health(&channel, "steady").await.unwrap(), SERVING);
+        // The conductor says it is degraded, and stays SERVING itself.
+        let channel = grpc::connect(&conductor.api_socket()).await;
+        assert_eq!(grpc::health(&channel, "").await.unwrap(), SERVING);
+        let mut api = demi_e2e::grpc::admin(&conductor.api_socket()).await;
+        let listed = api
+            .list_plugins(demi_e2e::grpc::admin_pb::ListPluginsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.degraded, ["config-error", "crasher"]);
     });
+    let table = demi_e2e::ok(conductor.cli(&["status"]));
+    let first = table.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("conductor: degraded: config-error (failed: instance 0); crasher"),
+        "{table}"
+    );
+    let scrape = conductor.scrape();
+    assert_eq!(demi_e2e::series(&scrape, "demi_degraded", &[]), Some(1.0));
+    assert_eq!(
+        demi_e2e::series(&scrape, "demi_plugin_degraded", &[("plugin", "steady")]),
+        Some(0.0)
+    );
 }
 
 #[test]

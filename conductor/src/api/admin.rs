@@ -79,14 +79,19 @@ impl pb::conductor_server::Conductor for Admin {
         &self,
         _: Request<pb::ListPluginsRequest>,
     ) -> Answer<pb::ListPluginsResponse> {
-        let plugins = self
+        let plugins: Vec<pb::Plugin> = self
             .parts
             .supervisor
             .list()
             .into_iter()
             .map(|v| self.plugin(v))
             .collect();
-        Ok(Response::new(pb::ListPluginsResponse { plugins }))
+        let degraded = plugins
+            .iter()
+            .filter(|p| !p.degraded.is_empty())
+            .map(|p| p.name.clone())
+            .collect();
+        Ok(Response::new(pb::ListPluginsResponse { plugins, degraded }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -336,6 +341,7 @@ pub(crate) fn plugin(view: PluginView) -> pb::Plugin {
     let serving = view.serving();
     let healthy = view.healthy();
     pb::Plugin {
+        degraded: view.degraded().unwrap_or_default(),
         waiting_for: view.waiting_for.clone(),
         held: view.held,
         name: view.name,

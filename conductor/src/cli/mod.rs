@@ -182,6 +182,17 @@ pub fn print_plugins(plugins: &[pb::Plugin], as_json: bool) {
         println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
         return;
     }
+    // The conductor's own line first: degraded plugins never take it
+    // down, so this is where an operator learns of them.
+    let degraded: Vec<String> = plugins
+        .iter()
+        .filter(|p| !p.degraded.is_empty())
+        .map(|p| format!("{} ({})", p.name, p.degraded))
+        .collect();
+    match degraded.is_empty() {
+        true => println!("conductor: ok"),
+        false => println!("conductor: degraded: {}", degraded.join("; ")),
+    }
     let mut rows = vec![
         [
             "PLUGIN",
@@ -334,6 +345,7 @@ fn plugin_json(p: &pb::Plugin) -> Value {
         "command": p.command,
         "source": p.source,
         "held": p.held,
+        "degraded": (!p.degraded.is_empty()).then_some(&p.degraded),
         "waiting_for": p.waiting_for,
         "autoscale": p.autoscale.as_ref().map(|a| json!({
             "min": a.min,

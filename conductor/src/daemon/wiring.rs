@@ -33,6 +33,7 @@ impl Snapshot for Scrape {
             .list()
             .into_iter()
             .map(|view| PluginSample {
+                degraded: view.degraded().is_some(),
                 desired: view.replicas,
                 instances: view
                     .instances

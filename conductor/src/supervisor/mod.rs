@@ -88,6 +88,27 @@ impl PluginView {
     pub fn healthy(&self) -> bool {
         self.serving() >= self.min_serving
     }
+
+    /// Why the plugin is degraded, if it is: an instance Failed, or fewer
+    /// than `min_serving` SERVING. A plugin held for its dependencies is
+    /// not degraded itself (they are).
+    pub fn degraded(&self) -> Option<String> {
+        if self.held {
+            return None;
+        }
+        let failed: Vec<String> = self
+            .instances
+            .iter()
+            .filter(|(_, s)| s.state == Phase::Failed)
+            .map(|(i, _)| i.to_string())
+            .collect();
+        if !failed.is_empty() {
+            return Some(format!("failed: instance {}", failed.join(", ")));
+        }
+        let serving = self.serving();
+        (serving < self.min_serving)
+            .then(|| format!("{serving} of min {} SERVING", self.min_serving))
+    }
 }
 
 /// Every pool of the conductor.

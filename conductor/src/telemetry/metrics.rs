@@ -31,6 +31,8 @@ pub struct PluginSample {
     /// Instances wanted now.
     pub desired: u32,
     pub instances: Vec<InstanceSample>,
+    /// An instance Failed or fewer than `min_serving` SERVING.
+    pub degraded: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -251,6 +253,24 @@ impl Metrics {
                 .filter(|i| i.phase == Phase::Serving)
                 .count() as u64
         });
+        let plugin_degraded = plugin_gauge(
+            "demi_plugin_degraded",
+            "1 while an instance is Failed or fewer than min_serving are SERVING",
+            |p| u64::from(p.degraded),
+        );
+        let degraded = {
+            let snapshot = snapshot.clone();
+            self.meter
+                .u64_observable_gauge("demi_degraded")
+                .with_description(
+                    "1 while any plugin is degraded (the conductor itself stays SERVING)",
+                )
+                .with_callback(move |observer| {
+                    let any = snapshot.plugins().iter().any(|p| p.degraded);
+                    observer.observe(u64::from(any), &[]);
+                })
+                .build()
+        };
 
         // One callback shape for every per-instance value, gauge or counter.
         let per_instance = |value: fn(&InstanceSample) -> Option<f64>| {
@@ -286,6 +306,8 @@ impl Metrics {
             Box::new(desired),
             Box::new(running),
             Box::new(serving),
+            Box::new(plugin_degraded),
+            Box::new(degraded),
             Box::new(instance_gauge(
                 "demi_instance_up",
                 "",
