@@ -473,3 +473,104 @@ fn a_stand_in_waits_in_the_instances_cgroup_and_becomes_its_next_process() {
     wait_all_gone(&[standby, next], Duration::from_secs(2)).expect("outlived the conductor");
     assert!(cgroup_dirs(conductor.cgroup_root()).is_empty());
 }
+
+#[test]
+fn memory_above_its_ceiling_restarts_gracefully_one_replica_at_a_time() {
+    let conductor = Conductor::builder()
+        .conductor("usage_interval = \"200ms\"")
+        .start(&plugin(
+            "grower",
+            "replicas = 2\nargs = [\"--alloc-mib\", \"96\", \"--delay\", \"100ms\"]\n\
+             [plugins.grower.limits]\nmemory = \"256MiB\"\nmemory_high = \"192MiB\"\n\
+             [plugins.grower.restart]\non_memory_above = \"48MiB\"\nmemory_restart_after = \"600ms\"\n",
+        ));
+    conductor.wait_serving(0, "grower", 0);
+    conductor.wait_serving(0, "grower", 1);
+    // The soft ceiling is written where the host's cgroup version keeps it.
+    let soft = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory/{}/grower/0/memory.soft_limit_in_bytes",
+        conductor.cgroup_root()
+    ))
+    .unwrap();
+    assert_eq!(soft.trim(), (192u64 << 20).to_string());
+
+    // Jobs keep flowing through the restarts.
+    let rt = grpc::runtime();
+    let outcomes = rt.block_on(async {
+        let api = demi_e2e::grpc::admin(&conductor.api_socket()).await;
+        let mut calls = tokio::task::JoinSet::new();
+        for n in 0..60 {
+            let mut api = api.clone();
+            calls.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(n * 80)).await;
+                let job = demi_e2e::grpc::admin_pb::SubmitRequest {
+                    plugin: "grower".into(),
+                    payload: format!("job {n}").into_bytes(),
+                    ..Default::default()
+                };
+                api.submit_and_wait(job)
+                    .await
+                    .map(|r| r.into_inner().status)
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            all.push(done.unwrap());
+        }
+        all
+    });
+    let completed = demi_e2e::grpc::admin_pb::job_outcome::Status::Completed as i32;
+    assert!(
+        outcomes.iter().all(|o| o.as_ref().ok() == Some(&completed)),
+        "{outcomes:?}"
+    );
+
+    // Restarted for memory, gracefully (exit 0 after Shutdown).
+    let log = conductor.events();
+    let restarts: Vec<&Value> = log
+        .iter()
+        .filter(|e| e["message"] == "instance restarting: memory above its ceiling")
+        .collect();
+    assert!(restarts.len() >= 2, "{} memory restarts", restarts.len());
+    let exits: Vec<&Value> = log
+        .iter()
+        .filter(|e| e["message"] == "instance exited" && e["span"]["plugin"] == "grower")
+        .collect();
+    assert!(!exits.is_empty());
+    assert!(
+        exits.iter().all(|e| e["reason"] == "exit code 0"),
+        "not all graceful: {exits:?}"
+    );
+    let scrape = conductor.scrape();
+    assert!(
+        demi_e2e::series(&scrape, "demi_restarts_total", &[("reason", "memory")])
+            .is_some_and(|n| n >= 2.0),
+        "no memory restarts counted"
+    );
+    let status = demi_e2e::json(conductor.cli(&["status", "grower", "--json"]));
+    let reasons: Vec<&Value> = status[0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["last_restart"])
+        .collect();
+    assert!(reasons.iter().any(|r| *r == "memory"), "{status}");
+
+    // Never both down: from each "stopping instance" to the next
+    // "instance serving" of the same index, the other one served.
+    let mut down: [Option<usize>; 2] = [None, None];
+    for (at, e) in log.iter().enumerate() {
+        if e["span"]["plugin"] != "grower" {
+            continue;
+        }
+        let Some(index) = e["span"]["instance"].as_u64().map(|i| i as usize) else {
+            continue;
+        };
+        if e["message"] == "stopping instance" {
+            down[index] = Some(at);
+            assert!(down[1 - index].is_none(), "both replicas down at line {at}");
+        } else if e["message"] == "instance serving" {
+            down[index] = None;
+        }
+    }
+}

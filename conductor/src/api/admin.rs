@@ -372,6 +372,7 @@ fn instance(index: u32, s: InstanceStatus) -> pb::Instance {
         restarts: s.restarts,
         last_exit: s.last_exit.map(|e| e.to_string()).unwrap_or_default(),
         failure: s.failure.unwrap_or_default(),
+        last_restart: s.last_restart.unwrap_or_default(),
         uptime: s
             .spawned
             .and_then(|t| duration(Instant::now().saturating_duration_since(t))),

@@ -252,6 +252,8 @@ pub fn print_plugins(plugins: &[pb::Plugin], as_json: bool) {
                     i.failure.clone()
                 } else if i.last_exit.is_empty() {
                     "-".into()
+                } else if matches!(i.last_restart.as_str(), "memory" | "requested") {
+                    format!("{} ({} restart)", i.last_exit, i.last_restart)
                 } else {
                     i.last_exit.clone()
                 },
@@ -372,6 +374,7 @@ fn plugin_json(p: &pb::Plugin) -> Value {
             "restarts": i.restarts,
             "last_exit": (!i.last_exit.is_empty()).then_some(&i.last_exit),
             "failure": (!i.failure.is_empty()).then_some(&i.failure),
+            "last_restart": (!i.last_restart.is_empty()).then_some(&i.last_restart),
             "uptime_s": i.uptime.as_ref().map(seconds),
             "confined": i.confined,
             "health_note": (!i.health_note.is_empty()).then_some(&i.health_note),

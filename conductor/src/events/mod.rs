@@ -76,9 +76,22 @@ pub enum CheckOutcome {
 pub enum RestartCause {
     /// An operator asked.
     Requested,
+    /// Its memory stayed above `restart.on_memory_above`.
+    Memory,
     /// The previous process ended this way (a bounded label: every spawn
     /// error is one class).
     Exit(String),
+}
+
+impl RestartCause {
+    /// A bounded label, for metrics and status.
+    pub fn label(&self) -> &str {
+        match self {
+            RestartCause::Requested => "requested",
+            RestartCause::Memory => "memory",
+            RestartCause::Exit(label) => label,
+        }
+    }
 }
 
 /// Something that happened to one instance.

@@ -241,6 +241,13 @@ pub struct RestartConfig {
     /// restart skips the fork and the cgroup join (one more small process
     /// per instance, counted in its cgroup). Needs a cgroup.
     pub standby: bool,
+    /// Restart an instance gracefully (Shutdown, drain) once its memory
+    /// has stayed above this for `memory_restart_after`, before the OOM
+    /// killer ends it mid-job (pm2's `max_memory_restart`). Read from its
+    /// cgroup every `usage_interval`; one instance of a pool at a time.
+    pub on_memory_above: Option<bytesize::ByteSize>,
+    #[serde(with = "humantime_serde")]
+    pub memory_restart_after: Duration,
 }
 
 impl Default for RestartConfig {
@@ -255,6 +262,8 @@ impl Default for RestartConfig {
             start_limit_interval: Duration::from_secs(10),
             never_restart_exit_codes: vec![78],
             standby: false,
+            on_memory_above: None,
+            memory_restart_after: Duration::from_secs(30),
         }
     }
 }
@@ -360,6 +369,16 @@ impl PoolConfig {
         }
         if r.start_limit_burst == 0 {
             bad("restart.start_limit_burst", "must be at least 1".into());
+        }
+        if let (Some(above), Some(memory)) = (r.on_memory_above, self.limits.memory)
+            && above >= memory
+        {
+            bad(
+                "restart.on_memory_above",
+                format!(
+                    "{above} must be below limits.memory ({memory}): the OOM killer comes first"
+                ),
+            );
         }
         out.extend(self.limits.problems());
         for name in self.credentials.0.keys() {

@@ -63,6 +63,8 @@ pub enum StopCause {
     StartupTimeout(Duration),
     /// An operator asked for a restart.
     Requested,
+    /// Its memory stayed above `restart.on_memory_above`.
+    Memory,
 }
 
 /// How a process ended.
@@ -123,6 +125,9 @@ pub enum Event {
     StartRequested,
     StopRequested,
     RestartRequested,
+    /// Its memory stayed above `restart.on_memory_above` long enough: a
+    /// graceful restart, like an operator's.
+    MemoryAbove,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -364,7 +369,7 @@ impl Instance {
                 let ran = now.saturating_duration_since(*since);
                 match then.clone() {
                     // Not a crash: no backoff, no breaker, straight back up.
-                    Then::Restart(StopCause::Requested) => {
+                    Then::Restart(StopCause::Requested | StopCause::Memory) => {
                         self.last_exit = Some(reason);
                         self.start(now)
                     }
@@ -434,6 +439,13 @@ impl Instance {
                 let (pid, since) = (*pid, *since);
                 self.stop(pid, since, Then::Restart(StopCause::Requested), now)
             }
+            (S::Serving { pid, since } | S::Unhealthy { pid, since, .. }, Event::MemoryAbove) => {
+                let (pid, since) = (*pid, *since);
+                self.stop(pid, since, Then::Restart(StopCause::Memory), now)
+            }
+            // Not running as itself (starting, stopping, down): the next
+            // sample decides again.
+            (_, Event::MemoryAbove) => vec![],
             (S::Stopped | S::Failed { .. }, Event::RestartRequested) => {
                 self.breaker = Breaker::default();
                 self.restarts = Restarts::default();
@@ -592,6 +604,7 @@ impl fmt::Display for StopCause {
                 write!(f, "breaker tripped after {failures} failed health checks")
             }
             StopCause::Requested => f.write_str("restart requested"),
+            StopCause::Memory => f.write_str("memory stayed above restart.on_memory_above"),
             StopCause::StartupTimeout(t) => write!(
                 f,
                 "not SERVING within startup_timeout ({})",

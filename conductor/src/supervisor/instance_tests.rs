@@ -574,3 +574,28 @@ fn a_requested_restart_is_not_a_crash() {
     );
     assert_eq!(StopCause::Requested.to_string(), "restart requested");
 }
+
+#[test]
+fn a_memory_restart_is_graceful_and_not_a_crash() {
+    let t0 = Instant::now();
+    let mut i = serving(t0);
+    let actions = i.step(Event::MemoryAbove, t0, 0.5).unwrap();
+    assert!(matches!(actions[..], [Action::Terminate { .. }]));
+    assert!(matches!(
+        i.state(),
+        State::Stopping {
+            then: Then::Restart(StopCause::Memory),
+            ..
+        }
+    ));
+    assert_eq!(
+        i.step(Event::MemoryAbove, t0, 0.5),
+        Ok(vec![]),
+        "on its way"
+    );
+    assert_eq!(i.step(exited(0), t0, 0.5), Ok(vec![Action::Spawn]));
+    assert_eq!(i.breaker(), Breaker::Closed { failures: 0 });
+    assert_eq!(i.consecutive_crashes(), 0);
+    // Anywhere but live, the next sample decides again.
+    assert_eq!(i.step(Event::MemoryAbove, t0, 0.5), Ok(vec![]));
+}

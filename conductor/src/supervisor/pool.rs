@@ -134,6 +134,8 @@ pub struct Pool {
     /// No instances run until the dependencies are ready: it is waiting
     /// to start, or was stopped with a dependency it `binds_to`.
     pub held: bool,
+    /// One memory restart at a time across the pool's instances.
+    memory_restarts: Arc<tokio::sync::Semaphore>,
 }
 
 impl Pool {
@@ -153,6 +155,7 @@ impl Pool {
             spec,
             instances: Vec::new(),
             members: watch::channel(members).0,
+            memory_restarts: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         if !pool.held {
             pool.grow_to(pool.replicas, context);
@@ -242,6 +245,7 @@ impl Pool {
             usage_interval: context.usage_interval,
             bus: context.bus.clone(),
             members: self.members.subscribe(),
+            memory_restarts: self.memory_restarts.clone(),
         };
         let (commands, command_rx) = mpsc::channel(8);
         let (status_tx, status) = watch::channel(InstanceStatus::new(cgroup.is_some()));

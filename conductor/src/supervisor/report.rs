@@ -113,17 +113,19 @@ pub fn describe(
             if matches!(
                 before,
                 State::Stopping {
-                    then: Then::Restart(StopCause::Requested),
+                    then: Then::Restart(StopCause::Requested | StopCause::Memory),
                     ..
                 }
             ) =>
         {
-            out.push((
-                None,
-                InstanceEvent::Restarting {
-                    cause: RestartCause::Requested,
-                },
-            ));
+            let cause = match before {
+                State::Stopping {
+                    then: Then::Restart(StopCause::Memory),
+                    ..
+                } => RestartCause::Memory,
+                _ => RestartCause::Requested,
+            };
+            out.push((None, InstanceEvent::Restarting { cause }));
         }
         // Leaving a live state straight for Starting is an immediate
         // restart; leaving Backoff is a delayed one. Both are restarts.

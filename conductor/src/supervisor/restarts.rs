@@ -108,7 +108,7 @@ mod tests {
             start_limit_burst: 100,
             start_limit_interval: Duration::from_secs(10),
             never_restart_exit_codes: vec![78],
-            standby: false,
+            ..RestartConfig::default()
         }
     }
 

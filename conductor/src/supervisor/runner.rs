@@ -53,6 +53,9 @@ pub struct InstanceStatus {
     pub usage: Option<Usage>,
     /// The most recent exits, oldest first (at most [`HISTORY`]).
     pub history: Vec<ExitRecord>,
+    /// Why the conductor last restarted it ("memory", "requested", or how
+    /// the process before ended).
+    pub last_restart: Option<String>,
     /// When the current process was spawned.
     pub spawned: Option<Instant>,
     /// Why the instance is failed, when it is.
@@ -73,6 +76,7 @@ impl InstanceStatus {
             history: Vec::new(),
             spawned: None,
             failure: None,
+            last_restart: None,
         }
     }
 }
@@ -104,6 +108,9 @@ pub struct InstanceSpec {
     pub bus: Bus,
     /// The pool's membership, which each new process is started with.
     pub members: watch::Receiver<super::pool::Members>,
+    /// One memory restart of the pool at a time: its permit is held from
+    /// the restart until the new process is SERVING.
+    pub memory_restarts: Arc<tokio::sync::Semaphore>,
 }
 
 /// Pause between `Describe` attempts of an instance that fails them.
@@ -179,6 +186,8 @@ pub async fn run(
         life: tracing::Span::none(),
         standby: None,
         standby_exe: None,
+        memory_above_since: None,
+        memory_permit: None,
     }
     .drive(&mut commands, &cancel)
     .instrument(span)
@@ -261,6 +270,12 @@ struct Runner {
     standby: Option<Child>,
     /// What a stand-in runs; `None` when stand-ins are off or failed.
     standby_exe: Option<PathBuf>,
+    /// Since when the current process's memory is above
+    /// `restart.on_memory_above`.
+    memory_above_since: Option<Instant>,
+    /// The pool's memory-restart permit while this instance restarts for
+    /// memory, with the pid it restarts.
+    memory_permit: Option<(tokio::sync::OwnedSemaphorePermit, Option<u32>)>,
 }
 
 impl Runner {
@@ -293,6 +308,17 @@ impl Runner {
     /// serving (so the next process pays the cgroup join off the restart's
     /// path).
     fn arrange(&mut self, waits: &mut Waits) {
+        // A memory restart is over once a new process serves, or the
+        // instance is down: the pool's next one may go.
+        if let Some((_, old)) = &self.memory_permit {
+            let phase = self.machine.state().phase();
+            let over = phase.is_down()
+                || phase == Phase::Backoff
+                || (phase == Phase::Serving && self.machine.pid() != *old);
+            if over {
+                self.memory_permit = None;
+            }
+        }
         let plain = self.spec.config.health.is_none();
         if !self.machine.awaits_readiness() {
             waits.probe = None;
@@ -372,10 +398,7 @@ impl Runner {
                 waits.check = self.check();
                 None
             }
-            Wake::UsageDue => {
-                self.sample_usage();
-                None
-            }
+            Wake::UsageDue => self.sample_usage(),
             Wake::Command(Some(Command::Start)) => Some(Event::StartRequested),
             Wake::Command(Some(Command::Stop)) => Some(Event::StopRequested),
             Wake::Command(Some(Command::Restart)) => Some(Event::RestartRequested),
@@ -521,10 +544,11 @@ impl Runner {
         });
     }
 
-    fn sample_usage(&mut self) {
-        let Some(cgroup) = &self.spec.cgroup else {
-            return;
-        };
+    /// Reads the cgroup's usage; a memory restart when the process has
+    /// stayed above `restart.on_memory_above` long enough and no other
+    /// instance of the pool is restarting for memory.
+    fn sample_usage(&mut self) -> Option<Event> {
+        let cgroup = self.spec.cgroup.as_ref()?;
         let usage = cgroup.usage();
         tracing::debug!(
             pid = self.machine.pid(),
@@ -539,6 +563,31 @@ impl Runner {
         );
         self.usage = Some(usage);
         self.publish();
+        let restart = &self.spec.config.restart;
+        let ceiling = restart.on_memory_above?;
+        let serving = matches!(
+            self.machine.state(),
+            State::Serving { .. } | State::Unhealthy { .. }
+        );
+        if !serving || usage.memory_bytes <= ceiling.as_u64() {
+            self.memory_above_since = None;
+            return None;
+        }
+        let since = *self.memory_above_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < restart.memory_restart_after || self.memory_permit.is_some() {
+            return None;
+        }
+        let permit = self.spec.memory_restarts.clone().try_acquire_owned().ok()?;
+        tracing::warn!(
+            pid = self.machine.pid(),
+            memory_bytes = usage.memory_bytes,
+            ceiling = ceiling.as_u64(),
+            above_ms = since.elapsed().as_millis() as u64,
+            "memory above its ceiling; restarting gracefully"
+        );
+        self.memory_permit = Some((permit, self.machine.pid()));
+        self.memory_above_since = None;
+        Some(Event::MemoryAbove)
     }
 
     /// How the process ended. A SIGKILL counts as an OOM kill only if the
@@ -716,7 +765,14 @@ impl Runner {
     /// restart's next step never precedes the previous instance's
     /// "serving" line), and whoever saw a line reads at least that status.
     fn publish_with(&self, happened: &[Published]) {
-        let status = InstanceStatus {
+        let restarted = happened.iter().rev().find_map(|event| match event {
+            Published::Instance {
+                what: InstanceEvent::Restarting { cause },
+                ..
+            } => Some(cause.label().to_owned()),
+            _ => None,
+        });
+        let mut status = InstanceStatus {
             state: self.machine.state().phase(),
             pid: self.machine.pid(),
             breaker: self.machine.breaker(),
@@ -730,8 +786,10 @@ impl Runner {
                 State::Failed { reason } => Some(reason.to_string()),
                 _ => None,
             },
+            last_restart: None,
         };
         self.status.send_if_modified(|current| {
+            status.last_restart = restarted.or_else(|| current.last_restart.take());
             // In the life's span, so every line carries its lifecycle id.
             self.life.in_scope(|| {
                 for event in happened {

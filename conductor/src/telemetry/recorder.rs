@@ -171,13 +171,14 @@ impl Recorder {
                 tracing::info!(delay_ms, attempt, "restart scheduled");
             }
             InstanceEvent::Restarting { cause } => {
-                let reason = match cause {
-                    RestartCause::Requested => {
-                        tracing::info!("instance restarting on request");
-                        "requested"
+                match cause {
+                    RestartCause::Requested => tracing::info!("instance restarting on request"),
+                    RestartCause::Memory => {
+                        tracing::warn!("instance restarting: memory above its ceiling");
                     }
-                    RestartCause::Exit(label) => label.as_str(),
-                };
+                    RestartCause::Exit(_) => {}
+                }
+                let reason = cause.label();
                 metrics.restarts.add(
                     1,
                     &[

@@ -34,6 +34,13 @@ pub struct LimitsConfig {
     pub memory: Option<ByteSize>,
     /// Swap the instance may use on top of `memory` (needs `memory`).
     pub memory_swap: Option<ByteSize>,
+    /// A soft ceiling below `memory`. On cgroup v2 it is `memory.high`:
+    /// past it the instance is throttled and reclaimed hard, never killed.
+    /// On v1 the closest file is `memory.soft_limit_in_bytes`, which only
+    /// makes the instance the first to be reclaimed when the whole host
+    /// runs short: no throttling, and nothing at all on a host with memory
+    /// to spare.
+    pub memory_high: Option<ByteSize>,
     /// CPU time in cores, e.g. 0.5 for half of one core.
     pub cpu: Option<f64>,
     /// Processes and threads the instance may have at once.
@@ -58,6 +65,14 @@ impl LimitsConfig {
         }
         if self.memory_swap.is_some() && self.memory.is_none() {
             out.push(("limits.memory_swap", "needs limits.memory too".into()));
+        }
+        if let (Some(high), Some(memory)) = (self.memory_high, self.memory)
+            && high >= memory
+        {
+            out.push((
+                "limits.memory_high",
+                format!("{high} must be below limits.memory ({memory})"),
+            ));
         }
         if let Some(cpu) = self.cpu
             && !(cpu.is_finite() && cpu * CPU_PERIOD_US as f64 >= MIN_QUOTA_US as f64)

@@ -18,6 +18,8 @@ pub struct Plan {
     pub cpu: Option<(i64, u64)>,
     /// `pids.max`.
     pub pids: Option<i64>,
+    /// `memory.soft_limit_in_bytes` (v1) or `memory.high` (v2).
+    pub memory_high: Option<i64>,
 }
 
 impl Plan {
@@ -37,6 +39,7 @@ impl Plan {
             swap,
             cpu: limits.cpu.map(cpu_quota),
             pids: limits.pids.map(|p| i64::try_from(p).unwrap_or(i64::MAX)),
+            memory_high: limits.memory_high.map(bytes),
         }
     }
 }
@@ -76,7 +79,10 @@ mod tests {
 
     #[test]
     fn v1_plan_adds_swap_to_memory() {
-        let l = limits("memory = \"64MiB\"\nmemory_swap = \"16MiB\"\ncpu = 0.25\npids = 100");
+        let l = limits(
+            "memory = \"64MiB\"\nmemory_swap = \"16MiB\"\ncpu = 0.25\npids = 100\n\
+             memory_high = \"48MiB\"",
+        );
         assert_eq!(
             Plan::new(&l, false),
             Plan {
@@ -84,6 +90,7 @@ mod tests {
                 swap: Some(80 << 20),
                 cpu: Some((25_000, 100_000)),
                 pids: Some(100),
+                memory_high: Some(48 << 20),
             }
         );
     }
@@ -98,6 +105,7 @@ mod tests {
                 swap: Some(16 << 20),
                 cpu: Some((150_000, 100_000)),
                 pids: None,
+                memory_high: None,
             }
         );
     }
@@ -115,5 +123,7 @@ mod tests {
         assert_eq!(fields, ["limits.memory", "limits.cpu", "limits.pids"]);
         let l = limits("memory_swap = \"1MiB\"");
         assert_eq!(l.problems()[0].0, "limits.memory_swap");
+        let l = limits("memory = \"64MiB\"\nmemory_high = \"64MiB\"");
+        assert_eq!(l.problems()[0].0, "limits.memory_high");
     }
 }

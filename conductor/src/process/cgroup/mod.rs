@@ -453,6 +453,21 @@ fn apply(
                 .map_err(|e| write_error(file, bytes.to_string(), e))?;
         }
     }
+    if let Some(bytes) = plan.memory_high {
+        let memory = cgroup
+            .controller_of::<MemController>()
+            .ok_or(missing("memory"))?;
+        let (file, written) = if v2 {
+            let high = cgroups_rs::fs::memory::SetMemory {
+                high: Some(MaxValue::Value(bytes)),
+                ..Default::default()
+            };
+            ("memory.high", memory.set_mem(high))
+        } else {
+            ("memory.soft_limit_in_bytes", memory.set_soft_limit(bytes))
+        };
+        written.map_err(|e| write_error(file, bytes.to_string(), e))?;
+    }
     if let Some((quota, period)) = plan.cpu {
         let cpu = cgroup
             .controller_of::<CpuController>()
