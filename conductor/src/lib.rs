@@ -20,6 +20,7 @@ pub mod dispatch;
 pub mod events;
 pub mod layout;
 pub mod limits;
+pub mod machine;
 pub mod process;
 pub mod rpc;
 pub mod scaler;

@@ -348,20 +348,28 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
         };
         match command {
             Command::Status { plugin, json } => {
-                let plugins = match plugin {
-                    Some(name) => vec![cli::rpc(api.get_plugin(named(&name)).await)?],
-                    None => cli::rpc(api.list_plugins(pb::ListPluginsRequest {}).await)?.plugins,
+                let (plugins, machine) = match plugin {
+                    Some(name) => (vec![cli::rpc(api.get_plugin(named(&name)).await)?], None),
+                    None => {
+                        let all = cli::rpc(api.list_plugins(pb::ListPluginsRequest {}).await)?;
+                        (all.plugins, all.machine)
+                    }
                 };
-                cli::print_plugins(&plugins, json);
+                cli::print_plugins(&plugins, machine.as_ref(), json);
             }
-            Command::Start { plugin } => {
-                cli::print_plugins(&[cli::rpc(api.start_plugin(named(&plugin)).await)?], false)
-            }
-            Command::Stop { plugin } => {
-                cli::print_plugins(&[cli::rpc(api.stop_plugin(named(&plugin)).await)?], false)
-            }
+            Command::Start { plugin } => cli::print_plugins(
+                &[cli::rpc(api.start_plugin(named(&plugin)).await)?],
+                None,
+                false,
+            ),
+            Command::Stop { plugin } => cli::print_plugins(
+                &[cli::rpc(api.stop_plugin(named(&plugin)).await)?],
+                None,
+                false,
+            ),
             Command::Restart { plugin } => cli::print_plugins(
                 &[cli::rpc(api.restart_plugin(named(&plugin)).await)?],
+                None,
                 false,
             ),
             Command::Scale { plugin, replicas } => {
@@ -369,7 +377,7 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
                     name: plugin,
                     replicas,
                 };
-                cli::print_plugins(&[cli::rpc(api.scale_plugin(request).await)?], false)
+                cli::print_plugins(&[cli::rpc(api.scale_plugin(request).await)?], None, false)
             }
             Command::Events { plugin } => {
                 let request = pb::WatchEventsRequest {

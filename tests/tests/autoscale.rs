@@ -360,3 +360,46 @@ seasonal_periods = []
     let a = autoscale_status(&conductor, "burner");
     assert_eq!((a.signal.as_str(), a.capacity_measured), ("cpu", false));
 }
+
+#[test]
+fn the_host_caps_what_the_autoscaler_asks_for() {
+    // Three spinning replicas are wanted (as above), but each may use
+    // 1 TiB of memory, which no test host has available: the autoscaler
+    // keeps what runs and says why.
+    let conductor = Conductor::builder()
+        .conductor("usage_interval = \"200ms\"")
+        .start(
+            r#"
+[plugins.burner]
+command = "{echo}"
+args = ["--spin-threads", "1"]
+jobs = false
+shutdown_grace = "1s"
+[plugins.burner.limits]
+cpu = 0.25
+memory = "1TiB"
+[plugins.burner.autoscale]
+signal = "cpu"
+min = 1
+max = 3
+bucket = "1s"
+history = "10m"
+seasonal_periods = []
+"#,
+        );
+    conductor.wait_serving(0, "burner", 0);
+    let (_, capped) = conductor.wait_for(0, "capped by host memory", |e| {
+        e["message"] == "capped by host memory" && e["plugin"] == "burner"
+    });
+    assert_eq!(capped["held"].as_u64(), Some(1), "{capped}");
+    assert!(capped["wanted"].as_u64() > Some(1), "{capped}");
+    let a = autoscale_status(&conductor, "burner");
+    assert_eq!(a.desired, 1, "{a:?}");
+    assert!(a.capped.contains("memory"), "{a:?}");
+    let scrape = conductor.scrape();
+    assert_eq!(
+        demi_e2e::series(&scrape, "demi_autoscale_capped", &[("plugin", "burner")]),
+        Some(1.0)
+    );
+    assert_eq!(conductor.pids_of("burner").len(), 1);
+}

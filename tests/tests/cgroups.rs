@@ -308,7 +308,7 @@ fn without_usable_cgroups_required_refuses_and_optional_runs_unconfined() {
 #[test]
 fn cgroup_policy_off_confines_nothing_and_says_so_once() {
     let conductor = Conductor::builder()
-        .conductor("cgroup_policy = \"off\"")
+        .conductor("cgroup_policy = \"off\"\nusage_interval = \"200ms\"")
         .start(&format!(
             "{}{}",
             plugin(
@@ -350,6 +350,37 @@ fn cgroup_policy_off_confines_nothing_and_says_so_once() {
     );
     let status = demi_e2e::json(conductor.cli(&["status", "limited", "--json"]));
     assert_eq!(status[0]["instances"][0]["confined"], false);
+
+    // No cgroup counts them, yet their figures are there: read from the
+    // machine (the main process's RSS and CPU time).
+    demi_e2e::eventually("usage of an unconfined instance", || {
+        let status = demi_e2e::json(conductor.cli(&["status", "free", "--json"]));
+        status[0]["instances"][0]["usage"]["memory_bytes"]
+            .as_u64()
+            .is_some_and(|b| b > 1 << 20)
+    });
+    let scrape = conductor.scrape();
+    let memory = demi_e2e::series(&scrape, "demi_instance_memory_bytes", &[("plugin", "free")]);
+    assert!(memory.is_some_and(|b| b > 1_048_576.0), "{memory:?}");
+    assert!(
+        demi_e2e::series(
+            &scrape,
+            "demi_instance_cpu_seconds_total",
+            &[("plugin", "free")]
+        )
+        .is_some(),
+        "no CPU figure"
+    );
+    // And the machine itself.
+    for name in [
+        "demi_host_cpus",
+        "demi_host_memory_available_bytes",
+        "demi_conductor_resident_memory_bytes",
+    ] {
+        let value = demi_e2e::series(&scrape, name, &[]);
+        assert!(value.is_some_and(|v| v > 0.0), "{name}: {value:?}");
+    }
+    assert!(demi_e2e::series(&scrape, "demi_host_load", &[("window", "1m")]).is_some());
 }
 
 /// The v2 code path on this v1 host: in a private mount namespace, the

@@ -31,7 +31,10 @@ fn a_dependant_starts_after_its_pool_serves_hears_when_it_goes_and_stops_first()
     assert_eq!(status[0]["held"], true, "{status}");
     assert_eq!(status[0]["waiting_for"][0], "pool", "{status}");
 
-    let (pool_serving, _) = conductor.wait_serving(0, "pool", 0);
+    // Either replica may be first, and one is enough (min_serving = 1).
+    let (pool_serving, _) = conductor.wait_for(0, "a pool replica serving", |e| {
+        e["message"] == "instance serving" && e["span"]["plugin"] == "pool"
+    });
     let (bot_at, bot_pid) = conductor.wait_serving(0, "bot", 0);
     let (_, bound_pid) = conductor.wait_serving(0, "bound", 0);
     let first_spawn = |plugin: &str| {

@@ -151,6 +151,11 @@ fn the_cli_shows_status_rolls_restarts_and_scales() {
     let table = ok(conductor.cli(&["status"]));
     let mut lines = table.lines();
     assert_eq!(lines.next(), Some("conductor: ok"), "{table}");
+    let host = lines.next().unwrap_or_default();
+    assert!(
+        host.starts_with("host: ") && host.contains(" CPUs "),
+        "{table}"
+    );
     assert!(lines.next().unwrap().starts_with("PLUGIN"));
     let rows: Vec<&str> = lines.collect();
     assert_eq!(rows.len(), 4, "{table}");

@@ -59,6 +59,7 @@ fn autoscale(s: crate::scaler::live::Status) -> pb::Autoscale {
         reason: s.reason,
         decided_at: Some(prost_types::Timestamp::from(s.decided_at)),
         history: s.history as u32,
+        capped: s.capped.unwrap_or_default(),
     }
 }
 
@@ -91,7 +92,25 @@ impl pb::conductor_server::Conductor for Admin {
             .filter(|p| !p.degraded.is_empty())
             .map(|p| p.name.clone())
             .collect();
-        Ok(Response::new(pb::ListPluginsResponse { plugins, degraded }))
+        let m = self.parts.machine.sample();
+        let machine = Some(pb::Machine {
+            cpus: m.cpus as u32,
+            cpu_busy: m.cpu_busy,
+            load1: m.load[0],
+            load5: m.load[1],
+            load15: m.load[2],
+            memory_total_bytes: m.memory_total,
+            memory_available_bytes: m.memory_available,
+            swap_total_bytes: m.swap_total,
+            swap_used_bytes: m.swap_used,
+            conductor_rss_bytes: m.conductor_rss,
+            conductor_cpu: duration(m.conductor_cpu),
+        });
+        Ok(Response::new(pb::ListPluginsResponse {
+            plugins,
+            degraded,
+            machine,
+        }))
     }
 
     #[tracing::instrument(skip_all)]

@@ -58,6 +58,7 @@ pub struct Parts {
     pub dispatcher: Arc<Dispatcher>,
     pub scaler: Arc<Scaler>,
     pub control: Arc<dyn Control>,
+    pub machine: Arc<crate::machine::Machine>,
 }
 
 #[derive(Debug, thiserror::Error)]

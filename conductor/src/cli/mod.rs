@@ -176,7 +176,7 @@ pub fn rpc<T>(result: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Resu
     }
 }
 
-pub fn print_plugins(plugins: &[pb::Plugin], as_json: bool) {
+pub fn print_plugins(plugins: &[pb::Plugin], machine: Option<&pb::Machine>, as_json: bool) {
     if as_json {
         let all: Vec<Value> = plugins.iter().map(plugin_json).collect();
         println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
@@ -192,6 +192,9 @@ pub fn print_plugins(plugins: &[pb::Plugin], as_json: bool) {
     match degraded.is_empty() {
         true => println!("conductor: ok"),
         false => println!("conductor: degraded: {}", degraded.join("; ")),
+    }
+    if let Some(machine) = machine {
+        println!("{}", machine_line(machine));
     }
     let mut rows = vec![
         [
@@ -268,6 +271,29 @@ pub fn print_plugins(plugins: &[pb::Plugin], as_json: bool) {
     }
 }
 
+/// The machine under the table: CPUs and load, memory, swap, and the
+/// conductor's own share.
+pub fn machine_line(m: &pb::Machine) -> String {
+    let gib = |bytes: u64| format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64);
+    format!(
+        "host: {} CPUs {:.0}% busy, load {:.2} {:.2} {:.2}; memory {} available of {}; \
+         swap {} used of {}; conductor {} RSS, {} CPU",
+        m.cpus,
+        m.cpu_busy * 100.0,
+        m.load1,
+        m.load5,
+        m.load15,
+        gib(m.memory_available_bytes),
+        gib(m.memory_total_bytes),
+        gib(m.swap_used_bytes),
+        gib(m.swap_total_bytes),
+        mib(m.conductor_rss_bytes),
+        m.conductor_cpu
+            .as_ref()
+            .map_or("-".into(), |d| human(seconds(d))),
+    )
+}
+
 /// One line per autoscaled plugin under the table: what the scaler saw
 /// and decided.
 fn autoscale_line(name: &str, a: &pb::Autoscale) -> String {
@@ -293,8 +319,12 @@ fn autoscale_line(name: &str, a: &pb::Autoscale) -> String {
     } else {
         "capacity not known yet".into()
     };
+    let capped = match a.capped.is_empty() {
+        true => String::new(),
+        false => format!("; capped by the host: {}", a.capped),
+    };
     format!(
-        "{name}: autoscaled {}..={}, wants {}; load {:.1} {unit}, {forecast}, {capacity}; {}",
+        "{name}: autoscaled {}..={}, wants {}; load {:.1} {unit}, {forecast}, {capacity}; {}{capped}",
         a.min, a.max, a.desired, a.load, a.reason
     )
 }

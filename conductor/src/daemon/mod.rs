@@ -29,6 +29,7 @@ use crate::dispatch::{DispatchError, Dispatcher, StoreError};
 use crate::events::Bus;
 use crate::layout::Layout;
 use crate::limits::Limits;
+use crate::machine::Machine;
 use crate::process::Spawner;
 use crate::process::cgroup::{CgroupPolicy, Cgroups};
 use crate::scaler::Scaler;
@@ -214,6 +215,7 @@ impl Daemon {
         // Every event is logged and counted where it happens.
         let bus = Bus::new(vec![Arc::new(Recorder::new(metrics.clone()))]);
         let instances = CancellationToken::new();
+        let machine = Arc::new(Machine::new());
         let context = PoolContext {
             layout: layout.clone(),
             spawner: spawner.clone(),
@@ -223,6 +225,7 @@ impl Daemon {
             bus: bus.clone(),
             cancel: instances.clone(),
             callers: Callers::default(),
+            machine: machine.clone(),
         };
         for warning in &config.warnings {
             tracing::warn!(%warning, "plugin manifest skipped");
@@ -259,7 +262,10 @@ impl Daemon {
                 dispatcher: dispatcher.clone(),
                 supervisor: supervisor.clone(),
             }),
-            Arc::new(wiring::Pools(supervisor.clone())),
+            Arc::new(wiring::Pools {
+                supervisor: supervisor.clone(),
+                machine: machine.clone(),
+            }),
             bus.clone(),
             scaler_events,
             scaling.clone(),
@@ -268,6 +274,7 @@ impl Daemon {
             &supervisor,
             &dispatcher,
             &scaler,
+            machine.clone(),
         )));
         let api_config = config.conductor.api.clone();
         let metrics_config = config.conductor.metrics.clone();
@@ -311,6 +318,7 @@ impl Daemon {
             dispatcher: dispatcher.clone(),
             scaler: scaler.clone(),
             control: reloader.clone(),
+            machine,
         };
         let mut api = api::serve(
             parts,

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use crate::dispatch::{self, Dispatcher};
 use crate::events::Phase;
+use crate::machine::Machine;
 use crate::scaler::signal::JobTotals;
 use crate::scaler::{self, Scaler};
 use crate::supervisor::Supervisor;
 use crate::supervisor::breaker::Breaker;
 use crate::telemetry::metrics::{
-    AutoscaleSample, BreakerState, InstanceSample, LaneSample, PluginSample, Snapshot, UsageSample,
+    AutoscaleSample, BreakerState, HostSample, InstanceSample, LaneSample, PluginSample, Snapshot,
+    UsageSample,
 };
 
 /// What metrics read at scrape time. Weak: the metrics endpoint must not
@@ -22,6 +24,7 @@ pub struct Scrape {
     pub supervisor: Weak<Supervisor>,
     pub dispatcher: Weak<Dispatcher>,
     pub scaler: Weak<Scaler>,
+    pub machine: Arc<Machine>,
 }
 
 impl Snapshot for Scrape {
@@ -77,6 +80,21 @@ impl Snapshot for Scrape {
             .collect()
     }
 
+    fn host(&self) -> HostSample {
+        let m = self.machine.sample();
+        HostSample {
+            cpus: m.cpus as u64,
+            cpu_busy: m.cpu_busy,
+            load: m.load,
+            memory_total: m.memory_total,
+            memory_available: m.memory_available,
+            swap_total: m.swap_total,
+            swap_used: m.swap_used,
+            conductor_rss: m.conductor_rss,
+            conductor_cpu: m.conductor_cpu,
+        }
+    }
+
     fn autoscalers(&self) -> Vec<AutoscaleSample> {
         let Some(scaler) = self.scaler.upgrade() else {
             return Vec::new();
@@ -91,6 +109,7 @@ impl Snapshot for Scrape {
                 forecast: s.ahead.map(|a| (a.point, a.lower, a.upper)),
                 capacity: s.capacity,
                 lead: s.lead,
+                capped: s.capped.is_some(),
             })
             .collect()
     }
@@ -101,11 +120,13 @@ impl Scrape {
         supervisor: &Arc<Supervisor>,
         dispatcher: &Arc<Dispatcher>,
         scaler: &Arc<Scaler>,
+        machine: Arc<Machine>,
     ) -> Self {
         Self {
             supervisor: Arc::downgrade(supervisor),
             dispatcher: Arc::downgrade(dispatcher),
             scaler: Arc::downgrade(scaler),
+            machine,
         }
     }
 }
@@ -157,11 +178,60 @@ impl scaler::LoadSource for Load {
 }
 
 /// The scaler's lever: the supervisor's pools.
-pub struct Pools(pub Arc<Supervisor>);
+pub struct Pools {
+    pub supervisor: Arc<Supervisor>,
+    pub machine: Arc<Machine>,
+}
+
+/// Memory kept free for the host itself when sizing pools: 5 % of it,
+/// at least 256 MiB.
+fn memory_reserve(total: u64) -> u64 {
+    (total / 20).max(256 << 20)
+}
 
 impl scaler::Actuator for Pools {
     fn replicas(&self, plugin: &str) -> Option<u32> {
-        self.0.replicas(plugin)
+        self.supervisor.replicas(plugin)
+    }
+
+    /// What the host holds: memory available (less a reserve) over each
+    /// replica's memory limit, or its measured peak without one, on top
+    /// of the replicas running (their use is already out of what is
+    /// available); and cores over its CPU limit.
+    fn room(&self, plugin: &str) -> Option<scaler::live::Room> {
+        let config = self.supervisor.config(plugin)?;
+        let view = self.supervisor.get(plugin).ok()?;
+        let host = self.machine.sample();
+        let mut rooms = Vec::new();
+        let peak = view
+            .instances
+            .iter()
+            .filter_map(|(_, s)| s.usage.map(|u| u.memory_peak_bytes))
+            .max();
+        let per_replica = config.limits.memory.map(|m| m.as_u64()).or(peak);
+        if let Some(per) = per_replica.filter(|p| *p > 0) {
+            let reserve = memory_reserve(host.memory_total);
+            let free = host.memory_available.saturating_sub(reserve);
+            let fits = view
+                .replicas
+                .saturating_add((free / per).min(u64::from(u32::MAX)) as u32);
+            rooms.push(scaler::live::Room {
+                replicas: fits,
+                by: format!(
+                    "memory: {} MiB available, {} MiB kept for the host, {} MiB per replica",
+                    host.memory_available >> 20,
+                    reserve >> 20,
+                    per >> 20
+                ),
+            });
+        }
+        if let Some(cores) = config.limits.cpu.filter(|c| *c > 0.0) {
+            rooms.push(scaler::live::Room {
+                replicas: (host.cpus as f64 / cores).floor() as u32,
+                by: format!("CPU: {} cores, {cores} per replica", host.cpus),
+            });
+        }
+        rooms.into_iter().min_by_key(|r| r.replicas)
     }
 
     fn scale<'a>(
@@ -170,7 +240,7 @@ impl scaler::Actuator for Pools {
         replicas: u32,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
         Box::pin(async move {
-            self.0
+            self.supervisor
                 .autoscale(plugin, replicas)
                 .await
                 .map(drop)

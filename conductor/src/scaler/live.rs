@@ -35,10 +35,21 @@ pub trait LoadSource: Send + Sync {
     fn cpu(&self, plugin: &str) -> Option<Vec<(u32, u32, Duration)>>;
 }
 
+/// How many replicas of a plugin the host can hold, and what bounds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    pub replicas: u32,
+    /// "memory" or "CPU", with the figures, for the log.
+    pub by: String,
+}
+
 /// How the scaler changes a plugin's replicas.
 pub trait Actuator: Send + Sync {
     /// Instances wanted now; `None` once the plugin is gone.
     fn replicas(&self, plugin: &str) -> Option<u32>;
+    /// The most replicas the host can hold for `plugin` now, if anything
+    /// bounds it.
+    fn room(&self, plugin: &str) -> Option<Room>;
     fn scale<'a>(
         &'a self,
         plugin: &'a str,
@@ -84,6 +95,8 @@ pub struct Status {
     pub reason: String,
     pub decided_at: SystemTime,
     pub history: usize,
+    /// What the host could not hold of the last decision, if anything.
+    pub capped: Option<String>,
 }
 
 pub struct Scaler {
@@ -363,7 +376,33 @@ async fn scale_plugin(
         let Some(current) = reach.actuator.replicas(&name) else {
             break;
         };
-        let decision = planner.decide(measured.queued, capacity, current, lead);
+        let mut decision = planner.decide(measured.queued, capacity, current, lead);
+        // The plan is the load's; whether the host holds it is the host's.
+        // Never below what runs: the cap only stops growth.
+        let mut capped = None;
+        if decision.desired > current
+            && let Some(room) = reach.actuator.room(&name)
+            && decision.desired > room.replicas.max(current)
+        {
+            let held = room.replicas.max(current);
+            tracing::warn!(
+                plugin = name,
+                wanted = decision.desired,
+                held,
+                by = room.by,
+                "capped by host {}",
+                if room.by.starts_with("memory") {
+                    "memory"
+                } else {
+                    "CPU"
+                }
+            );
+            capped = Some(format!(
+                "{} wanted, {held} fit: {}",
+                decision.desired, room.by
+            ));
+            decision.desired = held;
+        }
         report(
             &scaler,
             &reach.bus,
@@ -375,6 +414,9 @@ async fn scale_plugin(
             capacity_measured,
             &mut last_reason,
         );
+        if let Some(status) = lock(&scaler.statuses).get_mut(&name) {
+            status.capped = capped;
+        }
         if decision.desired != current
             && let Err(error) = reach.actuator.scale(&name, decision.desired).await
         {
@@ -454,6 +496,7 @@ fn report(
             reason,
             decided_at: SystemTime::now(),
             history: planner.history().len(),
+            capped: None,
         },
     );
 }

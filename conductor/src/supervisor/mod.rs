@@ -277,6 +277,11 @@ impl Supervisor {
         view
     }
 
+    /// The settings `name` runs with.
+    pub fn config(&self, name: &str) -> Option<Arc<PoolConfig>> {
+        self.pools().get(name).map(|p| p.spec.config.clone())
+    }
+
     /// Instances wanted for `name` now.
     pub fn replicas(&self, name: &str) -> Option<u32> {
         self.pools().get(name).map(|p| p.replicas)

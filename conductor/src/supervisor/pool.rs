@@ -34,6 +34,8 @@ pub struct PoolContext {
     pub cancel: CancellationToken,
     /// Every instance's plugin API token.
     pub callers: Callers,
+    /// Usage figures of instances no cgroup counts.
+    pub machine: Arc<crate::machine::Machine>,
 }
 
 /// The instance a plugin API call comes from.
@@ -246,6 +248,7 @@ impl Pool {
             bus: context.bus.clone(),
             members: self.members.subscribe(),
             memory_restarts: self.memory_restarts.clone(),
+            machine: context.machine.clone(),
         };
         let (commands, command_rx) = mpsc::channel(8);
         let (status_tx, status) = watch::channel(InstanceStatus::new(cgroup.is_some()));

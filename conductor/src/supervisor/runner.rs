@@ -111,6 +111,8 @@ pub struct InstanceSpec {
     /// One memory restart of the pool at a time: its permit is held from
     /// the restart until the new process is SERVING.
     pub memory_restarts: Arc<tokio::sync::Semaphore>,
+    /// Where usage comes from without a cgroup.
+    pub machine: Arc<crate::machine::Machine>,
 }
 
 /// Pause between `Describe` attempts of an instance that fails them.
@@ -360,7 +362,7 @@ impl Runner {
             prepared = maybe(&mut waits.preparing) => Wake::Prepared(prepared),
             () = sleep_until(deadline) => Wake::Deadline,
             _ = waits.check_tick.tick(), if checks => Wake::CheckDue,
-            _ = waits.usage_tick.tick(), if self.spec.cgroup.is_some() => Wake::UsageDue,
+            _ = waits.usage_tick.tick(), if self.spec.cgroup.is_some() || self.machine.pid().is_some() => Wake::UsageDue,
             command = commands.recv(), if waits.commands_open => Wake::Command(command),
             () = cancel.cancelled(), if !waits.shutting_down => Wake::Cancelled,
         }
@@ -548,8 +550,19 @@ impl Runner {
     /// stayed above `restart.on_memory_above` long enough and no other
     /// instance of the pool is restarting for memory.
     fn sample_usage(&mut self) -> Option<Event> {
-        let cgroup = self.spec.cgroup.as_ref()?;
-        let usage = cgroup.usage();
+        let usage = match &self.spec.cgroup {
+            Some(cgroup) => cgroup.usage(),
+            // Unconfined: the main process's own figures, which is what
+            // the machine can say without a cgroup to count its children.
+            None => {
+                let process = self.spec.machine.process(self.machine.pid()?)?;
+                Usage {
+                    memory_bytes: process.rss,
+                    cpu: process.cpu,
+                    ..Usage::default()
+                }
+            }
+        };
         tracing::debug!(
             pid = self.machine.pid(),
             memory_bytes = usage.memory_bytes,

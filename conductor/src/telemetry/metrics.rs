@@ -22,6 +22,22 @@ pub trait Snapshot: Send + Sync {
     fn plugins(&self) -> Vec<PluginSample>;
     fn lanes(&self) -> Vec<LaneSample>;
     fn autoscalers(&self) -> Vec<AutoscaleSample>;
+    fn host(&self) -> HostSample;
+}
+
+/// The machine, and the conductor's own process on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostSample {
+    pub cpus: u64,
+    /// Busy share of all CPUs, 0.0 to 1.0.
+    pub cpu_busy: f64,
+    pub load: [f64; 3],
+    pub memory_total: u64,
+    pub memory_available: u64,
+    pub swap_total: u64,
+    pub swap_used: u64,
+    pub conductor_rss: u64,
+    pub conductor_cpu: Duration,
 }
 
 /// One plugin's pool.
@@ -81,6 +97,8 @@ pub struct AutoscaleSample {
     pub forecast: Option<(f64, f64, f64)>,
     pub capacity: f64,
     pub lead: Duration,
+    /// The host could not hold what the last decision wanted.
+    pub capped: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -364,6 +382,7 @@ impl Metrics {
                 |i| i.usage.map(|u| u.oom_kills as f64),
             )),
         ];
+        observers.extend(self.host_gauges(&snapshot));
         observers.extend(self.lane_gauges(&snapshot));
         observers.extend(self.autoscale_gauges(&snapshot));
         self.observers
@@ -404,6 +423,99 @@ impl Metrics {
         ]
     }
 
+    /// The machine and the conductor's own process, read at scrape time
+    /// (one reading per scrape, shared by every gauge of it).
+    fn host_gauges(
+        &self,
+        snapshot: &Arc<dyn Snapshot>,
+    ) -> Vec<Box<dyn std::any::Any + Send + Sync>> {
+        let reading: Arc<Mutex<(std::time::Instant, HostSample)>> =
+            Arc::new(Mutex::new((std::time::Instant::now(), snapshot.host())));
+        let read = {
+            let snapshot = snapshot.clone();
+            move || {
+                let mut last = reading.lock().unwrap_or_else(|p| p.into_inner());
+                // A scrape reads every gauge within moments: one reading.
+                if last.0.elapsed() > Duration::from_millis(500) {
+                    *last = (std::time::Instant::now(), snapshot.host());
+                }
+                last.1
+            }
+        };
+        let read = Arc::new(read);
+        let gauge = |name: &'static str,
+                     unit: &'static str,
+                     help: &'static str,
+                     value: fn(&HostSample) -> f64| {
+            let read = read.clone();
+            Box::new(
+                self.meter
+                    .f64_observable_gauge(name)
+                    .with_unit(unit)
+                    .with_description(help)
+                    .with_callback(move |observer| observer.observe(value(&read()), &[]))
+                    .build(),
+            ) as Box<dyn std::any::Any + Send + Sync>
+        };
+        let load = {
+            let read = read.clone();
+            Box::new(
+                self.meter
+                    .f64_observable_gauge("demi_host_load")
+                    .with_description("Load average, by window (1m, 5m, 15m)")
+                    .with_callback(move |observer| {
+                        let host = read();
+                        for (window, value) in ["1m", "5m", "15m"].into_iter().zip(host.load) {
+                            observer.observe(value, &[KeyValue::new("window", window)]);
+                        }
+                    })
+                    .build(),
+            ) as Box<dyn std::any::Any + Send + Sync>
+        };
+        vec![
+            gauge("demi_host_cpus", "", "CPUs of the machine", |h| {
+                h.cpus as f64
+            }),
+            gauge(
+                "demi_host_cpu_busy",
+                "",
+                "Busy share of all CPUs, 0 to 1",
+                |h| h.cpu_busy,
+            ),
+            load,
+            gauge(
+                "demi_host_memory_total",
+                "By",
+                "Memory of the machine",
+                |h| h.memory_total as f64,
+            ),
+            gauge(
+                "demi_host_memory_available",
+                "By",
+                "Memory available for new work",
+                |h| h.memory_available as f64,
+            ),
+            gauge("demi_host_swap_total", "By", "Swap of the machine", |h| {
+                h.swap_total as f64
+            }),
+            gauge("demi_host_swap_used", "By", "Swap in use", |h| {
+                h.swap_used as f64
+            }),
+            gauge(
+                "demi_conductor_resident_memory",
+                "By",
+                "The conductor's own RSS",
+                |h| h.conductor_rss as f64,
+            ),
+            gauge(
+                "demi_conductor_cpu",
+                "s",
+                "CPU time the conductor itself has used",
+                |h| h.conductor_cpu.as_secs_f64(),
+            ),
+        ]
+    }
+
     /// The autoscaler's latest decision per plugin.
     fn autoscale_gauges(
         &self,
@@ -437,6 +549,12 @@ impl Metrics {
                 "",
                 "Replicas the autoscaler's last decision asked for",
                 |s| vec![(None, f64::from(s.desired))],
+            )),
+            Box::new(gauge(
+                "demi_autoscale_capped",
+                "",
+                "1 when the host could not hold the replicas the last decision wanted",
+                |s| vec![(None, if s.capped { 1.0 } else { 0.0 })],
             )),
             Box::new(gauge(
                 "demi_autoscale_load",
