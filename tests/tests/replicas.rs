@@ -154,7 +154,9 @@ fn replicas_share_limits_fairly_and_a_killed_waiter_takes_no_turn() {
     // Kill an identify replica: it is waiting (its bucket is taken for 5 s).
     let victim = conductor.pids_of("identify")[0];
     demi_e2e::signal_pid(victim as u32, nix::sys::signal::Signal::SIGKILL);
-    std::thread::sleep(Duration::from_secs(6));
+    // A limit's first turn comes one spacing after the conductor made it,
+    // so each bucket's second grant is due 10 s in: wait past it.
+    std::thread::sleep(Duration::from_secs(7));
 
     let window: Vec<Vec<u128>> = grants(&rest)
         .into_iter()

@@ -8,9 +8,10 @@
 //! minimum gap: the next turn is measured from when the last grant really
 //! went out, so two grants are never closer, however late a timer fired.
 //! A `rate` limit keeps its schedule instead, so late timers do not wear
-//! the rate down. A waiter that goes away
-//! (its replica killed mid-wait) uses nothing up: its turn passes to the
-//! next in line.
+//! the rate down. A waiter that goes away (its replica killed mid-wait)
+//! uses nothing up: its turn passes to the next in line. A limit's first
+//! turn comes one spacing after it was made, so a conductor restart never
+//! lets two grants come closer than the limit allows.
 
 pub mod config;
 
@@ -63,9 +64,13 @@ struct Limit {
 }
 
 impl Limit {
+    /// A fresh limit's first turn is one spacing away: whatever was
+    /// granted before it existed (before a conductor restart, or under the
+    /// settings a reload replaced) it cannot know, and an `every` limit's
+    /// gap must hold across that too.
     fn new(config: &LimitConfig) -> Option<Self> {
         let spacing = config.spacing().ok()?;
-        let now = Instant::now();
+        let now = Instant::now() + spacing;
         Some(Self {
             spacing,
             gap: config.every.is_some(),
@@ -222,7 +227,7 @@ mod tests {
         all.sort();
         let within: Vec<_> = all
             .iter()
-            .filter(|t| **t < start + Duration::from_secs(10))
+            .filter(|t| **t <= start + Duration::from_secs(10))
             .collect();
         assert_eq!(within.len(), 500, "50/s for 10 s");
         for pair in all.windows(2) {
@@ -283,8 +288,8 @@ mod tests {
         limits.acquire("bot", "identify", 0, None).await.unwrap();
         assert_eq!(
             Instant::now() - t0,
-            Duration::from_secs(5),
-            "changed: afresh"
+            Duration::from_secs(6),
+            "changed: afresh, its first turn one new spacing away"
         );
     }
 }
