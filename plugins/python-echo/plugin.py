@@ -129,7 +129,12 @@ def main():
     if not os.environ.get("PYTHON_ECHO_NO_PARENT_WATCH"):
         threading.Thread(target=watch_parent, args=(stopping,), daemon=True).start()
 
-    stopping.wait()
+    # Python runs signal handlers only in the main thread, between
+    # bytecodes; a SIGTERM the kernel delivers to one of grpc's threads
+    # does not wake a main thread blocked for good. Waking up twice a
+    # second lets the handler run.
+    while not stopping.wait(0.5):
+        pass
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.stop(grace[0]).wait()
