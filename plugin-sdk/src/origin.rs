@@ -15,7 +15,7 @@ use tonic_health::server::HealthReporter;
 use crate::client::{ClientError, Conductor};
 use crate::credentials::{CredentialError, credential};
 use crate::handshake::Handshake;
-use crate::server::{DEFAULT_GRACE, ServeError, serve_inner};
+use crate::server::{DEFAULT_GRACE, run_inner};
 use crate::{Job, Membership, Outcome, Plugin};
 
 /// What the conductor gives a plugin's own loop: when to stop and how
@@ -195,21 +195,5 @@ where
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
     let main: crate::server::Main = Box::new(move |context| Box::pin(main(context)));
-    let result = Handshake::from_env()
-        .map_err(ServeError::from)
-        .and_then(|handshake| {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(ServeError::Runtime)?
-                .block_on(serve_inner(Origin, handshake, Some(main)))
-        });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            let program = std::env::args().next().unwrap_or_else(|| "plugin".into());
-            eprintln!("{program}: {error}");
-            ExitCode::from(error.exit_code())
-        }
-    }
+    run_inner(Origin, Some(main))
 }

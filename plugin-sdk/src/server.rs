@@ -79,6 +79,11 @@ impl ServeError {
 /// The handshake is checked before an async runtime is even built, so a
 /// binary run by hand explains itself at once.
 pub fn run<P: Plugin>(plugin: P) -> ExitCode {
+    run_inner(plugin, None)
+}
+
+/// [`run`], with an origin plugin's own loop when there is one.
+pub(crate) fn run_inner<P: Plugin>(plugin: P, main: Option<Main>) -> ExitCode {
     let result = Handshake::from_env()
         .map_err(ServeError::from)
         .and_then(|handshake| {
@@ -86,7 +91,7 @@ pub fn run<P: Plugin>(plugin: P) -> ExitCode {
                 .enable_all()
                 .build()
                 .map_err(ServeError::Runtime)?
-                .block_on(serve_with(plugin, handshake))
+                .block_on(serve_inner(plugin, handshake, main))
         });
     match result {
         Ok(()) => ExitCode::SUCCESS,

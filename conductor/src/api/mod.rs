@@ -116,8 +116,8 @@ pub async fn serve<H: Health>(
             shutdown.clone(),
         )))
         // Reflection, both versions, so grpcurl needs no .proto files.
-        .add_service(reflection_v1()?)
-        .add_service(reflection_v1alpha()?);
+        .add_service(reflection_v1(&SERVICES)?)
+        .add_service(reflection_v1alpha(&SERVICES)?);
     let stop = shutdown.clone();
     tasks.spawn(async move {
         if let Err(error) = router
@@ -145,8 +145,14 @@ pub async fn serve<H: Health>(
                 Admin::new(parts, shutdown.clone()),
                 check.clone(),
             ))
-            .add_service(InterceptedService::new(reflection_v1()?, check.clone()))
-            .add_service(InterceptedService::new(reflection_v1alpha()?, check));
+            .add_service(InterceptedService::new(
+                reflection_v1(&SERVICES)?,
+                check.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                reflection_v1alpha(&SERVICES)?,
+                check,
+            ));
         tasks.spawn(async move {
             if let Err(error) = router
                 .serve_with_incoming_shutdown(
@@ -202,11 +208,6 @@ pub fn serve_plugin_api(
     let operator_only = host::OperatorOnly {
         bus: parts.bus.clone(),
     };
-    let reflection = |builder: tonic_reflection::server::Builder<'static>| {
-        builder
-            .register_encoded_file_descriptor_set(demi_proto::FILE_DESCRIPTOR_SET)
-            .with_service_name(PLUGIN_API)
-    };
     let router = Server::builder()
         .add_service(HostServer::with_interceptor(
             host::Host::new(parts),
@@ -214,8 +215,8 @@ pub fn serve_plugin_api(
         ))
         .add_service(InterceptedService::new(operator_only, identify))
         // Open: the contract is public, and grpcurl lists it without a token.
-        .add_service(reflection(tonic_reflection::server::Builder::configure()).build_v1()?)
-        .add_service(reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?);
+        .add_service(reflection_v1(&PLUGIN_API)?)
+        .add_service(reflection_v1alpha(&PLUGIN_API)?);
     Ok(tokio::spawn(async move {
         if let Err(error) = router
             .serve_with_incoming_shutdown(
@@ -230,7 +231,7 @@ pub fn serve_plugin_api(
 }
 
 /// The one service reflection lists on the plugin API's socket.
-const PLUGIN_API: &str = "demi.plugin.v1.Host";
+const PLUGIN_API: [&str; 1] = ["demi.plugin.v1.Host"];
 
 /// What reflection lists: what this server really serves. (The descriptor
 /// set also holds `demi.plugin.v1.Plugin`, which plugins serve, not us.)
@@ -241,8 +242,9 @@ const SERVICES: [&str; 4] = [
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
-fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
-    SERVICES.iter().fold(
+/// Reflection over the contract, listing only `services`.
+fn reflection_builder(services: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
+    services.iter().fold(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(demi_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
@@ -250,20 +252,24 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
     )
 }
 
-fn reflection_v1() -> Result<
+fn reflection_v1(
+    services: &[&'static str],
+) -> Result<
     tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<
         impl tonic_reflection::pb::v1::server_reflection_server::ServerReflection,
     >,
     ApiError,
 > {
-    Ok(reflection_builder().build_v1()?)
+    Ok(reflection_builder(services).build_v1()?)
 }
 
-fn reflection_v1alpha() -> Result<
+fn reflection_v1alpha(
+    services: &[&'static str],
+) -> Result<
     tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer<
         impl tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflection,
     >,
     ApiError,
 > {
-    Ok(reflection_builder().build_v1alpha()?)
+    Ok(reflection_builder(services).build_v1alpha()?)
 }

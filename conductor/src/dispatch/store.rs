@@ -567,41 +567,30 @@ impl Kept {
         }
         self.pruned_at = std::time::Instant::now();
         let horizon = now_ms() - self.retention.age.as_millis() as i64;
-        let newest_old: Option<String> = tx
-            .prepare_cached("SELECT MAX(id) FROM answers WHERE finished_ms < ?1")?
-            .query_row(params![horizon], |r| r.get(0))?;
-        if let Some(id) = newest_old {
-            tx.prepare_cached("DELETE FROM answers WHERE finished_ms < ?1")?
-                .execute(params![horizon])?;
-            self.dropped(&id);
-        }
-        let mut bytes: i64 = tx.query_row(
-            "SELECT COALESCE(SUM(length(answer)), 0) FROM answers",
-            [],
-            |r| r.get(0),
+        // Answers go in as jobs finish, so the oldest by `seq` (the rowid:
+        // no scan, no index) are the first to age or to make room.
+        let mut oldest = tx.prepare_cached(
+            "SELECT seq, id, length(answer), finished_ms FROM answers ORDER BY seq LIMIT 64",
         )?;
-        while bytes.max(0) as u64 > self.retention.bytes {
-            let mut oldest = tx.prepare_cached(
-                "SELECT seq, id, length(answer) FROM answers ORDER BY seq LIMIT 64",
-            )?;
-            let rows: Vec<(i64, String, i64)> = oldest
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        let mut drop = tx.prepare_cached("DELETE FROM answers WHERE seq = ?1")?;
+        loop {
+            let rows: Vec<(i64, String, i64, i64)> = oldest
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<rusqlite::Result<_>>()?;
-            if rows.is_empty() {
-                break;
-            }
-            for (seq, id, size) in rows {
-                if bytes.max(0) as u64 <= self.retention.bytes {
-                    break;
+            let mut dropped = 0;
+            for (seq, id, size, finished_ms) in &rows {
+                if *finished_ms >= horizon && self.bytes <= self.retention.bytes {
+                    return Ok(());
                 }
-                tx.prepare_cached("DELETE FROM answers WHERE seq = ?1")?
-                    .execute(params![seq])?;
-                bytes -= size;
-                self.dropped(&id);
+                drop.execute(params![seq])?;
+                self.bytes = self.bytes.saturating_sub((*size).max(0) as u64);
+                self.dropped(id);
+                dropped += 1;
+            }
+            if dropped == 0 {
+                return Ok(());
             }
         }
-        self.bytes = bytes.max(0) as u64;
-        Ok(())
     }
 
     fn find(&self, tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<Found> {

@@ -447,26 +447,17 @@ impl Supervisor {
     /// `MembershipChanged`, or did not answer) is restarted with it, one
     /// at a time, each SERVING again before the next.
     async fn tell_members(&self, name: &str, replicas: u32) -> Result<(), SupervisorError> {
-        let (members, told, config) = {
+        let (members, config) = {
             let pools = self.pools();
             let pool = pools
                 .get(name)
                 .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
-            let members = pool.set_members(replicas);
-            let told: Vec<(u32, HandleRef)> = pool
-                .instances
-                .iter()
-                .filter(|i| i.index < replicas && i.status.borrow().pid.is_some())
-                .map(|i| {
-                    let handle = HandleRef {
-                        commands: i.commands.clone(),
-                        status: i.status.clone(),
-                    };
-                    (i.index, handle)
-                })
-                .collect();
-            (members, told, pool.spec.config.clone())
+            (pool.set_members(replicas), pool.spec.config.clone())
         };
+        let told = self
+            .handles(name)?
+            .into_iter()
+            .filter(|(index, handle)| *index < replicas && handle.status.borrow().pid.is_some());
         let mut restart = Vec::new();
         for (index, handle) in told {
             let membership = demi_proto::plugin::v1::Membership {
