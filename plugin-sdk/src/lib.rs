@@ -65,7 +65,7 @@ pub use handshake::{
 };
 pub use job::{Job, Outcome, TraceParent};
 pub use membership::Membership;
-pub use origin::{Context, Health, run_origin};
+pub use origin::{Context, Health, LoopError, run_origin, run_origin_when_ready};
 pub use server::{DEFAULT_GRACE, ServeError, run, serve, serve_with};
 
 use std::future::Future;

@@ -15,7 +15,7 @@ use tonic_health::server::HealthReporter;
 use crate::client::{ClientError, Conductor};
 use crate::credentials::{CredentialError, credential};
 use crate::handshake::Handshake;
-use crate::server::{DEFAULT_GRACE, run_inner};
+use crate::server::{DEFAULT_GRACE, MainLoop, run_inner};
 use crate::{Job, Membership, Outcome, Plugin};
 
 /// What the conductor gives a plugin's own loop: when to stop and how
@@ -162,6 +162,67 @@ impl Health {
     }
 }
 
+/// Why an origin plugin's loop ended. A plain message (`Err("…".into())`)
+/// is a failure the conductor answers with a restart after backoff;
+/// [`LoopError::config`] says a restart cannot help (a rejected
+/// credential, a setting the platform refuses) and the conductor marks
+/// the plugin Failed with the message instead of crash-looping it.
+///
+/// ```
+/// use demi_plugin_sdk::LoopError;
+///
+/// let retry: LoopError = "gateway unreachable".into();
+/// assert!(!retry.is_config());
+/// let stop = LoopError::config("the bot token was rejected (close code 4004)");
+/// assert!(stop.is_config());
+/// assert_eq!(stop.to_string(), "the bot token was rejected (close code 4004)");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct LoopError {
+    message: String,
+    config: bool,
+}
+
+impl LoopError {
+    /// A failure that a fresh process will not mend: the process exits
+    /// with [`crate::EXIT_CONFIG`] and is not restarted.
+    pub fn config(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            config: true,
+        }
+    }
+
+    /// Whether this error stops the plugin for good.
+    pub fn is_config(&self) -> bool {
+        self.config
+    }
+
+    pub(crate) fn into_serve_error(self) -> crate::ServeError {
+        if self.config {
+            crate::ServeError::Refused(self.message)
+        } else {
+            crate::ServeError::Plugin(self.message)
+        }
+    }
+}
+
+impl From<String> for LoopError {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            config: false,
+        }
+    }
+}
+
+impl From<&str> for LoopError {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
+}
+
 /// The plugin service of an origin plugin: it takes no jobs.
 struct Origin;
 
@@ -180,8 +241,8 @@ impl Plugin for Origin {
 /// `main` with a [`Context`] until it returns or the conductor stops the
 /// plugin. Returns the exit code for `main`: 1 if `main` failed (the
 /// conductor restarts the plugin with backoff), [`crate::EXIT_CONFIG`]
-/// when the process was not started by a conductor. Configure it with
-/// `jobs = false`.
+/// when it failed with [`LoopError::config`] or the process was not
+/// started by a conductor. Configure it with `jobs = false`.
 ///
 /// A plugin that reads the lines of a file and hands each to a worker
 /// pool (`examples/lines.rs`, run end to end by the project's tests):
@@ -189,11 +250,42 @@ impl Plugin for Origin {
 /// ```no_run
 #[doc = include_str!("../examples/lines.rs")]
 /// ```
-pub fn run_origin<F, Fut>(main: F) -> ExitCode
+pub fn run_origin<F, Fut, E>(main: F) -> ExitCode
 where
     F: FnOnce(Context) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<LoopError> + 'static,
 {
-    let main: crate::server::Main = Box::new(move |context| Box::pin(main(context)));
-    run_inner(Origin, Some(main))
+    run_loop(main, true)
+}
+
+/// [`run_origin`] for a plugin that needs time before it can do its work
+/// (a bot connecting its shards): the instance is NOT_SERVING ("starting")
+/// until `main` calls [`Health::serving`], so the conductor's startup
+/// timeout covers the connecting, and a rolling restart moves on only
+/// once the new instance is really there.
+pub fn run_origin_when_ready<F, Fut, E>(main: F) -> ExitCode
+where
+    F: FnOnce(Context) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<LoopError> + 'static,
+{
+    run_loop(main, false)
+}
+
+fn run_loop<F, Fut, E>(main: F, serving_at_start: bool) -> ExitCode
+where
+    F: FnOnce(Context) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<LoopError> + 'static,
+{
+    let main: crate::server::Main =
+        Box::new(move |context| Box::pin(async move { main(context).await.map_err(Into::into) }));
+    run_inner(
+        Origin,
+        Some(MainLoop {
+            main,
+            serving_at_start,
+        }),
+    )
 }

@@ -23,7 +23,7 @@ use tonic_health::server::HealthReporter;
 use demi_proto::trace::{TRACEPARENT, TraceParent};
 
 use crate::handshake::{EXIT_CONFIG, Handshake, HandshakeError};
-use crate::origin::Context;
+use crate::origin::{Context, LoopError};
 use crate::{Job, Membership, Plugin, parent};
 
 /// How long in-flight jobs may run after SIGTERM when the conductor did not
@@ -59,6 +59,10 @@ pub enum ServeError {
     /// The plugin's own main loop ([`crate::run_origin`]) failed.
     #[error("{0}")]
     Plugin(String),
+    /// The plugin's own main loop refused to go on with what it was given
+    /// (see [`crate::LoopError::config`]).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl ServeError {
@@ -67,7 +71,7 @@ impl ServeError {
     /// 1 (restarted with backoff) otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ServeError::Handshake(_) => EXIT_CONFIG,
+            ServeError::Handshake(_) | ServeError::Refused(_) => EXIT_CONFIG,
             _ => 1,
         }
     }
@@ -83,7 +87,7 @@ pub fn run<P: Plugin>(plugin: P) -> ExitCode {
 }
 
 /// [`run`], with an origin plugin's own loop when there is one.
-pub(crate) fn run_inner<P: Plugin>(plugin: P, main: Option<Main>) -> ExitCode {
+pub(crate) fn run_inner<P: Plugin>(plugin: P, main: Option<MainLoop>) -> ExitCode {
     let result = Handshake::from_env()
         .map_err(ServeError::from)
         .and_then(|handshake| {
@@ -96,7 +100,10 @@ pub(crate) fn run_inner<P: Plugin>(plugin: P, main: Option<Main>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let program = std::env::args().next().unwrap_or_else(|| "plugin".into());
+            let program = std::env::args()
+                .next()
+                .and_then(|p| Some(std::path::Path::new(&p).file_name()?.to_str()?.to_owned()))
+                .unwrap_or_else(|| "plugin".into());
             eprintln!("{program}: {error}");
             ExitCode::from(error.exit_code())
         }
@@ -116,8 +123,15 @@ pub async fn serve_with<P: Plugin>(plugin: P, handshake: Handshake) -> Result<()
 }
 
 /// An origin plugin's own loop, started once the plugin serves.
+/// An origin plugin's own loop, and whether the instance is SERVING
+/// before the loop says so.
+pub(crate) struct MainLoop {
+    pub main: Main,
+    pub serving_at_start: bool,
+}
+
 pub(crate) type Main = Box<
-    dyn FnOnce(Context) -> Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+    dyn FnOnce(Context) -> Pin<Box<dyn std::future::Future<Output = Result<(), LoopError>> + Send>>
         + Send,
 >;
 
@@ -127,7 +141,7 @@ pub(crate) type Main = Box<
 pub(crate) async fn serve_inner<P: Plugin>(
     plugin: P,
     handshake: Handshake,
-    main: Option<Main>,
+    main: Option<MainLoop>,
 ) -> Result<(), ServeError> {
     let listener = bind(&handshake.socket)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|source| ServeError::Signal {
@@ -140,9 +154,13 @@ pub(crate) async fn serve_inner<P: Plugin>(
     })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(handshake.name.as_str(), ServingStatus::Serving)
-        .await;
+    if main.as_ref().is_none_or(|m| m.serving_at_start) {
+        health
+            .set_service_status(handshake.name.as_str(), ServingStatus::Serving)
+            .await;
+    } else {
+        mark_not_serving(&health, &handshake.name).await;
+    }
 
     // `stop` begins the drain (new jobs refused, health NOT_SERVING);
     // `close` ends the server once in-flight jobs are done.
@@ -185,7 +203,7 @@ pub(crate) async fn serve_inner<P: Plugin>(
     tokio::pin!(server);
 
     let (ended_tx, mut ended) = tokio::sync::oneshot::channel();
-    if let Some(main) = main {
+    if let Some(MainLoop { main, .. }) = main {
         let context = Context::new(
             &handshake,
             stop.clone(),
@@ -231,8 +249,8 @@ pub(crate) async fn serve_inner<P: Plugin>(
     if let Ok(Err(message)) = ended.try_recv() {
         failed.get_or_insert(message);
     }
-    if let Some(message) = failed {
-        return Err(ServeError::Plugin(message));
+    if let Some(error) = failed {
+        return Err(error.into_serve_error());
     }
     match result {
         Ok(served) => served.map_err(ServeError::from),
