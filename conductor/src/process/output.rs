@@ -22,9 +22,18 @@ pub struct Origin {
     pub lifecycle: Arc<str>,
 }
 
-/// Reads `stream` to its end, logging each line. Ends when every process
-/// holding the pipe's write end has exited.
-pub async fn forward(stream: impl AsyncRead + Unpin, name: &'static str, origin: Origin) {
+/// The last line a process wrote, kept for its Failed reason.
+pub type LastLine = Arc<std::sync::Mutex<Option<String>>>;
+
+/// Reads `stream` to its end, logging each line, and keeping the last
+/// non-empty one's message in `last`. Ends when every process holding the
+/// pipe's write end has exited.
+pub async fn forward(
+    stream: impl AsyncRead + Unpin,
+    name: &'static str,
+    origin: Origin,
+    last: Option<LastLine>,
+) {
     let mut reader = BufReader::with_capacity(1024, stream);
     let mut line = Vec::with_capacity(256);
     loop {
@@ -38,7 +47,12 @@ pub async fn forward(stream: impl AsyncRead + Unpin, name: &'static str, origin:
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let text = line.strip_suffix(b"\n").unwrap_or(&line);
-                emit(&String::from_utf8_lossy(trim_cr(text)), name, &origin);
+                let message = emit(&String::from_utf8_lossy(trim_cr(text)), name, &origin);
+                if let Some(last) = &last
+                    && !message.trim().is_empty()
+                {
+                    *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
+                }
             }
         }
     }
@@ -113,7 +127,8 @@ fn level_of(text: &str) -> Level {
     }
 }
 
-fn emit(line: &str, stream: &'static str, origin: &Origin) {
+/// Logs `line`; returns its message.
+fn emit(line: &str, stream: &'static str, origin: &Origin) -> String {
     let p = parse(line, stream);
     let plugin = &*origin.plugin;
     let (instance, pid, fields) = (origin.instance, origin.pid, p.fields.as_deref());
@@ -142,6 +157,7 @@ fn emit(line: &str, stream: &'static str, origin: &Origin) {
         Level::Warn => event!(tracing::Level::WARN),
         Level::Error => event!(tracing::Level::ERROR),
     }
+    p.message
 }
 
 #[cfg(test)]

@@ -49,6 +49,9 @@ pub struct PoolConfig {
     /// lacks the call. Other plugins are not disturbed by a scale.
     #[serde(default)]
     pub sharded: bool,
+    /// How shares change hands when a sharded pool is scaled.
+    #[serde(default)]
+    pub share_handoff: ShareHandoff,
     /// `[plugins.NAME.credentials]`: name = "file"; each instance reads
     /// them as files in `DEMI_CREDENTIALS_DIRECTORY`.
     #[serde(default)]
@@ -129,6 +132,22 @@ pub fn invalid_credential_name(name: &str) -> Option<String> {
 }
 
 /// How an instance's health is known.
+/// How a sharded pool's shares change hands when it is scaled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareHandoff {
+    /// Never two instances on one share (partitions with one writer):
+    /// shrinking stops the extra instances before the rest take their
+    /// shares over.
+    #[default]
+    Exclusive,
+    /// A share is held twice for a moment rather than not at all (a bot's
+    /// gateway shards, where Discord allows several sessions): shrinking
+    /// tells the remaining instances first, and stops the extra ones once
+    /// they have taken the shares up.
+    Overlap,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Health {
     /// Readiness and periodic checks over `grpc.health.v1.Health`.
@@ -295,6 +314,7 @@ impl PoolConfig {
             restart: RestartConfig::default(),
             limits: LimitsConfig::default(),
             sharded: false,
+            share_handoff: ShareHandoff::default(),
             credentials: Credentials::default(),
             depends_on: Vec::new(),
             binds_to: false,

@@ -86,6 +86,7 @@ pub enum FailReason {
     Unlaunchable(String),
     NeverRestart {
         code: i32,
+        said: Option<String>,
     },
     StartLimit {
         starts: usize,
@@ -119,6 +120,9 @@ pub enum Event {
     },
     Exited {
         reason: ExitReason,
+        /// The last line the process wrote to stderr, when it exited
+        /// with a code that fails it: its own account of why.
+        said: Option<String>,
     },
     /// The instant [`Instance::deadline`] named has come.
     Deadline,
@@ -350,7 +354,7 @@ impl Instance {
                 }
                 | S::Serving { since, .. }
                 | S::Unhealthy { since, .. },
-                Event::Exited { reason },
+                Event::Exited { reason, said },
             ) => {
                 let ran = now.saturating_duration_since(*since);
                 if let ExitReason::Code(code) = reason
@@ -358,14 +362,14 @@ impl Instance {
                 {
                     self.last_exit = Some(reason);
                     self.state = S::Failed {
-                        reason: FailReason::NeverRestart { code },
+                        reason: FailReason::NeverRestart { code, said },
                     };
                     vec![]
                 } else {
                     self.exited(reason, ran, now, unit)
                 }
             }
-            (S::Stopping { since, then, .. }, Event::Exited { reason }) => {
+            (S::Stopping { since, then, .. }, Event::Exited { reason, .. }) => {
                 let ran = now.saturating_duration_since(*since);
                 match then.clone() {
                     // Not a crash: no backoff, no breaker, straight back up.
@@ -580,10 +584,16 @@ impl fmt::Display for FailReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FailReason::Unlaunchable(reason) => f.write_str(reason),
-            FailReason::NeverRestart { code } => write!(
-                f,
-                "exited with code {code}, listed in restart.never_restart_exit_codes"
-            ),
+            FailReason::NeverRestart { code, said } => {
+                write!(
+                    f,
+                    "exited with code {code}, listed in restart.never_restart_exit_codes"
+                )?;
+                match said {
+                    Some(said) => write!(f, ": {said}"),
+                    None => Ok(()),
+                }
+            }
             FailReason::StartLimit { starts, interval } => write!(
                 f,
                 "start limit hit: {starts} starts within {}",

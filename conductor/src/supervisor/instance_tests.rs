@@ -28,6 +28,7 @@ fn config() -> PoolConfig {
         },
         limits: Default::default(),
         sharded: false,
+        share_handoff: Default::default(),
         credentials: Default::default(),
         depends_on: Vec::new(),
         binds_to: false,
@@ -72,6 +73,7 @@ fn serving(t0: Instant) -> Instance {
 fn exited(code: i32) -> Event {
     Event::Exited {
         reason: ExitReason::Code(code),
+        said: None,
     }
 }
 
@@ -169,6 +171,7 @@ fn stopping_escalates_to_kill_at_the_deadline_then_restarts_half_open() {
     let restart = i.step(
         Event::Exited {
             reason: ExitReason::Signal(9),
+            said: None,
         },
         t0 + Duration::from_secs(6),
         0.5,
@@ -251,6 +254,25 @@ fn repeated_crashes_back_off_with_growing_delays() {
 }
 
 #[test]
+fn a_failed_reason_carries_what_the_process_said_last() {
+    let t0 = Instant::now();
+    let mut i = serving(t0);
+    let last_words = Event::Exited {
+        reason: ExitReason::Code(78),
+        said: Some("bot: Discord rejected the bot token".into()),
+    };
+    i.step(last_words, t0, 0.5).unwrap();
+    let State::Failed { reason } = i.state() else {
+        panic!("{:?}", i.state())
+    };
+    assert_eq!(
+        reason.to_string(),
+        "exited with code 78, listed in restart.never_restart_exit_codes: \
+         bot: Discord rejected the bot token"
+    );
+}
+
+#[test]
 fn never_restart_codes_fail_at_once() {
     let t0 = Instant::now();
     let mut i = serving(t0);
@@ -258,7 +280,10 @@ fn never_restart_codes_fail_at_once() {
     assert_eq!(
         i.state(),
         &State::Failed {
-            reason: FailReason::NeverRestart { code: 78 }
+            reason: FailReason::NeverRestart {
+                code: 78,
+                said: None
+            }
         }
     );
     assert!(i.state().to_string() == "failed");
@@ -529,6 +554,7 @@ fn an_oom_kill_is_a_crash_like_any_other() {
     let actions = i.step(
         Event::Exited {
             reason: ExitReason::Oom,
+            said: None,
         },
         t0,
         0.5,

@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::events::{Bus, Event, Phase};
+use config::ShareHandoff;
 use runner::Command;
 
 #[derive(Debug, thiserror::Error)]
@@ -396,12 +397,13 @@ impl Supervisor {
         self.get(name)
     }
 
-    /// Brings `name` to `replicas` instances. A sharded plugin never has
-    /// two instances on one share: growing, the running instances learn
-    /// the new membership (and give up shares) before new ones start;
-    /// shrinking, the extra instances stop before the rest learn it.
+    /// Brings `name` to `replicas` instances. Growing a sharded plugin,
+    /// the running instances learn the new membership (and give up
+    /// shares) before new ones start. Shrinking an exclusive one, the
+    /// extra instances stop before the rest learn it; an overlapping one,
+    /// the rest take the shares up before the extra instances stop.
     async fn scale_locked(&self, name: &str, replicas: u32) -> Result<(), SupervisorError> {
-        let (before, sharded) = {
+        let (before, sharded, handoff) = {
             let mut pools = self.pools();
             let pool = pools
                 .get_mut(name)
@@ -412,9 +414,11 @@ impl Supervisor {
                 pool.set_members(replicas);
                 return Ok(());
             }
-            (pool.replicas, pool.spec.config.sharded)
+            let config = &pool.spec.config;
+            (pool.replicas, config.sharded, config.share_handoff)
         };
-        if sharded && replicas > before {
+        let overlap = handoff == ShareHandoff::Overlap;
+        if sharded && (replicas > before || (overlap && replicas < before)) {
             self.tell_members(name, replicas).await?;
         }
         let retired = {
@@ -429,7 +433,7 @@ impl Supervisor {
         for handle in retired {
             handle.retire().await;
         }
-        if sharded && replicas < before {
+        if sharded && !overlap && replicas < before {
             self.tell_members(name, replicas).await?;
         }
         if before != replicas {

@@ -27,7 +27,7 @@ pub fn describe(
                 error: error.clone(),
             },
         )),
-        Event::Exited { reason } => out.push((
+        Event::Exited { reason, .. } => out.push((
             before.pid(),
             InstanceEvent::Exited {
                 reason: reason.to_string(),
@@ -268,6 +268,7 @@ mod tests {
             &mut i,
             Event::Exited {
                 reason: ExitReason::Signal(9),
+                said: None,
             },
             t0 + ms(50),
         );
@@ -288,6 +289,7 @@ mod tests {
             &mut i,
             Event::Exited {
                 reason: ExitReason::Code(3),
+                said: None,
             },
             t0 + ms(70),
         );

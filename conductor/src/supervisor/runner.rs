@@ -117,6 +117,10 @@ pub struct InstanceSpec {
 
 /// Pause between `Describe` attempts of an instance that fails them.
 const DESCRIBE_RETRY: Duration = Duration::from_millis(100);
+/// How long a failed process's last stderr line may take to arrive.
+const LAST_WORDS_WAIT: Duration = Duration::from_millis(500);
+/// The most of that line a Failed reason carries.
+const MAX_WORDS: usize = 500;
 
 /// Periodic work of every instance lands on this grid, so a thousand
 /// instances checked once a second wake the conductor 20 times a second
@@ -182,6 +186,7 @@ pub async fn run(
         child: None,
         connection: None,
         outputs: JoinSet::new(),
+        last_line: Default::default(),
         oom_kills_at_spawn: 0,
         usage: None,
         history: VecDeque::with_capacity(HISTORY),
@@ -258,6 +263,8 @@ struct Runner {
     connection: Option<PluginConnection>,
     /// Tasks forwarding the child's stdout and stderr; they end with the pipes.
     outputs: JoinSet<()>,
+    /// The last line the current process wrote to stderr.
+    last_line: output::LastLine,
     /// The cgroup's OOM kill count when the current process was spawned.
     oom_kills_at_spawn: u64,
     usage: Option<Usage>,
@@ -431,7 +438,20 @@ impl Runner {
         // Whatever escaped the process group (a double-forked daemon) dies
         // before a successor starts.
         self.empty_cgroup().await;
-        Event::Exited { reason }
+        let said = match reason {
+            ExitReason::Code(code)
+                if self
+                    .spec
+                    .config
+                    .restart
+                    .never_restart_exit_codes
+                    .contains(&code) =>
+            {
+                self.last_words().await
+            }
+            _ => None,
+        };
+        Event::Exited { reason, said }
     }
 
     fn on_check(&mut self, result: Result<(), HealthError>, took: Duration) -> Event {
@@ -603,6 +623,20 @@ impl Runner {
         Some(Event::MemoryAbove)
     }
 
+    /// The last line the process wrote to stderr: its explanation of an
+    /// exit that fails it. The pipe closed with the process group, so the
+    /// forwarders end at once; the wait is bounded all the same.
+    async fn last_words(&mut self) -> Option<String> {
+        let drained = async { while self.outputs.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(LAST_WORDS_WAIT, drained).await;
+        let last = self
+            .last_line
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        last.map(|line| line.chars().take(MAX_WORDS).collect())
+    }
+
     /// How the process ended. A SIGKILL counts as an OOM kill only if the
     /// cgroup's OOM counter moved while the process lived.
     fn exit_reason(&self, status: std::process::ExitStatus) -> ExitReason {
@@ -640,7 +674,7 @@ impl Runner {
                     return pending;
                 }
             };
-            if let Event::Exited { reason } = &next {
+            if let Event::Exited { reason, .. } = &next {
                 self.record_exit(&before, reason.clone());
             }
             let happened: Vec<Published> = report::describe(
@@ -753,11 +787,13 @@ impl Runner {
                 };
                 if let Some(stdout) = child.stdout.take() {
                     self.outputs
-                        .spawn(output::forward(stdout, "stdout", origin.clone()));
+                        .spawn(output::forward(stdout, "stdout", origin.clone(), None));
                 }
+                self.last_line = Default::default();
                 if let Some(stderr) = child.stderr.take() {
+                    let last = Some(self.last_line.clone());
                     self.outputs
-                        .spawn(output::forward(stderr, "stderr", origin));
+                        .spawn(output::forward(stderr, "stderr", origin, last));
                 }
                 self.child = Some(child);
                 Event::Spawned { pid }
