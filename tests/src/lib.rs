@@ -357,6 +357,12 @@ impl Conductor {
         self.log.events.lock().unwrap().len()
     }
 
+    /// The events logged from cursor `from` on.
+    pub fn events_since(&self, from: usize) -> Vec<Value> {
+        let events = self.log.events.lock().unwrap();
+        events.get(from..).unwrap_or_default().to_vec()
+    }
+
     /// Every event logged so far.
     pub fn events(&self) -> Vec<Value> {
         self.log.events.lock().unwrap().clone()
@@ -696,6 +702,8 @@ pub fn timestamp_ms(event: &Value) -> f64 {
     let s: f64 = parts.next().and_then(|s| s.parse().ok()).expect("second");
     ((h * 60.0 + m) * 60.0 + s) * 1000.0
 }
+
+pub mod fake_discord;
 
 pub mod grpc {
     //! Real gRPC clients for plugin sockets.

@@ -1,0 +1,401 @@
+//! `demi-plugin-discord`: one Discord bot whose shards are spread over the
+//! replicas of this plugin. Every message the bot should answer becomes a
+//! job for a worker pool; the answer is posted back as a reply.
+//!
+//! ```toml
+//! [plugins.discord]
+//! command = "target/debug/demi-plugin-discord"
+//! args = ["--config", "discord-bot.toml"]
+//! jobs = false
+//! sharded = true
+//! share_handoff = "overlap"
+//! replicas = 2
+//! submits_to = ["brain"]
+//! [plugins.discord.credentials]
+//! discord_token = "/etc/demi/discord.token"
+//! [plugins.discord.shared_limits]
+//! # Discord's rule is one IDENTIFY per 5 s per bucket, measured where
+//! # they arrive; the margin covers the connect between grant and send.
+//! identify = { every = "5500ms", buckets = 1 }   # buckets = max_concurrency
+//! rest = { rate = 45, per = "1s" }   # under Discord's 50/s, with room for jitter
+//! ```
+
+mod config;
+mod relay;
+mod rest;
+mod shards;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use demi_plugin_sdk::{Context, LoopError, Membership};
+use serenity::all::{GatewayIntents, HttpBuilder};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::{BotConfig, TotalShards};
+use crate::relay::Relay;
+use crate::rest::Rest;
+use crate::shards::{Link, Maker, Running, ShardNews, Shared};
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The bot's settings (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Check the settings, print what is wrong, and exit (0 when they are
+    /// fine, 78 when not); nothing is started.
+    #[arg(long)]
+    check: bool,
+}
+
+const DISCORD: &str = "https://discord.com";
+/// How often the shards' links are looked at for health.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.check {
+        return match BotConfig::load(&args.config) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("{error}");
+                ExitCode::from(demi_plugin_sdk::EXIT_CONFIG)
+            }
+        };
+    }
+    tracing_init();
+    demi_plugin_sdk::run_origin_when_ready(move |ctx| bot(ctx, args))
+}
+
+fn tracing_init() {
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,serenity=warn,tracing::span=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
+    let config = BotConfig::load(&args.config).map_err(|e| LoopError::config(e.to_string()))?;
+    let token = ctx.credential(&config.token_credential).map_err(|e| {
+        LoopError::config(format!(
+            "the bot token: {e} (token_credential = {:?})",
+            config.token_credential
+        ))
+    })?;
+    let token = String::from_utf8(token)
+        .map_err(|_| LoopError::config("the bot token is not UTF-8"))?
+        .trim()
+        .to_owned();
+    if token.is_empty() {
+        return Err(LoopError::config("the bot token credential is empty"));
+    }
+    let conductor = ctx
+        .conductor()
+        .map_err(|e| LoopError::config(e.to_string()))?;
+    let stop = ctx.stopping();
+    let proxy = (config.api_base.trim_end_matches('/') != DISCORD).then(|| config.api_base.clone());
+    let client = reqwest::Client::builder()
+        .build()
+        .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
+    let mut http = HttpBuilder::new(&token)
+        .client(client.clone())
+        .ratelimiter_disabled(true);
+    if let Some(proxy) = &proxy {
+        http = http.proxy(proxy.clone());
+    }
+    let http = Arc::new(http.build());
+    let rest = Arc::new(Rest::new(
+        http.clone(),
+        client.clone(),
+        conductor.clone(),
+        config.rest_limit.clone(),
+        stop.child_token(),
+    ));
+
+    // What Discord says about this bot, through the same limits as every
+    // other request.
+    let gateway = {
+        rest.turn().await.map_err(|e| e.to_string())?;
+        http.get_bot_gateway().await.map_err(|e| {
+            let text = e.to_string();
+            if text.contains("401") {
+                LoopError::config(format!("Discord rejected the bot token: {text}"))
+            } else {
+                LoopError::from(format!("GET /gateway/bot failed: {text}"))
+            }
+        })?
+    };
+    let total = match config.total_shards {
+        TotalShards::Fixed(n) => n,
+        TotalShards::Auto => gateway.shards.max(1),
+    };
+    let limit = gateway.session_start_limit;
+    let max_concurrency = u32::try_from(limit.max_concurrency.max(1)).unwrap_or(1);
+    let membership = ctx.membership();
+    let share = membership.share(total);
+    if limit.remaining < u64::from(share.end - share.start) {
+        return Err(LoopError::config(format!(
+            "Discord allows {} more session starts today (session_start_limit.remaining), \
+             fewer than the {} shards this replica boots; they reset in {} s",
+            limit.remaining,
+            share.end - share.start,
+            limit.reset_after / 1000
+        )));
+    }
+    tracing::info!(
+        total,
+        max_concurrency,
+        first = share.start,
+        end = share.end,
+        remaining = limit.remaining,
+        "starting shards"
+    );
+
+    let relay_stop = stop.child_token();
+    let relay = Arc::new(Relay::new(
+        conductor.clone(),
+        rest,
+        &config,
+        relay_stop.clone(),
+    ));
+    let shared = Arc::new(Shared {
+        links: Default::default(),
+        identifies: Default::default(),
+        me: Default::default(),
+        relay: relay.clone(),
+        select: config.select.clone(),
+    });
+    let (news_tx, news) = mpsc::unbounded_channel();
+    let maker = Arc::new(Maker {
+        token: token.clone(),
+        proxy,
+        client,
+        intents: intents(&config),
+        cache: cache_settings(&config),
+        conductor,
+        identify_limit: config.identify_limit.clone(),
+        max_concurrency,
+        shared: shared.clone(),
+        news: news_tx,
+        stop: stop.clone(),
+    });
+    drop(token);
+
+    let mut replica = Replica {
+        maker,
+        shared,
+        total,
+        running: BTreeMap::new(),
+        leaving: HashMap::new(),
+        pending: None,
+        ready_once: false,
+        reported: None,
+        config: config.clone(),
+    };
+    let result = replica.run(&ctx, membership, news).await;
+    replica.close_all().await;
+    relay
+        .drain(ctx.grace().saturating_sub(Duration::from_secs(1)))
+        .await;
+    relay_stop.cancel();
+    let c = &relay.counts;
+    use std::sync::atomic::Ordering::Relaxed;
+    tracing::info!(
+        submitted = c.submitted.load(Relaxed),
+        replied = c.replied.load(Relaxed),
+        empty = c.empty.load(Relaxed),
+        dead_lettered = c.dead_lettered.load(Relaxed),
+        failed = c.failed.load(Relaxed),
+        "bot stopped"
+    );
+    result
+}
+
+fn intents(config: &BotConfig) -> GatewayIntents {
+    let mut intents =
+        GatewayIntents::GUILDS | GatewayIntents::GUILD_MESSAGES | GatewayIntents::DIRECT_MESSAGES;
+    if config.message_content {
+        intents |= GatewayIntents::MESSAGE_CONTENT;
+    }
+    intents
+}
+
+fn cache_settings(config: &BotConfig) -> serenity::cache::Settings {
+    let mut settings = serenity::cache::Settings::default();
+    settings.max_messages = config.cache.messages;
+    settings.cache_guilds = config.cache.guilds;
+    settings.cache_channels = config.cache.channels;
+    settings.cache_users = config.cache.users;
+    settings
+}
+
+/// This replica's shards through membership changes.
+struct Replica {
+    maker: Arc<Maker>,
+    shared: Arc<Shared>,
+    total: u32,
+    running: BTreeMap<u32, Running>,
+    /// Shards given away, closed once their new owner has had time to
+    /// be READY.
+    leaving: HashMap<u32, Instant>,
+    /// A membership waiting for its new shards to be READY before it is
+    /// reported applied.
+    pending: Option<Membership>,
+    ready_once: bool,
+    reported: Option<Result<(), String>>,
+    config: BotConfig,
+}
+
+impl Replica {
+    async fn run(
+        &mut self,
+        ctx: &Context,
+        membership: Membership,
+        mut news: mpsc::UnboundedReceiver<ShardNews>,
+    ) -> Result<(), LoopError> {
+        let stop = ctx.stopping();
+        let mut changes = ctx.membership_changes();
+        let health = ctx.health();
+        self.adopt(membership);
+        let mut tick = tokio::time::interval(HEALTH_EVERY);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                Some(news) = news.recv() => match news {
+                    ShardNews::Fatal(reason) => return Err(LoopError::config(reason)),
+                    ShardNews::Ended { shard, error } => {
+                        tracing::warn!(shard, %error, "shard client ended; booting it again");
+                        if self.running.remove(&shard).is_some() {
+                            self.start(shard);
+                        }
+                    }
+                },
+                Ok(()) = changes.changed() => {
+                    let membership = *changes.borrow_and_update();
+                    self.adopt(membership);
+                }
+                _ = tick.tick() => {}
+            }
+            self.settle(ctx).await;
+            self.report(&health).await;
+        }
+    }
+
+    /// Starts the shards of `membership`'s share that are not running and
+    /// marks the others as leaving.
+    fn adopt(&mut self, membership: Membership) {
+        let share = membership.share(self.total);
+        tracing::info!(
+            index = membership.index,
+            replicas = membership.replicas,
+            first = share.start,
+            end = share.end,
+            "shard share"
+        );
+        for shard in share.clone() {
+            self.leaving.remove(&shard);
+            if !self.running.contains_key(&shard) {
+                self.start(shard);
+            }
+        }
+        let linger = Instant::now() + self.config.handoff_linger;
+        for shard in self.running.keys() {
+            if !share.contains(shard) {
+                self.leaving.entry(*shard).or_insert(linger);
+            }
+        }
+        self.pending = Some(membership);
+    }
+
+    fn start(&mut self, shard: u32) {
+        let running = self.maker.start(shard, self.total);
+        self.running.insert(shard, running);
+    }
+
+    /// Reports a membership applied once its shards are READY, and closes
+    /// shards whose linger is over.
+    async fn settle(&mut self, ctx: &Context) {
+        let links = self.shared.links();
+        if let Some(pending) = self.pending {
+            let share = pending.share(self.total);
+            if share.clone().all(|s| links.get(&s) == Some(&Link::Ready)) {
+                ctx.membership_applied(pending);
+                self.pending = None;
+                self.ready_once = true;
+            }
+        }
+        let now = Instant::now();
+        let done: Vec<u32> = self
+            .leaving
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        for shard in done {
+            self.leaving.remove(&shard);
+            if let Some(running) = self.running.remove(&shard) {
+                tracing::info!(shard, "closing a shard given away");
+                running.close().await;
+                self.shared
+                    .links
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&shard);
+            }
+        }
+    }
+
+    /// SERVING while every shard is connected (or back within the
+    /// reconnect grace); the first time, once all are READY.
+    async fn report(&mut self, health: &demi_plugin_sdk::Health) {
+        let links = self.shared.links();
+        let now = Instant::now();
+        let mut problem = None;
+        for (shard, link) in &links {
+            match link {
+                Link::Booting if !self.ready_once => {
+                    problem = Some(format!("shard {shard} is identifying"));
+                }
+                Link::Down(since) if now.duration_since(*since) > self.config.reconnect_grace => {
+                    problem = Some(format!(
+                        "shard {shard} has been disconnected for {} s",
+                        now.duration_since(*since).as_secs()
+                    ));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let now = match problem {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        };
+        if self.reported.as_ref() != Some(&now) {
+            match &now {
+                Ok(()) => health.serving().await,
+                Err(reason) => health.not_serving(reason).await,
+            }
+            self.reported = Some(now);
+        }
+    }
+
+    async fn close_all(&mut self) {
+        // Side by side: each close waits for Discord's answer.
+        let mut closing = tokio::task::JoinSet::new();
+        for (_, running) in std::mem::take(&mut self.running) {
+            closing.spawn(running.close());
+        }
+        while closing.join_next().await.is_some() {}
+    }
+}
