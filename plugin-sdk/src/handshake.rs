@@ -5,7 +5,7 @@ use std::path::PathBuf;
 pub use demi_proto::handshake::{
     CONDUCTOR_SOCKET_KEY, CONDUCTOR_TOKEN_KEY, CREDENTIALS_DIRECTORY_KEY, EXIT_CONFIG,
     INSTANCE_KEY, MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE, NAME_KEY, PROTOCOL_VERSIONS_KEY,
-    REPLICAS_KEY, SOCKET_KEY,
+    REPLICAS_KEY, SOCKET_KEY, STATE_DIRECTORY_KEY,
 };
 
 /// Why a plugin cannot start talking to the conductor.
@@ -53,6 +53,8 @@ pub struct Handshake {
     pub conductor_token: Option<String>,
     /// The folder holding the plugin's credentials, when it has some.
     pub credentials_dir: Option<PathBuf>,
+    /// The plugin's folder for durable data, shared by its replicas.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Handshake {
@@ -121,6 +123,7 @@ impl Handshake {
             conductor_socket: lookup(CONDUCTOR_SOCKET_KEY).map(PathBuf::from),
             conductor_token: lookup(CONDUCTOR_TOKEN_KEY),
             credentials_dir: lookup(CREDENTIALS_DIRECTORY_KEY).map(PathBuf::from),
+            state_dir: lookup(STATE_DIRECTORY_KEY).map(PathBuf::from),
         })
     }
 }

@@ -23,6 +23,7 @@ use crate::{Job, Membership, Outcome, Plugin};
 /// the plugin API.
 pub struct Context {
     name: String,
+    state_dir: Option<std::path::PathBuf>,
     stop: CancellationToken,
     grace: Arc<Mutex<Option<Duration>>>,
     health: Health,
@@ -40,6 +41,7 @@ impl Context {
     ) -> Self {
         Self {
             name: handshake.name.clone(),
+            state_dir: handshake.state_dir.clone(),
             stop,
             grace,
             health: Health {
@@ -106,6 +108,14 @@ impl Context {
             }
             newer
         });
+    }
+
+    /// The plugin's own folder for durable data (`DEMI_STATE_DIRECTORY`):
+    /// private to the plugin, shared by its replicas, kept across
+    /// restarts of the plugin and of the conductor. `None` when the
+    /// conductor did not name one (an older conductor).
+    pub fn state_directory(&self) -> Option<&std::path::Path> {
+        self.state_dir.as_deref()
     }
 
     /// A credential by name; see [`credential`].

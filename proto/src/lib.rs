@@ -52,6 +52,10 @@ pub mod handshake {
     /// A private folder (0700) holding the plugin's credentials, one file
     /// per `[plugins.NAME.credentials]` entry; unset when it has none.
     pub const CREDENTIALS_DIRECTORY_KEY: &str = "DEMI_CREDENTIALS_DIRECTORY";
+    /// The plugin's own folder for durable data (0700), shared by its
+    /// replicas and kept across restarts and conductor restarts:
+    /// `state_dir/plugins/NAME`.
+    pub const STATE_DIRECTORY_KEY: &str = "DEMI_STATE_DIRECTORY";
     /// Exit code for "this process was started wrongly": never restarted
     /// (sysexits.h `EX_CONFIG`).
     pub const EXIT_CONFIG: u8 = 78;

@@ -226,6 +226,7 @@ impl Daemon {
             cancel: instances.clone(),
             callers: Callers::default(),
             machine: machine.clone(),
+            state_root: config.conductor.state_dir.join("plugins"),
         };
         for warning in &config.warnings {
             tracing::warn!(%warning, "plugin manifest skipped");

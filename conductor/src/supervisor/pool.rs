@@ -36,6 +36,8 @@ pub struct PoolContext {
     pub callers: Callers,
     /// Usage figures of instances no cgroup counts.
     pub machine: Arc<crate::machine::Machine>,
+    /// Where plugins' state folders live (`state_dir/plugins`).
+    pub state_root: PathBuf,
 }
 
 /// The instance a plugin API call comes from.
@@ -223,7 +225,13 @@ impl Pool {
                 install_credentials(&dir, &config.credentials).map(|()| Some(dir))
             }
         };
-        let unready = [token.as_ref().err(), credentials.as_ref().err()];
+        let state = context.state_root.join(&**name);
+        let state_made = make_state_dir(&state);
+        let unready = [
+            token.as_ref().err(),
+            credentials.as_ref().err(),
+            state_made.as_ref().err(),
+        ];
         if let Some(reason) = unready.into_iter().flatten().next() {
             unlaunchable.get_or_insert_with(|| reason.clone());
         }
@@ -233,6 +241,7 @@ impl Pool {
             plugin_api: &context.layout.plugin_api_socket(),
             token: token.as_deref().unwrap_or_default(),
             credentials: credentials.as_deref(),
+            state: &state,
         };
         let mut spawn = spawn_spec(name, index, config, &handshake);
         spawn.cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
@@ -288,6 +297,7 @@ struct Handshake<'a> {
     plugin_api: &'a Path,
     token: &'a str,
     credentials: Option<&'a Path>,
+    state: &'a Path,
 }
 
 fn spawn_spec(name: &str, index: u32, config: &PoolConfig, handshake: &Handshake<'_>) -> SpawnSpec {
@@ -311,6 +321,7 @@ fn spawn_spec(name: &str, index: u32, config: &PoolConfig, handshake: &Handshake
         (hs::REPLICAS_KEY.into(), config.replicas.to_string().into()),
         (hs::CONDUCTOR_SOCKET_KEY.into(), handshake.plugin_api.into()),
         (hs::CONDUCTOR_TOKEN_KEY.into(), handshake.token.into()),
+        (hs::STATE_DIRECTORY_KEY.into(), handshake.state.into()),
     ]);
     if let Some(dir) = handshake.credentials {
         env.push((hs::CREDENTIALS_DIRECTORY_KEY.into(), dir.into()));
@@ -328,6 +339,19 @@ fn spawn_spec(name: &str, index: u32, config: &PoolConfig, handshake: &Handshake
 /// Writes `credentials` into a fresh private folder `dir`: the folder
 /// 0700 and each file 0400, the conductor's user's alone (the instance
 /// runs as it). What an earlier instance left there goes first.
+/// The plugin's state folder: made once, private, and never emptied by
+/// the conductor (it outlives instances and conductor restarts).
+fn make_state_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let failed = |e: std::io::Error| format!("cannot make the state folder {}: {e}", dir.display());
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(failed)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)
+}
+
 fn install_credentials(dir: &Path, credentials: &Credentials) -> Result<(), String> {
     use std::io::Write as _;
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
