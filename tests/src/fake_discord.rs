@@ -106,8 +106,11 @@ struct SessionLog {
     seq: u64,
     /// Dispatches sent, for RESUME replays: (seq, frame).
     sent: Vec<(u64, String)>,
-    /// The connection now carrying it, if any.
+    /// The connection now carrying it, if any. A session without one is
+    /// resumable (its dispatches are kept for a RESUME) unless invalid.
     live: Option<u64>,
+    /// Ended for good: invalidated with op 9, or closed with 1000/1001.
+    invalid: bool,
 }
 
 #[derive(Default)]
@@ -280,7 +283,10 @@ impl FakeDiscord {
         (self.dispatch(shard, "MESSAGE_CREATE", d) > 0).then_some(id)
     }
 
-    /// Sends a dispatch to every live session of `shard`; how many got it.
+    /// Sends a dispatch to every live session of `shard` and keeps it for
+    /// the resumable ones (as Discord does, for a RESUME); how many
+    /// sessions got or will get it. A session nobody resumes loses what
+    /// it kept, as on Discord.
     pub fn dispatch(&self, shard: u32, event: &str, d: Value) -> usize {
         let mut world = self.world.lock().unwrap();
         let World {
@@ -289,26 +295,48 @@ impl FakeDiscord {
             ..
         } = &mut *world;
         let mut sent = 0;
-        for log in sessions.values_mut().filter(|l| l.shard == shard) {
-            let Some(connection) = log.live else { continue };
+        for log in sessions
+            .values_mut()
+            .filter(|l| l.shard == shard && !l.invalid)
+        {
             log.seq += 1;
             let frame = json!({"op": 0, "t": event, "s": log.seq, "d": d}).to_string();
             log.sent.push((log.seq, frame.clone()));
-            if let Some(tx) = connections.get(&connection)
-                && tx.send(Outgoing::Text(frame)).is_ok()
-            {
-                sent += 1;
+            let tx = log.live.and_then(|c| connections.get(&c));
+            match tx {
+                Some(tx) if tx.send(Outgoing::Text(frame)).is_ok() => sent += 1,
+                Some(_) => {}
+                // Kept for a RESUME of a session dropped moments ago.
+                None => sent += 1,
             }
         }
         sent
     }
 
     /// Sends `op` (7 RECONNECT, or 9 INVALID_SESSION with `d`) to the
-    /// live sessions of `shard`.
+    /// live sessions of `shard`. Op 9 with `d = false` ends the sessions
+    /// there and then: what comes next goes to the bot's new session.
     pub fn send_op(&self, shard: u32, op: u8, d: Value) {
         self.each_live(shard, |tx| {
             let _ = tx.send(Outgoing::Text(json!({"op": op, "d": d}).to_string()));
         });
+        if op == 9 && d == json!(false) {
+            let mut world = self.world.lock().unwrap();
+            let now = Instant::now();
+            let World {
+                sessions, spans, ..
+            } = &mut *world;
+            for (id, log) in sessions.iter_mut().filter(|(_, l)| l.shard == shard) {
+                log.invalid = true;
+                log.live = None;
+                for span in spans
+                    .iter_mut()
+                    .filter(|s| &s.session == id && s.closed.is_none())
+                {
+                    span.closed = Some(now);
+                }
+            }
+        }
     }
 
     /// Closes the live connections of `shard` with `code`.
@@ -537,9 +565,13 @@ async fn connection(stream: tokio::net::TcpStream, shared: Shared, id: u64, me: 
         }
         let _ = sink.close().await;
     });
+    // Closing with 1000 or 1001 ends the session; anything else (or no
+    // close at all) leaves it resumable.
+    let mut ended = false;
     while let Some(Ok(frame)) = source.next().await {
         let Frame::Text(text) = frame else {
-            if matches!(frame, Frame::Close(_)) {
+            if let Frame::Close(close) = frame {
+                ended = close.is_some_and(|c| matches!(u16::from(c.code), 1000 | 1001));
                 break;
             }
             continue;
@@ -578,6 +610,7 @@ async fn connection(stream: tokio::net::TcpStream, shared: Shared, id: u64, me: 
             && log.live == Some(id)
         {
             log.live = None;
+            log.invalid |= ended;
         }
         let now = Instant::now();
         for span in w
@@ -655,6 +688,7 @@ fn identify(
             seq: 1,
             sent: vec![(1, frame.clone())],
             live: Some(id),
+            invalid: false,
         },
     );
     w.bound.insert(id, session.clone());
@@ -682,7 +716,7 @@ fn resume(
         let _ = tx.send(Outgoing::Close(4004, "Authentication failed.".into()));
         return;
     }
-    let Some(log) = w.sessions.get_mut(&session) else {
+    let Some(log) = w.sessions.get_mut(&session).filter(|l| !l.invalid) else {
         let _ = tx.send(Outgoing::Text(json!({"op": 9, "d": false}).to_string()));
         return;
     };

@@ -21,6 +21,7 @@
 //! ```
 
 mod config;
+mod owed;
 mod relay;
 mod rest;
 mod shards;
@@ -55,6 +56,8 @@ struct Args {
 }
 
 const DISCORD: &str = "https://discord.com";
+/// How long closing the shards may take at shutdown.
+const CLOSE_WITHIN: Duration = Duration::from_secs(3);
 /// How often the shards' links are looked at for health.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
@@ -108,6 +111,9 @@ async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
     let client = reqwest::Client::builder()
         .build()
         .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
+    // Replies under way are finished (within the grace) after the shards
+    // close, so this is not the plugin's stop token but follows it.
+    let replies_stop = tokio_util::sync::CancellationToken::new();
     let mut http = HttpBuilder::new(&token)
         .client(client.clone())
         .ratelimiter_disabled(true);
@@ -120,21 +126,12 @@ async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
         client.clone(),
         conductor.clone(),
         config.rest_limit.clone(),
-        stop.child_token(),
+        replies_stop.clone(),
     ));
 
-    // What Discord says about this bot, through the same limits as every
-    // other request.
-    let gateway = {
-        rest.turn().await.map_err(|e| e.to_string())?;
-        http.get_bot_gateway().await.map_err(|e| {
-            let text = e.to_string();
-            if text.contains("401") {
-                LoopError::config(format!("Discord rejected the bot token: {text}"))
-            } else {
-                LoopError::from(format!("GET /gateway/bot failed: {text}"))
-            }
-        })?
+    let gateway = tokio::select! {
+        () = stop.cancelled() => return Ok(()),
+        gateway = bot_gateway(&rest, &http) => gateway?,
     };
     let total = match config.total_shards {
         TotalShards::Fixed(n) => n,
@@ -162,12 +159,21 @@ async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
         "starting shards"
     );
 
-    let relay_stop = stop.child_token();
+    let owed = match ctx.state_directory() {
+        Some(dir) => {
+            Some(owed::Owed::open(&dir.join("discord-owed.sqlite")).map_err(|e| e.to_string())?)
+        }
+        None => {
+            tracing::warn!("no state folder: replies owed when a replica dies are lost");
+            None
+        }
+    };
     let relay = Arc::new(Relay::new(
         conductor.clone(),
         rest,
         &config,
-        relay_stop.clone(),
+        owed,
+        replies_stop.clone(),
     ));
     let shared = Arc::new(Shared {
         links: Default::default(),
@@ -204,11 +210,21 @@ async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
         config: config.clone(),
     };
     let result = replica.run(&ctx, membership, news).await;
-    replica.close_all().await;
+    // A Discord that never answers the close must not eat the grace.
+    if tokio::time::timeout(CLOSE_WITHIN, replica.close_all())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shards did not close in time; leaving them");
+    }
     relay
-        .drain(ctx.grace().saturating_sub(Duration::from_secs(1)))
+        .drain(
+            ctx.grace()
+                .saturating_sub(CLOSE_WITHIN + Duration::from_secs(1)),
+        )
         .await;
-    relay_stop.cancel();
+    // What is left stays owed, for the next replica of these shards.
+    replies_stop.cancel();
     let c = &relay.counts;
     use std::sync::atomic::Ordering::Relaxed;
     tracing::info!(
@@ -220,6 +236,23 @@ async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
         "bot stopped"
     );
     result
+}
+
+/// What Discord says about this bot (`GET /gateway/bot`), through the
+/// same limits as every other request.
+async fn bot_gateway(
+    rest: &Rest,
+    http: &serenity::http::Http,
+) -> Result<serenity::model::gateway::BotGateway, LoopError> {
+    rest.turn().await.map_err(|e| e.to_string())?;
+    http.get_bot_gateway().await.map_err(|e| match &e {
+        serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(answer))
+            if answer.status_code == reqwest::StatusCode::UNAUTHORIZED =>
+        {
+            LoopError::config(format!("Discord rejected the bot token: {e}"))
+        }
+        _ => LoopError::from(format!("GET /gateway/bot failed: {e}")),
+    })
 }
 
 fn intents(config: &BotConfig) -> GatewayIntents {
@@ -316,6 +349,7 @@ impl Replica {
             }
         }
         self.pending = Some(membership);
+        self.shared.relay.answer_owed(share);
     }
 
     fn start(&mut self, shard: u32) {

@@ -16,6 +16,7 @@ use demi_plugin_sdk::{ClientError, Conductor, JobStatus, Submit, TraceParent};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use crate::owed::Owed;
 use crate::rest::{Rest, RestError, nonce};
 
 /// Discord's limit on a message's length, in characters.
@@ -26,7 +27,7 @@ const WAIT_STEP: Duration = Duration::from_secs(60);
 const SUBMIT_BACKOFF: Duration = Duration::from_millis(200);
 
 /// A message the bot should answer.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Incoming {
     pub message_id: u64,
     pub channel_id: u64,
@@ -57,6 +58,8 @@ pub struct Relay {
     /// handoff sees the same message, and one task is enough.
     active: Mutex<HashSet<u64>>,
     tasks: TaskTracker,
+    /// Messages handed over and not yet answered, on disk.
+    owed: Option<Owed>,
     pub counts: Counts,
     stop: tokio_util::sync::CancellationToken,
 }
@@ -66,6 +69,7 @@ impl Relay {
         conductor: Conductor,
         rest: Arc<Rest>,
         config: &crate::config::BotConfig,
+        owed: Option<Owed>,
         stop: tokio_util::sync::CancellationToken,
     ) -> Self {
         Self {
@@ -76,6 +80,7 @@ impl Relay {
             reply_timeout: config.reply_timeout,
             active: Mutex::default(),
             tasks: TaskTracker::new(),
+            owed,
             counts: Counts::default(),
             stop,
         }
@@ -91,16 +96,52 @@ impl Relay {
         if !fresh {
             return;
         }
+        // Written down before anything else, so that a process killed from
+        // here on leaves the reply owed rather than forgotten.
+        if let Some(owed) = &self.owed
+            && let Err(error) = owed.write(&message)
+        {
+            tracing::error!(%error, message = message.message_id, "cannot write an owed reply down");
+        }
         let relay = self.clone();
         self.tasks.spawn(async move {
             let id = message.message_id;
-            relay.answer(message).await;
+            if relay.answer(message).await == Settled::Yes
+                && let Some(owed) = &relay.owed
+                && let Err(error) = owed.cross_out(id)
+            {
+                tracing::warn!(%error, message = id, "cannot cross an owed reply out");
+            }
             relay
                 .active
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
         });
+    }
+
+    /// Answers what is owed on `shards`: replies a replica killed before
+    /// it could post them (this one's predecessor, or the shards' last
+    /// owner).
+    pub fn answer_owed(self: &Arc<Self>, shards: std::ops::Range<u32>) {
+        let Some(owed) = &self.owed else { return };
+        match owed.on_shards(shards.clone(), self.reply_timeout) {
+            Ok((messages, expired)) => {
+                if !messages.is_empty() || expired > 0 {
+                    tracing::info!(
+                        owed = messages.len(),
+                        expired,
+                        first = shards.start,
+                        end = shards.end,
+                        "answering replies owed on these shards"
+                    );
+                }
+                for message in messages {
+                    self.accept(message);
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot read the owed replies"),
+        }
     }
 
     /// Waits (up to `within`) for the replies under way.
@@ -117,10 +158,11 @@ impl Relay {
         }
     }
 
-    async fn answer(&self, message: Incoming) {
+    async fn answer(&self, message: Incoming) -> Settled {
         let deadline = Instant::now() + self.reply_timeout;
-        let Some(job) = self.submit(&message, deadline).await else {
-            return;
+        let job = match self.submit(&message, deadline).await {
+            Ok(job) => job,
+            Err(settled) => return settled,
         };
         let status = self.wait(&job, deadline).await;
         let answer = match status {
@@ -134,20 +176,21 @@ impl Relay {
                     dead_lettered = n,
                     "no reply: the job was dead-lettered"
                 );
-                return;
+                return Settled::Yes;
             }
+            None if self.stop.is_cancelled() => return Settled::No,
             other => {
                 self.counts.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(job, message = message.message_id, state = ?other,
                     "no reply: the job did not finish in time");
-                return;
+                return Settled::Yes;
             }
         };
         let content = String::from_utf8_lossy(&answer);
         let content = content.trim();
         if content.is_empty() {
             self.counts.empty.fetch_add(1, Ordering::Relaxed);
-            return;
+            return Settled::Yes;
         }
         let content: String = content.chars().take(MAX_CONTENT).collect();
         match self
@@ -162,18 +205,20 @@ impl Relay {
         {
             Ok(()) => {
                 self.counts.replied.fetch_add(1, Ordering::Relaxed);
+                Settled::Yes
             }
-            Err(RestError::Stopped) => {}
+            Err(RestError::Stopped) => Settled::No,
             Err(error) => {
                 self.counts.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(job, message = message.message_id, %error, "reply not posted");
+                Settled::Yes
             }
         }
     }
 
     /// The job's id once the conductor has it; retried while the pool's
     /// queue is full or the conductor is away.
-    async fn submit(&self, message: &Incoming, deadline: Instant) -> Option<String> {
+    async fn submit(&self, message: &Incoming, deadline: Instant) -> Result<String, Settled> {
         #[derive(serde::Serialize)]
         struct Payload<'a> {
             #[serde(flatten)]
@@ -189,7 +234,7 @@ impl Relay {
             Ok(p) => p,
             Err(error) => {
                 tracing::error!(%error, "cannot encode a message");
-                return None;
+                return Err(Settled::Yes);
             }
         };
         let mut conductor = self.conductor.clone();
@@ -202,11 +247,11 @@ impl Relay {
                 .deadline(SystemTime::now() + self.reply_timeout)
                 .trace(Some(trace));
             let error = tokio::select! {
-                () = self.stop.cancelled() => return None,
+                () = self.stop.cancelled() => return Err(Settled::No),
                 result = conductor.submit(submit) => match result {
                     Ok(job) => {
                         self.counts.submitted.fetch_add(1, Ordering::Relaxed);
-                        return Some(job);
+                        return Ok(job);
                     }
                     Err(error) => error,
                 },
@@ -218,10 +263,10 @@ impl Relay {
             if !retry || Instant::now() + backoff > deadline {
                 self.counts.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(message = message.message_id, %error, "message not handed over");
-                return None;
+                return Err(Settled::Yes);
             }
             tokio::select! {
-                () = self.stop.cancelled() => return None,
+                () = self.stop.cancelled() => return Err(Settled::No),
                 () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -255,4 +300,12 @@ impl Relay {
             }
         }
     }
+}
+
+/// Whether a message is done with (answered, or never to be): only then
+/// is it crossed out of the owed ledger. A stop leaves it owed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    Yes,
+    No,
 }
