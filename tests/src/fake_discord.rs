@@ -49,6 +49,9 @@ pub struct Settings {
     pub post_429_global: f64,
     /// Per-route bucket size announced in X-RateLimit-Remaining.
     pub bucket_size: u32,
+    /// Guilds each shard's READY lists (as unavailable, as Discord does
+    /// before their GUILD_CREATE).
+    pub guilds_per_shard: u32,
 }
 
 impl Default for Settings {
@@ -63,6 +66,7 @@ impl Default for Settings {
             post_429: 0.0,
             post_429_global: 0.0,
             bucket_size: 5,
+            guilds_per_shard: 0,
         }
     }
 }
@@ -670,11 +674,18 @@ fn identify(
         let _ = tx.send(Outgoing::Text(json!({"op": 9, "d": false}).to_string()));
         return;
     }
+    let guilds: Vec<Value> = (0..u64::from(s.guilds_per_shard))
+        .map(|n| {
+            // (id >> 22) % total == shard: the guild belongs here.
+            let id = ((n * u64::from(total) + u64::from(shard)) << 22) | 1;
+            json!({"id": id.to_string(), "unavailable": true})
+        })
+        .collect();
     let ready = json!({
         "v": 10,
         "user": {"id": BOT_USER_ID.to_string(), "username": "bot", "discriminator": "0",
                  "avatar": null, "bot": true, "verified": true, "mfa_enabled": false},
-        "guilds": [],
+        "guilds": guilds,
         "session_id": session,
         "resume_gateway_url": format!("ws://{me}"),
         "shard": [shard, total],

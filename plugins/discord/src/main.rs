@@ -311,6 +311,10 @@ impl Replica {
                         tracing::warn!(shard, %error, "shard client ended; booting it again");
                         if self.running.remove(&shard).is_some() {
                             self.start(shard);
+                            // Down, not booting: the reconnect grace runs
+                            // from here, so a shard that cannot come back
+                            // makes the replica NOT_SERVING.
+                            self.shared.set(shard, Link::Down(Instant::now()));
                         }
                     }
                 },

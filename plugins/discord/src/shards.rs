@@ -110,26 +110,28 @@ impl Shared {
         self.links.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Whether the bot answers `message`.
     fn selects(&self, message: &Message) -> bool {
-        if message.author.bot || message.webhook_id.is_some() {
-            return false;
-        }
         let me = self.me.load(std::sync::atomic::Ordering::Relaxed);
-        if message.author.id.get() == me {
-            return false;
-        }
-        if message.guild_id.is_none() {
-            return self.select.direct_messages;
-        }
-        let mentioned = me != 0 && message.mentions.iter().any(|u| u.id.get() == me);
-        (self.select.mentions && mentioned)
-            || self
-                .select
-                .prefix
-                .as_deref()
-                .is_some_and(|p| message.content.starts_with(p))
+        selects(&self.select, me, message)
     }
+}
+
+/// Whether the bot (user `me`, 0 before READY) answers `message`: never a
+/// bot's or a webhook's (itself included, so two bots cannot talk
+/// forever), and otherwise what `select` asks for.
+fn selects(select: &Select, me: u64, message: &Message) -> bool {
+    if message.author.bot || message.webhook_id.is_some() || message.author.id.get() == me {
+        return false;
+    }
+    if message.guild_id.is_none() {
+        return select.direct_messages;
+    }
+    let mentioned = me != 0 && message.mentions.iter().any(|u| u.id.get() == me);
+    (select.mentions && mentioned)
+        || select
+            .prefix
+            .as_deref()
+            .is_some_and(|p| message.content.starts_with(p))
 }
 
 struct Handler {
@@ -399,6 +401,61 @@ mod tests {
         };
         assert_eq!(serenity_range(share(0)), Some(0..1));
         assert_eq!(serenity_range(share(1)), Some(2..3));
+    }
+
+    fn message(
+        author: u64,
+        bot: bool,
+        guild: Option<u64>,
+        mentions: &[u64],
+        text: &str,
+    ) -> Message {
+        let user = |id: u64, bot: bool| serde_json::json!({"id": id.to_string(), "username": "u", "avatar": null, "bot": bot});
+        let mut m = serde_json::json!({
+            "id": "10", "channel_id": "20", "author": user(author, bot), "content": text,
+            "timestamp": "2026-11-30T05:00:00.000000+00:00", "edited_timestamp": null,
+            "tts": false, "mention_everyone": false,
+            "mentions": mentions.iter().map(|id| user(*id, true)).collect::<Vec<_>>(),
+            "mention_roles": [], "attachments": [], "embeds": [], "pinned": false, "type": 0,
+        });
+        if let Some(guild) = guild {
+            m["guild_id"] = serde_json::json!(guild.to_string());
+        }
+        serde_json::from_value(m).unwrap()
+    }
+
+    #[test]
+    fn the_bot_answers_what_it_is_asked_to_and_never_a_bot() {
+        const ME: u64 = 99;
+        let all = Select {
+            direct_messages: true,
+            mentions: true,
+            prefix: Some("!".into()),
+        };
+        let none = Select {
+            direct_messages: false,
+            mentions: false,
+            prefix: None,
+        };
+        let dm = message(1, false, None, &[], "hi");
+        let mention = message(1, false, Some(5), &[ME], "hey bot");
+        let prefixed = message(1, false, Some(5), &[], "!help");
+        let chatter = message(1, false, Some(5), &[], "hello all");
+        for m in [&dm, &mention, &prefixed] {
+            assert!(selects(&all, ME, m), "{}", m.content);
+            assert!(!selects(&none, ME, m), "{}", m.content);
+        }
+        assert!(!selects(&all, ME, &chatter));
+        assert!(!selects(
+            &all,
+            ME,
+            &message(2, true, None, &[], "a bot's DM")
+        ));
+        assert!(!selects(&all, ME, &message(ME, false, None, &[], "myself")));
+        assert!(
+            !selects(&all, 0, &mention),
+            "before READY the bot does not know its own id"
+        );
     }
 
     #[test]
