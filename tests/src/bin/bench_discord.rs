@@ -160,6 +160,15 @@ async fn direct(conductor: &Conductor, n: usize, gap: Duration) -> Run {
     }
 }
 
+/// The bot replicas' RSS, in KiB.
+fn bot_rss(conductor: &Conductor) -> Vec<u64> {
+    conductor
+        .pids_of("discord")
+        .iter()
+        .map(|p| rss_kib(*p as u32))
+        .collect()
+}
+
 fn main() {
     let n: usize = std::env::args()
         .nth(1)
@@ -183,6 +192,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let rss_idle = bot_rss(&conductor);
     // Warm both paths, then measure: all at once for throughput, then at
     // Discord's 50 a second for latency.
     let (burst, paced) = (Duration::ZERO, Duration::from_millis(20));
@@ -192,12 +202,9 @@ fn main() {
     let pool = runtime.block_on(direct(&conductor, n, burst));
     let bot_paced = through_the_bot(&fake, 500, paced);
     let pool_paced = runtime.block_on(direct(&conductor, 500, paced));
-    let rss: Vec<u64> = conductor
-        .pids_of("discord")
-        .iter()
-        .map(|p| rss_kib(*p as u32))
-        .collect();
-    let rss_per_shard = rss.iter().sum::<u64>() as f64 / f64::from(SHARDS) / 1024.0;
+    let rss = bot_rss(&conductor);
+    let per_shard = |rss: &[u64]| rss.iter().sum::<u64>() as f64 / f64::from(SHARDS) / 1024.0;
+    let (rss_per_shard, idle_per_shard) = (per_shard(&rss), per_shard(&rss_idle));
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
@@ -223,9 +230,12 @@ fn main() {
     }
     let ratio = bot.rate() / pool.rate();
     println!("bot / direct throughput: {:.0} %", ratio * 100.0);
+    let mib = |rss: &[u64]| rss.iter().map(|k| k / 1024).collect::<Vec<_>>();
     println!(
-        "bot RSS: {:?} MiB per replica, {rss_per_shard:.1} MiB per shard ({GUILDS_PER_SHARD} guilds a shard, cache off)",
-        rss.iter().map(|k| k / 1024).collect::<Vec<_>>()
+        "bot RSS ({GUILDS_PER_SHARD} guilds a shard, cache off): READY and idle {:?} MiB per replica, \
+         {idle_per_shard:.1} MiB per shard; after the run {:?}, {rss_per_shard:.1} MiB per shard",
+        mib(&rss_idle),
+        mib(&rss)
     );
     let result = serde_json::json!({
         "shards": SHARDS, "bots": BOTS, "workers": WORKERS, "messages": n,
@@ -236,6 +246,8 @@ fn main() {
         "ratio": ratio,
         "rss_kib_per_replica": rss,
         "rss_mib_per_shard": rss_per_shard,
+        "idle_rss_kib_per_replica": rss_idle,
+        "idle_rss_mib_per_shard": idle_per_shard,
     });
     let out = std::env::var_os("BENCH_OUT")
         .map(PathBuf::from)
