@@ -674,3 +674,47 @@ fn reconnects_resumes_and_invalid_sessions_lose_no_message() {
         "only shard 0 may lose messages: {lost:?}"
     );
 }
+
+#[test]
+fn a_rolling_restart_leaves_no_shard_without_a_session_and_answers_every_message_once() {
+    let bot = Bot::default();
+    let fake = fake(&bot, |_| {});
+    let dir = tempfile::tempdir().unwrap();
+    let conductor = Conductor::start(&bot.plugins(&fake, dir.path()));
+    wait_live(&fake, 4, 1, Duration::from_secs(60));
+    let before = conductor.pids_of("discord");
+    let from = Instant::now();
+
+    // `conductor restart discord` with messages flowing at 50 a second.
+    let (sent, restarted) = std::thread::scope(|s| {
+        let restart = s.spawn(|| conductor.cli(&["restart", "discord"]));
+        let mut sent = Vec::new();
+        while !restart.is_finished() {
+            sent.extend(inject_paced(&fake, 4, 4, Duration::from_millis(20)));
+        }
+        (sent, restart.join().unwrap())
+    });
+    demi_e2e::ok(restarted);
+    let took = from.elapsed();
+    for shard in 0..4 {
+        let gap = fake.uncovered(shard, from);
+        assert_eq!(
+            gap,
+            Duration::ZERO,
+            "shard {shard} had no session for {gap:?}"
+        );
+    }
+    let by_id: BTreeMap<u64, u64> = sent.iter().map(|(_, id, ch)| (*id, *ch)).collect();
+    check_replies(&fake, &by_id, Duration::from_secs(60));
+    let after = conductor.pids_of("discord");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} -> {after:?}"
+    );
+    assert!(fake.identifies().iter().all(|i| !i.too_soon));
+    eprintln!(
+        "rolling restart of 2 replicas in {took:?}: {} messages, each answered once, no shard \
+         without a session",
+        by_id.len()
+    );
+}

@@ -347,10 +347,74 @@ impl Supervisor {
         let _op = self.operations.lock().await;
         let config = self.spec(name)?.config;
         let patience = config.startup_timeout + config.shutdown_grace * 2 + SLACK;
+        let covered = config.sharded && config.share_handoff == ShareHandoff::Overlap;
         for (index, handle) in self.handles(name)? {
-            roll(name, index, handle, patience).await?;
+            if covered {
+                self.roll_covered(name, index, handle, patience).await?;
+            } else {
+                roll(name, index, handle, patience).await?;
+            }
         }
         self.get(name)
+    }
+
+    /// Restarts instance `index` of an overlapping sharded plugin while a
+    /// stand-in holds its share: an extra instance launched beside the
+    /// pool at the next free index (its own share is empty), told
+    /// `index`'s membership, and retired once the restarted instance is
+    /// SERVING again. A bot's shards are never without a session.
+    async fn roll_covered(
+        &self,
+        name: &str,
+        index: u32,
+        handle: HandleRef,
+        patience: Duration,
+    ) -> Result<(), SupervisorError> {
+        let (stand_in, members, startup) = {
+            let pools = self.pools();
+            let pool = pools
+                .get(name)
+                .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
+            let at = pool.instances.len() as u32;
+            let members = *pool.members.borrow();
+            let startup = pool.spec.config.startup_timeout;
+            (pool.launch(at, &self.context), members, startup)
+        };
+        let at = stand_in.index;
+        let covered = async {
+            let mut status = stand_in.status.clone();
+            let serving = |s: &InstanceStatus| s.state == Phase::Serving;
+            wait_status(name, at, &mut status, patience, serving).await?;
+            // A generation of its own: newer than anything it was told.
+            let membership = demi_proto::plugin::v1::Membership {
+                index,
+                replicas: members.replicas,
+                generation: members.generation + 1,
+            };
+            let socket = self.context.layout.plugin_socket(name, at);
+            let told = async {
+                let connection = crate::rpc::PluginConnection::connect(&socket).await?;
+                connection.membership_changed(membership, startup).await
+            };
+            told.await.map_err(|status| SupervisorError::NotServing {
+                plugin: name.to_owned(),
+                index: at,
+                reason: format!(
+                    "the stand-in did not take the share over: {}",
+                    status.message()
+                ),
+            })?;
+            tracing::info!(
+                plugin = name,
+                instance = index,
+                stand_in = at,
+                "share held by a stand-in"
+            );
+            roll(name, index, handle, patience).await
+        };
+        let result = covered.await;
+        stand_in.retire().await;
+        result
     }
 
     /// Sets the number of instances of `name`, for an operator: refused

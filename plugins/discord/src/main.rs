@@ -58,6 +58,10 @@ struct Args {
 const DISCORD: &str = "https://discord.com";
 /// How long closing the shards may take at shutdown.
 const CLOSE_WITHIN: Duration = Duration::from_secs(3);
+/// How often the owed ledger is swept for replies nobody is answering,
+/// and how old a row must be to count as left behind.
+const OWED_SWEEP: Duration = Duration::from_secs(5);
+const OWED_SWEEP_AGE: Duration = Duration::from_secs(10);
 /// How often the shards' links are looked at for health.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
@@ -208,6 +212,7 @@ async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
         ready_once: false,
         reported: None,
         config: config.clone(),
+        share: membership,
     };
     let result = replica.run(&ctx, membership, news).await;
     // A Discord that never answers the close must not eat the grace.
@@ -288,6 +293,8 @@ struct Replica {
     ready_once: bool,
     reported: Option<Result<(), String>>,
     config: BotConfig,
+    /// The membership whose share this replica runs.
+    share: Membership,
 }
 
 impl Replica {
@@ -302,6 +309,7 @@ impl Replica {
         let health = ctx.health();
         self.adopt(membership);
         let mut tick = tokio::time::interval(HEALTH_EVERY);
+        let mut sweep = tokio::time::interval(OWED_SWEEP);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
@@ -323,6 +331,12 @@ impl Replica {
                     self.adopt(membership);
                 }
                 _ = tick.tick() => {}
+                _ = sweep.tick() => {
+                    // Rows a process left behind after this one looked
+                    // (a stand-in retired, a replica stopped mid-reply).
+                    let share = self.share.share(self.total);
+                    self.shared.relay.answer_owed(share, OWED_SWEEP_AGE);
+                }
             }
             self.settle(ctx).await;
             self.report(&health).await;
@@ -353,7 +367,8 @@ impl Replica {
             }
         }
         self.pending = Some(membership);
-        self.shared.relay.answer_owed(share);
+        self.shared.relay.answer_owed(share, Duration::ZERO);
+        self.share = membership;
     }
 
     fn start(&mut self, shard: u32) {

@@ -105,17 +105,21 @@ impl Owed {
             .map_err(|e| self.fail(e))
     }
 
-    /// What is owed on `shards`, oldest first, and how many rows older
-    /// than `give_up` were crossed out unanswered (their jobs are past
-    /// their deadline: a reply now would come too late, and its job may
-    /// be forgotten, so a new one would post a second reply).
+    /// What has been owed on `shards` for at least `older_than`, oldest
+    /// first, and how many rows older than `give_up` were crossed out
+    /// unanswered (their jobs are past their deadline: a reply now would
+    /// come too late, and its job may be forgotten, so a new one would
+    /// post a second reply).
     pub fn on_shards(
         &self,
         shards: Range<u32>,
+        older_than: Duration,
         give_up: Duration,
     ) -> Result<(Vec<Incoming>, usize), OwedError> {
         let connection = self.connection();
-        let oldest = now_ms() - give_up.as_millis() as i64;
+        let now = now_ms();
+        let oldest = now - give_up.as_millis() as i64;
+        let newest = now - older_than.as_millis() as i64;
         let expired = connection
             .execute(
                 "DELETE FROM owed WHERE shard >= ?1 AND shard < ?2 AND since_ms < ?3",
@@ -123,10 +127,13 @@ impl Owed {
             )
             .map_err(|e| self.fail(e))?;
         let mut statement = connection
-            .prepare("SELECT message FROM owed WHERE shard >= ?1 AND shard < ?2 ORDER BY since_ms")
+            .prepare(
+                "SELECT message FROM owed WHERE shard >= ?1 AND shard < ?2 AND since_ms <= ?3
+                 ORDER BY since_ms",
+            )
             .map_err(|e| self.fail(e))?;
         let rows = statement
-            .query_map(params![shards.start, shards.end], |row| {
+            .query_map(params![shards.start, shards.end, newest], |row| {
                 row.get::<_, String>(0)
             })
             .map_err(|e| self.fail(e))?;
@@ -167,14 +174,19 @@ mod tests {
         b.write(&message(2, 3)).unwrap();
         a.write(&message(1, 0)).unwrap();
         b.write(&message(u64::MAX, 1)).unwrap();
-        let hour = Duration::from_secs(3600);
-        let (on_0_to_2, expired) = b.on_shards(0..2, hour).unwrap();
+        let (now, hour) = (Duration::ZERO, Duration::from_secs(3600));
+        let (on_0_to_2, expired) = b.on_shards(0..2, now, hour).unwrap();
         let ids: Vec<u64> = on_0_to_2.iter().map(|m| m.message_id).collect();
         assert_eq!((ids, expired), (vec![1, u64::MAX], 0));
+        assert_eq!(
+            b.on_shards(0..2, hour, 2 * hour).unwrap(),
+            (vec![], 0),
+            "all young"
+        );
         b.cross_out(1).unwrap();
-        assert_eq!(a.on_shards(0..1, hour).unwrap().0.len(), 0);
-        assert_eq!(a.on_shards(3..4, hour).unwrap().0[0].content, "hi 2");
+        assert_eq!(a.on_shards(0..1, now, hour).unwrap().0.len(), 0);
+        assert_eq!(a.on_shards(3..4, now, hour).unwrap().0[0].content, "hi 2");
         std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(a.on_shards(0..4, Duration::ZERO).unwrap(), (vec![], 2));
+        assert_eq!(a.on_shards(0..4, now, Duration::ZERO).unwrap(), (vec![], 2));
     }
 }

@@ -120,12 +120,14 @@ impl Relay {
         });
     }
 
-    /// Answers what is owed on `shards`: replies a replica killed before
-    /// it could post them (this one's predecessor, or the shards' last
-    /// owner).
-    pub fn answer_owed(self: &Arc<Self>, shards: std::ops::Range<u32>) {
+    /// Answers what has been owed on `shards` for at least `older_than`:
+    /// replies a replica killed or stopped before it could post them (this
+    /// one's predecessor, the shards' last owner, a stand-in). What this
+    /// process is answering already is left alone; another live process
+    /// answering the same message posts with the same nonce.
+    pub fn answer_owed(self: &Arc<Self>, shards: std::ops::Range<u32>, older_than: Duration) {
         let Some(owed) = &self.owed else { return };
-        match owed.on_shards(shards.clone(), self.reply_timeout) {
+        match owed.on_shards(shards.clone(), older_than, self.reply_timeout) {
             Ok((messages, expired)) => {
                 if !messages.is_empty() || expired > 0 {
                     tracing::info!(
