@@ -545,22 +545,36 @@ fn replies_owed_by_a_killed_bot_replica_or_conductor_are_posted_once() {
     );
     check_replies(&fake, &sent, Duration::from_secs(60));
 
-    // The whole conductor SIGKILLed (its plugins die with it) with
-    // replies owed: the next conductor's bots post them.
-    let sent = inject(&fake, 4, 150);
-    std::thread::sleep(Duration::from_millis(500));
-    conductor.signal(Signal::SIGKILL);
-    conductor.wait_exit();
-    let owed_at_kill = sent.len()
-        - fake
-            .posts()
+    // The whole conductor SIGKILLed (its plugins die with it) mid-run,
+    // with 1,000 messages handed over and replies flowing: the next
+    // conductor's bots post what is owed.
+    let sent = inject(&fake, 4, 1000);
+    let replied = || {
+        fake.posts()
             .iter()
             .filter(|p| p.reply_to.is_some_and(|m| sent.contains_key(&m)))
-            .count();
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while replied() < 200 {
+        assert!(Instant::now() < deadline, "replies never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    conductor.signal(Signal::SIGKILL);
+    conductor.wait_exit();
+    let owed_at_kill = sent.len() - replied();
     let conductor = conductor.restart();
     wait_live(&fake, 4, 1, Duration::from_secs(60));
-    check_replies(&fake, &sent, Duration::from_secs(90));
-    eprintln!("conductor SIGKILL with {owed_at_kill} of 150 replies owed: all posted once");
+    check_replies(&fake, &sent, Duration::from_secs(120));
+    let raw = fake
+        .posts()
+        .iter()
+        .filter(|p| p.reply_to.is_some_and(|m| sent.contains_key(&m)))
+        .count();
+    eprintln!(
+        "conductor SIGKILL with {owed_at_kill} of 1000 replies owed: all posted once \
+         ({raw} posts, repeats included)"
+    );
     assert!(owed_at_kill > 0, "the kill came too late to prove anything");
     drop(conductor);
 }
