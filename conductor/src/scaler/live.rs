@@ -274,13 +274,26 @@ fn reconcile(
     }
 }
 
+/// What a fit came back with: the forecast, how long it took and how many
+/// buckets it saw (the history may have grown while it ran).
+struct FitDone {
+    fitted: Fitted,
+    took: Duration,
+    points: usize,
+}
+
 /// Where a fit runs: a blocking thread, so a long fit never delays a
-/// health check. It comes back with how long it took.
-fn refit(job: FitJob) -> JoinHandle<(Fitted, Duration)> {
+/// health check.
+fn refit(job: FitJob) -> JoinHandle<FitDone> {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
+        let points = job.points();
         let fitted = job.run();
-        (fitted, started.elapsed())
+        FitDone {
+            fitted,
+            took: started.elapsed(),
+            points,
+        }
     })
 }
 
@@ -312,7 +325,7 @@ async fn scale_plugin(
     let mut jobs = JobsSignal::default();
     let mut cpu = CpuSignal::default();
     let mut estimate = CapacityEstimate::default();
-    let mut fit: Option<JoinHandle<(Fitted, Duration)>> = None;
+    let mut fit: Option<JoinHandle<FitDone>> = None;
     let mut last_reason = String::new();
     let origin = Instant::now();
     let mut tick = tokio::time::interval(bucket);
@@ -329,12 +342,12 @@ async fn scale_plugin(
             fitted = fitted => {
                 fit = None;
                 match fitted {
-                    Ok((fitted, took)) => {
+                    Ok(FitDone { fitted, took, points }) => {
                         let f = &fitted.forecast;
                         let took_ms = took.as_millis() as u64;
                         match &f.fallback {
-                            Some(why) => tracing::info!(plugin = name, model = f.method.as_str(), took_ms, points = planner.history().len(), fallback = why.as_str(), "autoscaler forecast fell back to a simpler model"),
-                            None => tracing::debug!(plugin = name, model = f.method.as_str(), took_ms, points = planner.history().len(), "autoscaler forecast refitted"),
+                            Some(why) => tracing::info!(plugin = name, model = f.method.as_str(), took_ms, points, fallback = why.as_str(), "autoscaler forecast fell back to a simpler model"),
+                            None => tracing::debug!(plugin = name, model = f.method.as_str(), took_ms, points, "autoscaler forecast refitted"),
                         }
                         planner.install(fitted);
                     }
@@ -384,24 +397,9 @@ async fn scale_plugin(
             && let Some(room) = reach.actuator.room(&name)
             && decision.desired > room.replicas.max(current)
         {
-            let held = room.replicas.max(current);
-            tracing::warn!(
-                plugin = name,
-                wanted = decision.desired,
-                held,
-                by = room.by,
-                "capped by host {}",
-                if room.by.starts_with("memory") {
-                    "memory"
-                } else {
-                    "CPU"
-                }
-            );
-            capped = Some(format!(
-                "{} wanted, {held} fit: {}",
-                decision.desired, room.by
-            ));
-            decision.desired = held;
+            let wanted = decision.desired;
+            decision.desired = room.replicas.max(current);
+            capped = Some((wanted, room));
         }
         report(
             &scaler,
@@ -414,8 +412,26 @@ async fn scale_plugin(
             capacity_measured,
             &mut last_reason,
         );
+        // Logged only once the status says so: whoever reads the log line
+        // and then asks the API sees the same cap.
         if let Some(status) = lock(&scaler.statuses).get_mut(&name) {
-            status.capped = capped;
+            status.capped = capped.as_ref().map(|(wanted, room)| {
+                format!("{wanted} wanted, {} fit: {}", decision.desired, room.by)
+            });
+        }
+        if let Some((wanted, room)) = &capped {
+            tracing::warn!(
+                plugin = name,
+                wanted,
+                held = decision.desired,
+                by = room.by,
+                "capped by host {}",
+                if room.by.starts_with("memory") {
+                    "memory"
+                } else {
+                    "CPU"
+                }
+            );
         }
         if decision.desired != current
             && let Err(error) = reach.actuator.scale(&name, decision.desired).await
