@@ -131,7 +131,19 @@ struct World {
     bound: HashMap<u64, String>,
     /// Heartbeat ACKs to withhold, per shard.
     drop_acks: HashMap<u32, u32>,
-    resumes: Vec<(String, u64)>,
+    /// Connections whose ACK was withheld: dead from then on, as a
+    /// half-open TCP connection is. What is sent to them is lost on the
+    /// wire and only a RESUME gets it back.
+    zombies: std::collections::HashSet<u64>,
+    resumes: Vec<Resume>,
+}
+
+/// A RESUME the bot sent, and how many dispatches it got replayed.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub session: String,
+    pub seq: u64,
+    pub replayed: usize,
 }
 
 enum Outgoing {
@@ -222,7 +234,7 @@ impl FakeDiscord {
     }
 
     /// RESUMEs received: (session, seq).
-    pub fn resumes(&self) -> Vec<(String, u64)> {
+    pub fn resumes(&self) -> Vec<Resume> {
         self.world.lock().unwrap().resumes.clone()
     }
 
@@ -296,6 +308,7 @@ impl FakeDiscord {
         let World {
             sessions,
             connections,
+            zombies,
             ..
         } = &mut *world;
         let mut sent = 0;
@@ -306,11 +319,15 @@ impl FakeDiscord {
             log.seq += 1;
             let frame = json!({"op": 0, "t": event, "s": log.seq, "d": d}).to_string();
             log.sent.push((log.seq, frame.clone()));
-            let tx = log.live.and_then(|c| connections.get(&c));
+            let tx = log
+                .live
+                .filter(|c| !zombies.contains(c))
+                .and_then(|c| connections.get(&c));
             match tx {
                 Some(tx) if tx.send(Outgoing::Text(frame)).is_ok() => sent += 1,
                 Some(_) => {}
-                // Kept for a RESUME of a session dropped moments ago.
+                // Kept for a RESUME of a session dropped moments ago, or
+                // lost on a dead connection.
                 None => sent += 1,
             }
         }
@@ -595,7 +612,10 @@ async fn connection(stream: tokio::net::TcpStream, shared: Shared, id: u64, me: 
                     .map(|l| l.shard);
                 let withheld = shard.and_then(|shard| w.drop_acks.get_mut(&shard));
                 match withheld {
-                    Some(n) if *n > 0 => *n -= 1,
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        w.zombies.insert(id);
+                    }
                     _ => {
                         let _ = tx.send(Outgoing::Text(json!({"op": 11}).to_string()));
                     }
@@ -609,6 +629,7 @@ async fn connection(stream: tokio::net::TcpStream, shared: Shared, id: u64, me: 
     writer.abort();
     let mut w = world.lock().unwrap();
     w.connections.remove(&id);
+    w.zombies.remove(&id);
     if let Some(session) = w.bound.remove(&id) {
         if let Some(log) = w.sessions.get_mut(&session)
             && log.live == Some(id)
@@ -722,16 +743,23 @@ fn resume(
     let session = d["session_id"].as_str().unwrap_or("").to_owned();
     let seq = d["seq"].as_u64().unwrap_or(0);
     let mut w = world.lock().unwrap();
-    w.resumes.push((session.clone(), seq));
+    let mut record = Resume {
+        session: session.clone(),
+        seq,
+        replayed: 0,
+    };
     if !token_ok(s, d["token"].as_str().unwrap_or("")) {
+        w.resumes.push(record);
         let _ = tx.send(Outgoing::Close(4004, "Authentication failed.".into()));
         return;
     }
     let Some(log) = w.sessions.get_mut(&session).filter(|l| !l.invalid) else {
+        w.resumes.push(record);
         let _ = tx.send(Outgoing::Text(json!({"op": 9, "d": false}).to_string()));
         return;
     };
     for (_, frame) in log.sent.iter().filter(|(n, _)| *n > seq) {
+        record.replayed += 1;
         let _ = tx.send(Outgoing::Text(frame.clone()));
     }
     log.seq += 1;
@@ -747,4 +775,5 @@ fn resume(
         closed: None,
     });
     let _ = tx.send(Outgoing::Text(resumed));
+    w.resumes.push(record);
 }

@@ -78,23 +78,6 @@ impl Default for Select {
     }
 }
 
-/// What serenity keeps in memory. The bot needs none of it to answer
-/// messages (its own user id comes with READY), so all is off unless an
-/// operator wants it: every cached guild costs memory on every replica.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct CacheConfig {
-    #[serde(default)]
-    pub guilds: bool,
-    #[serde(default)]
-    pub channels: bool,
-    #[serde(default)]
-    pub users: bool,
-    /// Messages kept per channel.
-    #[serde(default)]
-    pub messages: usize,
-}
-
 fn yes() -> bool {
     true
 }
@@ -122,8 +105,6 @@ pub struct BotConfig {
     pub message_content: bool,
     #[serde(default)]
     pub select: Select,
-    #[serde(default)]
-    pub cache: CacheConfig,
     /// A shard disconnected longer than this makes the replica
     /// NOT_SERVING, so the conductor restarts one stuck reconnecting.
     #[serde(default = "default_reconnect_grace", with = "humantime_serde")]

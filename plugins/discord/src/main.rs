@@ -21,6 +21,7 @@
 //! ```
 
 mod config;
+mod gateway;
 mod owed;
 mod relay;
 mod rest;
@@ -41,7 +42,7 @@ use tokio::time::Instant;
 use crate::config::{BotConfig, TotalShards};
 use crate::relay::Relay;
 use crate::rest::Rest;
-use crate::shards::{Link, Maker, Running, ShardNews, Shared};
+use crate::shards::{Fatal, Link, Maker, Running, Shared};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -86,7 +87,7 @@ fn tracing_init() {
         .flatten_event(true)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,serenity=warn,tracing::span=warn".into()),
+                .unwrap_or_else(|_| "info,serenity=warn".into()),
         )
         .with_writer(std::io::stderr)
         .try_init();
@@ -181,7 +182,6 @@ async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
     ));
     let shared = Arc::new(Shared {
         links: Default::default(),
-        identifies: Default::default(),
         me: Default::default(),
         relay: relay.clone(),
         select: config.select.clone(),
@@ -189,10 +189,8 @@ async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
     let (news_tx, news) = mpsc::unbounded_channel();
     let maker = Arc::new(Maker {
         token: token.clone(),
-        proxy,
-        client,
-        intents: intents(&config),
-        cache: cache_settings(&config),
+        gateway: gateway.url.clone(),
+        intents: intents(&config).bits(),
         conductor,
         identify_limit: config.identify_limit.clone(),
         max_concurrency,
@@ -261,21 +259,13 @@ async fn bot_gateway(
 }
 
 fn intents(config: &BotConfig) -> GatewayIntents {
-    let mut intents =
-        GatewayIntents::GUILDS | GatewayIntents::GUILD_MESSAGES | GatewayIntents::DIRECT_MESSAGES;
+    // Not GUILDS: nothing is cached, and its GUILD_CREATE of every guild
+    // on every connect would be parsed for nothing.
+    let mut intents = GatewayIntents::GUILD_MESSAGES | GatewayIntents::DIRECT_MESSAGES;
     if config.message_content {
         intents |= GatewayIntents::MESSAGE_CONTENT;
     }
     intents
-}
-
-fn cache_settings(config: &BotConfig) -> serenity::cache::Settings {
-    let mut settings = serenity::cache::Settings::default();
-    settings.max_messages = config.cache.messages;
-    settings.cache_guilds = config.cache.guilds;
-    settings.cache_channels = config.cache.channels;
-    settings.cache_users = config.cache.users;
-    settings
 }
 
 /// This replica's shards through membership changes.
@@ -302,7 +292,7 @@ impl Replica {
         &mut self,
         ctx: &Context,
         membership: Membership,
-        mut news: mpsc::UnboundedReceiver<ShardNews>,
+        mut news: mpsc::UnboundedReceiver<Fatal>,
     ) -> Result<(), LoopError> {
         let stop = ctx.stopping();
         let mut changes = ctx.membership_changes();
@@ -313,19 +303,7 @@ impl Replica {
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
-                Some(news) = news.recv() => match news {
-                    ShardNews::Fatal(reason) => return Err(LoopError::config(reason)),
-                    ShardNews::Ended { shard, error } => {
-                        tracing::warn!(shard, %error, "shard client ended; booting it again");
-                        if self.running.remove(&shard).is_some() {
-                            self.start(shard);
-                            // Down, not booting: the reconnect grace runs
-                            // from here, so a shard that cannot come back
-                            // makes the replica NOT_SERVING.
-                            self.shared.set(shard, Link::Down(Instant::now()));
-                        }
-                    }
-                },
+                Some(Fatal(reason)) = news.recv() => return Err(LoopError::config(reason)),
                 Ok(()) = changes.changed() => {
                     let membership = *changes.borrow_and_update();
                     self.adopt(membership);

@@ -1,66 +1,30 @@
-//! Which shards a replica runs, and running them: one serenity client per
-//! shard, booted when the conductor's shared `identify` limit grants its
-//! bucket a turn.
+//! Which shards a replica runs, and running them: each shard's gateway
+//! connection in its own task, identifying only when the conductor's
+//! shared `identify` limit grants its bucket a turn.
 //!
-//! One client per shard rather than one per share: serenity's shard
-//! queuer spaces every boot of a client 5 s apart whatever
-//! `max_concurrency` allows, and it cannot ask anyone before an IDENTIFY.
-//! A client per shard lets each boot wait for its own bucket's turn
-//! across all replicas, and lets a membership change start and stop
-//! single shards. The clients share one HTTP connection pool.
+//! A task per shard rather than one per share: each IDENTIFY waits for its
+//! own bucket's turn across all replicas, and a membership change starts
+//! and stops single shards.
 
 use std::collections::HashMap;
-use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use demi_plugin_sdk::{ClientError, Conductor};
-use serenity::all::{
-    ClientBuilder, ConnectionStage, Context, EventHandler, GatewayError, GatewayIntents,
-    HttpBuilder, Message, Ready, ShardManager, ShardStageUpdateEvent,
-};
-use serenity::cache::Settings as CacheSettings;
+use serenity::model::channel::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Select;
+use crate::gateway::{self, Dispatch, Ended, Identity};
 use crate::relay::{Incoming, Relay};
-
-/// serenity's `Client::start_shard_range(range, total)` boots
-/// `range.start` through `range.end` *inclusive*; a share is half-open.
-/// `None` for an empty share (serenity has no empty range).
-pub fn serenity_range(share: Range<u32>) -> Option<Range<u32>> {
-    (!share.is_empty()).then(|| share.start..share.end - 1)
-}
 
 /// The IDENTIFY bucket of `shard`: Discord lets `max_concurrency` shards
 /// identify together, one per bucket every 5 s.
 pub fn bucket(shard: u32, max_concurrency: u32) -> u32 {
     shard % max_concurrency.max(1)
-}
-
-/// A gateway failure that a restart cannot mend, with what to tell the
-/// operator.
-pub fn fatal_reason(error: &GatewayError) -> Option<&'static str> {
-    Some(match error {
-        GatewayError::InvalidAuthentication => {
-            "Discord rejected the bot token (close code 4004): check the credential"
-        }
-        GatewayError::InvalidShardData => {
-            "Discord rejected the shard numbers (close code 4010): check total_shards"
-        }
-        GatewayError::OverloadedShard => {
-            "Discord requires more shards (close code 4011): raise total_shards or use \"auto\""
-        }
-        GatewayError::InvalidGatewayIntents => {
-            "Discord rejected the gateway intents (close code 4013)"
-        }
-        GatewayError::DisallowedGatewayIntents => {
-            "a privileged intent is not granted to this bot (close code 4014): enable \
-             MESSAGE CONTENT in the developer portal or set message_content = false"
-        }
-        _ => return None,
-    })
 }
 
 /// Where each shard of this replica stands.
@@ -73,24 +37,16 @@ pub enum Link {
     Down(Instant),
 }
 
-/// What shard tasks tell the replica's loop.
+/// What shard tasks tell the replica's loop: a failure no reconnect
+/// mends; the replica stops with this reason.
 #[derive(Debug)]
-pub enum ShardNews {
-    /// A failure no restart mends: the replica stops with this reason.
-    Fatal(String),
-    /// The shard's client ended on its own; it is booted again.
-    Ended { shard: u32, error: String },
-}
+pub struct Fatal(pub String);
 
-/// State the event handlers of every shard share.
+/// State the shards of this replica share.
 pub struct Shared {
     pub links: Mutex<HashMap<u32, Link>>,
-    /// Per shard: IDENTIFYs this process paced (boots), and IDENTIFYs seen
-    /// to complete. More seen than paced means serenity re-identified on
-    /// its own (after op 9 with `d = false`, or a failed resume).
-    pub identifies: Mutex<HashMap<u32, (u64, u64)>>,
     /// The bot's own user id, from READY: its messages are never answered.
-    pub me: std::sync::atomic::AtomicU64,
+    pub me: AtomicU64,
     pub relay: Arc<Relay>,
     pub select: Select,
 }
@@ -110,9 +66,33 @@ impl Shared {
         self.links.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn selects(&self, message: &Message) -> bool {
-        let me = self.me.load(std::sync::atomic::Ordering::Relaxed);
-        selects(&self.select, me, message)
+    fn on_dispatch(&self, shard: u32, dispatch: Dispatch) {
+        match dispatch {
+            Dispatch::Ready { user, guilds } => {
+                self.me.store(user, Ordering::Relaxed);
+                tracing::info!(shard, guilds, "shard READY");
+                self.set(shard, Link::Ready);
+            }
+            Dispatch::Resumed => {
+                tracing::info!(shard, "shard resumed");
+                self.set(shard, Link::Ready);
+            }
+            Dispatch::Message(message) => {
+                if !selects(&self.select, self.me.load(Ordering::Relaxed), &message) {
+                    return;
+                }
+                let message = *message;
+                self.relay.accept(Incoming {
+                    message_id: message.id.get(),
+                    channel_id: message.channel_id.get(),
+                    guild_id: message.guild_id.map(|g| g.get()),
+                    author_id: message.author.id.get(),
+                    author_name: message.author.name,
+                    content: message.content,
+                    shard,
+                });
+            }
+        }
     }
 }
 
@@ -134,219 +114,121 @@ fn selects(select: &Select, me: u64, message: &Message) -> bool {
             .is_some_and(|p| message.content.starts_with(p))
 }
 
-struct Handler {
-    shard: u32,
-    shared: Arc<Shared>,
-    conductor: Conductor,
-    identify_limit: String,
-    bucket: u32,
-}
-
-impl Handler {
-    /// serenity re-identified a shard without asking (its shard queuer
-    /// restarts a session by itself): take the turn it used after the
-    /// fact, so that the other replicas' next IDENTIFY in this bucket
-    /// keeps its distance.
-    fn account_for_identify(&self) {
-        let unpaced = {
-            let mut counts = self
-                .shared
-                .identifies
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let (paced, seen) = counts.entry(self.shard).or_default();
-            *seen += 1;
-            *seen > *paced
-        };
-        if !unpaced {
-            return;
-        }
-        tracing::warn!(
-            shard = self.shard,
-            bucket = self.bucket,
-            "serenity re-identified the shard by itself; taking its identify turn late"
-        );
-        let mut conductor = self.conductor.clone();
-        let limit = self.identify_limit.clone();
-        let bucket = self.bucket;
-        tokio::spawn(async move {
-            if let Err(error) = conductor.acquire(&limit, bucket, IDENTIFY_PATIENCE).await {
-                tracing::debug!(%error, "late identify turn not taken");
-            }
-        });
-    }
-}
-
-#[serenity::async_trait]
-impl EventHandler for Handler {
-    async fn ready(&self, _ctx: Context, ready: Ready) {
-        self.shared
-            .me
-            .store(ready.user.id.get(), std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(
-            shard = self.shard,
-            guilds = ready.guilds.len(),
-            "shard READY"
-        );
-        self.shared.set(self.shard, Link::Ready);
-    }
-
-    async fn shard_stage_update(&self, _ctx: Context, event: ShardStageUpdateEvent) {
-        if event.old == ConnectionStage::Identifying {
-            self.account_for_identify();
-        }
-        match event.new {
-            ConnectionStage::Connected => self.shared.set(self.shard, Link::Ready),
-            stage => {
-                tracing::debug!(shard = self.shard, ?stage, "shard reconnecting");
-                self.shared.set(self.shard, Link::Down(Instant::now()));
-            }
-        }
-    }
-
-    async fn message(&self, _ctx: Context, message: Message) {
-        if !self.shared.selects(&message) {
-            return;
-        }
-        self.shared.relay.accept(Incoming {
-            message_id: message.id.get(),
-            channel_id: message.channel_id.get(),
-            guild_id: message.guild_id.map(|g| g.get()),
-            author_id: message.author.id.get(),
-            author_name: message.author.name.clone(),
-            content: message.content.clone(),
-            shard: self.shard,
-        });
-    }
-}
-
-/// What every shard's client is made from.
+/// What every shard's connection is made from.
 pub struct Maker {
     pub token: String,
-    pub proxy: Option<String>,
-    pub client: reqwest::Client,
-    pub intents: GatewayIntents,
-    pub cache: CacheSettings,
+    /// The gateway's address (`url` of `GET /gateway/bot`).
+    pub gateway: String,
+    pub intents: u64,
     pub conductor: Conductor,
     pub identify_limit: String,
     pub max_concurrency: u32,
     pub shared: Arc<Shared>,
-    pub news: mpsc::UnboundedSender<ShardNews>,
-    pub stop: tokio_util::sync::CancellationToken,
+    pub news: mpsc::UnboundedSender<Fatal>,
+    pub stop: CancellationToken,
 }
 
 /// How long one identify wait may be before the conductor is asked
 /// again (it refuses turns further off than this).
 const IDENTIFY_PATIENCE: Duration = Duration::from_secs(300);
+/// Pauses between failed connections: doubling from the first, capped,
+/// with jitter so that shards do not come back in step.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// A running shard: its client's task and the handle that stops it.
+fn backoff(failures: u32) -> Duration {
+    let step = BACKOFF_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(5));
+    step.min(BACKOFF_MAX).mul_f64(0.5 + fastrand::f64())
+}
+
+/// A running shard: its task and the token that stops it.
 pub struct Running {
-    manager: Arc<Mutex<Option<Arc<ShardManager>>>>,
+    stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
     /// Closes the shard's session (close code 1000) and waits for it.
     pub async fn close(self) {
-        let manager = self
-            .manager
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(manager) = manager {
-            manager.shutdown_all().await;
-        }
-        self.task.abort();
+        self.stop.cancel();
         let _ = self.task.await;
     }
 }
 
 impl Maker {
-    /// Starts `shard`: waits for its identify turn, then runs its client
-    /// until it is closed.
+    /// Starts `shard`: waits for its identify turn, then keeps it
+    /// connected until it is closed.
     pub fn start(self: &Arc<Self>, shard: u32, total: u32) -> Running {
         self.shared
             .links
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(shard, Link::Booting);
-        let manager = Arc::new(Mutex::new(None));
+        let stop = self.stop.child_token();
         let maker = self.clone();
-        let slot = manager.clone();
+        let token = stop.clone();
         let task = tokio::spawn(async move {
-            let error = maker.run(shard, total, slot).await;
-            if let Some(news) = error {
-                let _ = maker.news.send(news);
+            if let Some(fatal) = maker.run(shard, total, &token).await {
+                let _ = maker.news.send(fatal);
             }
         });
-        Running { manager, task }
+        Running { stop, task }
     }
 
-    async fn run(
-        &self,
-        shard: u32,
-        total: u32,
-        slot: Arc<Mutex<Option<Arc<ShardManager>>>>,
-    ) -> Option<ShardNews> {
-        // Everything but the connection is made before the turn, so that the
-        // IDENTIFY follows the grant by a connect and a HELLO only.
-        let mut http = HttpBuilder::new(&self.token)
-            .client(self.client.clone())
-            .ratelimiter_disabled(true);
-        if let Some(proxy) = &self.proxy {
-            http = http.proxy(proxy.clone());
-        }
-        let handler = Handler {
+    /// Connects again and again, resuming the session whenever Discord
+    /// still keeps it; returns when stopped or on a fatal failure.
+    async fn run(&self, shard: u32, total: u32, stop: &CancellationToken) -> Option<Fatal> {
+        let who = Identity {
+            token: &self.token,
+            intents: self.intents,
             shard,
-            shared: self.shared.clone(),
-            conductor: self.conductor.clone(),
-            identify_limit: self.identify_limit.clone(),
-            bucket: bucket(shard, self.max_concurrency),
+            total,
         };
-        let client = ClientBuilder::new_with_http(http.build(), self.intents)
-            .event_handler(handler)
-            .cache_settings(self.cache.clone());
-        let mut client = match client.await {
-            Ok(client) => client,
-            Err(error) => {
-                return Some(ShardNews::Ended {
-                    shard,
-                    error: error.to_string(),
-                });
+        let mut session = None;
+        let mut failures = 0;
+        loop {
+            if session.is_none() {
+                if let Err(fatal) = self.identify_turn(shard, stop).await {
+                    return Some(fatal);
+                }
+                if stop.is_cancelled() {
+                    return None;
+                }
             }
-        };
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.shard_manager.clone());
-        if let Err(news) = self.identify_turn(shard).await {
-            return news;
-        }
-        self.shared
-            .identifies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(shard)
-            .or_default()
-            .0 += 1;
-        let range = serenity_range(shard..shard + 1)?;
-        match client.start_shard_range(range, total).await {
-            Ok(()) => None,
-            Err(serenity::Error::Gateway(error)) if fatal_reason(&error).is_some() => {
-                fatal_reason(&error).map(|r| ShardNews::Fatal(r.to_owned()))
+            let mut live = false;
+            let ended = gateway::connect(&self.gateway, &who, &mut session, stop, |d| {
+                live |= matches!(d, Dispatch::Ready { .. } | Dispatch::Resumed);
+                self.shared.on_dispatch(shard, d);
+            })
+            .await;
+            let (why, pause) = match ended {
+                Ended::Stopped => return None,
+                Ended::Fatal(reason) => return Some(Fatal(reason)),
+                Ended::Reconnect { why, backoff } => (why, backoff),
+            };
+            self.shared.set(shard, Link::Down(Instant::now()));
+            if live {
+                failures = 0;
             }
-            Err(error) => Some(ShardNews::Ended {
-                shard,
-                error: error.to_string(),
-            }),
+            tracing::info!(shard, %why, resume = session.is_some(), "shard reconnecting");
+            if pause {
+                failures += 1;
+                tokio::select! {
+                    () = stop.cancelled() => return None,
+                    () = tokio::time::sleep(backoff(failures)) => {}
+                }
+            }
         }
     }
 
     /// Waits for `shard`'s bucket's turn under the bot-wide identify
-    /// limit.
-    async fn identify_turn(&self, shard: u32) -> Result<(), Option<ShardNews>> {
+    /// limit. `Ok` also when stopped meanwhile.
+    async fn identify_turn(&self, shard: u32, stop: &CancellationToken) -> Result<(), Fatal> {
         let bucket = bucket(shard, self.max_concurrency);
         loop {
             let mut conductor = self.conductor.clone();
             let turn = tokio::select! {
-                () = self.stop.cancelled() => return Err(None),
+                () = stop.cancelled() => return Ok(()),
                 turn = conductor.acquire(&self.identify_limit, bucket, IDENTIFY_PATIENCE) => turn,
             };
             match turn {
@@ -368,12 +250,12 @@ impl Maker {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(error) => {
-                    return Err(Some(ShardNews::Fatal(format!(
+                    return Err(Fatal(format!(
                         "cannot take an identify turn for shard {shard} (bucket {bucket}) under \
                          the shared limit {:?}: {error}; the plugin's shared_limits need \
                          `{} = {{ every = \"5s\", buckets = {} }}` at least",
                         self.identify_limit, self.identify_limit, self.max_concurrency
-                    ))));
+                    )));
                 }
             }
         }
@@ -383,24 +265,16 @@ impl Maker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use demi_plugin_sdk::Membership;
 
     #[test]
-    fn serenity_ranges_end_one_before_the_share() {
-        assert_eq!(serenity_range(4..8), Some(4..7));
-        assert_eq!(serenity_range(0..1), Some(0..0));
-        assert_eq!(serenity_range(3..3), None);
-        // Two replicas of four shards boot 0, 1 and 2, 3; never shard 4.
-        let share = |index| {
-            Membership {
-                index,
-                replicas: 2,
-                generation: 1,
-            }
-            .share(4)
-        };
-        assert_eq!(serenity_range(share(0)), Some(0..1));
-        assert_eq!(serenity_range(share(1)), Some(2..3));
+    fn backoff_doubles_to_a_cap_with_jitter() {
+        for _ in 0..100 {
+            let first = backoff(1);
+            assert!(first >= BACKOFF_FIRST / 2 && first <= BACKOFF_FIRST * 3 / 2);
+            let third = backoff(3);
+            assert!(third >= BACKOFF_FIRST * 2 && third <= BACKOFF_FIRST * 6);
+            assert!(backoff(40) <= BACKOFF_MAX * 3 / 2);
+        }
     }
 
     fn message(
