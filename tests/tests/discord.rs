@@ -539,19 +539,25 @@ fn replies_owed_by_a_killed_bot_replica_or_conductor_are_posted_once() {
     wait_live(&fake, 4, 1, Duration::from_secs(60));
 
     // A bot replica SIGKILLed with replies owed: its successor (same
-    // index, same shards) identifies again and posts them.
-    let sent = inject(&fake, 4, 150);
+    // index, same shards) resumes the sessions it left, gets what Discord
+    // sent meanwhile replayed, and posts every reply.
+    let identified = fake.identifies().len();
+    let resumed = fake.resumes().len();
+    let mut sent = inject(&fake, 4, 150);
     std::thread::sleep(Duration::from_millis(500));
     let (_, replica) = conductor.wait_serving(0, "discord", 1);
     let killed = Instant::now();
     signal_pid(replica, Signal::SIGKILL);
+    // Sent while shards 2 and 3 have no connection: kept for a RESUME.
+    sent.extend(inject(&fake, 4, 100));
     std::thread::sleep(Duration::from_millis(200));
     wait_live(&fake, 4, 1, Duration::from_secs(60));
     let gaps: Vec<String> = (0..4)
         .map(|s| format!("shard {s}: {:?}", fake.uncovered(s, killed)))
         .collect();
+    let resumes = fake.resumes()[resumed..].to_vec();
     eprintln!(
-        "bot replica SIGKILL: without a session for {}",
+        "bot replica SIGKILL: without a session for {}; resumed {resumes:?}",
         gaps.join(", ")
     );
     assert_eq!(
@@ -559,6 +565,13 @@ fn replies_owed_by_a_killed_bot_replica_or_conductor_are_posted_once() {
         Duration::ZERO,
         "replica 0's shards untouched"
     );
+    assert_eq!(
+        fake.identifies().len(),
+        identified,
+        "the successor resumes; it never identifies"
+    );
+    assert_eq!(resumes.len(), 2, "{resumes:?}");
+    assert!(resumes.iter().all(|r| r.replayed > 0), "{resumes:?}");
     check_replies(&fake, &sent, Duration::from_secs(60));
 
     // The whole conductor SIGKILLed (its plugins die with it) mid-run,
@@ -576,12 +589,19 @@ fn replies_owed_by_a_killed_bot_replica_or_conductor_are_posted_once() {
         assert!(Instant::now() < deadline, "replies never started");
         std::thread::sleep(Duration::from_millis(20));
     }
+    let resumed = fake.resumes().len();
     conductor.signal(Signal::SIGKILL);
     conductor.wait_exit();
     let owed_at_kill = sent.len() - replied();
     let conductor = conductor.restart();
     wait_live(&fake, 4, 1, Duration::from_secs(60));
     check_replies(&fake, &sent, Duration::from_secs(120));
+    assert_eq!(
+        fake.identifies().len(),
+        identified,
+        "every shard resumed after the conductor's restart"
+    );
+    assert_eq!(fake.resumes().len() - resumed, 4);
     let raw = fake
         .posts()
         .iter()

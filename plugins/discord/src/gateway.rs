@@ -36,13 +36,16 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 /// Any close code but 1000/1001 keeps the session resumable.
 const CLOSE_RESUMABLE: u16 = 4000;
 
-/// A session Discord keeps for us: what a RESUME needs.
+/// A session Discord keeps for us: what a RESUME needs, and who the bot
+/// is (a RESUME brings no READY to say it again).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub id: String,
     /// The last dispatch's sequence number.
     pub seq: u64,
     pub resume_url: String,
+    /// The bot's own user id.
+    pub user: u64,
 }
 
 /// Who connects, and as which shard.
@@ -56,9 +59,8 @@ pub struct Identity<'a> {
 /// What the connection hands to the shard's owner.
 #[derive(Debug)]
 pub enum Dispatch {
-    /// A new session; `user` is the bot's own id.
+    /// A new session.
     Ready {
-        user: u64,
         guilds: usize,
     },
     Resumed,
@@ -157,13 +159,13 @@ type Socket =
 /// One connection: resumes `session` when there is one, identifies
 /// otherwise (the caller has taken the identify turn), and runs until the
 /// connection ends. `session` is kept up to date as dispatches come, and
-/// cleared when Discord says it is gone.
+/// cleared when Discord says it is gone; `on` gets what the bot reads.
 pub async fn connect(
     gateway: &str,
     who: &Identity<'_>,
     session: &mut Option<Session>,
     stop: &CancellationToken,
-    mut on: impl FnMut(Dispatch),
+    mut on: impl FnMut(Dispatch, &Session),
 ) -> Ended {
     let base = session.as_ref().map_or(gateway, |s| s.resume_url.as_str());
     let url = format!("{}{QUERY}", base.trim_end_matches('/'));
@@ -317,26 +319,26 @@ fn parse<'a, T: Deserialize<'a>>(d: Option<&'a RawValue>) -> Result<T, String> {
     serde_json::from_str(d.get()).map_err(|e| e.to_string())
 }
 
-/// An op 0 dispatch: keeps the sequence, hands on what the bot reads.
+/// An op 0 dispatch: keeps the sequence, hands on what the bot reads with
+/// the session as it now stands.
 fn dispatch(
     payload: &Payload,
     session: &mut Option<Session>,
-    on: &mut impl FnMut(Dispatch),
+    on: &mut impl FnMut(Dispatch, &Session),
 ) -> Option<Ended> {
     let seq = payload.s?;
-    match payload.t {
+    let handed = match payload.t {
         Some("READY") => match parse::<Ready>(payload.d) {
             Ok(ready) => {
                 *session = Some(Session {
                     id: ready.session_id,
                     seq,
                     resume_url: ready.resume_gateway_url,
-                });
-                on(Dispatch::Ready {
                     user: ready.user.id,
-                    guilds: ready.guilds.len(),
                 });
-                return None;
+                Some(Dispatch::Ready {
+                    guilds: ready.guilds.len(),
+                })
             }
             Err(error) => {
                 // Without a session id nothing can be resumed: start over.
@@ -344,15 +346,20 @@ fn dispatch(
                 return Some(reconnect(format!("unreadable READY: {error}"), true));
             }
         },
-        Some("RESUMED") => on(Dispatch::Resumed),
+        Some("RESUMED") => Some(Dispatch::Resumed),
         Some("MESSAGE_CREATE") => match parse::<Message>(payload.d) {
-            Ok(message) => on(Dispatch::Message(Box::new(message))),
-            Err(error) => tracing::warn!(seq, %error, "unreadable MESSAGE_CREATE; skipped"),
+            Ok(message) => Some(Dispatch::Message(Box::new(message))),
+            Err(error) => {
+                tracing::warn!(seq, %error, "unreadable MESSAGE_CREATE; skipped");
+                None
+            }
         },
-        _ => {}
-    }
-    if let Some(s) = session {
-        s.seq = s.seq.max(seq);
+        _ => None,
+    };
+    let session = session.as_mut()?;
+    session.seq = session.seq.max(seq);
+    if let Some(handed) = handed {
+        on(handed, session);
     }
     None
 }
@@ -426,7 +433,7 @@ mod tests {
             "guilds":[{"id":"1","unavailable":true},{"id":"2","unavailable":true}],"shard":[0,1]}}"#;
         let payload: Payload = serde_json::from_str(ready).unwrap();
         assert_eq!(
-            dispatch(&payload, &mut session, &mut |d| seen.push(d)),
+            dispatch(&payload, &mut session, &mut |d, _| seen.push(d)),
             None
         );
         assert_eq!(
@@ -434,19 +441,14 @@ mod tests {
             Some(Session {
                 id: "abc".into(),
                 seq: 1,
-                resume_url: "wss://resume.example".into()
+                resume_url: "wss://resume.example".into(),
+                user: 42,
             })
         );
-        assert!(matches!(
-            seen[0],
-            Dispatch::Ready {
-                user: 42,
-                guilds: 2
-            }
-        ));
+        assert!(matches!(seen[0], Dispatch::Ready { guilds: 2 }));
         let other = r#"{"op":0,"s":7,"t":"TYPING_START","d":{}}"#;
         let payload: Payload = serde_json::from_str(other).unwrap();
-        dispatch(&payload, &mut session, &mut |d| seen.push(d));
+        dispatch(&payload, &mut session, &mut |d, _| seen.push(d));
         assert_eq!(session.as_ref().map(|s| s.seq), Some(7));
         assert_eq!(
             seen.len(),
@@ -461,10 +463,11 @@ mod tests {
             id: "old".into(),
             seq: 3,
             resume_url: "wss://x".into(),
+            user: 42,
         });
         let payload: Payload =
             serde_json::from_str(r#"{"op":0,"s":1,"t":"READY","d":{"v":10}}"#).unwrap();
-        let end = dispatch(&payload, &mut session, &mut |_| {});
+        let end = dispatch(&payload, &mut session, &mut |_, _| {});
         assert!(matches!(end, Some(Ended::Reconnect { .. })), "{end:?}");
         assert_eq!(session, None);
     }

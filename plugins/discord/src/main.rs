@@ -25,7 +25,9 @@ mod gateway;
 mod owed;
 mod relay;
 mod rest;
+mod sessions;
 mod shards;
+mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -164,13 +166,19 @@ async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
         "starting shards"
     );
 
-    let owed = match ctx.state_directory() {
-        Some(dir) => {
-            Some(owed::Owed::open(&dir.join("discord-owed.sqlite")).map_err(|e| e.to_string())?)
-        }
+    let (owed, sessions) = match ctx.state_directory() {
+        Some(dir) => (
+            Some(owed::Owed::open(&dir.join("discord-owed.sqlite")).map_err(|e| e.to_string())?),
+            Some(
+                sessions::Sessions::open(&dir.join("discord-sessions.sqlite"))
+                    .map_err(|e| e.to_string())?,
+            ),
+        ),
         None => {
-            tracing::warn!("no state folder: replies owed when a replica dies are lost");
-            None
+            tracing::warn!(
+                "no state folder: replies owed and sessions of a replica that dies are lost"
+            );
+            (None, None)
         }
     };
     let relay = Arc::new(Relay::new(
@@ -195,6 +203,7 @@ async fn bot(ctx: Context, args: Args) -> Result<(), LoopError> {
         identify_limit: config.identify_limit.clone(),
         max_concurrency,
         shared: shared.clone(),
+        sessions,
         news: news_tx,
         stop: stop.clone(),
     });

@@ -11,11 +11,12 @@
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{Connection, params};
 
 use crate::relay::Incoming;
+use crate::store::{self, now_ms};
 
 /// Why the ledger cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -30,36 +31,23 @@ pub struct Owed {
     path: String,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 impl Owed {
     pub fn open(path: &Path) -> Result<Self, OwedError> {
         let fail = |source| OwedError {
             path: path.display().to_string(),
             source,
         };
-        let connection = Connection::open(path).map_err(fail)?;
-        // WAL lets the replicas write side by side; NORMAL survives a
-        // killed process (what this ledger is for) without an fsync per
-        // message.
-        connection
-            .execute_batch(
-                "PRAGMA journal_mode = WAL;
-                 PRAGMA synchronous = NORMAL;
-                 PRAGMA busy_timeout = 5000;
-                 CREATE TABLE IF NOT EXISTS owed (
-                     message_id TEXT PRIMARY KEY,
-                     shard INTEGER NOT NULL,
-                     message TEXT NOT NULL,
-                     since_ms INTEGER NOT NULL
-                 );
-                 CREATE INDEX IF NOT EXISTS owed_by_shard ON owed (shard);",
-            )
-            .map_err(fail)?;
+        let connection = store::open(
+            path,
+            "CREATE TABLE IF NOT EXISTS owed (
+                 message_id TEXT PRIMARY KEY,
+                 shard INTEGER NOT NULL,
+                 message TEXT NOT NULL,
+                 since_ms INTEGER NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS owed_by_shard ON owed (shard);",
+        )
+        .map_err(fail)?;
         Ok(Self {
             connection: Mutex::new(connection),
             path: path.display().to_string(),

@@ -18,8 +18,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Select;
-use crate::gateway::{self, Dispatch, Ended, Identity};
+use crate::gateway::{self, Dispatch, Ended, Identity, Session};
 use crate::relay::{Incoming, Relay};
+use crate::sessions::Sessions;
 
 /// The IDENTIFY bucket of `shard`: Discord lets `max_concurrency` shards
 /// identify together, one per bucket every 5 s.
@@ -66,10 +67,10 @@ impl Shared {
         self.links.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn on_dispatch(&self, shard: u32, dispatch: Dispatch) {
+    fn on_dispatch(&self, shard: u32, dispatch: Dispatch, session: &Session) {
+        self.me.store(session.user, Ordering::Relaxed);
         match dispatch {
-            Dispatch::Ready { user, guilds } => {
-                self.me.store(user, Ordering::Relaxed);
+            Dispatch::Ready { guilds } => {
                 tracing::info!(shard, guilds, "shard READY");
                 self.set(shard, Link::Ready);
             }
@@ -124,6 +125,9 @@ pub struct Maker {
     pub identify_limit: String,
     pub max_concurrency: u32,
     pub shared: Arc<Shared>,
+    /// Sessions written down for a successor to resume (none without a
+    /// state folder).
+    pub sessions: Option<Sessions>,
     pub news: mpsc::UnboundedSender<Fatal>,
     pub stop: CancellationToken,
 }
@@ -135,6 +139,8 @@ const IDENTIFY_PATIENCE: Duration = Duration::from_secs(300);
 /// with jitter so that shards do not come back in step.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often a session's sequence is written down at most.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 fn backoff(failures: u32) -> Duration {
     let step = BACKOFF_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(5));
@@ -176,7 +182,8 @@ impl Maker {
     }
 
     /// Connects again and again, resuming the session whenever Discord
-    /// still keeps it; returns when stopped or on a fatal failure.
+    /// still keeps it — one a dead process left behind too; returns when
+    /// stopped or on a fatal failure.
     async fn run(&self, shard: u32, total: u32, stop: &CancellationToken) -> Option<Fatal> {
         let who = Identity {
             token: &self.token,
@@ -184,26 +191,35 @@ impl Maker {
             shard,
             total,
         };
-        let mut session = None;
+        let mut session = self.adopt(shard, total);
         let mut failures = 0;
-        loop {
+        let mut saved: Option<Instant> = None;
+        let end = loop {
             if session.is_none() {
                 if let Err(fatal) = self.identify_turn(shard, stop).await {
-                    return Some(fatal);
+                    break Some(fatal);
                 }
                 if stop.is_cancelled() {
-                    return None;
+                    break None;
                 }
             }
             let mut live = false;
-            let ended = gateway::connect(&self.gateway, &who, &mut session, stop, |d| {
-                live |= matches!(d, Dispatch::Ready { .. } | Dispatch::Resumed);
-                self.shared.on_dispatch(shard, d);
+            let ended = gateway::connect(&self.gateway, &who, &mut session, stop, |d, s| {
+                let fresh = matches!(d, Dispatch::Ready { .. } | Dispatch::Resumed);
+                live |= fresh;
+                self.shared.on_dispatch(shard, d, s);
+                // After the message is handed over (and written down as
+                // owed): a successor resuming from here replays only
+                // what came later.
+                if fresh || saved.is_none_or(|at| at.elapsed() >= CHECKPOINT_EVERY) {
+                    self.save(shard, total, s);
+                    saved = Some(Instant::now());
+                }
             })
             .await;
             let (why, pause) = match ended {
-                Ended::Stopped => return None,
-                Ended::Fatal(reason) => return Some(Fatal(reason)),
+                Ended::Stopped => break None,
+                Ended::Fatal(reason) => break Some(Fatal(reason)),
                 Ended::Reconnect { why, backoff } => (why, backoff),
             };
             self.shared.set(shard, Link::Down(Instant::now()));
@@ -214,10 +230,44 @@ impl Maker {
             if pause {
                 failures += 1;
                 tokio::select! {
-                    () = stop.cancelled() => return None,
+                    () = stop.cancelled() => break None,
                     () = tokio::time::sleep(backoff(failures)) => {}
                 }
             }
+        };
+        // Closed with 1000, or failed for good: nothing to resume.
+        if let Some(sessions) = &self.sessions
+            && let Err(error) = sessions.forget(shard)
+        {
+            tracing::warn!(shard, %error, "cannot cross out the shard's session");
+        }
+        end
+    }
+
+    /// A session of `shard` that a dead process left resumable.
+    fn adopt(&self, shard: u32, total: u32) -> Option<Session> {
+        match self.sessions.as_ref()?.adopt(shard, total) {
+            Ok(Some(session)) => {
+                tracing::info!(
+                    shard,
+                    seq = session.seq,
+                    "resuming the session a stopped process left"
+                );
+                Some(session)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                tracing::warn!(shard, %error, "cannot look for a session to resume");
+                None
+            }
+        }
+    }
+
+    fn save(&self, shard: u32, total: u32, session: &Session) {
+        if let Some(sessions) = &self.sessions
+            && let Err(error) = sessions.save(shard, total, session)
+        {
+            tracing::warn!(shard, %error, "cannot write the shard's session down");
         }
     }
 
