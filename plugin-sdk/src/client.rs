@@ -346,4 +346,55 @@ impl Conductor {
                 .unwrap_or_default(),
         })
     }
+
+    /// Waits for a turn under `limit` however long it takes: asks again,
+    /// `patience` at a time, while the turn is further off
+    /// (`DEADLINE_EXCEEDED`) or the conductor is restarting
+    /// (`UNAVAILABLE`). `Ok(None)` once `stop` is cancelled; any other
+    /// refusal (a limit the plugin does not have, a bucket out of range)
+    /// is returned, for no amount of waiting mends it.
+    ///
+    /// ```no_run
+    /// # async fn bot(ctx: demi_plugin_sdk::Context) -> Result<(), demi_plugin_sdk::ClientError> {
+    /// use std::time::Duration;
+    ///
+    /// let mut conductor = ctx.conductor()?;
+    /// let stop = ctx.stopping();
+    /// // Bucket 0 of the plugin's shared limit `identify`.
+    /// if let Some(grant) = conductor
+    ///     .acquire_until("identify", 0, Duration::from_secs(300), &stop)
+    ///     .await?
+    /// {
+    ///     println!("my turn, after {:?}", grant.waited);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn acquire_until(
+        &mut self,
+        limit: &str,
+        bucket: u32,
+        patience: Duration,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<Grant>, ClientError> {
+        loop {
+            let turn = tokio::select! {
+                () = stop.cancelled() => return Ok(None),
+                turn = self.acquire(limit, bucket, patience) => turn,
+            };
+            match turn {
+                Ok(grant) => return Ok(Some(grant)),
+                Err(ClientError::Rpc(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+                }
+                Err(ClientError::Rpc(status)) if status.code() == tonic::Code::Unavailable => {
+                    // Not a hot loop while the conductor comes back.
+                    tokio::select! {
+                        () = stop.cancelled() => return Ok(None),
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
 }

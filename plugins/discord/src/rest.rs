@@ -308,30 +308,17 @@ impl Rest {
     /// A turn under the bot-wide limit, for a request made elsewhere
     /// (serenity's `GET /gateway/bot`).
     pub async fn turn(&self) -> Result<(), RestError> {
-        loop {
-            let mut conductor = self.conductor.clone();
-            let turn = tokio::select! {
-                () = self.stop.cancelled() => return Err(RestError::Stopped),
-                turn = conductor.acquire(&self.limit, 0, LIMIT_PATIENCE) => turn,
-            };
-            match turn {
-                Ok(_) => return Ok(()),
-                Err(demi_plugin_sdk::ClientError::Rpc(status))
-                    if matches!(
-                        status.code(),
-                        tonic::Code::DeadlineExceeded | tonic::Code::Unavailable
-                    ) =>
-                {
-                    // A long queue, or the conductor restarting: wait on.
-                    continue;
-                }
-                Err(error) => {
-                    return Err(RestError::Limit {
-                        limit: self.limit.clone(),
-                        reason: error.to_string(),
-                    });
-                }
-            }
+        let mut conductor = self.conductor.clone();
+        match conductor
+            .acquire_until(&self.limit, 0, LIMIT_PATIENCE, &self.stop)
+            .await
+        {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(RestError::Stopped),
+            Err(error) => Err(RestError::Limit {
+                limit: self.limit.clone(),
+                reason: error.to_string(),
+            }),
         }
     }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use demi_plugin_sdk::{ClientError, Conductor};
+use demi_plugin_sdk::Conductor;
 use serenity::model::channel::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -275,39 +275,27 @@ impl Maker {
     /// limit. `Ok` also when stopped meanwhile.
     async fn identify_turn(&self, shard: u32, stop: &CancellationToken) -> Result<(), Fatal> {
         let bucket = bucket(shard, self.max_concurrency);
-        loop {
-            let mut conductor = self.conductor.clone();
-            let turn = tokio::select! {
-                () = stop.cancelled() => return Ok(()),
-                turn = conductor.acquire(&self.identify_limit, bucket, IDENTIFY_PATIENCE) => turn,
-            };
-            match turn {
-                Ok(grant) => {
-                    tracing::info!(
-                        shard,
-                        bucket,
-                        waited_ms = grant.waited.as_millis() as u64,
-                        "identify turn"
-                    );
-                    return Ok(());
-                }
-                Err(ClientError::Rpc(status))
-                    if matches!(
-                        status.code(),
-                        tonic::Code::DeadlineExceeded | tonic::Code::Unavailable
-                    ) =>
-                {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(error) => {
-                    return Err(Fatal(format!(
-                        "cannot take an identify turn for shard {shard} (bucket {bucket}) under \
-                         the shared limit {:?}: {error}; the plugin's shared_limits need \
-                         `{} = {{ every = \"5s\", buckets = {} }}` at least",
-                        self.identify_limit, self.identify_limit, self.max_concurrency
-                    )));
-                }
+        let mut conductor = self.conductor.clone();
+        match conductor
+            .acquire_until(&self.identify_limit, bucket, IDENTIFY_PATIENCE, stop)
+            .await
+        {
+            Ok(Some(grant)) => {
+                tracing::info!(
+                    shard,
+                    bucket,
+                    waited_ms = grant.waited.as_millis() as u64,
+                    "identify turn"
+                );
+                Ok(())
             }
+            Ok(None) => Ok(()),
+            Err(error) => Err(Fatal(format!(
+                "cannot take an identify turn for shard {shard} (bucket {bucket}) under \
+                 the shared limit {:?}: {error}; the plugin's shared_limits need \
+                 `{} = {{ every = \"5s\", buckets = {} }}` at least",
+                self.identify_limit, self.identify_limit, self.max_concurrency
+            ))),
         }
     }
 }

@@ -232,7 +232,7 @@ fn main() {
     println!("bot / direct throughput: {:.0} %", ratio * 100.0);
     let mib = |rss: &[u64]| rss.iter().map(|k| k / 1024).collect::<Vec<_>>();
     println!(
-        "bot RSS ({GUILDS_PER_SHARD} guilds a shard, cache off): READY and idle {:?} MiB per replica, \
+        "bot RSS ({GUILDS_PER_SHARD} guilds a shard, nothing cached): READY and idle {:?} MiB per replica, \
          {idle_per_shard:.1} MiB per shard; after the run {:?}, {rss_per_shard:.1} MiB per shard",
         mib(&rss_idle),
         mib(&rss)
