@@ -43,10 +43,22 @@ fn changed_dispatch_settings_apply_to_the_next_jobs_without_a_restart() {
     let rt = grpc::runtime();
     let mut api = rt.block_on(grpc::admin(&conductor.api_socket()));
     let attempts = |api: &mut Admin| {
-        let outcome = rt
-            .block_on(api.submit_and_wait(job("worker", "x")))
-            .unwrap_or_else(|status| panic!("no outcome: {status:?}"))
-            .into_inner();
+        // A full queue (jobs queued while the worker was stopped, not yet
+        // taken) has room again once the first of them are out.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let outcome = loop {
+            match rt.block_on(api.submit_and_wait(job("worker", "x"))) {
+                Err(status)
+                    if status.code() == Code::ResourceExhausted
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                answer => break answer,
+            }
+        }
+        .unwrap_or_else(|status| panic!("no outcome: {status:?}"))
+        .into_inner();
         assert_eq!(outcome.status, pb::job_outcome::Status::DeadLettered as i32);
         outcome.attempts
     };
