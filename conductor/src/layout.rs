@@ -53,9 +53,16 @@ impl Layout {
         self.root.join("plugins")
     }
 
+    /// The folder of `plugin`'s sockets: its own, so that a plugin
+    /// running as another user can make its socket there and nowhere
+    /// else.
+    pub fn plugin_socket_dir(&self, plugin: &str) -> PathBuf {
+        self.plugins_dir().join(plugin)
+    }
+
     /// Where instance `index` of `plugin` serves.
     pub fn plugin_socket(&self, plugin: &str, index: u32) -> PathBuf {
-        self.plugins_dir().join(format!("{plugin}-{index}.sock"))
+        self.plugin_socket_dir(plugin).join(format!("{index}.sock"))
     }
 
     /// The socket of `plugin` at `replicas` instances, if its path is too
@@ -79,7 +86,7 @@ mod tests {
         );
         assert_eq!(
             layout.plugin_socket("echo", 3),
-            Path::new("/run/demi/plugins/echo-3.sock")
+            Path::new("/run/demi/plugins/echo/3.sock")
         );
         assert_eq!(layout.socket_too_long("echo", 4), None);
         let deep = Layout::new(format!("/{}", "a".repeat(100)));

@@ -91,6 +91,13 @@ enum Command {
         /// the current one by default.
         #[arg(long)]
         working_dir: Option<std::path::PathBuf>,
+        /// Run the plugin as this user (a name or id), as the config's
+        /// `user` would.
+        #[arg(long)]
+        user: Option<String>,
+        /// ... and this group (the user's own by default).
+        #[arg(long, requires = "user")]
+        group: Option<String>,
         /// The plugin's command and arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -183,14 +190,27 @@ fn main() -> ExitCode {
             probe,
             expect_ok,
             working_dir,
+            user,
+            group,
             command,
         } => {
+            let mut privileges = demi_conductor::process::privileges::Privileges::default();
+            if let Some(user) = &user {
+                match demi_conductor::process::privileges::resolve(user, group.as_deref()) {
+                    Ok(ids) => privileges.user = Some(ids),
+                    Err((field, why)) => {
+                        eprintln!("conductor plugin-check: --{field}: {why}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             let options = demi_conductor::conformance::Options {
                 name,
                 startup_timeout,
                 probes: probe,
                 expect_ok,
                 working_dir,
+                privileges,
                 ..Default::default()
             };
             plugin_check(command, options, json)

@@ -116,6 +116,13 @@ impl Builder {
             .prefix("demi-e2e-")
             .tempdir()
             .expect("temp dir");
+        // Passable, as /run is: plugins running as other users reach the
+        // sockets and state folders below it.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                .expect("temp dir mode");
+        }
         let cgroup_root = dir
             .path()
             .file_name()
@@ -349,7 +356,8 @@ impl Conductor {
     pub fn socket(&self, plugin: &str, instance: u32) -> PathBuf {
         self.runtime_dir()
             .join("plugins")
-            .join(format!("{plugin}-{instance}.sock"))
+            .join(plugin)
+            .join(format!("{instance}.sock"))
     }
 
     /// How many events were logged so far; a cursor for [`Self::wait_for`].

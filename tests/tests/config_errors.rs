@@ -93,6 +93,24 @@ const CASES: &[(&str, &str, usize, &str)] = &[
         5,
         "plugin",
     ),
+    (
+        "unknown user",
+        "[plugins.x]\ncommand = \"./marker.sh\"\nuser = \"no-such-user-xyz\"\n",
+        7,
+        "plugins.x.user",
+    ),
+    (
+        "group without a user",
+        "[plugins.x]\ncommand = \"./marker.sh\"\ngroup = \"nogroup\"\n",
+        7,
+        "plugins.x.group",
+    ),
+    (
+        "unknown capability",
+        "[plugins.x]\ncommand = \"./marker.sh\"\ncapabilities = [\"CAP_FLY\"]\n",
+        7,
+        "plugins.x.capabilities",
+    ),
 ];
 
 #[test]

@@ -69,11 +69,11 @@ fn make_run_serves_two_echo_replicas() {
         }
     }
 
-    let sockets = root.join("target/demi-run/plugins");
+    let sockets = root.join("target/demi-run/plugins/echo");
     let rt = grpc::runtime();
     rt.block_on(async {
         for i in 0..2 {
-            let channel = grpc::connect(&sockets.join(format!("echo-{i}.sock"))).await;
+            let channel = grpc::connect(&sockets.join(format!("{i}.sock"))).await;
             assert_eq!(grpc::health(&channel, "echo").await.unwrap(), 1);
             let mut client = pb::plugin_client::PluginClient::new(channel);
             let about = client.describe(pb::DescribeRequest {}).await.unwrap();

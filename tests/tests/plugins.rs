@@ -257,3 +257,148 @@ fn the_guides_python_example_copied_verbatim_passes_plugin_check_from_another_fo
     assert_eq!(verdict(&report, "handle"), "pass", "{report:#}");
     assert_eq!(verdict(&report, "parent-death"), "pass", "{report:#}");
 }
+
+/// What a process as the plugin's user can reach: it tries each
+/// `NAME=KIND:PATH` (KIND: read a file, connect to a socket, write into a
+/// folder; `@run` and `@state` stand for the conductor's folders, found
+/// from the handshake) and logs one line of outcomes (`ok` or the errno's
+/// name).
+const PROBER: &str = r#"
+import errno, json, os, socket, sys, time
+run = os.path.dirname(os.environ["DEMI_CONDUCTOR_SOCKET"])
+state = os.path.dirname(os.path.dirname(os.environ["DEMI_STATE_DIRECTORY"]))
+def attempt(kind, path):
+    try:
+        if kind == "connect":
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.close()
+        elif kind == "read":
+            with open(path, "rb") as f:
+                f.read()
+        else:
+            with open(os.path.join(path, "probe"), "w") as f:
+                f.write("x")
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+out = {"message": "probed"}
+for arg in sys.argv[1:]:
+    name, rest = arg.split("=", 1)
+    kind, path = rest.split(":", 1)
+    path = os.path.expandvars(path.replace("@run", run).replace("@state", state))
+    out[name] = attempt(kind, path)
+print(json.dumps(out), flush=True)
+time.sleep(3600)
+"#;
+
+fn status_field(pid: u64, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("{field} in {status}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_plugin_run_as_nobody_keeps_no_powers_and_reaches_nothing_of_the_conductors() {
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("secret");
+    std::fs::write(&secret, "s3cret").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let probes = [
+        "job_store=read:@state/jobs.db",
+        "admin_socket=connect:@run/conductor.sock",
+        "others_credential=read:@run/credentials/root-0/theirs",
+        "others_socket=connect:@run/plugins/root/0.sock",
+        "others_state=write:@state/plugins/root",
+        "plugin_api=connect:@run/plugin-api.sock",
+        "own_credential=read:$DEMI_CREDENTIALS_DIRECTORY/mine",
+        "own_state=write:$DEMI_STATE_DIRECTORY",
+    ];
+    let args: Vec<String> = std::iter::once(PROBER)
+        .chain(probes)
+        .map(|a| serde_json::to_string(a).unwrap())
+        .collect();
+    let conductor = Conductor::start(&format!(
+        r#"
+[plugins.echo]
+command = "{{echo}}"
+user = "nobody"
+[plugins.echo.credentials]
+mine = "{secret}"
+
+[plugins.bound]
+command = "{{echo}}"
+user = "nobody"
+group = "nogroup"
+capabilities = ["CAP_NET_BIND_SERVICE"]
+
+[plugins.root]
+command = "{{echo}}"
+[plugins.root.credentials]
+theirs = "{secret}"
+
+[plugins.prober]
+command = "/usr/bin/python3"
+args = ["-c", {args}]
+working_dir = "/"
+health = "none"
+user = "nobody"
+[plugins.prober.credentials]
+mine = "{secret}"
+"#,
+        secret = secret.display(),
+        args = args.join(", "),
+    ));
+    for plugin in ["echo", "bound", "root"] {
+        conductor.wait_serving(0, plugin, 0);
+    }
+    let (_, probed) = conductor.wait_for(0, "the prober's line", |e| {
+        e["plugin"] == "prober" && e["message"] == "probed"
+    });
+    let fields: Value = serde_json::from_str(probed["fields"].as_str().unwrap()).unwrap();
+    eprintln!("as nobody: {fields}");
+    for denied in [
+        "job_store",
+        "admin_socket",
+        "others_credential",
+        "others_socket",
+        "others_state",
+    ] {
+        assert_eq!(fields[denied], "EACCES", "{denied}: {fields}");
+    }
+    for allowed in ["plugin_api", "own_credential", "own_state"] {
+        assert_eq!(fields[allowed], "ok", "{allowed}: {fields}");
+    }
+
+    // Its identity and powers, as the kernel sees them.
+    let echo = conductor.pids_of("echo")[0];
+    assert!(status_field(echo, "Uid").starts_with("65534	"));
+    assert!(status_field(echo, "Gid").starts_with("65534	"));
+    assert_eq!(status_field(echo, "Groups"), "");
+    assert_eq!(status_field(echo, "NoNewPrivs"), "1");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(echo, set), "0000000000000000", "{set}");
+    }
+    let bound = conductor.pids_of("bound")[0];
+    for set in ["CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(bound, set), "0000000000000400", "{set}");
+    }
+    // Root, but with every capability dropped: root's files are still its
+    // own, nobody else's are out of reach.
+    let root = conductor.pids_of("root")[0];
+    assert!(status_field(root, "Uid").starts_with("0	"));
+    assert_eq!(status_field(root, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(root, "CapBnd"), "0000000000000000");
+
+    // The same plugin passes the contract's checks as nobody.
+    let (passed, report) =
+        plugin_check_with(None, &["--user", "nobody"], &[bin("demi-plugin-echo")]);
+    assert!(passed, "{report}");
+}

@@ -20,6 +20,7 @@ use tokio::process::Child;
 use std::sync::{Arc, Mutex};
 
 use crate::process::cgroup::{Cgroup, Cgroups};
+use crate::process::privileges::Privileges;
 use crate::process::{SpawnSpec, Spawner, signal_group};
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
 
@@ -75,6 +76,8 @@ pub struct Options {
     /// Where the plugin starts, as `working_dir` in the config would say
     /// (the current folder when unset).
     pub working_dir: Option<PathBuf>,
+    /// Who the plugin runs as, as the config's `user` and `group` say.
+    pub privileges: Privileges,
 }
 
 impl Default for Options {
@@ -86,6 +89,7 @@ impl Default for Options {
             probes: Vec::new(),
             expect_ok: false,
             working_dir: None,
+            privileges: Privileges::default(),
         }
     }
 }
@@ -224,6 +228,7 @@ impl Bench {
                 .unwrap_or_else(|| "/".into()),
             cgroup_procs,
             stdin_piped: false,
+            privileges: self.options.privileges,
         };
         let child = self.spawner.spawn(spec).await.map_err(|e| e.to_string())?;
         let pid = child.id().ok_or("exited before it could be observed")?;
@@ -266,6 +271,10 @@ pub async fn run(program: PathBuf, args: Vec<String>, options: Options) -> Repor
     {
         use std::os::unix::fs::PermissionsExt as _;
         let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        // The plugin makes its socket here.
+        if let Some((uid, gid)) = options.privileges.user {
+            let _ = nix::unistd::chown(&dir, Some(uid), Some(gid));
+        }
     }
     let cgroups = Cgroups::open(&format!("demi-plugin-check-{}", std::process::id()));
     let confinement = match cgroups.unavailable() {

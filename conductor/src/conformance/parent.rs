@@ -49,6 +49,7 @@ pub fn launch_and_wait(mut args: impl Iterator<Item = OsString>) -> ExitCode {
             working_dir: std::env::current_dir().unwrap_or_else(|_| "/".into()),
             cgroup_procs: Vec::new(),
             stdin_piped: false,
+            privileges: Default::default(),
         };
         let mut child = match spawner.spawn(spec).await {
             Ok(child) => child,

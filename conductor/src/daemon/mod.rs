@@ -71,7 +71,9 @@ pub enum DaemonError {
 /// How long deliveries in flight may take to finish at shutdown.
 const DISPATCH_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The job store in `state_dir`, which is created private (0700).
+/// The job store in `state_dir`. The folder is passable but not listable
+/// (0711), for plugins running as other users to reach their own state
+/// folders below it; the store's files are the conductor's user's alone.
 fn open_store(state_dir: &std::path::Path, jobs: &JobsConfig) -> Result<Store, DaemonError> {
     use std::os::unix::fs::PermissionsExt as _;
     let io = |source| DaemonError::StateDir {
@@ -79,12 +81,21 @@ fn open_store(state_dir: &std::path::Path, jobs: &JobsConfig) -> Result<Store, D
         source,
     };
     std::fs::create_dir_all(state_dir).map_err(io)?;
-    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
     let retention = Retention {
         age: jobs.keep_answers,
         bytes: jobs.keep_answers_bytes.as_u64(),
     };
-    Ok(Store::open(&state_dir.join("jobs.db"), retention)?)
+    let path = state_dir.join("jobs.db");
+    let store = Store::open(&path, retention)?;
+    // Made under an earlier conductor's wider umask, perhaps.
+    for suffix in ["", "-wal", "-shm"] {
+        let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        if file.exists() {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+    }
+    Ok(store)
 }
 
 /// How long open API connections may take to close at shutdown.
@@ -140,6 +151,10 @@ async fn open_cgroups(config: &Config) -> Result<Cgroups, DaemonError> {
 /// returns once none is left.
 pub async fn run(prepared: Prepared) -> Result<(), DaemonError> {
     let Prepared { config, plan } = prepared;
+    // Everything the conductor writes (the job store, sockets, locks,
+    // credentials, logs it creates) is its user's alone unless it says
+    // otherwise. Plugins inherit it.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let runtime_dir = RuntimeDir::prepare(&Layout::new(&config.conductor.runtime_dir))?;
     let mut signals = Signals::install()?;
     let daemon = Daemon::start(config, plan, runtime_dir.layout().clone()).await?;
@@ -244,8 +259,10 @@ impl Daemon {
         let health_events = bus.subscribe();
         // Listening before any plugin starts: an early caller waits.
         let plugin_api = api::bind_plugin_api(&layout.plugin_api_socket())?;
-        let supervisor = Supervisor::start(plan.pools, context);
+        // Before the pools too: it makes the state folder passable for
+        // plugins running as other users.
         let store = open_store(&config.conductor.state_dir, &config.conductor.jobs)?;
+        let supervisor = Supervisor::start(plan.pools, context);
         let dispatching = CancellationToken::new();
         let dispatcher = Dispatcher::start(
             store.clone(),

@@ -1,5 +1,8 @@
-//! The runtime folder: private (0700), owned by one conductor at a time,
-//! and cleared of sockets an earlier run left behind.
+//! The runtime folder: owned by one conductor at a time, and cleared of
+//! sockets an earlier run left behind. Passable but not listable (0711):
+//! a plugin running as another user reaches its own socket folder and the
+//! plugin API's socket by name, and nothing else (the admin socket and
+//! every other file are the conductor's user's alone).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek as _, Write as _};
@@ -39,10 +42,8 @@ impl RuntimeDir {
         let root = layout.root();
         let plugins = layout.plugins_dir();
         std::fs::create_dir_all(&plugins).map_err(io(&plugins))?;
-        // Sockets inside accept anyone who can reach them: only the
-        // conductor's user may.
         for dir in [root, plugins.as_path()] {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
                 .map_err(io(dir))?;
         }
 
@@ -69,9 +70,15 @@ impl RuntimeDir {
         lock.rewind().map_err(io(&lock_path))?;
         writeln!(lock, "{}", std::process::id()).map_err(io(&lock_path))?;
 
+        // A folder per plugin, each with its instances' sockets.
         let mut stale = 0;
         for entry in std::fs::read_dir(&plugins).map_err(io(&plugins))?.flatten() {
-            if std::fs::remove_file(entry.path()).is_ok() {
+            let path = entry.path();
+            let gone = match entry.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+            if gone.is_ok() {
                 stale += 1;
             }
         }
@@ -99,17 +106,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn private_locked_and_cleaned() {
+    fn unlistable_locked_and_cleaned() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("run");
-        std::fs::create_dir_all(root.join("plugins")).unwrap();
-        std::fs::write(root.join("plugins/echo-0.sock"), "").unwrap();
+        std::fs::create_dir_all(root.join("plugins/echo")).unwrap();
+        std::fs::write(root.join("plugins/echo/0.sock"), "").unwrap();
 
         let layout = Layout::new(&root);
         let held = RuntimeDir::prepare(&layout).unwrap();
         let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
-        assert!(!root.join("plugins/echo-0.sock").exists());
+        assert_eq!(mode, 0o711, "passable, not listable");
+        assert!(!root.join("plugins/echo").exists());
 
         let second = RuntimeDir::prepare(&layout).unwrap_err();
         let text = second.to_string();

@@ -2,6 +2,7 @@
 
 pub mod cgroup;
 pub mod output;
+pub mod privileges;
 pub mod spawner;
 pub mod standby;
 

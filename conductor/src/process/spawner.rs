@@ -23,6 +23,8 @@ use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
+use super::privileges::{self, Privileges};
+
 /// Everything needed to start one instance.
 #[derive(Debug, Clone)]
 pub struct SpawnSpec {
@@ -34,6 +36,8 @@ pub struct SpawnSpec {
     pub cgroup_procs: Vec<PathBuf>,
     /// A pipe for stdin instead of /dev/null (a stand-in reads its go there).
     pub stdin_piped: bool,
+    /// Who it runs as and which powers it keeps.
+    pub privileges: Privileges,
 }
 
 impl SpawnSpec {
@@ -91,6 +95,7 @@ impl Spawner {
         let count = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, MAX_THREADS);
+        let host = privileges::Host::probe();
         let mut spawner = Self {
             requests: Vec::with_capacity(count),
             threads: Vec::with_capacity(count),
@@ -104,7 +109,7 @@ impl Spawner {
                 .spawn(move || {
                     let _runtime = runtime.enter();
                     while let Ok(request) = rx.recv() {
-                        let _ = request.reply.send(spawn(request.spec));
+                        let _ = request.reply.send(spawn(request.spec, host));
                     }
                 })?;
             spawner.requests.push(tx);
@@ -139,7 +144,7 @@ impl Drop for Spawner {
     }
 }
 
-fn spawn(spec: SpawnSpec) -> Result<Child, SpawnError> {
+fn spawn(spec: SpawnSpec, host: privileges::Host) -> Result<Child, SpawnError> {
     let conductor = nix::unistd::getpid();
     // Opened before the fork: opening allocates, which a forked child of a
     // multi-threaded process must not do.
@@ -171,15 +176,20 @@ fn spawn(spec: SpawnSpec) -> Result<Child, SpawnError> {
         // Its own group, so one signal reaches the helpers it forks too.
         // Not setsid(): that fails with EPERM once the child leads a group.
         .process_group(0);
+    let privileges = spec.privileges;
     // SAFETY: between fork and exec only async-signal-safe calls are made:
-    // write, prctl and getppid are plain system calls that allocate nothing.
+    // write, prctl, the credential calls, capset and getppid are plain
+    // system calls that allocate nothing.
     unsafe {
         command.pre_exec(move || {
             // Join the cgroup first, so not one instruction of plugin code
-            // runs unconfined. "0" means the writing process itself.
+            // runs unconfined; and while still privileged. "0" means the
+            // writing process itself.
             for procs in &cgroup_procs {
                 nix::unistd::write(procs, b"0")?;
             }
+            privileges::apply(&privileges, host)?;
+            // After the credentials change, which clears a death signal.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // The conductor may have died between fork and prctl; then the
             // death signal will never come, so leave now.

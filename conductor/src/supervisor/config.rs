@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::process::cgroup::config::LimitsConfig;
+use crate::process::privileges::config::{self as privileges, Privileges};
 
 /// One plugin's pool: what to run, how many, and how to keep it alive.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -65,6 +66,26 @@ pub struct PoolConfig {
     /// `BindsTo=`); otherwise it is only told.
     #[serde(default)]
     pub binds_to: bool,
+    /// The user the plugin runs as (a name or numeric id); the
+    /// conductor's own when unset. Supplementary groups are cleared.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Its group (a name or numeric id); the user's primary group when
+    /// unset.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `PR_SET_NO_NEW_PRIVS`: no exec (a setuid program, file
+    /// capabilities) gives the plugin more than it started with.
+    #[serde(default = "yes")]
+    pub no_new_privileges: bool,
+    /// Capabilities the plugin keeps (`"CAP_NET_BIND_SERVICE"`); every
+    /// other one is dropped, even for a plugin running as root.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Secrets a plugin reads as files by name, as systemd's
@@ -318,7 +339,37 @@ impl PoolConfig {
             credentials: Credentials::default(),
             depends_on: Vec::new(),
             binds_to: false,
+            user: None,
+            group: None,
+            no_new_privileges: true,
+            capabilities: Vec::new(),
         }
+    }
+
+    /// Who the plugin runs as and what it keeps, with names looked up on
+    /// this host; or the field that is wrong and why.
+    pub fn privileges(&self) -> Result<Privileges, (&'static str, String)> {
+        let user = match (&self.user, &self.group) {
+            (Some(user), group) => Some(privileges::resolve(user, group.as_deref())?),
+            (None, Some(_)) => {
+                return Err((
+                    "group",
+                    "needs user: a plugin runs in the conductor's own group unless it \
+                     runs as another user"
+                        .into(),
+                ));
+            }
+            (None, None) => None,
+        };
+        let mut keep = 0;
+        for name in &self.capabilities {
+            keep |= privileges::capability(name).map_err(|e| ("capabilities", e))?;
+        }
+        Ok(Privileges {
+            user,
+            keep,
+            no_new_privs: self.no_new_privileges,
+        })
     }
 
     /// Problems serde cannot see, as (field path below the plugin, message).
@@ -401,6 +452,9 @@ impl PoolConfig {
             );
         }
         out.extend(self.limits.problems());
+        if let Err(problem) = self.privileges() {
+            out.push(problem);
+        }
         for name in self.credentials.0.keys() {
             if let Some(reason) = invalid_credential_name(name) {
                 out.push(("credentials", reason));

@@ -32,6 +32,10 @@ fn config() -> PoolConfig {
         credentials: Default::default(),
         depends_on: Vec::new(),
         binds_to: false,
+        user: None,
+        group: None,
+        no_new_privileges: true,
+        capabilities: Vec::new(),
     }
 }
 

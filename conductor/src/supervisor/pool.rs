@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use demi_proto::handshake as hs;
+use nix::unistd::{Gid, Uid};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -218,19 +219,30 @@ impl Pool {
             index,
         };
         let token = context.callers.issue(caller);
+        let privileges = config
+            .privileges()
+            .map_err(|(field, why)| format!("{field}: {why}"));
+        let owner = privileges.as_ref().ok().and_then(|p| p.user);
         let credentials = match config.credentials.0.is_empty() {
             true => Ok(None),
             false => {
                 let dir = context.layout.credentials_dir(name, index);
-                install_credentials(&dir, &config.credentials).map(|()| Some(dir))
+                install_credentials(&dir, &config.credentials, owner).map(|()| Some(dir))
             }
         };
         let state = context.state_root.join(&**name);
-        let state_made = make_state_dir(&state);
+        let state_made = private_dir(&state, owner, "state folder");
+        let sockets = private_dir(
+            &context.layout.plugin_socket_dir(name),
+            owner,
+            "socket folder",
+        );
         let unready = [
+            privileges.as_ref().err(),
             token.as_ref().err(),
             credentials.as_ref().err(),
             state_made.as_ref().err(),
+            sockets.as_ref().err(),
         ];
         if let Some(reason) = unready.into_iter().flatten().next() {
             unlaunchable.get_or_insert_with(|| reason.clone());
@@ -245,6 +257,7 @@ impl Pool {
         };
         let mut spawn = spawn_spec(name, index, config, &handshake);
         spawn.cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+        spawn.privileges = privileges.unwrap_or_default();
         let spec = InstanceSpec {
             plugin: name.clone(),
             index,
@@ -333,49 +346,108 @@ fn spawn_spec(name: &str, index: u32, config: &PoolConfig, handshake: &Handshake
         working_dir: config.working_dir.clone().unwrap_or_else(|| ".".into()),
         cgroup_procs: Vec::new(),
         stdin_piped: false,
+        privileges: Default::default(),
     }
 }
 
-/// Writes `credentials` into a fresh private folder `dir`: the folder
-/// 0700 and each file 0400, the conductor's user's alone (the instance
-/// runs as it). What an earlier instance left there goes first.
-/// The plugin's state folder: made once, private, and never emptied by
-/// the conductor (it outlives instances and conductor restarts).
-fn make_state_dir(dir: &Path) -> Result<(), String> {
+/// The plugin's own folder `dir` (its state, its socket): made if
+/// missing, 0700 and the plugin's user's (`owner`; the conductor's when
+/// `None`), and never emptied by the conductor. Its parents are made
+/// passable but not listable (0711), so a plugin running as another user
+/// reaches its own folder and nothing else.
+fn private_dir(dir: &Path, owner: Option<(Uid, Gid)>, what: &str) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    let failed = |e: std::io::Error| format!("cannot make the state folder {}: {e}", dir.display());
+    let failed = |e: std::io::Error| format!("cannot make the {what} {}: {e}", dir.display());
+    if let Some((uid, gid)) = owner {
+        unpassable(dir, uid, gid)
+            .map(|(at, mode)| {
+                format!(
+                    "user {uid} cannot reach its {what} {}: {} is mode {mode:o} and not \
+                     its own (make it 0711, or move the conductor's folders)",
+                    dir.display(),
+                    at.display()
+                )
+            })
+            .map_or(Ok(()), Err)?;
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(parent)
+            .map_err(failed)?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).map_err(failed)?;
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(failed)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)?;
+    give(dir, owner).map_err(failed)
 }
 
-fn install_credentials(dir: &Path, credentials: &Credentials) -> Result<(), String> {
+/// The first existing folder above `dir` that `uid`/`gid` may not pass
+/// (no search permission for it), with its mode.
+fn unpassable(dir: &Path, uid: Uid, gid: Gid) -> Option<(PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    dir.ancestors().skip(1).find_map(|at| {
+        let meta = std::fs::metadata(at).ok()?;
+        let mode = meta.mode() & 0o7777;
+        let search = if meta.uid() == uid.as_raw() {
+            mode & 0o100
+        } else if meta.gid() == gid.as_raw() {
+            mode & 0o010
+        } else {
+            mode & 0o001
+        };
+        (search == 0).then(|| (at.to_owned(), mode))
+    })
+}
+
+/// Hands `path` to the plugin's user, when it runs as another one.
+fn give(path: &Path, owner: Option<(Uid, Gid)>) -> std::io::Result<()> {
+    match owner {
+        Some((uid, gid)) => nix::unistd::chown(path, Some(uid), Some(gid)).map_err(Into::into),
+        None => Ok(()),
+    }
+}
+
+/// Writes `credentials` into a fresh private folder `dir`: the folder
+/// 0700 and each file 0400, the plugin's user's alone. What an earlier
+/// instance left there goes first.
+fn install_credentials(
+    dir: &Path,
+    credentials: &Credentials,
+    owner: Option<(Uid, Gid)>,
+) -> Result<(), String> {
     use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
     let failed = |e: std::io::Error| format!("cannot write credentials to {}: {e}", dir.display());
     let _ = std::fs::remove_dir_all(dir);
     if let Some(parent) = dir.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(0o711)
             .create(parent)
             .map_err(failed)?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).map_err(failed)?;
     }
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(dir)
         .map_err(failed)?;
+    give(dir, owner).map_err(failed)?;
     for (name, credential) in &credentials.0 {
+        let path = dir.join(name);
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o400)
-            .open(dir.join(name))
+            .open(&path)
             .map_err(failed)?;
         file.write_all(credential.secret.expose()).map_err(failed)?;
+        give(&path, owner).map_err(failed)?;
     }
     Ok(())
 }
