@@ -358,33 +358,41 @@ fn spawn_spec(name: &str, index: u32, config: &PoolConfig, handshake: &Handshake
 fn private_dir(dir: &Path, owner: Option<(Uid, Gid)>, what: &str) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     let failed = |e: std::io::Error| format!("cannot make the {what} {}: {e}", dir.display());
-    if let Some((uid, gid)) = owner {
-        unpassable(dir, uid, gid)
-            .map(|(at, mode)| {
-                format!(
-                    "user {uid} cannot reach its {what} {}: {} is mode {mode:o} and not \
-                     its own (make it 0711, or move the conductor's folders)",
-                    dir.display(),
-                    at.display()
-                )
-            })
-            .map_or(Ok(()), Err)?;
+    if let Some((uid, gid)) = owner
+        && let Some((at, mode)) = unpassable(dir, uid, gid)
+    {
+        return Err(format!(
+            "user {uid} cannot reach its {what} {}: {} is mode {mode:o} and not its own \
+             (make it 0711, or move the conductor's folders)",
+            dir.display(),
+            at.display()
+        ));
     }
-    if let Some(parent) = dir.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(parent)
-            .map_err(failed)?;
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).map_err(failed)?;
-    }
+    passable_parent(dir).map_err(failed)?;
     std::fs::DirBuilder::new()
-        .recursive(true)
         .mode(0o700)
         .create(dir)
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Ok(()),
+            _ => Err(e),
+        })
         .map_err(failed)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)?;
     give(dir, owner).map_err(failed)
+}
+
+/// Makes the folders above `dir`, the nearest passable but not listable
+/// (0711).
+fn passable_parent(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let Some(parent) = dir.parent() else {
+        return Ok(());
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(parent)?;
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))
 }
 
 /// The first existing folder above `dir` that `uid`/`gid` may not pass
@@ -422,17 +430,10 @@ fn install_credentials(
     owner: Option<(Uid, Gid)>,
 ) -> Result<(), String> {
     use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
     let failed = |e: std::io::Error| format!("cannot write credentials to {}: {e}", dir.display());
     let _ = std::fs::remove_dir_all(dir);
-    if let Some(parent) = dir.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(parent)
-            .map_err(failed)?;
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).map_err(failed)?;
-    }
+    passable_parent(dir).map_err(failed)?;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(dir)
