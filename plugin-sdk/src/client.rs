@@ -384,10 +384,15 @@ impl Conductor {
             };
             match turn {
                 Ok(grant) => return Ok(Some(grant)),
-                Err(ClientError::Rpc(status)) if status.code() == tonic::Code::DeadlineExceeded => {
-                }
-                Err(ClientError::Rpc(status)) if status.code() == tonic::Code::Unavailable => {
-                    // Not a hot loop while the conductor comes back.
+                Err(ClientError::Rpc(status))
+                    if matches!(
+                        status.code(),
+                        tonic::Code::DeadlineExceeded | tonic::Code::Unavailable
+                    ) =>
+                {
+                    // Not a hot loop: the conductor refuses at once a turn
+                    // further off than `patience`, and a restarting one
+                    // refuses every call.
                     tokio::select! {
                         () = stop.cancelled() => return Ok(None),
                         () = tokio::time::sleep(Duration::from_millis(200)) => {}

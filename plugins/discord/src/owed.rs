@@ -10,35 +10,22 @@
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use rusqlite::{Connection, params};
+use rusqlite::params;
 
 use crate::relay::Incoming;
-use crate::store::{self, now_ms};
-
-/// Why the ledger cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("the owed-replies ledger {path}: {source}")]
-pub struct OwedError {
-    path: String,
-    source: rusqlite::Error,
-}
+use crate::store::{Db, StoreError, now_ms};
 
 pub struct Owed {
-    connection: Mutex<Connection>,
-    path: String,
+    db: Db,
 }
 
 impl Owed {
-    pub fn open(path: &Path) -> Result<Self, OwedError> {
-        let fail = |source| OwedError {
-            path: path.display().to_string(),
-            source,
-        };
-        let connection = store::open(
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Db::open(
             path,
+            "the owed-replies ledger",
             "CREATE TABLE IF NOT EXISTS owed (
                  message_id TEXT PRIMARY KEY,
                  shard INTEGER NOT NULL,
@@ -46,29 +33,15 @@ impl Owed {
                  since_ms INTEGER NOT NULL
              );
              CREATE INDEX IF NOT EXISTS owed_by_shard ON owed (shard);",
-        )
-        .map_err(fail)?;
-        Ok(Self {
-            connection: Mutex::new(connection),
-            path: path.display().to_string(),
-        })
-    }
-
-    fn fail(&self, source: rusqlite::Error) -> OwedError {
-        OwedError {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    fn connection(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+        )?;
+        Ok(Self { db })
     }
 
     /// Writes `message` down (once: a message seen twice stays one row).
-    pub fn write(&self, message: &Incoming) -> Result<(), OwedError> {
+    pub fn write(&self, message: &Incoming) -> Result<(), StoreError> {
         let text = serde_json::to_string(message).unwrap_or_default();
-        self.connection()
+        self.db
+            .connection()
             .execute(
                 "INSERT OR IGNORE INTO owed (message_id, shard, message, since_ms)
                  VALUES (?1, ?2, ?3, ?4)",
@@ -80,17 +53,18 @@ impl Owed {
                 ],
             )
             .map(drop)
-            .map_err(|e| self.fail(e))
+            .map_err(|e| self.db.fail(e))
     }
 
-    pub fn cross_out(&self, message_id: u64) -> Result<(), OwedError> {
-        self.connection()
+    pub fn cross_out(&self, message_id: u64) -> Result<(), StoreError> {
+        self.db
+            .connection()
             .execute(
                 "DELETE FROM owed WHERE message_id = ?1",
                 params![message_id.to_string()],
             )
             .map(drop)
-            .map_err(|e| self.fail(e))
+            .map_err(|e| self.db.fail(e))
     }
 
     /// What has been owed on `shards` for at least `older_than`, oldest
@@ -103,8 +77,8 @@ impl Owed {
         shards: Range<u32>,
         older_than: Duration,
         give_up: Duration,
-    ) -> Result<(Vec<Incoming>, usize), OwedError> {
-        let connection = self.connection();
+    ) -> Result<(Vec<Incoming>, usize), StoreError> {
+        let connection = self.db.connection();
         let now = now_ms();
         let oldest = now - give_up.as_millis() as i64;
         let newest = now - older_than.as_millis() as i64;
@@ -113,21 +87,21 @@ impl Owed {
                 "DELETE FROM owed WHERE shard >= ?1 AND shard < ?2 AND since_ms < ?3",
                 params![shards.start, shards.end, oldest],
             )
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.db.fail(e))?;
         let mut statement = connection
             .prepare(
                 "SELECT message FROM owed WHERE shard >= ?1 AND shard < ?2 AND since_ms <= ?3
                  ORDER BY since_ms",
             )
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.db.fail(e))?;
         let rows = statement
             .query_map(params![shards.start, shards.end, newest], |row| {
                 row.get::<_, String>(0)
             })
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.db.fail(e))?;
         let mut owed = Vec::new();
         for row in rows {
-            let text = row.map_err(|e| self.fail(e))?;
+            let text = row.map_err(|e| self.db.fail(e))?;
             match serde_json::from_str(&text) {
                 Ok(message) => owed.push(message),
                 Err(error) => tracing::warn!(%error, "an owed reply cannot be read; skipped"),

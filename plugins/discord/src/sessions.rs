@@ -13,29 +13,20 @@
 //! twice is still one job (its idempotency key) and one reply (its nonce).
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use rusqlite::{Connection, params};
+use rusqlite::params;
 
 use crate::gateway::Session;
-use crate::store::{self, now_ms};
+use crate::store::{Db, StoreError, now_ms};
 
 /// How old a written-down session may be to be worth a RESUME: Discord
 /// keeps a dropped session for a few minutes; past that a RESUME only
 /// earns an op 9.
 const RESUMABLE_FOR: Duration = Duration::from_secs(180);
 
-#[derive(Debug, thiserror::Error)]
-#[error("the gateway sessions file {path}: {source}")]
-pub struct SessionsError {
-    path: String,
-    source: rusqlite::Error,
-}
-
 pub struct Sessions {
-    connection: Mutex<Connection>,
-    path: String,
+    db: Db,
     /// This process, as `pid:start time`.
     me: String,
 }
@@ -62,13 +53,10 @@ fn alive(owner: &str) -> bool {
 }
 
 impl Sessions {
-    pub fn open(path: &Path) -> Result<Self, SessionsError> {
-        let fail = |source| SessionsError {
-            path: path.display().to_string(),
-            source,
-        };
-        let connection = store::open(
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Db::open(
             path,
+            "the gateway sessions file",
             "CREATE TABLE IF NOT EXISTS sessions (
                  session_id TEXT PRIMARY KEY,
                  shard INTEGER NOT NULL,
@@ -80,40 +68,27 @@ impl Sessions {
                  at_ms INTEGER NOT NULL
              );
              CREATE INDEX IF NOT EXISTS sessions_by_shard ON sessions (shard);",
-        )
-        .map_err(fail)?;
+        )?;
         Ok(Self {
-            connection: Mutex::new(connection),
-            path: path.display().to_string(),
+            db,
             me: process(std::process::id()).unwrap_or_else(|| std::process::id().to_string()),
         })
     }
 
-    fn fail(&self, source: rusqlite::Error) -> SessionsError {
-        SessionsError {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    fn connection(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.connection.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The newest recent session of `shard` (of `total`) whose process is
     /// gone, now owned by this one; `None` when there is none to resume.
-    pub fn adopt(&self, shard: u32, total: u32) -> Result<Option<Session>, SessionsError> {
-        let connection = self.connection();
+    pub fn adopt(&self, shard: u32, total: u32) -> Result<Option<Session>, StoreError> {
+        let connection = self.db.connection();
         let oldest = now_ms() - RESUMABLE_FOR.as_millis() as i64;
         connection
             .execute("DELETE FROM sessions WHERE at_ms < ?1", params![oldest])
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.db.fail(e))?;
         let mut statement = connection
             .prepare(
                 "SELECT session_id, seq, resume_url, user, owner FROM sessions
                  WHERE shard = ?1 AND total = ?2 ORDER BY at_ms DESC",
             )
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.db.fail(e))?;
         let rows = statement
             .query_map(params![shard, total], |row| {
                 Ok((
@@ -126,9 +101,9 @@ impl Sessions {
                     row.get::<_, String>(4)?,
                 ))
             })
-            .map_err(|e| self.fail(e))?
+            .map_err(|e| self.db.fail(e))?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.db.fail(e))?;
         for (session, owner) in rows {
             if owner == self.me || alive(&owner) {
                 continue;
@@ -141,7 +116,7 @@ impl Sessions {
                      WHERE session_id = ?3 AND owner = ?4",
                     params![self.me, now_ms(), session.id, owner],
                 )
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| self.db.fail(e))?;
             if taken == 1 {
                 return Ok(Some(session));
             }
@@ -151,14 +126,14 @@ impl Sessions {
 
     /// Writes `session` of `shard` down as this process's, and drops the
     /// sessions of `shard` this process held before it.
-    pub fn save(&self, shard: u32, total: u32, session: &Session) -> Result<(), SessionsError> {
-        let mut connection = self.connection();
-        let tx = connection.transaction().map_err(|e| self.fail(e))?;
+    pub fn save(&self, shard: u32, total: u32, session: &Session) -> Result<(), StoreError> {
+        let mut connection = self.db.connection();
+        let tx = connection.transaction().map_err(|e| self.db.fail(e))?;
         tx.execute(
             "DELETE FROM sessions WHERE shard = ?1 AND owner = ?2 AND session_id <> ?3",
             params![shard, self.me, session.id],
         )
-        .map_err(|e| self.fail(e))?;
+        .map_err(|e| self.db.fail(e))?;
         tx.execute(
             "INSERT INTO sessions (session_id, shard, total, seq, resume_url, user, owner, at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -176,26 +151,28 @@ impl Sessions {
                 now_ms()
             ],
         )
-        .map_err(|e| self.fail(e))?;
-        tx.commit().map_err(|e| self.fail(e))
+        .map_err(|e| self.db.fail(e))?;
+        tx.commit().map_err(|e| self.db.fail(e))
     }
 
     /// The sessions of `shard` this process held are over (closed with
     /// 1000, or the shard failed for good).
-    pub fn forget(&self, shard: u32) -> Result<(), SessionsError> {
-        self.connection()
+    pub fn forget(&self, shard: u32) -> Result<(), StoreError> {
+        self.db
+            .connection()
             .execute(
                 "DELETE FROM sessions WHERE shard = ?1 AND owner = ?2",
                 params![shard, self.me],
             )
             .map(drop)
-            .map_err(|e| self.fail(e))
+            .map_err(|e| self.db.fail(e))
     }
 
     #[cfg(test)]
     fn owner_of(&self, session: &str) -> Option<String> {
         use rusqlite::OptionalExtension as _;
-        self.connection()
+        self.db
+            .connection()
             .query_row(
                 "SELECT owner FROM sessions WHERE session_id = ?1",
                 params![session],
