@@ -2,7 +2,8 @@
 //!
 //! `plugin::v1` is what every plugin serves (`Plugin`) and what the
 //! conductor serves to plugins (`Host`); `conductor::v1` is the
-//! conductor's admin API. The standard `grpc.health.v1.Health` service
+//! conductor's admin API; `android::v1` is the Android bridge plugin's
+//! contract with its companion app. The standard `grpc.health.v1.Health` service
 //! comes from `tonic-health`.
 
 pub mod plugin {
@@ -17,7 +18,19 @@ pub mod conductor {
     }
 }
 
-/// Encoded `FileDescriptorSet` of every file above and its imports, for
+/// The Android bridge's contract (`demi-plugin-android`), what the
+/// companion app compiles against.
+pub mod android {
+    pub mod v1 {
+        tonic::include_proto!("demi.android.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of the bridge's contract, for its reflection.
+pub const ANDROID_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/android_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of `plugin::v1` and `conductor::v1` and their imports, for
 /// server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/demi_descriptor.bin"));

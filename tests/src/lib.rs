@@ -711,6 +711,7 @@ pub fn timestamp_ms(event: &Value) -> f64 {
     ((h * 60.0 + m) * 60.0 + s) * 1000.0
 }
 
+pub mod device;
 pub mod fake_discord;
 
 pub mod grpc {
