@@ -165,7 +165,122 @@ impl Link {
                         return seen;
                     }
                 }
-                other => panic!("the stream ended after {seen:?}: {other:?}"),
+                other => {
+                    let kinds: Vec<String> = seen.iter().map(summary).collect();
+                    panic!("the stream ended after {kinds:?}: {other:?}")
+                }
+            }
+        }
+    }
+}
+
+/// A frame without its body, for messages.
+pub fn summary(frame: &Out) -> String {
+    match frame {
+        Out::Message(m) => format!(
+            "message {} to {} ({} bytes) {}",
+            m.id,
+            m.reply_to,
+            m.body.len(),
+            m.failure
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Frames as raw bytes, for what no well-behaved app would send.
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let n = bytes::Buf::remaining(buf);
+        Ok(Some(bytes::Buf::copy_to_bytes(buf, n).to_vec()))
+    }
+}
+
+impl Phone {
+    /// Sends `frames` as they are (each one gRPC message): what the bridge
+    /// sent back until the stream ended, and the status it ended with (or
+    /// Ok when it was still open after `within`).
+    pub async fn raw(
+        &self,
+        frames: Vec<Vec<u8>>,
+        within: Duration,
+    ) -> (Vec<pb::ServerFrame>, Result<(), Status>) {
+        let mut seen = Vec::new();
+        let status = self.raw_into(frames, within, &mut seen).await;
+        (seen, status)
+    }
+
+    async fn raw_into(
+        &self,
+        frames: Vec<Vec<u8>>,
+        within: Duration,
+        seen: &mut Vec<pb::ServerFrame>,
+    ) -> Result<(), Status> {
+        let channel = self
+            .channel()
+            .await
+            .map_err(|e| Status::unavailable(format!("connect: {e}")))?;
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        // Kept open after the frames, as an app that says nothing more.
+        let frames =
+            tokio_stream::StreamExt::chain(tokio_stream::iter(frames), tokio_stream::pending());
+        let mut request = tonic::Request::new(frames);
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.token)
+                .parse()
+                .map_err(|_| Status::internal("token"))?,
+        );
+        let path = http::uri::PathAndQuery::from_static("/demi.android.v1.Bridge/Connect");
+        let mut inbound = grpc.streaming(request, path, Raw).await?.into_inner();
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(until, inbound.message()).await {
+                Err(_) => return Ok(()),
+                Ok(Ok(Some(bytes))) => seen.push(
+                    prost::Message::decode(bytes.as_slice())
+                        .map_err(|e| Status::internal(format!("the bridge sent garbage: {e}")))?,
+                ),
+                Ok(Ok(None)) => return Err(Status::ok("ended without a status")),
+                Ok(Err(status)) => return Err(status),
             }
         }
     }

@@ -513,6 +513,27 @@ pub fn cgroup_dirs(root: &str) -> Vec<PathBuf> {
     out
 }
 
+/// Processes of `plugin`'s instances under cgroup `root` (read from the
+/// pids hierarchy, so it holds across conductor restarts and never
+/// reaches another test's plugins).
+pub fn pids_in_cgroup(root: &str, plugin: &str) -> Vec<u32> {
+    let Ok(instances) = std::fs::read_dir(Path::new("/sys/fs/cgroup/pids").join(root).join(plugin))
+    else {
+        return Vec::new();
+    };
+    instances
+        .flatten()
+        .filter_map(|i| std::fs::read_to_string(i.path().join("cgroup.procs")).ok())
+        .flat_map(|procs| {
+            procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
+
 /// Kills what is left in cgroup `root` and removes its folders.
 pub fn remove_cgroup_tree(root: &str) {
     for dir in cgroup_dirs(root) {

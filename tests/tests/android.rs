@@ -331,3 +331,404 @@ fn only_a_live_token_connects_a_revoked_one_is_cut_off_and_the_newer_stream_wins
     let frames = rt.block_on(bystander.until(FRAME, |f| matches!(f, Out::Message(_))));
     assert_eq!(answers(&frames)[0].2, "still here");
 }
+
+/// What one simulated app saw.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Its message id → (server id, body) of the answer it kept.
+    answers: std::collections::HashMap<String, (u64, Vec<u8>)>,
+    deliveries: u64,
+    /// An answer delivered again after the app acked it on a stream that
+    /// then broke (allowed: the app drops a server id it has seen).
+    again_after_reconnect: u64,
+    /// Delivered again on the very stream its ack went out on: never.
+    again_on_same_stream: u64,
+    /// Two server ids for one message: never.
+    double_answers: Vec<String>,
+    errors: Vec<String>,
+    streams: u32,
+}
+
+/// An app sending `n` messages `pace` apart, acking every answer at
+/// once, reconnecting whenever its stream breaks, until every message
+/// has its answer or `deadline`.
+async fn app(phone: Phone, name: String, n: usize, pace: Duration, deadline: Instant) -> Ledger {
+    use demi_proto::android::v1 as pb;
+    use std::collections::HashSet;
+    let id = |i: usize| format!("{name}-m{i}");
+    let body = |i: usize| format!("{name} says {i}").into_bytes();
+    let mut ledger = Ledger::default();
+    let mut accepted = HashSet::new();
+    let mut acked = HashSet::new();
+    let mut sent = 0;
+    let mut next_at = tokio::time::Instant::now() + pace.mul_f64(fastrand::f64());
+    'outer: while ledger.answers.len() < n && Instant::now() < deadline {
+        let mut link = match phone.connect(0).await {
+            Ok(link) => link,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        ledger.streams += 1;
+        let tx = link.tx.clone();
+        let send = |i: usize| {
+            let tx = tx.clone();
+            let frame = pb::ClientFrame {
+                frame: Some(demi_e2e::device::In::Message(pb::ClientMessage {
+                    id: id(i),
+                    body: body(i),
+                })),
+            };
+            async move {
+                let _ = tx.send(frame).await;
+            }
+        };
+        for i in (0..sent).filter(|i| !accepted.contains(&id(*i))) {
+            send(i).await;
+        }
+        let mut acked_here = HashSet::new();
+        loop {
+            if ledger.answers.len() == n || Instant::now() > deadline {
+                break 'outer;
+            }
+            let frame = tokio::select! {
+                () = tokio::time::sleep_until(next_at), if sent < n => {
+                    send(sent).await;
+                    sent += 1;
+                    next_at += pace;
+                    continue;
+                }
+                frame = link.next(Duration::from_secs(30)) => frame,
+            };
+            match frame {
+                Ok(Some(Out::Accepted(a))) => {
+                    accepted.insert(a.client_message_id);
+                }
+                Ok(Some(Out::Message(m))) => {
+                    ledger.deliveries += 1;
+                    if acked_here.contains(&m.id) {
+                        ledger.again_on_same_stream += 1;
+                    } else if acked.contains(&m.id) {
+                        ledger.again_after_reconnect += 1;
+                    }
+                    let kept = ledger
+                        .answers
+                        .entry(m.reply_to.clone())
+                        .or_insert((m.id, m.body.clone()));
+                    if kept.0 != m.id {
+                        ledger.double_answers.push(m.reply_to.clone());
+                    }
+                    if !m.failure.is_empty() {
+                        ledger.errors.push(format!("{}: {}", m.reply_to, m.failure));
+                    }
+                    link.ack(&[m.id]).await;
+                    acked.insert(m.id);
+                    acked_here.insert(m.id);
+                }
+                Ok(Some(Out::Error(e))) => ledger.errors.push(format!("{e:?}")),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue 'outer;
+                }
+            }
+        }
+    }
+    for i in 0..n {
+        if let Some((_, got)) = ledger.answers.get(&id(i))
+            && *got != body(i)
+        {
+            ledger
+                .errors
+                .push(format!("{} answered with {got:?}", id(i)));
+        }
+    }
+    ledger
+}
+
+#[test]
+fn every_message_is_answered_and_delivered_once_through_bridge_worker_and_conductor_kills() {
+    const DEVICES: usize = 100;
+    const MESSAGES: usize = 50;
+    let files = tempfile::tempdir().unwrap();
+    let journal = files.path().join("journal.txt");
+    let bridge = Setup {
+        workers: 3,
+        worker_lines: format!("args = [\"--journal\", \"{}\"]", journal.display()),
+        ..Setup::default()
+    }
+    .start();
+    let tokens: Vec<String> = (0..DEVICES)
+        .map(|i| bridge.add(&format!("phone-{i}")))
+        .collect();
+    let Bridge {
+        mut conductor,
+        port,
+        ca,
+        rt,
+    } = bridge;
+    let root = conductor.cgroup_root().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let apps: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let phone = Phone {
+                port,
+                token: token.clone(),
+                ca: Some(ca.ca_pem.clone()),
+            };
+            rt.spawn(app(
+                phone,
+                format!("phone-{i}"),
+                MESSAGES,
+                Duration::from_millis(300),
+                deadline,
+            ))
+        })
+        .collect();
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (done, root) = (done.clone(), root.clone());
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                let workers = demi_e2e::pids_in_cgroup(&root, "brain");
+                if !workers.is_empty() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(
+                            workers[fastrand::usize(..workers.len())] as i32,
+                        ),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    kills += 1;
+                }
+            }
+            kills
+        })
+    };
+    let kill_a_bridge = || {
+        let bridges = demi_e2e::pids_in_cgroup(&root, "android");
+        assert!(!bridges.is_empty(), "no bridge replica to kill");
+        demi_e2e::signal_pid(bridges[0], nix::sys::signal::Signal::SIGKILL);
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    kill_a_bridge();
+    std::thread::sleep(Duration::from_secs(4));
+    kill_a_bridge();
+    std::thread::sleep(Duration::from_secs(4));
+    conductor = conductor.restart();
+
+    let ledgers: Vec<Ledger> = apps
+        .into_iter()
+        .map(|app| rt.block_on(app).unwrap())
+        .collect();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.join().unwrap();
+
+    let answered: usize = ledgers.iter().map(|l| l.answers.len()).sum();
+    let deliveries: u64 = ledgers.iter().map(|l| l.deliveries).sum();
+    let again: u64 = ledgers.iter().map(|l| l.again_after_reconnect).sum();
+    let streams: u32 = ledgers.iter().map(|l| l.streams).sum();
+    eprintln!(
+        "{answered} of {} messages answered; {deliveries} deliveries ({again} again after a \
+         reconnect), {streams} streams, {kills} worker kills",
+        DEVICES * MESSAGES
+    );
+    for (i, ledger) in ledgers.iter().enumerate() {
+        assert_eq!(ledger.answers.len(), MESSAGES, "phone-{i}: {ledger:?}");
+        assert!(ledger.errors.is_empty(), "phone-{i}: {:?}", ledger.errors);
+        assert!(
+            ledger.double_answers.is_empty(),
+            "phone-{i}: {:?}",
+            ledger.double_answers
+        );
+        assert_eq!(ledger.again_on_same_stream, 0, "phone-{i}");
+    }
+    // The worker pool's ledger: one job per message, however often each
+    // was sent, accepted or retried.
+    let jobs = demi_e2e::journal_completed(&journal);
+    assert_eq!(
+        jobs.len(),
+        DEVICES * MESSAGES,
+        "jobs answered by the workers"
+    );
+    assert!(kills >= 10, "{kills} worker kills");
+    drop(conductor);
+}
+
+/// `bystander` still gets its answers.
+fn still_answered(bystander: &mut Link, rt: &tokio::runtime::Runtime, id: &str) {
+    rt.block_on(bystander.message(id, id.as_bytes()));
+    let frames = rt.block_on(bystander.until(FRAME, |f| matches!(f, Out::Message(_))));
+    let got = answers(&frames);
+    assert_eq!((got[0].1.as_str(), got[0].2.as_str()), (id, id));
+    rt.block_on(bystander.ack(&[got[0].0]));
+}
+
+#[test]
+fn a_bad_frame_ends_its_own_stream_with_a_clear_status_and_nobody_else_notices() {
+    use demi_proto::android::v1 as pb;
+    use prost::Message as _;
+    let bridge = Setup {
+        replicas: 1,
+        ..Setup::default()
+    }
+    .start();
+    let rt = &bridge.rt;
+    let (bad, good) = (bridge.add("bad"), bridge.add("good"));
+    let mut bystander = bridge.connect(&good, 0);
+    rt.block_on(bystander.until(FRAME, is_queue_empty));
+    let phone = bridge.phone(&bad);
+    let frame =
+        |frame: demi_e2e::device::In| pb::ClientFrame { frame: Some(frame) }.encode_to_vec();
+    let hello = frame(demi_e2e::device::In::Hello(pb::Hello::default()));
+    let message = |id: &str, size: usize| {
+        frame(demi_e2e::device::In::Message(pb::ClientMessage {
+            id: id.into(),
+            body: vec![b'x'; size],
+        }))
+    };
+    let within = Duration::from_secs(5);
+
+    // (what, frames, the status code it ends with, words in its message)
+    let ending = [
+        (
+            "a frame over max_frame (64 KiB)",
+            vec![hello.clone(), message("big", 70 * 1024)],
+            Code::OutOfRange,
+            "too large",
+        ),
+        (
+            "garbage bytes",
+            vec![hello.clone(), vec![0xff; 24]],
+            Code::InvalidArgument,
+            "not a ClientFrame",
+        ),
+        (
+            "a message before the hello",
+            vec![message("early", 10)],
+            Code::InvalidArgument,
+            "first frame",
+        ),
+    ];
+    for (what, frames, code, words) in ending {
+        let (_, status) = rt.block_on(phone.raw(frames, within));
+        let status = status.expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(status.message().contains(words), "{what}: {status:?}");
+        still_answered(
+            &mut bystander,
+            rt,
+            &format!("after {what}").replace(' ', "-"),
+        );
+    }
+
+    // Frames the bridge does not know (fields of a newer app) and a
+    // message without an id are refused one by one; the stream goes on.
+    let unknown_field = vec![0x98, 0x06, 0x01];
+    let (seen, open) = rt.block_on(phone.raw(
+        vec![
+            hello.clone(),
+            unknown_field,
+            message("", 3),
+            message("fine", 4),
+        ],
+        within,
+    ));
+    assert!(open.is_ok(), "{open:?}");
+    let errors: Vec<(i32, String)> = seen
+        .iter()
+        .filter_map(|f| match &f.frame {
+            Some(Out::Error(e)) => Some((e.code, e.message.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors.len(), 2, "{seen:?}");
+    assert_eq!(errors[0].0, Code::Unimplemented as i32, "{errors:?}");
+    assert_eq!(errors[1].0, Code::InvalidArgument as i32, "{errors:?}");
+    assert!(
+        seen.iter()
+            .any(|f| matches!(&f.frame, Some(Out::Message(m)) if m.reply_to == "fine")),
+        "the stream went on: {seen:?}"
+    );
+
+    // An app that never reads: its stream is ended after the stall
+    // timeout (3 s here) and what it did not read waits in the outbox,
+    // not in the bridge's memory. Measured against the same traffic to
+    // an app that reads, so what the allocator keeps after handling 9 MiB
+    // of messages is in both.
+    let pid = demi_e2e::pids_in_cgroup(bridge.conductor.cgroup_root(), "android")[0];
+    let big = vec![b'y'; 60 * 1024];
+    // The same 9 MiB through an app that reads and acks everything.
+    let mut reader = bridge.connect(&bad, 0);
+    for i in 0..150 {
+        rt.block_on(reader.message(&format!("read-{i}"), &big));
+    }
+    let mut read = Vec::new();
+    rt.block_on(reader.until(FRAME, |f| {
+        if let Out::Message(m) = f
+            && m.reply_to.starts_with("read-")
+        {
+            read.push(m.id);
+        }
+        read.len() == 150
+    }));
+    rt.block_on(reader.ack(&read));
+    // 9 MiB of answers for an app that went away before reading them.
+    let mut accepted = 0;
+    for i in 0..150 {
+        rt.block_on(reader.message(&format!("deaf-{i}"), &big));
+    }
+    rt.block_on(reader.until(FRAME, |f| {
+        accepted +=
+            usize::from(matches!(f, Out::Accepted(a) if a.client_message_id.starts_with("deaf-")));
+        accepted == 150
+    }));
+    drop(reader);
+    let waiting = || {
+        let list = String::from_utf8(bridge.devices(&["list"]).stdout).unwrap();
+        let line = list
+            .lines()
+            .find(|l| l.starts_with("bad "))
+            .unwrap_or_default()
+            .to_owned();
+        line.split_whitespace()
+            .nth(2)
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let until = Instant::now() + FRAME;
+    while waiting() < 150 {
+        assert!(Instant::now() < until, "the answers never all waited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = demi_e2e::rss_kib(pid);
+    let deaf = bridge.connect(&bad, 0);
+    bridge
+        .conductor
+        .wait_for(0, "the bridge ending the deaf app's stream", |e| {
+            e["plugin"] == "android"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("the device reads nothing"))
+        });
+    let grew = demi_e2e::rss_kib(pid).saturating_sub(before);
+    still_answered(&mut bystander, rt, "after-a-deaf-app");
+    drop(deaf);
+    let mut link = bridge.connect(&bad, 0);
+    let mut got = std::collections::BTreeSet::new();
+    rt.block_on(link.until(FRAME, |f| {
+        if let Out::Message(m) = f
+            && m.reply_to.starts_with("deaf-")
+        {
+            got.insert(m.reply_to.clone());
+        }
+        got.len() == 150
+    }));
+    eprintln!("the bridge grew by {grew} KiB while 9 MiB of answers waited for a deaf app");
+    assert!(grew < 4 * 1024, "the bridge grew by {grew} KiB");
+}
