@@ -734,6 +734,7 @@ pub fn timestamp_ms(event: &Value) -> f64 {
 
 pub mod device;
 pub mod fake_discord;
+pub mod fake_fcm;
 
 pub mod grpc {
     //! Real gRPC clients for plugin sockets.

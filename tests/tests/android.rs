@@ -5,7 +5,8 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use demi_e2e::device::{Link, Out, Phone, TestCa};
+use demi_e2e::device::{In, Link, Out, Phone, TestCa};
+use demi_e2e::fake_fcm::FakeFcm;
 use demi_e2e::{Conductor, bin};
 use tonic::Code;
 
@@ -18,6 +19,8 @@ struct Setup {
     bridge: &'static str,
     /// Extra lines for the workers' table.
     worker_lines: String,
+    /// Wake-ups through this fake FCM, this often at most.
+    fcm: Option<(&'static FakeFcm, &'static str)>,
 }
 
 impl Default for Setup {
@@ -27,6 +30,7 @@ impl Default for Setup {
             workers: 2,
             bridge: "",
             worker_lines: String::new(),
+            fcm: None,
         }
     }
 }
@@ -64,11 +68,25 @@ impl Setup {
         .unwrap();
         secret(&dir.join("cert.pem"), &ca.cert_pem);
         secret(&dir.join("key.pem"), &ca.key_pem);
+        let mut fcm_credential = String::new();
+        if let Some((fcm, interval)) = self.fcm {
+            let mut settings = std::fs::read_to_string(dir.join("bridge.toml")).unwrap();
+            settings.push_str(&format!(
+                "[fcm]\nproject = \"demi-test\"\nbase_url = \"{}\"\nwake_interval = \"{interval}\"\n",
+                fcm.base_url()
+            ));
+            std::fs::write(dir.join("bridge.toml"), settings).unwrap();
+            secret(&dir.join("fcm.json"), &fcm.key_json());
+            fcm_credential = format!(
+                "fcm_service_account = \"{}\"\n",
+                dir.join("fcm.json").display()
+            );
+        }
         format!(
             "[plugins.android]\ncommand = \"{}\"\nargs = [\"--config\", \"{}\"]\n\
              jobs = false\nreplicas = {}\nsubmits_to = [\"brain\"]\n\
              startup_timeout = \"30s\"\nshutdown_grace = \"2s\"\n\
-             [plugins.android.credentials]\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n\
+             [plugins.android.credentials]\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n{}\
              [plugins.android.restart]\ninitial_delay = \"100ms\"\n\
              [plugins.brain]\ncommand = \"{{echo}}\"\nreplicas = {}\nshutdown_grace = \"1s\"\n{}\n",
             bin("demi-plugin-android").display(),
@@ -76,6 +94,7 @@ impl Setup {
             self.replicas,
             dir.join("cert.pem").display(),
             dir.join("key.pem").display(),
+            fcm_credential,
             self.workers,
             self.worker_lines,
         )
@@ -137,6 +156,35 @@ impl Bridge {
     fn connect(&self, token: &str, since: u64) -> Link {
         let phone = self.phone(token);
         self.rt.block_on(phone.connect(since)).expect("connect")
+    }
+}
+
+impl Bridge {
+    /// `devices list`'s columns for `device`.
+    fn listed(&self, device: &str) -> Vec<String> {
+        let list = String::from_utf8(self.devices(&["list"]).stdout).unwrap();
+        list.lines()
+            .find(|l| l.split_whitespace().next() == Some(device))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until `devices list` shows `what` of `device`.
+    fn wait_listed(&self, device: &str, what: &str, fine: impl Fn(&[String]) -> bool) {
+        let until = Instant::now() + FRAME;
+        loop {
+            let columns = self.listed(device);
+            if fine(&columns) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "{device} never showed {what}: {columns:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -731,4 +779,138 @@ fn a_bad_frame_ends_its_own_stream_with_a_clear_status_and_nobody_else_notices()
     }));
     eprintln!("the bridge grew by {grew} KiB while 9 MiB of answers waited for a deaf app");
     assert!(grew < 4 * 1024, "the bridge grew by {grew} KiB");
+}
+
+/// Connects `token`'s app with FCM registration `registration`, sends
+/// `ids`, and goes away as soon as all are accepted.
+fn send_and_leave(bridge: &Bridge, token: &str, registration: &str, ids: &[String]) {
+    let rt = &bridge.rt;
+    let mut link = bridge.connect(token, 0);
+    rt.block_on(link.send(In::Register(demi_proto::android::v1::Register {
+        fcm_token: registration.into(),
+    })));
+    for id in ids {
+        rt.block_on(link.message(id, format!("secret {id}").as_bytes()));
+    }
+    let mut accepted = 0;
+    rt.block_on(link.until(FRAME, |f| {
+        accepted += usize::from(matches!(f, Out::Accepted(_)));
+        accepted == ids.len()
+    }));
+}
+
+#[test]
+fn an_away_device_is_woken_without_content_once_per_interval_and_its_token_follows_fcm() {
+    let fcm: &'static FakeFcm = Box::leak(Box::new(FakeFcm::start("demi-test")));
+    let bridge = Setup {
+        worker_lines: "args = [\"--delay\", \"400ms\"]\n\
+                       [plugins.brain.dispatch]\nmax_in_flight_per_replica = 1"
+            .into(),
+        fcm: Some((fcm, "1s")),
+        ..Setup::default()
+    }
+    .start();
+    let rt = &bridge.rt;
+    let token = bridge.add("pixel");
+    let ids: Vec<String> = (0..12).map(|i| format!("w{i}")).collect();
+    send_and_leave(&bridge, &token, "reg-1", &ids);
+    // 12 answers over ~2.4 s (400 ms each on 2 workers), all while away.
+    bridge.wait_listed("pixel", "12 waiting", |c| {
+        c.get(2).is_some_and(|n| n == "12")
+    });
+    let sends = fcm.sends();
+    let gaps: Vec<Duration> = sends.windows(2).map(|w| w[1].at - w[0].at).collect();
+    eprintln!(
+        "{} wake-ups, {gaps:?} apart; {} OAuth2 grants",
+        sends.len(),
+        fcm.grants()
+    );
+    assert!(sends.len() >= 2, "{sends:?}");
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_millis(950)),
+        "{gaps:?}"
+    );
+    for send in &sends {
+        assert_eq!(send.token, "reg-1");
+        let text = send.message.to_string();
+        assert!(
+            !text.contains("secret") && send.message.get("notification").is_none(),
+            "{text}"
+        );
+        assert_eq!(send.message["android"]["priority"], "HIGH");
+    }
+    assert_eq!(
+        fcm.grants(),
+        1,
+        "the access token is reused until it expires"
+    );
+
+    // Back: the backlog in order, then queue_empty.
+    let mut link = bridge.connect(&token, 0);
+    let frames = rt.block_on(link.until(FRAME, is_queue_empty));
+    let got = answers(&frames);
+    assert_eq!(got.len(), 12);
+    assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
+    assert!(
+        got.iter()
+            .all(|(_, to, body)| *body == format!("secret {to}"))
+    );
+    rt.block_on(link.ack(&got.iter().map(|a| a.0).collect::<Vec<_>>()));
+    drop(link);
+
+    // FCM says the registration is gone: the token is forgotten and the
+    // next answer wakes nobody.
+    fcm.script(
+        404,
+        None,
+        r#"{"error":{"code":404,"message":"Requested entity was not found.","status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#,
+    );
+    let before = fcm.sends().len();
+    send_and_leave(&bridge, &token, "reg-2", &["u1".into()]);
+    bridge.wait_listed("pixel", "no FCM token", |c| {
+        c.get(4).is_some_and(|f| f == "no")
+    });
+    let mut link = bridge.connect(&token, 0);
+    let frames = rt.block_on(link.until(FRAME, is_queue_empty));
+    rt.block_on(link.ack(&answers(&frames).iter().map(|a| a.0).collect::<Vec<_>>()));
+    drop(link);
+    send_and_leave(&bridge, &token, "", &["u2".into()]);
+    bridge.wait_listed("pixel", "u2 waiting", |c| {
+        c.get(2).is_some_and(|n| n == "1")
+    });
+    let sends = fcm.sends();
+    assert_eq!(
+        sends.len(),
+        before + 1,
+        "one (refused) wake-up, then none: {sends:?}"
+    );
+    assert_eq!(sends[before].status, 404);
+
+    // Overloaded: a 429 with Retry-After: 2 is tried again 2 s later.
+    let mut link = bridge.connect(&token, 0);
+    let frames = rt.block_on(link.until(FRAME, is_queue_empty));
+    rt.block_on(link.ack(&answers(&frames).iter().map(|a| a.0).collect::<Vec<_>>()));
+    drop(link);
+    fcm.script(
+        429,
+        Some(2),
+        r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED"}}"#,
+    );
+    send_and_leave(&bridge, &token, "reg-3", &["v1".into()]);
+    let until = Instant::now() + FRAME;
+    while fcm.sends().len() < before + 3 {
+        assert!(Instant::now() < until, "{:?}", fcm.sends());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sends = fcm.sends();
+    let (busy, again) = (&sends[before + 1], &sends[before + 2]);
+    assert_eq!(
+        (busy.status, again.status, again.token.as_str()),
+        (429, 200, "reg-3")
+    );
+    assert!(
+        again.at - busy.at >= Duration::from_secs(2),
+        "{:?}",
+        again.at - busy.at
+    );
 }

@@ -71,6 +71,42 @@ pub struct BridgeConfig {
     /// refused (RESOURCE_EXHAUSTED) until some are answered.
     #[serde(default = "default_max_pending")]
     pub max_pending: u32,
+    /// Wake-ups through Firebase Cloud Messaging for devices that are
+    /// not connected when answers wait for them; none without this table.
+    #[serde(default)]
+    pub fcm: Option<FcmConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmConfig {
+    /// The Firebase project the app is registered in.
+    pub project: String,
+    /// The credential holding the service account's JSON key.
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// Where the FCM HTTP v1 API is (a stand-in in tests).
+    #[serde(default = "default_fcm_base")]
+    pub base_url: String,
+    /// At most one wake-up per device this often while it stays away.
+    #[serde(default = "default_wake_interval", with = "humantime_serde")]
+    pub wake_interval: Duration,
+    /// How long FCM keeps trying to reach the phone (`android.ttl`).
+    #[serde(default = "default_wake_ttl", with = "humantime_serde")]
+    pub wake_ttl: Duration,
+}
+
+fn default_service_account() -> String {
+    "fcm_service_account".into()
+}
+fn default_fcm_base() -> String {
+    "https://fcm.googleapis.com".into()
+}
+fn default_wake_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_wake_ttl() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_kind() -> String {
@@ -145,6 +181,20 @@ impl BridgeConfig {
         }
         if config.max_pending == 0 {
             return Err(invalid("max_pending", "must be at least 1"));
+        }
+        if let Some(fcm) = &config.fcm {
+            if fcm.project.trim().is_empty() {
+                return Err(invalid("fcm.project", "must name the Firebase project"));
+            }
+            if !(fcm.base_url.starts_with("https://") || fcm.base_url.starts_with("http://")) {
+                return Err(invalid("fcm.base_url", "must be an http(s) URL"));
+            }
+            if fcm.wake_interval.is_zero() || fcm.wake_ttl.is_zero() {
+                return Err(invalid(
+                    "fcm.wake_interval",
+                    "wake_interval and wake_ttl must be longer than 0 s",
+                ));
+            }
         }
         Ok(config)
     }

@@ -33,6 +33,7 @@ mod notify;
 mod relay;
 mod store;
 mod streams;
+mod wake;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,7 @@ use crate::notify::{News, Notifier};
 use crate::relay::Relay;
 use crate::store::Store;
 use crate::streams::Streams;
+use crate::wake::Waker;
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -165,6 +167,22 @@ async fn bridge(ctx: Context, config: PathBuf) -> Result<(), LoopError> {
     let stop = ctx.stopping();
     let tasks = TaskTracker::new();
     let streams = Arc::new(Streams::default());
+    let waker = match &config.fcm {
+        None => None,
+        Some(fcm) => {
+            let key = ctx.credential(&fcm.service_account).map_err(|e| {
+                LoopError::config(format!(
+                    "the FCM service account key (fcm.service_account = {:?}): {e}",
+                    fcm.service_account
+                ))
+            })?;
+            let key = String::from_utf8(key)
+                .map_err(|_| LoopError::config("the FCM service account key is not UTF-8"))?;
+            let waker = Waker::new(fcm, &key, store.clone(), notifier.clone(), stop.clone())
+                .map_err(LoopError::config)?;
+            Some(Arc::new(waker))
+        }
+    };
     let relay = Arc::new(Relay {
         conductor,
         pool: config.reply_pool.clone(),
@@ -173,6 +191,7 @@ async fn bridge(ctx: Context, config: PathBuf) -> Result<(), LoopError> {
         store: store.clone(),
         streams: streams.clone(),
         notifier: notifier.clone(),
+        waker,
         active: Default::default(),
         tasks: tasks.clone(),
         stop: stop.clone(),

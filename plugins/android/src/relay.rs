@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::notify::{News, Notifier};
 use crate::store::{Pending, Store};
 use crate::streams::Streams;
+use crate::wake::Waker;
 
 /// The longest single wait on a job; waiting goes on past it until the
 /// reply timeout.
@@ -32,6 +33,8 @@ pub struct Relay {
     pub store: Arc<Store>,
     pub streams: Arc<Streams>,
     pub notifier: Arc<Notifier>,
+    /// Wakes devices that are away, when FCM is configured.
+    pub waker: Option<Arc<Waker>>,
     /// (device, message id) being answered by this process.
     pub active: Mutex<HashSet<(String, String)>>,
     pub tasks: TaskTracker,
@@ -105,12 +108,17 @@ impl Relay {
         }
     }
 
-    /// Rings the device's stream, here or on another replica.
+    /// Rings the device's stream, here or on another replica, or wakes
+    /// the device when it has none.
     pub async fn deliver(&self, device: &str) {
-        if !self.streams.wake(device) {
-            self.notifier
-                .tell_others(&News::Answer(device.to_owned()))
-                .await;
+        if self.streams.wake(device) {
+            return;
+        }
+        self.notifier
+            .tell_others(&News::Answer(device.to_owned()))
+            .await;
+        if let Some(waker) = &self.waker {
+            waker.maybe_wake(device).await;
         }
     }
 

@@ -304,6 +304,53 @@ impl Store {
         })
     }
 
+    /// The FCM registration token to wake `device` with, when it has one,
+    /// holds no live stream (its holder is not `alive`) and was not woken
+    /// within `interval`; the wake-up is noted at once, so replicas
+    /// storing answers side by side send one between them.
+    pub fn wake_due(
+        &self,
+        device: &str,
+        interval: Duration,
+        alive: impl Fn(&str) -> bool,
+    ) -> Result<Option<String>, StoreError> {
+        let now = now_ms();
+        self.write(|t| {
+            let row: Option<(String, String, i64)> = t
+                .query_row(
+                    "SELECT holder, fcm_token, last_wake_ms FROM devices
+                     WHERE name = ?1 AND revoked_ms IS NULL",
+                    [device],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((holder, token, last)) = row else {
+                return Ok(None);
+            };
+            let online = !holder.is_empty() && alive(&holder);
+            if online || token.is_empty() || now - last < interval.as_millis() as i64 {
+                return Ok(None);
+            }
+            t.execute(
+                "UPDATE devices SET last_wake_ms = ?2 WHERE name = ?1",
+                params![device, now],
+            )?;
+            Ok(Some(token))
+        })
+    }
+
+    /// FCM no longer knows `fcm_token`: forgotten, unless the app has
+    /// registered a new one meanwhile.
+    pub fn unregister(&self, device: &str, fcm_token: &str) -> Result<bool, StoreError> {
+        self.write(|t| {
+            t.execute(
+                "UPDATE devices SET fcm_token = '' WHERE name = ?1 AND fcm_token = ?2",
+                params![device, fcm_token],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
     // --- messages and answers -------------------------------------------
 
     /// Takes a message of `device` for `owner` to answer, unless it was
