@@ -732,6 +732,7 @@ pub fn timestamp_ms(event: &Value) -> f64 {
     ((h * 60.0 + m) * 60.0 + s) * 1000.0
 }
 
+pub mod bench;
 pub mod device;
 pub mod fake_discord;
 pub mod fake_fcm;

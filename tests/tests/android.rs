@@ -242,6 +242,9 @@ fn devices_get_their_answers_once_over_tls_now_or_after_a_reconnect_and_only_the
 
     // Three more, then the app goes away before acking any answer: they
     // wait in the outbox and come again, in order, after the reconnect.
+    // (The bridge takes a stream's frames in order: m4's Accepted says
+    // the ack before it was stored.)
+    rt.block_on(link.ack(&[first]));
     for (id, body) in [("m2", "two"), ("m3", "three"), ("m4", "four")] {
         rt.block_on(link.message(id, body.as_bytes()));
     }
@@ -249,7 +252,6 @@ fn devices_get_their_answers_once_over_tls_now_or_after_a_reconnect_and_only_the
         FRAME,
         |f| matches!(f, Out::Accepted(x) if x.client_message_id == "m4"),
     ));
-    rt.block_on(link.ack(&[first]));
     drop(link);
     std::thread::sleep(Duration::from_millis(1500));
     let mut link = bridge.connect(&a, 0);
@@ -856,6 +858,9 @@ fn an_away_device_is_woken_without_content_once_per_interval_and_its_token_follo
             .all(|(_, to, body)| *body == format!("secret {to}"))
     );
     rt.block_on(link.ack(&got.iter().map(|a| a.0).collect::<Vec<_>>()));
+    bridge.wait_listed("pixel", "nothing waiting", |c| {
+        c.get(2).is_some_and(|n| n == "0")
+    });
     drop(link);
 
     // FCM says the registration is gone: the token is forgotten and the
@@ -873,6 +878,9 @@ fn an_away_device_is_woken_without_content_once_per_interval_and_its_token_follo
     let mut link = bridge.connect(&token, 0);
     let frames = rt.block_on(link.until(FRAME, is_queue_empty));
     rt.block_on(link.ack(&answers(&frames).iter().map(|a| a.0).collect::<Vec<_>>()));
+    bridge.wait_listed("pixel", "nothing waiting", |c| {
+        c.get(2).is_some_and(|n| n == "0")
+    });
     drop(link);
     send_and_leave(&bridge, &token, "", &["u2".into()]);
     bridge.wait_listed("pixel", "u2 waiting", |c| {
@@ -890,6 +898,9 @@ fn an_away_device_is_woken_without_content_once_per_interval_and_its_token_follo
     let mut link = bridge.connect(&token, 0);
     let frames = rt.block_on(link.until(FRAME, is_queue_empty));
     rt.block_on(link.ack(&answers(&frames).iter().map(|a| a.0).collect::<Vec<_>>()));
+    bridge.wait_listed("pixel", "nothing waiting", |c| {
+        c.get(2).is_some_and(|n| n == "0")
+    });
     drop(link);
     fcm.script(
         429,
@@ -913,4 +924,66 @@ fn an_away_device_is_woken_without_content_once_per_interval_and_its_token_follo
         "{:?}",
         again.at - busy.at
     );
+}
+
+#[test]
+fn the_example_bridge_checks_out() {
+    let examples = demi_e2e::repo_root().join("examples");
+    let check = |settings: &std::path::Path| {
+        std::process::Command::new(bin("demi-plugin-android"))
+            .arg("--config")
+            .arg(settings)
+            .arg("--check")
+            .output()
+            .unwrap()
+    };
+    let out = check(&examples.join("android-bridge.toml"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bridge.toml");
+    std::fs::write(
+        &bad,
+        "listen = \"127.0.0.1:1\"\nreply_pool = \"brain\"\nmessage_ttl = \"soon\"\n",
+    )
+    .unwrap();
+    let out = check(&bad);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{said}");
+    assert!(
+        said.contains("bridge.toml: TOML parse error at line 3, column 15"),
+        "{said}"
+    );
+
+    // The conductor's side, with a certificate and key beside it.
+    let config = std::fs::read_to_string(examples.join("android.toml"))
+        .unwrap()
+        .replace(
+            "../target/debug/",
+            &format!("{}/", demi_e2e::bin_dir().display()),
+        );
+    std::fs::write(dir.path().join("android.toml"), config).unwrap();
+    std::fs::copy(
+        examples.join("android-bridge.toml"),
+        dir.path().join("android-bridge.toml"),
+    )
+    .unwrap();
+    let ca = TestCa::new();
+    secret(&dir.path().join("android.crt"), &ca.cert_pem);
+    secret(&dir.path().join("android.key"), &ca.key_pem);
+    let out = std::process::Command::new(bin("conductor"))
+        .arg("check-config")
+        .arg(dir.path().join("android.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok (2 plugins, 4 instances)"), "{stdout}");
 }

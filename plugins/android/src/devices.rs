@@ -61,15 +61,25 @@ fn check_name(name: &str) -> Result<(), DeviceError> {
     }
 }
 
-/// `devices add NAME`: the new token, to be shown once.
-pub fn add(state: &Path, name: &str) -> Result<String, DeviceError> {
-    check_name(name)?;
-    let store = open(state)?;
-    let token = new_token()?;
-    if !store.add_device(name, &token_hash(&token))? {
-        return Err(DeviceError::Exists(name.to_owned()));
+/// `devices add NAME...`: each new token is handed to `show` as soon as
+/// it is stored (it is never shown again), up to the first failure.
+pub fn add(
+    state: &Path,
+    names: &[String],
+    mut show: impl FnMut(&str, &str),
+) -> Result<(), DeviceError> {
+    for name in names {
+        check_name(name)?;
     }
-    Ok(token)
+    let store = open(state)?;
+    for name in names {
+        let token = new_token()?;
+        if !store.add_device(name, &token_hash(&token))? {
+            return Err(DeviceError::Exists(name.to_owned()));
+        }
+        show(name, &token);
+    }
+    Ok(())
 }
 
 /// `devices revoke NAME`: the device's live stream, on whichever replica,
@@ -144,27 +154,37 @@ mod tests {
         assert_eq!(token_hash(&a).len(), 32);
 
         let dir = tempfile::tempdir().unwrap();
-        let token = add(dir.path(), "pixel-7").unwrap();
+        let mut shown = Vec::new();
+        let names = ["pixel-7".to_owned(), "tab.2".to_owned()];
+        add(dir.path(), &names, |n, t| {
+            shown.push((n.to_owned(), t.to_owned()))
+        })
+        .unwrap();
+        assert_eq!(shown.len(), 2);
         let file = std::fs::read(dir.path().join(crate::store::FILE)).unwrap();
+        let token = &shown[0].1;
         assert!(!file.windows(token.len()).any(|w| w == token.as_bytes()));
-        assert!(matches!(
-            add(dir.path(), "pixel-7"),
-            Err(DeviceError::Exists(_))
-        ));
-        assert!(matches!(
-            add(dir.path(), "a b"),
-            Err(DeviceError::BadName(_))
-        ));
-        let lines = list(dir.path()).unwrap();
-        assert!(
-            lines[1].starts_with("pixel-7") && lines[1].contains("active"),
-            "{lines:?}"
-        );
+        let again = add(dir.path(), &["new".into(), "pixel-7".into()], |_, _| {});
+        assert!(matches!(again, Err(DeviceError::Exists(_))), "{again:?}");
+        let bad = add(dir.path(), &["fine".into(), "a b".into()], |_, _| {
+            panic!("none added")
+        });
+        assert!(matches!(bad, Err(DeviceError::BadName(_))));
+        let pixel = || {
+            let lines = list(dir.path()).unwrap();
+            assert_eq!(
+                lines.len(),
+                4,
+                "new (added before the clash), pixel-7, tab.2: {lines:?}"
+            );
+            lines[2].clone()
+        };
+        assert!(pixel().starts_with("pixel-7") && pixel().contains("active"));
         revoke(dir.path(), "pixel-7").unwrap();
         assert!(matches!(
             revoke(dir.path(), "pixel-7"),
             Err(DeviceError::Unknown(_))
         ));
-        assert!(list(dir.path()).unwrap()[1].contains("revoked"));
+        assert!(pixel().contains("revoked"));
     }
 }

@@ -85,8 +85,13 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum DeviceAction {
-    /// Adds a device and prints its token, once: only its hash is kept.
-    Add { name: String },
+    /// Adds devices and prints each one's token, once: only its hash is
+    /// kept. One name prints the token alone; several print "NAME TOKEN"
+    /// lines.
+    Add {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Lists the devices and what waits for each.
     List,
     /// Revokes a device's token; its live stream ends at once.
@@ -117,6 +122,7 @@ fn main() -> ExitCode {
             }
         };
     }
+    raise_open_files();
     let _ = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
@@ -130,10 +136,22 @@ fn main() -> ExitCode {
 
 fn devices_command(state: &std::path::Path, action: &DeviceAction) -> ExitCode {
     let done = match action {
-        DeviceAction::Add { name } => devices::add(state, name).map(|token| {
-            println!("{token}");
-            eprintln!("device {name:?} added; the token above is shown only now");
-        }),
+        DeviceAction::Add { names } => {
+            let alone = names.len() == 1;
+            devices::add(state, names, |name, token| {
+                if alone {
+                    println!("{token}");
+                } else {
+                    println!("{name} {token}");
+                }
+            })
+            .map(|()| {
+                eprintln!(
+                    "{} device(s) added; their tokens are shown only now",
+                    names.len()
+                )
+            })
+        }
         DeviceAction::List => devices::list(state).map(|lines| {
             for line in lines {
                 println!("{line}");
@@ -274,6 +292,18 @@ async fn bridge(ctx: Context, config: PathBuf) -> Result<(), LoopError> {
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
     result.map_err(LoopError::from)
+}
+
+/// Every device holds a connection: the soft limit on open files (often
+/// 1,024) is raised to the hard one, as servers of many connections do.
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        eprintln!("demi-plugin-android: cannot raise the open-files limit from {soft}: {error}");
+    }
 }
 
 /// The port, shared with the other replicas.

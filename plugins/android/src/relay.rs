@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use demi_plugin_sdk::{ClientError, Conductor, JobStatus, Submit};
+use demi_plugin_sdk::{Answer, ClientError, Conductor, JobStatus, Submit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -71,16 +71,23 @@ impl Relay {
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         let deadline = Instant::now() + left;
+        let dead_lettered = |errors: Vec<String>| {
+            (
+                Vec::new(),
+                format!("the message was not answered: {}", errors.join("; ")),
+            )
+        };
         let (body, failure) = match self.submit(&message, since, deadline).await {
             Err(Stopped) => return,
-            Ok(Err(failure)) => (Vec::new(), failure),
-            Ok(Ok(job)) => match self.wait(&job, deadline).await {
+            Ok(Handed::Failed(failure)) => (Vec::new(), failure),
+            Ok(Handed::Answered(answer)) => (answer, String::new()),
+            Ok(Handed::DeadLettered(errors)) => dead_lettered(errors),
+            // Handed over before (by this replica before a conductor
+            // restart, or by one that died): its job is waited for.
+            Ok(Handed::Before(job)) => match self.wait(&job, deadline).await {
                 Err(Stopped) => return,
                 Ok(Some(JobStatus::Completed { answer, .. })) => (answer, String::new()),
-                Ok(Some(JobStatus::DeadLettered { errors })) => (
-                    Vec::new(),
-                    format!("the message was not answered: {}", errors.join("; ")),
-                ),
+                Ok(Some(JobStatus::DeadLettered { errors })) => dead_lettered(errors),
                 Ok(other) => {
                     tracing::warn!(job, device = message.device, state = ?other,
                         "no answer within the reply timeout");
@@ -122,14 +129,14 @@ impl Relay {
         }
     }
 
-    /// The job's id once the conductor has it (retried while the pool's
-    /// queue is full or the conductor is away), or why there is none.
+    /// Hands the message over and waits for its answer in one call
+    /// (retried while the pool's queue is full or the conductor is away).
     async fn submit(
         &self,
         message: &Pending,
         since: SystemTime,
         deadline: Instant,
-    ) -> Result<Result<String, String>, Stopped> {
+    ) -> Result<Handed, Stopped> {
         let mut conductor = self.conductor.clone();
         let mut backoff = BACKOFF;
         loop {
@@ -140,8 +147,10 @@ impl Relay {
                 .deadline(since + self.reply_timeout);
             let error = tokio::select! {
                 () = self.stop.cancelled() => return Err(Stopped),
-                result = conductor.submit(submit) => match result {
-                    Ok(job) => return Ok(Ok(job)),
+                result = conductor.submit_and_wait(submit) => match result {
+                    Ok(Answer::Completed(answer)) => return Ok(Handed::Answered(answer)),
+                    Ok(Answer::DeadLettered(errors)) => return Ok(Handed::DeadLettered(errors)),
+                    Ok(Answer::Duplicate(job)) => return Ok(Handed::Before(job)),
                     Err(error) => error,
                 },
             };
@@ -151,7 +160,7 @@ impl Relay {
             ));
             if !retry || Instant::now() + backoff > deadline {
                 tracing::error!(device = message.device, %error, "message not handed over");
-                return Ok(Err(format!(
+                return Ok(Handed::Failed(format!(
                     "the message could not be handed over: {error}"
                 )));
             }
@@ -193,3 +202,13 @@ impl Relay {
 
 /// The bridge is stopping: the message stays pending for the next owner.
 struct Stopped;
+
+/// What handing a message over came to.
+enum Handed {
+    Answered(Vec<u8>),
+    DeadLettered(Vec<String>),
+    /// A job of the same key exists already: its id.
+    Before(String),
+    /// It could not be handed over; why, for the device.
+    Failed(String),
+}

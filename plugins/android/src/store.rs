@@ -191,17 +191,18 @@ impl Store {
     /// live device has the name.
     pub fn add_device(&self, name: &str, token_hash: &[u8]) -> Result<bool, StoreError> {
         self.write(|t| {
-            let live: Option<bool> = t
-                .query_row(
-                    "SELECT revoked_ms IS NULL FROM devices WHERE name = ?1",
-                    [name],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let live: Option<bool> = one(
+                t,
+                "SELECT revoked_ms IS NULL FROM devices WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
             match live {
                 Some(true) => Ok(false),
                 Some(false) => {
-                    t.execute(
+                    run(
+                        t,
                         "UPDATE devices SET token_hash = ?2, revoked_ms = NULL, created_ms = ?3
                          WHERE name = ?1",
                         params![name, token_hash, now_ms()],
@@ -209,7 +210,8 @@ impl Store {
                     Ok(true)
                 }
                 None => {
-                    t.execute(
+                    run(
+                        t,
                         "INSERT INTO devices (name, token_hash, created_ms) VALUES (?1, ?2, ?3)",
                         params![name, token_hash, now_ms()],
                     )?;
@@ -222,8 +224,10 @@ impl Store {
     /// False when there is no live device of that name.
     pub fn revoke_device(&self, name: &str) -> Result<bool, StoreError> {
         self.write(|t| {
-            t.execute(
-                "UPDATE devices SET revoked_ms = ?2, holder = '' WHERE name = ?1 AND revoked_ms IS NULL",
+            run(
+                t,
+                "UPDATE devices SET revoked_ms = ?2, holder = ''
+                 WHERE name = ?1 AND revoked_ms IS NULL",
                 params![name, now_ms()],
             )
             .map(|n| n > 0)
@@ -257,21 +261,22 @@ impl Store {
 
     /// The live device whose token hashes to `token_hash`.
     pub fn device_of(&self, token_hash: &[u8]) -> Result<Option<String>, StoreError> {
-        self.connection()
-            .query_row(
-                "SELECT name FROM devices WHERE token_hash = ?1 AND revoked_ms IS NULL",
-                [token_hash],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.fail(e))
+        one(
+            &self.connection(),
+            "SELECT name FROM devices WHERE token_hash = ?1 AND revoked_ms IS NULL",
+            [token_hash],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| self.fail(e))
     }
 
     /// A new stream of `name`, held by `holder`: its generation, higher
     /// than every earlier stream's of the device on any replica.
     pub fn connected(&self, name: &str, holder: &str) -> Result<i64, StoreError> {
         self.write(|t| {
-            t.query_row(
+            one(
+                t,
                 "UPDATE devices SET generation = generation + 1, holder = ?2, last_seen_ms = ?3,
                         last_wake_ms = 0
                  WHERE name = ?1 RETURNING generation",
@@ -285,7 +290,8 @@ impl Store {
     /// the device).
     pub fn disconnected(&self, name: &str, generation: i64) -> Result<(), StoreError> {
         self.write(|t| {
-            t.execute(
+            run(
+                t,
                 "UPDATE devices SET holder = '', last_seen_ms = ?3
                  WHERE name = ?1 AND generation = ?2",
                 params![name, generation, now_ms()],
@@ -296,7 +302,8 @@ impl Store {
 
     pub fn register(&self, name: &str, fcm_token: &str) -> Result<(), StoreError> {
         self.write(|t| {
-            t.execute(
+            run(
+                t,
                 "UPDATE devices SET fcm_token = ?2 WHERE name = ?1",
                 params![name, fcm_token],
             )
@@ -316,14 +323,14 @@ impl Store {
     ) -> Result<Option<String>, StoreError> {
         let now = now_ms();
         self.write(|t| {
-            let row: Option<(String, String, i64)> = t
-                .query_row(
-                    "SELECT holder, fcm_token, last_wake_ms FROM devices
+            let row: Option<(String, String, i64)> = one(
+                t,
+                "SELECT holder, fcm_token, last_wake_ms FROM devices
                      WHERE name = ?1 AND revoked_ms IS NULL",
-                    [device],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
+                [device],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
             let Some((holder, token, last)) = row else {
                 return Ok(None);
             };
@@ -331,7 +338,8 @@ impl Store {
             if online || token.is_empty() || now - last < interval.as_millis() as i64 {
                 return Ok(None);
             }
-            t.execute(
+            run(
+                t,
                 "UPDATE devices SET last_wake_ms = ?2 WHERE name = ?1",
                 params![device, now],
             )?;
@@ -343,7 +351,8 @@ impl Store {
     /// registered a new one meanwhile.
     pub fn unregister(&self, device: &str, fcm_token: &str) -> Result<bool, StoreError> {
         self.write(|t| {
-            t.execute(
+            run(
+                t,
                 "UPDATE devices SET fcm_token = '' WHERE name = ?1 AND fcm_token = ?2",
                 params![device, fcm_token],
             )
@@ -364,7 +373,8 @@ impl Store {
         max_pending: u32,
     ) -> Result<Accept, StoreError> {
         self.write(|t| {
-            let answered: i64 = t.query_row(
+            let answered: i64 = one(
+                t,
                 "SELECT COUNT(*) FROM answered WHERE device = ?1 AND client_id = ?2",
                 params![device, client_id],
                 |r| r.get(0),
@@ -372,7 +382,8 @@ impl Store {
             if answered > 0 {
                 return Ok(Accept::Answered);
             }
-            let pending: i64 = t.query_row(
+            let pending: i64 = one(
+                t,
                 "SELECT COUNT(*) FROM pending WHERE device = ?1 AND client_id = ?2",
                 params![device, client_id],
                 |r| r.get(0),
@@ -380,7 +391,8 @@ impl Store {
             if pending > 0 {
                 return Ok(Accept::Pending);
             }
-            let under_way: i64 = t.query_row(
+            let under_way: i64 = one(
+                t,
                 "SELECT COUNT(*) FROM pending WHERE device = ?1",
                 [device],
                 |r| r.get(0),
@@ -388,7 +400,8 @@ impl Store {
             if under_way >= i64::from(max_pending) {
                 return Ok(Accept::Full);
             }
-            t.execute(
+            run(
+                t,
                 "INSERT INTO pending (device, client_id, body, since_ms, owner)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![device, client_id, body, now_ms(), owner],
@@ -408,19 +421,22 @@ impl Store {
         failure: &str,
     ) -> Result<Option<i64>, StoreError> {
         self.write(|t| {
-            t.execute(
+            run(
+                t,
                 "DELETE FROM pending WHERE device = ?1 AND client_id = ?2",
                 params![device, client_id],
             )?;
             let now = now_ms();
-            let fresh = t.execute(
+            let fresh = run(
+                t,
                 "INSERT OR IGNORE INTO answered (device, client_id, at_ms) VALUES (?1, ?2, ?3)",
                 params![device, client_id, now],
             )?;
             if fresh == 0 {
                 return Ok(None);
             }
-            t.execute(
+            run(
+                t,
                 "INSERT INTO outbox (device, reply_to, body, failure, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![device, client_id, body, failure, now],
@@ -461,7 +477,8 @@ impl Store {
                     found.push(Acked::Gone);
                     continue;
                 };
-                let deleted = t.execute(
+                let deleted = run(
+                    t,
                     "DELETE FROM outbox WHERE id = ?1 AND device = ?2",
                     params![id, device],
                 )?;
@@ -469,8 +486,8 @@ impl Store {
                     found.push(Acked::Deleted);
                     continue;
                 }
-                let someone: Option<String> = t
-                    .query_row("SELECT device FROM outbox WHERE id = ?1", [id], |r| {
+                let someone: Option<String> =
+                    one(t, "SELECT device FROM outbox WHERE id = ?1", [id], |r| {
                         r.get(0)
                     })
                     .optional()?;
@@ -541,15 +558,33 @@ impl Store {
                 counts.into_iter().collect()
             };
             for (device, n) in &expired {
-                t.execute(
+                run(
+                    t,
                     "UPDATE devices SET expired = expired + ?2 WHERE name = ?1",
                     params![device, *n as i64],
                 )?;
             }
-            t.execute("DELETE FROM answered WHERE at_ms < ?1", [oldest])?;
+            run(t, "DELETE FROM answered WHERE at_ms < ?1", [oldest])?;
             Ok(expired)
         })
     }
+}
+
+/// Runs `sql` through the connection's statement cache: every statement
+/// here runs per message, and parsing it again each time costs more than
+/// running it.
+fn run(c: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(params)
+}
+
+/// [`run`] for a statement that yields one row.
+fn one<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(params, row)
 }
 
 /// Wall-clock milliseconds: rows outlive processes, so no monotonic clock

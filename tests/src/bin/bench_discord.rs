@@ -6,12 +6,9 @@
 //! `scripts/bench/discord`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use demi_e2e::fake_discord::{FakeDiscord, Settings};
-use demi_e2e::grpc::{self, admin_pb};
 use demi_e2e::{Conductor, bin, rss_kib};
 
 const SHARDS: u32 = 4;
@@ -33,8 +30,7 @@ impl Run {
     }
 
     fn percentile(&self, p: f64) -> Duration {
-        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies.get(i).copied().unwrap_or_default()
+        demi_e2e::bench::percentile(&self.latencies, p)
     }
 }
 
@@ -119,40 +115,9 @@ fn through_the_bot(fake: &FakeDiscord, n: usize, gap: Duration) -> Run {
 /// `n` SubmitAndWait calls to the pool, `CONCURRENCY` at a time, or one
 /// every `gap`.
 async fn direct(conductor: &Conductor, n: usize, gap: Duration) -> Run {
-    let api = grpc::admin(&conductor.api_socket()).await;
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let callers = if gap.is_zero() { CONCURRENCY } else { n };
-    for caller in 0..callers {
-        let (mut api, next) = (api.clone(), next.clone());
-        tasks.spawn(async move {
-            let mut latencies = Vec::new();
-            tokio::time::sleep(gap * caller as u32).await;
-            let mut first = true;
-            while (first || gap.is_zero())
-                && next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n
-            {
-                first = false;
-                let t = Instant::now();
-                let request = admin_pb::SubmitRequest {
-                    plugin: "brain".into(),
-                    kind: "discord.message".into(),
-                    payload: br#"{"content":"bench"}"#.to_vec(),
-                    ..Default::default()
-                };
-                api.submit_and_wait(request).await.expect("SubmitAndWait");
-                latencies.push(t.elapsed());
-            }
-            latencies
-        });
-    }
-    let mut latencies = Vec::new();
-    while let Some(mine) = tasks.join_next().await {
-        latencies.extend(mine.unwrap_or_default());
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    latencies.sort();
+    let payload = br#"{"content":"bench"}"#;
+    let (latencies, seconds) =
+        demi_e2e::bench::submit_and_wait(conductor, "brain", payload, n, CONCURRENCY, gap).await;
     Run {
         messages: latencies.len(),
         seconds,
@@ -249,12 +214,5 @@ fn main() {
         "idle_rss_kib_per_replica": rss_idle,
         "idle_rss_mib_per_shard": idle_per_shard,
     });
-    let out = std::env::var_os("BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "target/bench/discord.json".into());
-    if let Some(dir) = out.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(&out, format!("{result:#}\n")).expect("write results");
-    println!("wrote {}", out.display());
+    demi_e2e::bench::write_results("discord", &result);
 }

@@ -2,7 +2,6 @@
 //! (`SubmitAndWait`) against direct `Handle` calls to the same echo
 //! replicas, side by side in one run. Run with `scripts/bench/dispatch`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -33,29 +32,8 @@ impl Run {
     }
 
     fn percentile(&self, p: f64) -> Duration {
-        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies.get(i).copied().unwrap_or_default()
+        demi_e2e::bench::percentile(&self.latencies, p)
     }
-}
-
-/// utime + stime of `pid` in seconds (0 when it is gone).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name start with state (field 3); utime and
-    // stime are fields 14 and 15.
-    let Some((_, rest)) = stat.rsplit_once(") ") else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum())
-        .unwrap_or(0);
-    // SAFETY: sysconf reads a constant of the running system.
-    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
 }
 
 /// The caller, the conductor and the replicas (the conductor's children).
@@ -88,9 +66,12 @@ impl Parties {
 
     fn cpu(&self) -> [f64; 3] {
         [
-            cpu_seconds(std::process::id()),
-            cpu_seconds(self.conductor),
-            self.replicas.iter().map(|&p| cpu_seconds(p)).sum(),
+            demi_e2e::bench::cpu_seconds(std::process::id()),
+            demi_e2e::bench::cpu_seconds(self.conductor),
+            self.replicas
+                .iter()
+                .map(|&p| demi_e2e::bench::cpu_seconds(p))
+                .sum(),
         ]
     }
 }
@@ -252,16 +233,5 @@ fn main() {
         "conductor": {"jobs_per_s": through.rate(), "p50_ms": ms(through.percentile(0.5)), "p99_ms": ms(through.percentile(0.99)), "cpu_us_per_job": through.cpu_per_job()},
         "ratio": ratio,
     });
-    let out = std::env::var_os("BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "target/bench/dispatch.json".into());
-    if let Some(dir) = out.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&result).unwrap_or_default(),
-    )
-    .expect("write result");
-    println!("result written to {}", out.display());
+    demi_e2e::bench::write_results("dispatch", &result);
 }
