@@ -11,12 +11,15 @@ use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Status, Streaming};
 
-/// A certificate authority made for one test, and the bridge's
-/// certificate for `localhost` and 127.0.0.1 signed by it.
+/// A certificate authority made for one test, a server's certificate
+/// for `localhost` and 127.0.0.1 signed by it, and a client's (for mutual
+/// TLS).
 pub struct TestCa {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
 }
 
 impl TestCa {
@@ -31,10 +34,18 @@ impl TestCa {
             .expect("params")
             .signed_by(&key, &ca, &ca_key)
             .expect("certificate");
+        let client_key = KeyPair::generate().expect("client key");
+        let mut client = CertificateParams::new(vec!["operator".to_owned()]).expect("params");
+        client.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client = client
+            .signed_by(&client_key, &ca, &ca_key)
+            .expect("client certificate");
         Self {
             ca_pem: ca.pem(),
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            client_cert_pem: client.pem(),
+            client_key_pem: client_key.serialize_pem(),
         }
     }
 }

@@ -176,3 +176,94 @@ fn check_config_accepts_the_example() {
     );
     assert!(stdout.contains("ok (1 plugins, 2 instances)"), "{stdout}");
 }
+
+#[test]
+fn the_tcp_api_is_refused_without_tls_or_with_secrets_others_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, mode: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, "x\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    file("token", 0o600);
+    file("open-token", 0o644);
+    file("api.crt", 0o644);
+    file("api.key", 0o600);
+    file("open.key", 0o640);
+    // (what, [conductor.api] lines, the field named, words of the reason)
+    let cases = [
+        (
+            "plaintext TCP without insecure = true",
+            "tcp = \"127.0.0.1:1\"\ntoken_file = \"token\"",
+            "conductor.api",
+            "insecure = true serves plaintext instead",
+        ),
+        (
+            "a token others can read",
+            "tcp = \"127.0.0.1:1\"\ntoken_file = \"open-token\"\ninsecure = true",
+            "conductor.api.token_file",
+            "mode 0644",
+        ),
+        (
+            "a key others can read",
+            "tcp = \"127.0.0.1:1\"\ntoken_file = \"token\"\ntls_certificate = \"api.crt\"\ntls_key = \"open.key\"",
+            "conductor.api.tls_key",
+            "mode 0640",
+        ),
+        (
+            "a certificate without its key",
+            "tcp = \"127.0.0.1:1\"\ntoken_file = \"token\"\ntls_certificate = \"api.crt\"",
+            "conductor.api",
+            "go together",
+        ),
+        (
+            "TLS and insecure at once",
+            "tcp = \"127.0.0.1:1\"\ntoken_file = \"token\"\ntls_certificate = \"api.crt\"\ntls_key = \"api.key\"\ninsecure = true",
+            "conductor.api",
+            "not both",
+        ),
+        (
+            "client certificates without TLS",
+            "tcp = \"127.0.0.1:1\"\ntoken_file = \"token\"\ninsecure = true\ntls_client_ca = \"api.crt\"",
+            "conductor.api",
+            "over TLS only",
+        ),
+    ];
+    for (what, api, field, words) in cases {
+        let path = dir.path().join("conductor.toml");
+        std::fs::write(
+            &path,
+            format!("[conductor]\nruntime_dir = \"run\"\n[conductor.api]\n{api}\n"),
+        )
+        .unwrap();
+        let out = Command::new(bin("conductor"))
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{what}: {stderr}");
+        assert!(
+            stderr.contains(&format!(": {field}")) && stderr.contains(words),
+            "{what}: expected {field} and {words:?} in: {stderr}"
+        );
+    }
+    // TLS with the key kept private is fine.
+    let path = dir.path().join("conductor.toml");
+    std::fs::write(
+        &path,
+        "[conductor]\nruntime_dir = \"run\"\n[conductor.api]\ntcp = \"127.0.0.1:1\"\n\
+         token_file = \"token\"\ntls_certificate = \"api.crt\"\ntls_key = \"api.key\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("conductor"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -325,11 +325,18 @@ fn the_unix_socket_is_private_and_tcp_needs_the_token() {
     std::fs::write(token.path(), "s3cret-token\n").unwrap();
     let conductor = Conductor::builder()
         .conductor(&format!(
-            "[conductor.api]\ntcp = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"",
+            "[conductor.api]\ntcp = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\ninsecure = true",
             token.path().display()
         ))
         .start(&plugin("echo", ""));
     conductor.wait_serving(0, "echo", 0);
+    // Plaintext TCP only with insecure = true, and said at every start.
+    let (_, warning) = conductor.wait_for(0, "the plaintext warning", |e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("admin API listening on TCP WITHOUT TLS"))
+    });
+    assert_eq!(warning["level"], "WARN");
     let mode = std::fs::metadata(conductor.api_socket())
         .unwrap()
         .permissions()
@@ -359,6 +366,132 @@ fn the_unix_socket_is_private_and_tcp_needs_the_token() {
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("Unauthenticated"));
     let allowed = json(call(&["-H", "authorization: Bearer s3cret-token"]));
     assert_eq!(allowed["plugins"][0]["name"], "echo");
+}
+
+#[test]
+fn the_tcp_api_speaks_tls_with_the_token_and_asks_for_client_certificates_when_told() {
+    use demi_e2e::device::TestCa;
+    let (ca, wrong) = (TestCa::new(), TestCa::new());
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key) = (file("api.crt", &ca.cert_pem), file("api.key", &ca.key_pem));
+    let (ca_file, wrong_ca) = (
+        file("ca.pem", &ca.ca_pem),
+        file("wrong-ca.pem", &wrong.ca_pem),
+    );
+    let (client_cert, client_key) = (
+        file("client.crt", &ca.client_cert_pem),
+        file("client.key", &ca.client_key_pem),
+    );
+    let token = file("api.token", "s3cret-token\n");
+    let start = |client_ca: &str| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conductor = Conductor::builder()
+            .conductor(&format!(
+                "[conductor.api]\ntcp = \"127.0.0.1:{port}\"\ntoken_file = \"{token}\"\n\
+                 tls_certificate = \"{cert}\"\ntls_key = \"{key}\"\n{client_ca}"
+            ))
+            .start(&plugin("echo", ""));
+        conductor.wait_serving(0, "echo", 0);
+        (conductor, format!("127.0.0.1:{port}"))
+    };
+    let grpcurl = |addr: &str, flags: &[&str]| {
+        let out = std::process::Command::new(demi_e2e::grpcurl())
+            .args(flags)
+            .args(["-d", "{}", addr, "demi.conductor.v1.Conductor/ListPlugins"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let bearer = "authorization: Bearer s3cret-token";
+
+    let (conductor, addr) = start("");
+    let (fine, said) = grpcurl(&addr, &["-cacert", &ca_file, "-H", bearer]);
+    assert!(fine && said.contains("\"echo\""), "{said}");
+    for (what, flags, words) in [
+        ("plaintext", vec!["-plaintext", "-H", bearer], ""),
+        (
+            "a wrong CA",
+            vec!["-cacert", &wrong_ca, "-H", bearer],
+            "certificate",
+        ),
+        ("no token", vec!["-cacert", &ca_file], "Unauthenticated"),
+        (
+            "a wrong token",
+            vec!["-cacert", &ca_file, "-H", "authorization: Bearer nope"],
+            "Unauthenticated",
+        ),
+    ] {
+        let (fine, said) = grpcurl(&addr, &flags);
+        assert!(
+            !fine && said.contains(words),
+            "{what} got through or said: {said}"
+        );
+    }
+    // The conductor's own commands speak TLS too.
+    let cli = |addr: &str, extra: &[&str]| {
+        std::process::Command::new(demi_e2e::bin("conductor"))
+            .args([
+                "--api",
+                &format!("https://{addr}"),
+                "--api-token-file",
+                &token,
+                "--tls-ca",
+                &ca_file,
+            ])
+            .args(extra)
+            .args(["status", "--json"])
+            .output()
+            .unwrap()
+    };
+    let status = json(cli(&addr, &[]));
+    assert_eq!(status[0]["name"], "echo");
+    drop(conductor);
+
+    // Mutual TLS: a client certificate from the CA, or no call.
+    let (_conductor, addr) = start(&format!("tls_client_ca = \"{ca_file}\""));
+    let (fine, said) = grpcurl(&addr, &["-cacert", &ca_file, "-H", bearer]);
+    assert!(!fine, "no client certificate got through: {said}");
+    let (fine, said) = grpcurl(
+        &addr,
+        &[
+            "-cacert",
+            &ca_file,
+            "-cert",
+            &client_cert,
+            "-key",
+            &client_key,
+            "-H",
+            bearer,
+        ],
+    );
+    assert!(fine && said.contains("\"echo\""), "{said}");
+    let out = cli(&addr, &[]);
+    assert!(
+        !out.status.success(),
+        "the CLI without a certificate got through"
+    );
+    let status = json(cli(
+        &addr,
+        &["--tls-cert", &client_cert, "--tls-key", &client_key],
+    ));
+    assert_eq!(status[0]["name"], "echo");
 }
 
 fn proto(relative: &str) -> String {

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::config::{ConfigErrors, Diff};
@@ -75,6 +75,8 @@ pub enum ApiError {
     },
     #[error("cannot read the API token from {path}: {reason}")]
     Token { path: PathBuf, reason: String },
+    #[error("the TCP listener's TLS: {0}")]
+    Tls(String),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -134,11 +136,18 @@ pub async fn serve<H: Health>(
             path: PathBuf::new(),
             reason: "api.tcp needs api.token_file".into(),
         })?;
+        let tls = tcp_tls(config)?;
         let tcp = TcpListener::bind(addr)
             .await
             .map_err(|source| ApiError::Tcp { addr, source })?;
         let check = move |request| token.check(request);
-        let router = Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = tls {
+            server = server
+                .tls_config(tls)
+                .map_err(|e| ApiError::Tls(e.to_string()))?;
+        }
+        let router = server
             // Every TCP call, reflection included, shows the token first.
             .add_service(InterceptedService::new(health, check.clone()))
             .add_service(ConductorServer::with_interceptor(
@@ -164,9 +173,36 @@ pub async fn serve<H: Health>(
                 tracing::error!(%error, "admin API (tcp) failed");
             }
         });
-        tracing::info!(%addr, "admin API listening on TCP (bearer token required)");
+        if config.insecure {
+            tracing::warn!(%addr, "admin API listening on TCP WITHOUT TLS (insecure = true): \
+                the bearer token and every answer cross the network in clear");
+        } else {
+            tracing::info!(%addr, client_certificates = config.tls_client_ca.is_some(),
+                "admin API listening on TCP with TLS (bearer token required)");
+        }
     }
     Ok(tasks)
+}
+
+/// The TCP listener's TLS settings; None for `insecure = true`.
+fn tcp_tls(config: &ApiConfig) -> Result<Option<ServerTlsConfig>, ApiError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| ApiError::Tls(format!("{}: {e}", path.display())))
+    };
+    match (&config.tls_certificate, &config.tls_key) {
+        (Some(certificate), Some(key)) => {
+            let mut tls =
+                ServerTlsConfig::new().identity(Identity::from_pem(read(certificate)?, read(key)?));
+            if let Some(ca) = &config.tls_client_ca {
+                tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+            }
+            Ok(Some(tls))
+        }
+        _ if config.insecure => Ok(None),
+        _ => Err(ApiError::Tls(
+            "api.tcp needs api.tls_certificate and api.tls_key, or insecure = true".into(),
+        )),
+    }
 }
 
 fn read_token(path: &Path) -> Result<BearerToken, ApiError> {

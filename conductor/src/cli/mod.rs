@@ -1,5 +1,6 @@
 //! The operator's commands: a client of the admin API on the conductor's
-//! Unix socket, the way systemctl talks to systemd.
+//! Unix socket, the way systemctl talks to systemd, or on its TCP
+//! listener (`--api https://HOST:PORT`, TLS, a bearer token).
 
 pub mod scale_sim;
 
@@ -11,7 +12,10 @@ use demi_conductor::layout::Layout;
 use demi_proto::conductor::v1 as pb;
 use pb::conductor_client::ConductorClient;
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Where to find the conductor.
 #[derive(Debug, clap::Args)]
@@ -28,6 +32,48 @@ pub struct Target {
         default_value = "/etc/demi-conductor/conductor.toml"
     )]
     pub config: PathBuf,
+    /// The conductor's TCP admin API instead of its socket:
+    /// `https://HOST:PORT` (TLS; needs --tls-ca), or `http://HOST:PORT` for
+    /// a listener with `insecure = true`.
+    #[arg(long, global = true, env = "DEMI_API")]
+    pub api: Option<String>,
+    /// The bearer token for --api, read from this file.
+    #[arg(long, global = true, env = "DEMI_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the conductor's certificate.
+    #[arg(long, global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate and key (PEM), for a conductor that asks
+    /// for one (`tls_client_ca`).
+    #[arg(long, global = true, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the conductor's certificate must carry (default: the host
+    /// of --api).
+    #[arg(long, global = true)]
+    pub tls_domain: Option<String>,
+}
+
+/// The admin API's client, with the bearer token on every call when the
+/// call goes over TCP.
+pub type Api = ConductorClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 impl Target {
@@ -49,12 +95,61 @@ impl Target {
         Ok(Layout::new(runtime_dir).conductor_socket())
     }
 
-    pub async fn connect(&self) -> anyhow::Result<ConductorClient<Channel>> {
+    pub async fn connect(&self) -> anyhow::Result<Api> {
+        if let Some(url) = &self.api {
+            return self.connect_tcp(url).await;
+        }
         let socket = self.socket()?;
         let channel = connect(&socket)
             .await
             .with_context(|| format!("cannot reach the conductor at {}", socket.display()))?;
-        Ok(ConductorClient::new(channel))
+        Ok(ConductorClient::with_interceptor(channel, Bearer(None)))
+    }
+
+    async fn connect_tcp(&self, url: &str) -> anyhow::Result<Api> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+        };
+        let Some(token_file) = &self.api_token_file else {
+            bail!("--api needs --api-token-file: the TCP API takes no call without the token");
+        };
+        let token = String::from_utf8(read("--api-token-file", token_file)?)
+            .context("the API token is not UTF-8")?;
+        let bearer: MetadataValue<Ascii> = format!("Bearer {}", token.trim())
+            .parse()
+            .context("the API token is not a valid header value")?;
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
+            .with_context(|| format!("--api {url} is not a URL"))?
+            .connect_timeout(Duration::from_secs(5));
+        if url.starts_with("https://") {
+            let Some(ca) = &self.tls_ca else {
+                bail!(
+                    "--api https://… needs --tls-ca, the CA that signed the conductor's certificate"
+                );
+            };
+            let mut tls =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
+            if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                tls = tls.identity(Identity::from_pem(
+                    read("--tls-cert", cert)?,
+                    read("--tls-key", key)?,
+                ));
+            }
+            if let Some(domain) = &self.tls_domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint.tls_config(tls).context("the TLS settings")?;
+        } else if !url.starts_with("http://") {
+            bail!("--api must start with https:// (or http:// for an insecure listener): {url}");
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the conductor at {url}"))?;
+        Ok(ConductorClient::with_interceptor(
+            channel,
+            Bearer(Some(bearer)),
+        ))
     }
 }
 

@@ -245,7 +245,12 @@ impl Report<'_> {
             && let Some(c) = self.deserialize::<DaemonConfig>(value, doc)
         {
             for (field, reason) in c.problems() {
-                self.at(doc, &["conductor", field], reason);
+                // "api.tcp" is [conductor.api] tcp: found by its parts, so
+                // the error points at the key or its table.
+                let path: Vec<&str> = std::iter::once("conductor")
+                    .chain(field.split('.'))
+                    .collect();
+                self.at(doc, &path, reason);
             }
             conductor = c;
         }
@@ -254,16 +259,27 @@ impl Report<'_> {
         for dir in &mut conductor.plugin_dirs {
             *dir = join(base, dir);
         }
-        if let Some(token) = conductor.api.token_file.take() {
-            let token = join(base, &token);
-            if let Err(error) = std::fs::metadata(&token) {
-                self.at(
-                    doc,
-                    &["conductor", "api", "token_file"],
-                    format!("{}: {error}", token.display()),
-                );
+        // Secrets must be the owner's alone; certificates need only exist.
+        let api = &mut conductor.api;
+        for (field, path, secret) in [
+            ("token_file", &mut api.token_file, true),
+            ("tls_key", &mut api.tls_key, true),
+            ("tls_certificate", &mut api.tls_certificate, false),
+            ("tls_client_ca", &mut api.tls_client_ca, false),
+        ] {
+            let Some(file) = path.take() else { continue };
+            let file = join(base, &file);
+            let checked = if secret {
+                load_credential(&file).map(drop)
+            } else {
+                std::fs::metadata(&file)
+                    .map(drop)
+                    .map_err(|e| format!("{}: {e}", file.display()))
+            };
+            if let Err(reason) = checked {
+                self.at(doc, &["conductor", "api", field], reason);
             }
-            conductor.api.token_file = Some(token);
+            *path = Some(file);
         }
         conductor
     }
