@@ -470,6 +470,12 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
                 } else {
                     cli::rpc(api.get_job(pb::GetJobRequest { job_id: id }).await)?
                 };
+                if !json && state.state == pb::job_state::State::Unknown as i32 {
+                    anyhow::bail!(
+                        "no job {}: this conductor never accepted it, or has forgotten it",
+                        state.job_id
+                    );
+                }
                 cli::print_job(&state, json);
             }
             Command::Dlq { command } => {

@@ -105,6 +105,7 @@ pub struct JobsConfig {
     #[serde(with = "humantime_serde")]
     pub keep_answers: Duration,
     /// At most this much answer data is kept; the oldest go first.
+    #[serde(with = "crate::process::cgroup::config::size")]
     pub keep_answers_bytes: bytesize::ByteSize,
 }
 

@@ -416,6 +416,7 @@ impl Dispatcher {
                 reason: "must name the plugin that does the job".into(),
             });
         }
+        check_attributes(&submission.attributes)?;
         let lane = self.route(&submission.plugin)?;
         lane.load.offered.fetch_add(1, Ordering::Relaxed);
         // Reserve the queue's place first: a full queue refuses before
@@ -607,6 +608,41 @@ impl Dispatcher {
 
 fn random() -> u64 {
     fastrand::u64(..)
+}
+
+/// Attributes travel with the job to every attempt and into the store:
+/// bounded, and with keys a reader can tell apart.
+const MAX_ATTRIBUTES: usize = 64;
+const MAX_ATTRIBUTE_KEY: usize = 128;
+const MAX_ATTRIBUTE_VALUE: usize = 4096;
+
+fn check_attributes(attributes: &HashMap<String, String>) -> Result<(), DispatchError> {
+    let invalid = |reason: String| DispatchError::InvalidArgument {
+        field: "attributes",
+        reason,
+    };
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(invalid(format!(
+            "{} of them; at most {MAX_ATTRIBUTES}",
+            attributes.len()
+        )));
+    }
+    for (key, value) in attributes {
+        if key.is_empty() || key.len() > MAX_ATTRIBUTE_KEY {
+            return Err(invalid(format!(
+                "a key is 1 to {MAX_ATTRIBUTE_KEY} bytes; {:?} is {}",
+                key.chars().take(32).collect::<String>(),
+                key.len()
+            )));
+        }
+        if value.len() > MAX_ATTRIBUTE_VALUE {
+            return Err(invalid(format!(
+                "the value of {key:?} is {} bytes; at most {MAX_ATTRIBUTE_VALUE}",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The waiter token of a job's own submitter (look-ups take others).

@@ -285,6 +285,7 @@ pub struct RestartConfig {
     /// has stayed above this for `memory_restart_after`, before the OOM
     /// killer ends it mid-job (pm2's `max_memory_restart`). Read from its
     /// cgroup every `usage_interval`; one instance of a pool at a time.
+    #[serde(default, with = "crate::process::cgroup::config::size::option")]
     pub on_memory_above: Option<bytesize::ByteSize>,
     #[serde(with = "humantime_serde")]
     pub memory_restart_after: Duration,

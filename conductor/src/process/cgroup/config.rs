@@ -22,6 +22,43 @@ pub enum CgroupPolicy {
 /// CFS period used for CPU limits: 100 ms, the kernel's default, short
 /// enough that a throttled plugin stalls for at most a fraction of it.
 pub const CPU_PERIOD_US: u64 = 100_000;
+/// Sizes as operators write them ("512MiB", "1GiB", or a number of
+/// bytes), with an error that says so: bytesize's own says only
+/// "expected parsable string".
+pub mod size {
+    use bytesize::ByteSize;
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        match Raw::deserialize(d) {
+            Ok(Raw::Bytes(n)) => Ok(ByteSize::b(n)),
+            Ok(Raw::Text(text)) => text.trim().parse::<ByteSize>().map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{text:?} is not a size: write it like \"512MiB\", \"1GiB\" or a number of bytes"
+                ))
+            }),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected a size like \"512MiB\", \"1GiB\" or a number of bytes",
+            )),
+        }
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
+    }
+}
+
 /// The kernel refuses quotas under 1 ms.
 pub const MIN_QUOTA_US: u64 = 1_000;
 
@@ -31,8 +68,10 @@ pub const MIN_QUOTA_US: u64 = 1_000;
 pub struct LimitsConfig {
     /// Memory the instance may use, e.g. "256MiB"; past it the kernel's
     /// OOM killer ends the instance.
+    #[serde(default, with = "size::option")]
     pub memory: Option<ByteSize>,
     /// Swap the instance may use on top of `memory` (needs `memory`).
+    #[serde(default, with = "size::option")]
     pub memory_swap: Option<ByteSize>,
     /// A soft ceiling below `memory`. On cgroup v2 it is `memory.high`:
     /// past it the instance is throttled and reclaimed hard, never killed.
@@ -40,6 +79,7 @@ pub struct LimitsConfig {
     /// makes the instance the first to be reclaimed when the whole host
     /// runs short: no throttling, and nothing at all on a host with memory
     /// to spare.
+    #[serde(default, with = "size::option")]
     pub memory_high: Option<ByteSize>,
     /// CPU time in cores, e.g. 0.5 for half of one core.
     pub cpu: Option<f64>,
