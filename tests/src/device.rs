@@ -199,49 +199,6 @@ pub fn summary(frame: &Out) -> String {
     }
 }
 
-/// Frames as raw bytes, for what no well-behaved app would send.
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-impl tonic::codec::Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl tonic::codec::Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        buf: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), Status> {
-        bytes::BufMut::put_slice(buf, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let n = bytes::Buf::remaining(buf);
-        Ok(Some(bytes::Buf::copy_to_bytes(buf, n).to_vec()))
-    }
-}
-
 impl Phone {
     /// Sends `frames` as they are (each one gRPC message): what the bridge
     /// sent back until the stream ended, and the status it ended with (or
@@ -281,7 +238,10 @@ impl Phone {
                 .map_err(|_| Status::internal("token"))?,
         );
         let path = http::uri::PathAndQuery::from_static("/demi.android.v1.Bridge/Connect");
-        let mut inbound = grpc.streaming(request, path, Raw).await?.into_inner();
+        let mut inbound = grpc
+            .streaming(request, path, crate::grpc::Raw)
+            .await?
+            .into_inner();
         let until = tokio::time::Instant::now() + within;
         loop {
             match tokio::time::timeout_at(until, inbound.message()).await {

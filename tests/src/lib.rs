@@ -746,6 +746,7 @@ pub mod grpc {
     pub use demi_proto::conductor::v1 as admin_pb;
     pub use demi_proto::plugin::v1 as pb;
     pub use prost_types::Duration as ProstDuration;
+    use tonic::Status;
     use tonic::transport::{Channel, Endpoint};
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
@@ -775,6 +776,69 @@ pub mod grpc {
         socket: &Path,
     ) -> demi_proto::conductor::v1::conductor_client::ConductorClient<Channel> {
         demi_proto::conductor::v1::conductor_client::ConductorClient::new(connect(socket).await)
+    }
+
+    /// Messages as raw bytes, for what no well-behaved client would send.
+    #[derive(Clone, Copy, Default)]
+    pub struct Raw;
+
+    impl tonic::codec::Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Raw;
+        type Decoder = Raw;
+
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+
+    impl tonic::codec::Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = Status;
+
+        fn encode(
+            &mut self,
+            item: Vec<u8>,
+            buf: &mut tonic::codec::EncodeBuf<'_>,
+        ) -> Result<(), Status> {
+            bytes::BufMut::put_slice(buf, &item);
+            Ok(())
+        }
+    }
+
+    impl tonic::codec::Decoder for Raw {
+        type Item = Vec<u8>;
+        type Error = Status;
+
+        fn decode(
+            &mut self,
+            buf: &mut tonic::codec::DecodeBuf<'_>,
+        ) -> Result<Option<Vec<u8>>, Status> {
+            let n = bytes::Buf::remaining(buf);
+            Ok(Some(bytes::Buf::copy_to_bytes(buf, n).to_vec()))
+        }
+    }
+
+    /// One unary call of `path` with `request` as it is: the answer's
+    /// bytes, or the status.
+    pub async fn raw_unary(
+        channel: Channel,
+        path: &'static str,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let path = http::uri::PathAndQuery::from_static(path);
+        grpc.unary(tonic::Request::new(request), path, Raw)
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     pub fn runtime() -> tokio::runtime::Runtime {

@@ -64,9 +64,21 @@ fn autoscale(s: crate::scaler::live::Status) -> pb::Autoscale {
 }
 
 fn name_of(request: Request<pb::PluginRef>) -> Result<String, Status> {
-    let name = request.into_inner().name;
+    plugin_name(request.into_inner().name)
+}
+
+/// A plugin name from a request; one longer than any plugin's is refused
+/// before it is looked up, and never echoed whole in an answer.
+fn plugin_name(name: String) -> Result<String, Status> {
     if name.is_empty() {
         return Err(Status::invalid_argument("name: must name a plugin"));
+    }
+    if name.len() > super::MAX_NAME {
+        return Err(Status::invalid_argument(format!(
+            "name: {} bytes; a plugin name has at most {}",
+            name.len(),
+            super::MAX_NAME
+        )));
     }
     Ok(name)
 }
@@ -140,15 +152,8 @@ impl pb::conductor_server::Conductor for Admin {
     #[tracing::instrument(skip_all)]
     async fn scale_plugin(&self, request: Request<pb::ScalePluginRequest>) -> Answer<pb::Plugin> {
         let request = request.into_inner();
-        if request.name.is_empty() {
-            return Err(Status::invalid_argument("name: must name a plugin"));
-        }
-        self.answer(
-            self.parts
-                .supervisor
-                .scale(&request.name, request.replicas)
-                .await,
-        )
+        let name = plugin_name(request.name)?;
+        self.answer(self.parts.supervisor.scale(&name, request.replicas).await)
     }
 
     type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
@@ -159,7 +164,13 @@ impl pb::conductor_server::Conductor for Admin {
         request: Request<pb::WatchEventsRequest>,
     ) -> Answer<Self::WatchEventsStream> {
         let only = request.into_inner().plugin;
-        if !only.is_empty() && self.parts.supervisor.get(&only).is_err() {
+        if !only.is_empty()
+            && self
+                .parts
+                .supervisor
+                .get(&plugin_name(only.clone())?)
+                .is_err()
+        {
             return Err(Status::not_found(format!("no plugin named {only:?}")));
         }
         let mut events = self.parts.supervisor.events().subscribe();

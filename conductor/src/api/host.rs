@@ -253,6 +253,13 @@ impl pb::host_server::Host for Host {
         let caller = caller_of(&request)?;
         let deadline = grpc_timeout(&request).map(|t| tokio::time::Instant::now() + t);
         let pb::AcquireRequest { limit, bucket } = request.into_inner();
+        if limit.len() > super::MAX_NAME {
+            return Err(Status::invalid_argument(format!(
+                "limit: {} bytes; a limit's name has at most {}",
+                limit.len(),
+                super::MAX_NAME
+            )));
+        }
         let granted = self
             .parts
             .limits

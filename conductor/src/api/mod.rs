@@ -52,6 +52,10 @@ pub enum ReloadError {
 }
 
 /// Everything the API reaches.
+/// The longest plugin or limit name a request may carry: the config's
+/// own bound on plugin names.
+pub const MAX_NAME: usize = 64;
+
 #[derive(Clone)]
 pub struct Parts {
     pub supervisor: Arc<Supervisor>,

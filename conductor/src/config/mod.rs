@@ -122,6 +122,19 @@ fn read(path: &Path) -> Result<String, ConfigErrors> {
     })
 }
 
+/// The name of the last `[table]` or `[[array]]` header before `offset`
+/// in `text`, as written (`plugins.echo`).
+fn table_before(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset.min(text.len()))?;
+    before.lines().rev().find_map(|line| {
+        let line = line.trim();
+        let header = line.strip_prefix('[')?;
+        let end = header.rfind(']')?;
+        let name = header[..end].trim_matches(['[', ']']).trim();
+        (!name.is_empty()).then(|| name.to_owned())
+    })
+}
+
 /// The folder relative paths in `file` start from.
 fn base_of(file: &Path) -> PathBuf {
     std::path::absolute(file)
@@ -660,6 +673,14 @@ impl Report<'_> {
                 }
             })
             .unwrap_or_default();
+        // Text the parser could not make a key of still sits in a table:
+        // name the table whose header comes last before it.
+        let field = match &span {
+            Some(span) if field.is_empty() && !whole => {
+                table_before(self.text, span.start).unwrap_or_default()
+            }
+            _ => field,
+        };
         self.push(span, field, error.message().trim().to_owned());
     }
 

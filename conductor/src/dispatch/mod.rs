@@ -417,6 +417,27 @@ impl Dispatcher {
             });
         }
         check_attributes(&submission.attributes)?;
+        for (field, value, most) in [
+            ("plugin", &submission.plugin, MAX_PLUGIN_NAME),
+            ("kind", &submission.kind, MAX_KIND),
+        ] {
+            if value.len() > most {
+                return Err(DispatchError::InvalidArgument {
+                    field,
+                    reason: format!("{} bytes; at most {most}", value.len()),
+                });
+            }
+        }
+        if submission
+            .idempotency_key
+            .as_ref()
+            .is_some_and(|k| k.len() > MAX_KEY)
+        {
+            return Err(DispatchError::InvalidArgument {
+                field: "idempotency_key",
+                reason: format!("at most {MAX_KEY} bytes"),
+            });
+        }
         let lane = self.route(&submission.plugin)?;
         lane.load.offered.fetch_add(1, Ordering::Relaxed);
         // Reserve the queue's place first: a full queue refuses before
@@ -609,6 +630,12 @@ impl Dispatcher {
 fn random() -> u64 {
     fastrand::u64(..)
 }
+
+/// A job's names are looked up, logged and stored: bounded, so neither an
+/// answer nor the store holds a megabyte of name.
+const MAX_PLUGIN_NAME: usize = 64;
+const MAX_KIND: usize = 256;
+const MAX_KEY: usize = 256;
 
 /// Attributes travel with the job to every attempt and into the store:
 /// bounded, and with keys a reader can tell apart.

@@ -179,7 +179,13 @@ impl AutoscaleConfig {
                 ),
             );
         }
-        if self.seasonal_periods.iter().any(|p| *p < 2 * self.bucket) {
+        // (Two buckets of an absurd length overflow: then no period spans them.)
+        let two_buckets = self.bucket.checked_mul(2);
+        if self
+            .seasonal_periods
+            .iter()
+            .any(|p| two_buckets.is_none_or(|two| *p < two))
+        {
             bad(
                 "autoscale.seasonal_periods",
                 "each period must span at least two buckets".into(),

@@ -1,0 +1,221 @@
+//! The admin API under random requests: empty, huge and odd strings,
+//! payloads at and over the message limit, attributes the conductor
+//! refuses, protobuf with invalid UTF-8. Each call gets an answer or a
+//! status a client can act on; the conductor neither panics nor grows
+//! without bound, and its plugin never notices.
+//!
+//! Proptest's default 256 cases in `make test`; `PROPTEST_CASES` for more.
+
+use std::collections::HashMap;
+
+use demi_e2e::grpc::{self, admin_pb as pb};
+use demi_e2e::{Conductor, rss_kib};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use tonic::Code;
+
+/// The limit tonic puts on a decoded message, the conductor's too.
+const LIMIT: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+enum Call {
+    Submit {
+        plugin: String,
+        kind: String,
+        payload: usize,
+        attributes: HashMap<String, String>,
+        idempotency_key: String,
+        deadline: Option<i64>,
+    },
+    GetPlugin(String),
+    GetJob(String),
+    WaitJob(String, i64),
+    Scale(String, u32),
+    Stop(String),
+    Replay(Vec<String>),
+}
+
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => "\\PC{0,24}",
+        1 => Just(String::new()),
+        1 => (0usize..300_000).prop_map(|n| "x".repeat(n)),
+        1 => "[\\x00-\\x1f\\u{fffd}\\u{202e}]{0,8}",
+    ]
+}
+
+/// A plugin name that is never the running `echo` (nothing may stop it).
+fn other_name() -> impl Strategy<Value = String> {
+    text().prop_filter("not echo", |n| n != "echo")
+}
+
+fn call() -> impl Strategy<Value = Call> {
+    let payload = prop_oneof![
+        Just(0usize),
+        0usize..2048,
+        Just(64 * 1024),
+        Just(LIMIT - 4096),
+        Just(LIMIT + 1),
+    ];
+    let attributes = prop::collection::hash_map(text(), text(), 0..4);
+    prop_oneof![
+        4 => (
+            prop_oneof![Just("echo".to_owned()), text()],
+            text(),
+            payload,
+            attributes,
+            text(),
+            prop::option::of(any::<i64>())
+        )
+            .prop_map(|(plugin, kind, payload, attributes, idempotency_key, deadline)| Call::Submit {
+                plugin,
+                kind,
+                payload,
+                attributes,
+                idempotency_key,
+                deadline
+            }),
+        1 => text().prop_map(Call::GetPlugin),
+        1 => text().prop_map(Call::GetJob),
+        1 => (text(), any::<i64>()).prop_map(|(id, t)| Call::WaitJob(id, t)),
+        1 => (other_name(), any::<u32>()).prop_map(|(n, r)| Call::Scale(n, r)),
+        1 => other_name().prop_map(Call::Stop),
+        1 => prop::collection::vec(text(), 0..4).prop_map(Call::Replay),
+    ]
+}
+
+type Api = pb::conductor_client::ConductorClient<tonic::transport::Channel>;
+
+async fn make(api: &mut Api, call: Call) -> Result<(), tonic::Status> {
+    match call {
+        Call::Submit {
+            plugin,
+            kind,
+            payload,
+            attributes,
+            idempotency_key,
+            deadline,
+        } => {
+            let request = pb::SubmitRequest {
+                plugin,
+                kind,
+                payload: vec![b'p'; payload],
+                attributes,
+                idempotency_key,
+                deadline: deadline.map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+            };
+            api.submit(request).await.map(drop)
+        }
+        Call::GetPlugin(name) => api.get_plugin(pb::PluginRef { name }).await.map(drop),
+        Call::GetJob(job_id) => api.get_job(pb::GetJobRequest { job_id }).await.map(drop),
+        Call::WaitJob(job_id, seconds) => {
+            let request = pb::WaitJobRequest {
+                job_id,
+                timeout: Some(prost_types::Duration {
+                    seconds: seconds % 3,
+                    nanos: 0,
+                }),
+            };
+            api.wait_job(request).await.map(drop)
+        }
+        Call::Scale(name, replicas) => api
+            .scale_plugin(pb::ScalePluginRequest { name, replicas })
+            .await
+            .map(drop),
+        Call::Stop(name) => api.stop_plugin(pb::PluginRef { name }).await.map(drop),
+        Call::Replay(job_ids) => api
+            .replay_dead_letters(pb::ReplayDeadLettersRequest {
+                job_ids,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+    }
+}
+
+/// A SubmitRequest for `echo` whose one attribute key is not UTF-8,
+/// encoded by hand (prost will not make one).
+fn invalid_utf8_submit() -> Vec<u8> {
+    let mut entry = vec![0x0a, 2, 0xff, 0xfe, 0x12, 1, b'v'];
+    let mut message = vec![0x0a, 4];
+    message.extend_from_slice(b"echo");
+    message.push(0x22);
+    message.push(entry.len() as u8);
+    message.append(&mut entry);
+    message
+}
+
+#[test]
+fn random_admin_requests_get_an_answer_or_a_clear_status_and_hurt_nothing() {
+    let conductor = Conductor::builder().log("info").start(
+        "[plugins.echo]\ncommand = \"{echo}\"\n[plugins.echo.dispatch]\nqueue_capacity = 100000\n",
+    );
+    let (_, echo) = conductor.wait_serving(0, "echo", 0);
+    let socket = conductor.api_socket();
+    let runtime = grpc::runtime();
+    let api = runtime
+        .block_on(grpc::admin(&socket))
+        .max_decoding_message_size(usize::MAX);
+    let rss_before = rss_kib(conductor.pid());
+
+    let allowed = [
+        Code::InvalidArgument,
+        Code::NotFound,
+        Code::OutOfRange,
+        Code::ResourceExhausted,
+        Code::FailedPrecondition,
+    ];
+    // Failures are shown, not stored: the tests run from a clean checkout.
+    let mut runner = TestRunner::new(Config {
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let seen = std::cell::RefCell::new(std::collections::BTreeMap::<String, usize>::new());
+    runner
+        .run(&call(), |call| {
+            let shown = format!("{call:?}").chars().take(300).collect::<String>();
+            let result = runtime.block_on(make(&mut api.clone(), call));
+            let name = match &result {
+                Ok(()) => "ok".to_owned(),
+                Err(status) => format!("{:?}", status.code()),
+            };
+            *seen.borrow_mut().entry(name).or_default() += 1;
+            if let Err(status) = result {
+                prop_assert!(
+                    allowed.contains(&status.code()) && !status.message().is_empty(),
+                    "{shown}: {status:?}"
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+    eprintln!("answers: {:?}", seen.borrow());
+
+    // Not UTF-8 where protobuf wants a string: refused, nothing stored.
+    let channel = runtime.block_on(grpc::connect(&socket));
+    let refused = runtime.block_on(grpc::raw_unary(
+        channel,
+        "/demi.conductor.v1.Conductor/Submit",
+        invalid_utf8_submit(),
+    ));
+    let status = refused.expect_err("an attribute that is not UTF-8 was taken");
+    assert!(
+        status.message().contains("UTF-8") || status.message().contains("utf-8"),
+        "{status:?}"
+    );
+
+    // The conductor is whole, its plugin untouched, its memory bounded.
+    let panics: Vec<_> = conductor
+        .events()
+        .into_iter()
+        .filter(|e| e.to_string().contains("panicked"))
+        .collect();
+    assert!(panics.is_empty(), "{panics:?}");
+    assert_eq!(conductor.pids_of("echo"), vec![u64::from(echo)]);
+    let rss_after = rss_kib(conductor.pid());
+    eprintln!("conductor RSS {rss_before} -> {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 256 * 1024,
+        "{rss_before} -> {rss_after} KiB"
+    );
+}
