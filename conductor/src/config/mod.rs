@@ -122,6 +122,43 @@ fn read(path: &Path) -> Result<String, ConfigErrors> {
     })
 }
 
+/// The longest duration the configuration takes (100 years).
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+
+/// Keys under `table` (at `path`) whose value, or an item of it, reads as
+/// a duration longer than [`MAX_DURATION`]; a plugin's own arguments,
+/// environment and credential paths are not durations and are skipped.
+fn overlong_durations(
+    table: &DeTable<'_>,
+    path: &mut Vec<String>,
+    out: &mut Vec<(Vec<String>, String)>,
+) {
+    let overlong =
+        |text: &str| humantime::parse_duration(text.trim()).is_ok_and(|d| d > MAX_DURATION);
+    for (key, value) in table.iter() {
+        let key = key.get_ref().to_string();
+        if matches!(key.as_str(), "args" | "env" | "credentials") {
+            continue;
+        }
+        path.push(key);
+        match value.get_ref() {
+            DeValue::String(text) if overlong(text) => out.push((path.clone(), text.to_string())),
+            DeValue::Array(items) => {
+                for item in items.iter() {
+                    if let DeValue::String(text) = item.get_ref()
+                        && overlong(text)
+                    {
+                        out.push((path.clone(), text.to_string()));
+                    }
+                }
+            }
+            DeValue::Table(inner) => overlong_durations(inner, path, out),
+            _ => {}
+        }
+        path.pop();
+    }
+}
+
 /// The name of the last `[table]` or `[[array]]` header before `offset`
 /// in `text`, as written (`plugins.echo`).
 fn table_before(text: &str, offset: usize) -> Option<String> {
@@ -166,6 +203,19 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             report.toml(error, doc);
         }
         return Err(report.finish());
+    }
+    // Every duration is added to a clock or multiplied somewhere; one
+    // of centuries would overflow that at run time. Checked here for all
+    // of them at once, whatever component reads the key.
+    let mut long = Vec::new();
+    overlong_durations(doc, &mut Vec::new(), &mut long);
+    for (path, text) in long {
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        report.at(
+            doc,
+            &path,
+            format!("{text:?} is longer than the 100 years a duration may be"),
+        );
     }
     // Children run in their own working directory, so every path handed to
     // them must be absolute.
