@@ -146,16 +146,10 @@ impl Notifier {
         let _ = socket.set_nonblocking(true);
         let bytes = news.encode();
         for (_, path) in peers(&folder) {
-            // Done when sent, or when the socket turns out to be dead.
-            let _done = (0..SEND_TRIES).any(|_| match socket.send_to(&bytes, &path) {
-                Ok(_) => true,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            let _done = (0..SEND_TRIES).any(|_| {
+                tried(socket.send_to(&bytes, &path), &path) || {
                     std::thread::sleep(Duration::from_millis(1));
                     false
-                }
-                Err(_) => {
-                    let _ = std::fs::remove_file(&path);
-                    true
                 }
             });
         }
@@ -178,23 +172,30 @@ fn peers(folder: &Path) -> Vec<(String, PathBuf)> {
         .collect()
 }
 
+/// Whether one try to send to `path` is the last: the datagram went, or
+/// its replica is gone (and so is the socket file); not while the
+/// receiver's queue is full.
+fn tried(sent: std::io::Result<usize>, path: &Path) -> bool {
+    match sent {
+        Ok(_) => true,
+        Err(error) if error.kind() == ErrorKind::WouldBlock => false,
+        Err(_) => {
+            let _ = std::fs::remove_file(path);
+            true
+        }
+    }
+}
+
 async fn send(
     path: &Path,
     bytes: &[u8],
     try_send: impl Fn(&[u8], &Path) -> std::io::Result<usize>,
 ) {
     for _ in 0..SEND_TRIES {
-        match try_send(bytes, path) {
-            Ok(_) => return,
-            Err(error) if error.kind() == ErrorKind::WouldBlock => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err(_) => {
-                // Its replica is gone; so is the socket's use.
-                let _ = std::fs::remove_file(path);
-                return;
-            }
+        if tried(try_send(bytes, path), path) {
+            return;
         }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     tracing::warn!(peer = %path.display(), "a replica's news queue stayed full; news dropped");
 }

@@ -373,30 +373,21 @@ impl Store {
         max_pending: u32,
     ) -> Result<Accept, StoreError> {
         self.write(|t| {
-            let answered: i64 = one(
+            // One look for all three: this runs for every message.
+            let (answered, pending, under_way): (bool, bool, i64) = one(
                 t,
-                "SELECT COUNT(*) FROM answered WHERE device = ?1 AND client_id = ?2",
+                "SELECT EXISTS (SELECT 1 FROM answered WHERE device = ?1 AND client_id = ?2),
+                        EXISTS (SELECT 1 FROM pending WHERE device = ?1 AND client_id = ?2),
+                        (SELECT COUNT(*) FROM pending WHERE device = ?1)",
                 params![device, client_id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
-            if answered > 0 {
+            if answered {
                 return Ok(Accept::Answered);
             }
-            let pending: i64 = one(
-                t,
-                "SELECT COUNT(*) FROM pending WHERE device = ?1 AND client_id = ?2",
-                params![device, client_id],
-                |r| r.get(0),
-            )?;
-            if pending > 0 {
+            if pending {
                 return Ok(Accept::Pending);
             }
-            let under_way: i64 = one(
-                t,
-                "SELECT COUNT(*) FROM pending WHERE device = ?1",
-                [device],
-                |r| r.get(0),
-            )?;
             if under_way >= i64::from(max_pending) {
                 return Ok(Accept::Full);
             }
