@@ -77,6 +77,8 @@ pub struct Conductor {
     preamble: String,
     /// `RUST_LOG`, kept for restarts.
     log_filter: String,
+    /// Where stderr goes (appended), when not to the test's.
+    stderr: Option<PathBuf>,
     exited: Option<ExitStatus>,
 }
 
@@ -86,6 +88,7 @@ pub struct Builder {
     conductor: String,
     wrapper: Vec<String>,
     log: Option<String>,
+    stderr: Option<PathBuf>,
 }
 
 impl Builder {
@@ -98,6 +101,13 @@ impl Builder {
     /// `RUST_LOG` for the conductor (debug by default, for the tests).
     pub fn log(mut self, filter: &str) -> Self {
         self.log = Some(filter.to_owned());
+        self
+    }
+
+    /// Appends the conductor's stderr (panics end up there) to `path`,
+    /// across restarts.
+    pub fn stderr(mut self, path: &Path) -> Self {
+        self.stderr = Some(path.to_owned());
         self
     }
 
@@ -157,6 +167,7 @@ impl Builder {
             cgroup_root,
             preamble,
             log,
+            self.stderr,
         )
     }
 }
@@ -178,6 +189,7 @@ impl Conductor {
         cgroup_root: String,
         preamble: String,
         log_filter: String,
+        stderr: Option<PathBuf>,
     ) -> Self {
         let conductor = bin("conductor");
         let mut command = match wrapper.split_first() {
@@ -194,7 +206,15 @@ impl Conductor {
             .env("RUST_LOG", &log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(match &stderr {
+                Some(path) => std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map(Stdio::from)
+                    .expect("open the stderr file"),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .expect("spawn conductor");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -225,6 +245,7 @@ impl Conductor {
             cgroup_root,
             preamble,
             log_filter,
+            stderr,
             exited: None,
         }
     }
@@ -245,6 +266,7 @@ impl Conductor {
             std::mem::take(&mut self.cgroup_root),
             std::mem::take(&mut self.preamble),
             std::mem::take(&mut self.log_filter),
+            self.stderr.take(),
         )
     }
 
@@ -637,6 +659,15 @@ pub fn rss_kib(pid: u32) -> u64 {
 
 /// Lines of an echo `--journal`: (job id, attempt, outcome).
 pub fn journal(path: &Path) -> Vec<(String, u32, String)> {
+    journal_timed(path)
+        .into_iter()
+        .map(|(id, attempt, outcome, _)| (id, attempt, outcome))
+        .collect()
+}
+
+/// Lines of an echo `--journal` with when each was written (µs since the
+/// epoch).
+pub fn journal_timed(path: &Path) -> Vec<(String, u32, String, u128)> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -646,6 +677,7 @@ pub fn journal(path: &Path) -> Vec<(String, u32, String)> {
                 parts.next()?.to_owned(),
                 parts.next()?.parse().ok()?,
                 parts.next()?.to_owned(),
+                parts.next()?.parse().ok()?,
             ))
         })
         .collect()

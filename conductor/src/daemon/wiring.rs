@@ -25,6 +25,9 @@ pub struct Scrape {
     pub dispatcher: Weak<Dispatcher>,
     pub scaler: Weak<Scaler>,
     pub machine: Arc<Machine>,
+    /// The daemon's runtime, for its live task count: a leak of tasks is
+    /// the first sign of a leak of anything else.
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl Snapshot for Scrape {
@@ -92,6 +95,8 @@ impl Snapshot for Scrape {
             swap_used: m.swap_used,
             conductor_rss: m.conductor_rss,
             conductor_cpu: m.conductor_cpu,
+            conductor_tasks: self.runtime.metrics().num_alive_tasks() as u64,
+            conductor_open_fds: open_fds(),
         }
     }
 
@@ -127,8 +132,14 @@ impl Scrape {
             dispatcher: Arc::downgrade(dispatcher),
             scaler: Arc::downgrade(scaler),
             machine,
+            runtime: tokio::runtime::Handle::current(),
         }
     }
+}
+
+/// The conductor's open file descriptors; 0 where /proc cannot tell.
+fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count() as u64)
 }
 
 /// Dispatch's view of the instances: which serve.

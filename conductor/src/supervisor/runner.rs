@@ -438,6 +438,9 @@ impl Runner {
         // Whatever escaped the process group (a double-forked daemon) dies
         // before a successor starts.
         self.empty_cgroup().await;
+        // A plugin killed (OOM, SIGKILL) cannot unlink its socket; left,
+        // it would outlast the conductor's stop.
+        let _ = std::fs::remove_file(&self.spec.socket);
         let said = match reason {
             ExitReason::Code(code)
                 if self

@@ -38,6 +38,8 @@ pub struct HostSample {
     pub swap_used: u64,
     pub conductor_rss: u64,
     pub conductor_cpu: Duration,
+    pub conductor_tasks: u64,
+    pub conductor_open_fds: u64,
 }
 
 /// One plugin's pool.
@@ -512,6 +514,18 @@ impl Metrics {
                 "s",
                 "CPU time the conductor itself has used",
                 |h| h.conductor_cpu.as_secs_f64(),
+            ),
+            gauge(
+                "demi_conductor_tasks",
+                "",
+                "Tasks alive in the conductor's runtime",
+                |h| h.conductor_tasks as f64,
+            ),
+            gauge(
+                "demi_conductor_open_fds",
+                "",
+                "File descriptors the conductor has open",
+                |h| h.conductor_open_fds as f64,
             ),
         ]
     }

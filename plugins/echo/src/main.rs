@@ -47,7 +47,8 @@ struct Args {
     /// Fork this many children that sleep until killed.
     #[arg(long, env = "ECHO_FORK")]
     fork: Option<u32>,
-    /// Append "JOB_ID ATTEMPT OUTCOME" to this file for every job handled.
+    /// Append "JOB_ID ATTEMPT OUTCOME MICROS" (µs since the epoch) to this
+    /// file for every job handled.
     #[arg(long, env = "ECHO_JOURNAL")]
     journal: Option<std::path::PathBuf>,
     /// Hand every job to this plugin through the conductor and answer with
@@ -93,15 +94,7 @@ impl Plugin for Echo {
             std::process::abort();
         }
         if let Some((target, conductor)) = &self.forward {
-            let submit =
-                demi_plugin_sdk::Submit::new(target.clone(), job.kind.clone(), job.payload.clone())
-                    .attributes(job.attributes.clone())
-                    .trace(job.trace);
-            return match conductor.clone().submit_and_wait(submit).await {
-                Ok(demi_plugin_sdk::Answer::Completed(payload)) => Outcome::Ok(payload),
-                Ok(other) => Outcome::Permanent(format!("{target} did not answer: {other:?}")),
-                Err(error) => Outcome::Retryable(format!("cannot reach {target}: {error}")),
-            };
+            return forward(target, conductor.clone(), job).await;
         }
         if self.hang_kind.as_deref() == Some(job.kind.as_str()) {
             std::future::pending::<()>().await;
@@ -130,10 +123,46 @@ impl Plugin for Echo {
             };
             // One write per line: O_APPEND keeps lines from several
             // replicas whole.
-            let line = format!("{} {} {word}\n", job.id, job.attempt);
+            let micros = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
+            let line = format!("{} {} {word} {micros}\n", job.id, job.attempt);
             let _ = std::io::Write::write_all(&mut journal, line.as_bytes());
         }
         outcome
+    }
+}
+
+/// Hands `job` to `target` and answers with its answer. The platform job's
+/// id is the idempotency key: a retry of this job after this replica died
+/// finds the job the first attempt handed over instead of making a second.
+async fn forward(target: &str, mut conductor: demi_plugin_sdk::Conductor, job: Job) -> Outcome {
+    use demi_plugin_sdk::{Answer, JobStatus};
+    let submit = demi_plugin_sdk::Submit::new(target, job.kind.clone(), job.payload.clone())
+        .attributes(job.attributes.clone())
+        .idempotency_key(job.id.clone())
+        .trace(job.trace);
+    let handed = match conductor.submit_and_wait(submit).await {
+        Ok(Answer::Completed(payload)) => return Outcome::Ok(payload),
+        Ok(Answer::DeadLettered(errors)) => {
+            return Outcome::Permanent(format!("{target} did not answer: {errors:?}"));
+        }
+        Ok(Answer::Duplicate(handed)) => handed,
+        Err(error) => return Outcome::Retryable(format!("cannot reach {target}: {error}")),
+    };
+    // The conductor stops waiting for this call at the attempt timeout.
+    loop {
+        match conductor.wait_job(&handed, Duration::from_secs(60)).await {
+            Ok(JobStatus::Completed { answer, .. }) => return Outcome::Ok(answer),
+            Ok(JobStatus::DeadLettered { errors }) => {
+                return Outcome::Permanent(format!("{target} did not answer: {errors:?}"));
+            }
+            Ok(JobStatus::Expired | JobStatus::Unknown) => {
+                return Outcome::Permanent(format!("{target}: job {handed} is gone"));
+            }
+            Ok(JobStatus::Queued { .. } | JobStatus::InFlight { .. }) => {}
+            Err(error) => return Outcome::Retryable(format!("cannot reach {target}: {error}")),
+        }
     }
 }
 
