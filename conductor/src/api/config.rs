@@ -78,8 +78,24 @@ impl ApiConfig {
 
 /// What one plugin may do through the plugin API, beyond its own
 /// membership and its own jobs.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Grants {
     /// `submits_to = ["brain"]`: the plugins it may submit jobs to.
     pub submits_to: Vec<String>,
+    /// `submit_rate = 5000`: jobs a second it may submit, all its replicas
+    /// together (a burst of as many); RESOURCE_EXHAUSTED past it.
+    pub submit_rate: u32,
+}
+
+/// A tenth of what one release conductor dispatches on two cores: a
+/// plugin submitting in a loop leaves the rest to everyone else.
+pub const DEFAULT_SUBMIT_RATE: u32 = 5000;
+
+impl Default for Grants {
+    fn default() -> Self {
+        Self {
+            submits_to: Vec::new(),
+            submit_rate: DEFAULT_SUBMIT_RATE,
+        }
+    }
 }

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,6 +38,9 @@ use crate::supervisor::{Caller, Supervisor};
 #[derive(Default)]
 pub struct Access {
     grants: Mutex<Arc<BTreeMap<String, Grants>>>,
+    /// Each submitter's budget, with the rate it was made for (a reload
+    /// that changes the rate starts it afresh).
+    budgets: Mutex<BTreeMap<String, (u32, Arc<governor::DefaultDirectRateLimiter>)>>,
 }
 
 impl Access {
@@ -59,6 +63,38 @@ impl Access {
         grants
             .get(plugin)
             .is_some_and(|g| g.submits_to.iter().any(|t| t == target))
+    }
+
+    /// Takes one submission from `plugin`'s budget; if it is spent, the
+    /// rate and how long until the next one fits.
+    fn may_submit_now(&self, plugin: &str) -> Result<(), (u32, Duration)> {
+        use governor::clock::{Clock as _, DefaultClock};
+        let rate = self
+            .grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(plugin)
+            .map_or(super::config::DEFAULT_SUBMIT_RATE, |g| g.submit_rate);
+        let budget = {
+            let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+            match budgets.get(plugin) {
+                Some((made_for, budget)) if *made_for == rate => budget.clone(),
+                _ => {
+                    let per_second = std::num::NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
+                    let budget = Arc::new(governor::DefaultDirectRateLimiter::direct(
+                        governor::Quota::per_second(per_second),
+                    ));
+                    budgets.insert(plugin.to_owned(), (rate, budget.clone()));
+                    budget
+                }
+            }
+        };
+        budget.check().map_err(|not_until| {
+            (
+                rate,
+                not_until.wait_time_from(DefaultClock::default().now()),
+            )
+        })
     }
 }
 
@@ -147,6 +183,15 @@ impl Host {
                     &*caller.plugin, caller.plugin
                 ),
             ));
+        }
+        if let Err((rate, wait)) = self.parts.access.may_submit_now(&caller.plugin) {
+            return Err(Status::resource_exhausted(format!(
+                "{:?} submits more than {rate} jobs a second ([plugins.{}] submit_rate); \
+                 retry in {} ms",
+                &*caller.plugin,
+                caller.plugin,
+                wait.as_millis().max(1)
+            )));
         }
         Ok(jobs::submission(request, Some(&caller.plugin)))
     }

@@ -8,6 +8,7 @@ mod auth;
 pub mod config;
 pub mod health;
 pub mod host;
+mod incoming;
 mod jobs;
 
 pub use admin::Admin;
@@ -260,7 +261,7 @@ pub fn serve_plugin_api(
     Ok(tokio::spawn(async move {
         if let Err(error) = router
             .serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener),
+                incoming::Limited::new(listener),
                 shutdown.cancelled_owned(),
             )
             .await

@@ -35,11 +35,12 @@ pub struct PluginConfig {
 }
 
 /// Keys of `[plugins.NAME]` that are not the supervisor's.
-pub(super) const NOT_POOL: [&str; 5] = [
+pub(super) const NOT_POOL: [&str; 6] = [
     "jobs",
     "dispatch",
     "autoscale",
     "submits_to",
+    "submit_rate",
     "shared_limits",
 ];
 
@@ -54,12 +55,18 @@ pub(super) struct Extras {
     pub autoscale: Option<AutoscaleConfig>,
     #[serde(default)]
     pub submits_to: Vec<String>,
+    #[serde(default = "default_submit_rate")]
+    pub submit_rate: u32,
     #[serde(default)]
     pub shared_limits: BTreeMap<String, LimitConfig>,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn default_submit_rate() -> u32 {
+    crate::api::config::DEFAULT_SUBMIT_RATE
 }
 
 impl PluginConfig {
@@ -71,6 +78,7 @@ impl PluginConfig {
             autoscale: extras.autoscale,
             grants: Grants {
                 submits_to: extras.submits_to,
+                submit_rate: extras.submit_rate,
             },
             shared_limits: extras.shared_limits,
             source,
@@ -87,6 +95,12 @@ impl PluginConfig {
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = self.pool.problems();
         out.extend(self.dispatch.problems());
+        if self.grants.submit_rate == 0 {
+            out.push((
+                "submit_rate",
+                "must be at least 1 (a plugin that must not submit has no submits_to)".into(),
+            ));
+        }
         for (name, limit) in &self.shared_limits {
             if let Some(reason) = limit.problem() {
                 out.push(("shared_limits", format!("{name}: {reason}")));

@@ -787,6 +787,7 @@ impl Runner {
                     instance: self.spec.index,
                     pid,
                     lifecycle,
+                    budget: Default::default(),
                 };
                 if let Some(stdout) = child.stdout.take() {
                     self.outputs
