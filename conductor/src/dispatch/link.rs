@@ -125,6 +125,8 @@ struct Shared {
     waiting: Mutex<HashMap<u64, Waiter>>,
     /// Set (under `waiting`'s lock) once the stream has ended.
     closed: AtomicBool,
+    /// Tags handed out so far: an answer to a higher one answers nothing.
+    next_tag: AtomicU64,
 }
 
 /// One job stream: deliveries go out on `deliveries`; a reader task
@@ -132,7 +134,6 @@ struct Shared {
 struct Mux {
     deliveries: mpsc::UnboundedSender<pb::Delivery>,
     shared: Arc<Shared>,
-    next_tag: AtomicU64,
     /// Aborted with the stream: the reader must not outlive its link.
     reader: Option<tokio::task::AbortHandle>,
 }
@@ -151,7 +152,6 @@ impl Mux {
         let mux = Self {
             deliveries,
             shared: Arc::default(),
-            next_tag: AtomicU64::new(0),
             reader: None,
         };
         (mux, rx)
@@ -164,7 +164,7 @@ impl Mux {
     }
 
     fn send(&self, job: pb::Job, trace: TraceParent) -> Result<Pending, Status> {
-        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let tag = self.shared.next_tag.fetch_add(1, Ordering::AcqRel);
         let (waiter, answer) = oneshot::channel();
         {
             let mut waiting = lock(&self.shared.waiting);
@@ -258,16 +258,39 @@ fn ended() -> Status {
 
 /// Hands each answer to its waiter; when the stream ends, every delivery
 /// still waiting fails with why, so it is retried.
+///
+/// A plugin answers each delivery once at most (late, after a cancel, is
+/// fine). Answers to deliveries never made, or more answers nobody waits
+/// for than deliveries made, are a plugin gone wrong: reading them would
+/// only spend the conductor's CPU, so the stream ends.
 async fn read(shared: Arc<Shared>, mut answers: tonic::Streaming<pb::Answer>) {
+    let mut unclaimed: u64 = 0;
     let why = loop {
         match answers.message().await {
             Ok(Some(answer)) => {
+                let issued = shared.next_tag.load(Ordering::Acquire);
+                if answer.tag >= issued {
+                    break Status::internal(format!(
+                        "the plugin answered delivery {}, which was never made",
+                        answer.tag
+                    ));
+                }
                 let waiter = lock(&shared.waiting).remove(&answer.tag);
-                if let Some(waiter) = waiter {
-                    let _ =
-                        waiter.send(answer.result.ok_or_else(|| {
+                match waiter {
+                    Some(waiter) => {
+                        let _ = waiter.send(answer.result.ok_or_else(|| {
                             Status::internal("the plugin answered without a result")
                         }));
+                    }
+                    None => {
+                        unclaimed += 1;
+                        if unclaimed > issued {
+                            break Status::internal(format!(
+                                "the plugin sent {unclaimed} answers nobody waited for, \
+                                 for {issued} deliveries"
+                            ));
+                        }
+                    }
                 }
             }
             Ok(None) => break Status::unavailable("the plugin ended its job stream"),

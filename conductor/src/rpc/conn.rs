@@ -23,6 +23,13 @@ use http_body::{Body, Frame};
 use tokio::net::UnixStream;
 use tokio::task::AbortHandle;
 
+/// Largest header block taken from an instance.
+const MAX_HEADER_LIST: u32 = 64 * 1024;
+/// Largest health answer: the real one is a few bytes, and a plugin
+/// answering without end must not fill the conductor's memory until the
+/// check times out.
+const MAX_HEALTH_ANSWER: usize = 64 * 1024;
+
 /// A connection; clones share it. When the last clone goes, so does the
 /// task driving it.
 #[derive(Clone)]
@@ -56,6 +63,9 @@ pub async fn connect(socket: &Path) -> Result<Connection, ConnectError> {
         // the conductor's memory at a thousand instances). Literal headers
         // cost a few bytes more on a local socket.
         .header_table_size(0)
+        // gRPC answers carry a few short headers; a plugin sending
+        // megabytes of them gets its stream refused, not decoded.
+        .max_header_list_size(MAX_HEADER_LIST)
         .handshake::<_, Bytes>(stream)
         .await?;
     let driver = tokio::spawn(async move {
@@ -119,6 +129,11 @@ impl Connection {
         while let Some(chunk) = recv.data().await {
             let chunk = chunk.map_err(unavailable)?;
             let _ = recv.flow_control().release_capacity(chunk.len());
+            if data.len() + chunk.len() > MAX_HEALTH_ANSWER {
+                return Err(tonic::Status::internal(format!(
+                    "a health answer of more than {MAX_HEALTH_ANSWER} bytes"
+                )));
+            }
             data.extend_from_slice(&chunk);
         }
         if let Some(trailers) = recv.trailers().await.map_err(unavailable)? {
