@@ -1,6 +1,7 @@
 //! Property tests of the parsers operators feed the conductor: the
 //! configuration (generated from its own keys with values of every kind,
-//! the examples mutated, and plain noise) and `scale-sim`'s traces.
+//! the examples mutated, and plain noise), plugin folders' `plugin.toml`
+//! manifests, and `scale-sim`'s traces.
 //! Whatever the input: no panic, and every error names the file, and for
 //! the configuration the line, column and field.
 //!
@@ -330,6 +331,81 @@ fn config_text() -> impl Strategy<Value = String> {
     )
 }
 
+/// A plugin folder's manifest: a name (or not), then a plugin's own keys
+/// and tables, as in `[plugins.NAME]`.
+fn manifest_text() -> impl Strategy<Value = String> {
+    (
+        prop::option::weighted(
+            0.9,
+            prop::sample::select(vec!["\"a\"", "\"echo\"", "\"x y\"", "\"\"", "7", "\"ünï\""]),
+        ),
+        prop::bool::weighted(0.9),
+        entries(PLUGIN_KEYS),
+        prop::collection::vec(
+            (0..TABLES.len()).prop_flat_map(|t| (Just(TABLES[t].0), entries(TABLES[t].1))),
+            0..3,
+        ),
+    )
+        .prop_map(|(name, command, keys, tables)| {
+            let mut text = String::new();
+            let mut written = std::collections::HashSet::new();
+            if let Some(name) = name {
+                text.push_str(&format!("name = {name}\n"));
+                written.insert("name".to_owned());
+            }
+            if command {
+                text.push_str("command = \"/bin/true\"\n");
+                written.insert("command".to_owned());
+            }
+            for (k, v) in keys {
+                if written.insert(k.clone()) {
+                    text.push_str(&format!("{k} = {v}\n"));
+                }
+            }
+            for (table, keys) in tables {
+                text.push_str(&format!("[{table}]\n"));
+                let mut written = std::collections::HashSet::new();
+                for (k, v) in keys {
+                    if written.insert(k.clone()) {
+                        text.push_str(&format!("{k} = {v}\n"));
+                    }
+                }
+            }
+            text
+        })
+}
+
+/// Checks what a scan of a plugin folder holding `text` as its manifest
+/// made of it: a plugin, or problems that each name the manifest, a line
+/// and column, and the field.
+fn scanned(text: &str) -> Result<(), TestCaseError> {
+    let root = std::env::temp_dir().join(format!("demi-properties-{}", std::process::id()));
+    let folder = root.join("plugin");
+    let manifest = folder.join(config::discovery::MANIFEST);
+    std::fs::create_dir_all(&folder).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    std::fs::write(&manifest, text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let scan = config::discovery::scan(&[root]);
+    prop_assert!(
+        scan.manifests.len() + usize::from(!scan.problems.is_empty()) >= 1,
+        "neither a plugin nor a problem:\n{}",
+        text
+    );
+    for problem in &scan.problems {
+        let shown = problem.to_string();
+        prop_assert_eq!(&problem.file, &manifest, "{}", shown);
+        prop_assert!(
+            problem.position.is_some(),
+            "no line and column: {}\n{}",
+            shown,
+            text
+        );
+        let (line, column) = problem.position.unwrap_or_default();
+        prop_assert!(line >= 1 && column >= 1, "{}", shown);
+        prop_assert!(!problem.field.is_empty(), "no field: {}\n{}", shown, text);
+    }
+    Ok(())
+}
+
 /// 2,048 cases a property (about a second each here), or
 /// `PROPTEST_CASES`.
 fn cases() -> u32 {
@@ -449,6 +525,11 @@ proptest! {
             text.replace_range(at..end.max(at), &insert);
         }
         parsed(&text)?;
+    }
+
+    #[test]
+    fn a_manifest_makes_a_plugin_or_says_where_it_is_wrong(text in manifest_text()) {
+        scanned(&text)?;
     }
 
     #[test]

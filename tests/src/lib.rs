@@ -863,12 +863,21 @@ pub mod grpc {
         path: &'static str,
         request: Vec<u8>,
     ) -> Result<Vec<u8>, tonic::Status> {
+        raw_unary_request(channel, path, tonic::Request::new(request)).await
+    }
+
+    /// [`raw_unary`] with metadata (a token, say) on the request.
+    pub async fn raw_unary_request(
+        channel: Channel,
+        path: &'static str,
+        request: tonic::Request<Vec<u8>>,
+    ) -> Result<Vec<u8>, tonic::Status> {
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready()
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let path = http::uri::PathAndQuery::from_static(path);
-        grpc.unary(tonic::Request::new(request), path, Raw)
+        grpc.unary(request, path, Raw)
             .await
             .map(tonic::Response::into_inner)
     }

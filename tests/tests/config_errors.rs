@@ -37,7 +37,7 @@ const CASES: &[(&str, &str, usize, &str)] = &[
         "missing command",
         "[plugins.x]\nreplicas = 1\n",
         5,
-        "plugins.x",
+        "plugins.x.command",
     ),
     (
         "duplicate plugin",

@@ -219,3 +219,221 @@ fn random_admin_requests_get_an_answer_or_a_clear_status_and_hurt_nothing() {
         "{rss_before} -> {rss_after} KiB"
     );
 }
+
+/// A call to the plugin API (`demi.plugin.v1.Host`), as an instance makes
+/// it, with random fields.
+#[derive(Debug, Clone)]
+enum HostCall {
+    Submit {
+        plugin: String,
+        kind: String,
+        payload: usize,
+        attributes: HashMap<String, String>,
+        idempotency_key: String,
+        and_wait: bool,
+    },
+    GetJob(String),
+    WaitJob(String, i64),
+    Acquire(String, u32, i64),
+    ReportHealth(bool, String),
+    Membership,
+}
+
+fn host_call() -> impl Strategy<Value = HostCall> {
+    let target = prop_oneof![3 => Just("echo".to_owned()), 1 => text()];
+    let payload = prop_oneof![
+        Just(0usize),
+        0usize..2048,
+        Just(LIMIT - 4096),
+        Just(LIMIT + 1),
+    ];
+    let attributes = prop::collection::hash_map(text(), text(), 0..4);
+    prop_oneof![
+        4 => (target, text(), payload, attributes, text(), any::<bool>()).prop_map(
+            |(plugin, kind, payload, attributes, idempotency_key, and_wait)| HostCall::Submit {
+                plugin,
+                kind,
+                payload,
+                attributes,
+                idempotency_key,
+                and_wait,
+            }
+        ),
+        1 => text().prop_map(HostCall::GetJob),
+        1 => (text(), any::<i64>()).prop_map(|(id, s)| HostCall::WaitJob(id, s)),
+        2 => (
+            prop_oneof![Just("rest".to_owned()), text()],
+            prop_oneof![0u32..4, any::<u32>()],
+            any::<i64>()
+        )
+            .prop_map(|(limit, bucket, wait)| HostCall::Acquire(limit, bucket, wait)),
+        1 => (any::<bool>(), text()).prop_map(|(s, r)| HostCall::ReportHealth(s, r)),
+        1 => Just(HostCall::Membership),
+    ]
+}
+
+type Host = grpc::pb::host_client::HostClient<tonic::transport::Channel>;
+
+async fn make_host(host: &mut Host, token: &str, call: HostCall) -> Result<(), tonic::Status> {
+    fn signed<T>(token: &str, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Ok(value) = format!("Bearer {token}").parse() {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request.set_timeout(std::time::Duration::from_secs(5));
+        request
+    }
+    match call {
+        HostCall::Submit {
+            plugin,
+            kind,
+            payload,
+            attributes,
+            idempotency_key,
+            and_wait,
+        } => {
+            let job = pb::SubmitRequest {
+                plugin,
+                kind,
+                payload: vec![b'p'; payload],
+                attributes,
+                idempotency_key,
+                deadline: None,
+            };
+            if and_wait {
+                host.submit_and_wait(signed(token, job)).await.map(drop)
+            } else {
+                host.submit(signed(token, job)).await.map(drop)
+            }
+        }
+        HostCall::GetJob(job_id) => host
+            .get_job(signed(token, pb::GetJobRequest { job_id }))
+            .await
+            .map(drop),
+        HostCall::WaitJob(job_id, seconds) => {
+            let request = pb::WaitJobRequest {
+                job_id,
+                timeout: Some(prost_types::Duration {
+                    seconds: seconds % 3,
+                    nanos: 0,
+                }),
+            };
+            host.wait_job(signed(token, request)).await.map(drop)
+        }
+        HostCall::Acquire(limit, bucket, wait) => {
+            let mut request = signed(
+                token,
+                grpc::pb::AcquireRequest { limit, bucket },
+            );
+            request.set_timeout(std::time::Duration::from_millis(
+                wait.rem_euclid(500) as u64 + 1,
+            ));
+            host.acquire(request).await.map(drop)
+        }
+        HostCall::ReportHealth(serving, reason) => host
+            .report_health(signed(
+                token,
+                grpc::pb::ReportHealthRequest { serving, reason },
+            ))
+            .await
+            .map(drop),
+        HostCall::Membership => host
+            .get_membership(signed(token, grpc::pb::GetMembershipRequest {}))
+            .await
+            .map(drop),
+    }
+}
+
+#[test]
+fn random_plugin_api_requests_get_an_answer_or_a_clear_status_and_hurt_nothing() {
+    let files = tempfile::tempdir().unwrap();
+    let token_file = files.path().join("token");
+    // An instance that hands its token to the test: the fuzzer calls as it.
+    let conductor = Conductor::builder().log("info").start(&format!(
+        "[plugins.echo]\ncommand = \"{{echo}}\"\n[plugins.echo.dispatch]\nqueue_capacity = 100000\n\n\
+         [plugins.caller]\ncommand = \"/bin/sh\"\n\
+         args = [\"-c\", \"echo $DEMI_CONDUCTOR_TOKEN > {}; exec sleep 3600\"]\n\
+         health = \"none\"\nsubmits_to = [\"echo\"]\n\
+         [plugins.caller.shared_limits]\nrest = {{ rate = 50, per = \"1s\" }}\n",
+        token_file.display()
+    ));
+    let (_, echo) = conductor.wait_serving(0, "echo", 0);
+    demi_e2e::eventually("the caller's token", || {
+        std::fs::read_to_string(&token_file).is_ok_and(|t| !t.trim().is_empty())
+    });
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let socket = conductor.runtime_dir().join("plugin-api.sock");
+    let runtime = grpc::runtime();
+    let host = runtime.block_on(async {
+        Host::new(grpc::connect(&socket).await).max_decoding_message_size(usize::MAX)
+    });
+    let rss_before = rss_kib(conductor.pid());
+
+    let allowed = [
+        Code::InvalidArgument,
+        Code::NotFound,
+        Code::OutOfRange,
+        Code::ResourceExhausted,
+        Code::FailedPrecondition,
+        Code::PermissionDenied,
+        Code::DeadlineExceeded,
+    ];
+    let mut runner = TestRunner::new(Config {
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let seen = std::cell::RefCell::new(std::collections::BTreeMap::<String, usize>::new());
+    runner
+        .run(&host_call(), |call| {
+            let shown = format!("{call:?}").chars().take(300).collect::<String>();
+            let result = runtime.block_on(make_host(&mut host.clone(), &token, call));
+            let name = match &result {
+                Ok(()) => "ok".to_owned(),
+                Err(status) => format!("{:?}", status.code()),
+            };
+            *seen.borrow_mut().entry(name).or_default() += 1;
+            if let Err(status) = result {
+                prop_assert!(
+                    allowed.contains(&status.code()) && !status.message().is_empty(),
+                    "{shown}: {status:?}"
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+    eprintln!("plugin API answers: {:?}", seen.borrow());
+
+    // Not UTF-8 where protobuf wants a string: refused.
+    let mut request = tonic::Request::new(invalid_utf8_submit());
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let channel = runtime.block_on(grpc::connect(&socket));
+    let refused = runtime.block_on(grpc::raw_unary_request(
+        channel,
+        "/demi.plugin.v1.Host/Submit",
+        request,
+    ));
+    let status = refused.expect_err("an attribute that is not UTF-8 was taken");
+    assert!(
+        status.message().to_lowercase().contains("utf-8"),
+        "{status:?}"
+    );
+
+    let panics: Vec<_> = conductor
+        .events()
+        .into_iter()
+        .filter(|e| e.to_string().contains("panicked"))
+        .collect();
+    assert!(panics.is_empty(), "{panics:?}");
+    assert_eq!(conductor.pids_of("echo"), vec![u64::from(echo)]);
+    let rss_after = rss_kib(conductor.pid());
+    eprintln!("conductor RSS {rss_before} -> {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 256 * 1024,
+        "{rss_before} -> {rss_after} KiB"
+    );
+}

@@ -173,7 +173,7 @@ fn a_broken_file_reaches_the_daemon_which_refuses_it_and_says_every_problem() {
     for problem in [
         "plugins.keep.replicas: must be at least 1",
         "plugins.keep.dispatch.max_attempts: must be at least 1",
-        "plugins.bad: missing field `command`",
+        "plugins.bad.command: missing field `command`",
     ] {
         assert!(errors.contains(problem), "{problem} not in:\n{errors}");
     }

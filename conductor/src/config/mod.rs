@@ -731,6 +731,17 @@ impl Report<'_> {
             }
             _ => field,
         };
+        // A missing key is the field wanted: in the table the error spans
+        // (a manifest's is the whole file).
+        let missing = error
+            .message()
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next());
+        let field = match missing {
+            Some(key) if field.is_empty() => key.to_owned(),
+            Some(key) => format!("{field}.{key}"),
+            None => field,
+        };
         self.push(span, field, error.message().trim().to_owned());
     }
 

@@ -114,7 +114,7 @@ const BROKEN: &[(&str, &str, usize, &str, &str)] = &[
         "missing command",
         "[plugins.echo]\nreplicas = 1\n",
         1,
-        "plugins.echo",
+        "plugins.echo.command",
         "missing field `command`",
     ),
     (
@@ -320,7 +320,7 @@ fn discovered_plugins_can_be_overridden_and_disabled() {
     let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(warnings.len(), 1);
     assert!(
-        warnings[0].contains("broken/plugin.toml:1:1: missing field `command`"),
+        warnings[0].contains("broken/plugin.toml:1:1: command: missing field `command`"),
         "{warnings:?}"
     );
 }
