@@ -321,10 +321,7 @@ async fn make_host(host: &mut Host, token: &str, call: HostCall) -> Result<(), t
             host.wait_job(signed(token, request)).await.map(drop)
         }
         HostCall::Acquire(limit, bucket, wait) => {
-            let mut request = signed(
-                token,
-                grpc::pb::AcquireRequest { limit, bucket },
-            );
+            let mut request = signed(token, grpc::pb::AcquireRequest { limit, bucket });
             request.set_timeout(std::time::Duration::from_millis(
                 wait.rem_euclid(500) as u64 + 1,
             ));

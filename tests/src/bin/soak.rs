@@ -290,7 +290,10 @@ fn main() {
     let journal = scratch.path().join("journal");
     let stderr = scratch.path().join("conductor.stderr");
     let mut generation = 0;
+    // The soak audits every job at the end: answers must outlive the run
+    // (the default keeps them 10 minutes, the length of a full soak).
     let mut conductor = Conductor::builder()
+        .conductor("[conductor.jobs]\nkeep_answers = \"6h\"\n")
         .log("info")
         .stderr(&stderr)
         .start(&plugins(generation, &journal));
@@ -477,6 +480,7 @@ fn main() {
 
     let completed = pb::job_state::State::Completed as i32;
     let dead = pb::job_state::State::DeadLettered as i32;
+    let expired = pb::job_state::State::Expired as i32;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut wrong_answers = 0;
     let mut platform_completed = 0;
@@ -492,6 +496,9 @@ fn main() {
                 "completed"
             }
             s if s == dead => "dead_lettered",
+            // Finished, but its answer is no longer kept: not lost, and
+            // not checked either.
+            s if s == expired => "expired",
             _ => "lost",
         };
         *counts.entry(word).or_default() += 1;
@@ -533,7 +540,10 @@ fn main() {
             copies += extra;
         }
     }
-    let twice = answered.len().saturating_sub(platform_completed);
+    let expired_n = counts.get("expired").copied().unwrap_or(0);
+    let twice = answered
+        .len()
+        .saturating_sub(platform_completed + expired_n);
     let lost_by_journal = platform_completed.saturating_sub(answered.len());
     let retried = {
         let mut per_job: BTreeMap<&str, u32> = BTreeMap::new();
@@ -593,6 +603,7 @@ fn main() {
         "refused": refused.load(Ordering::Relaxed),
         "completed": counts.get("completed").copied().unwrap_or(0),
         "dead_lettered": counts.get("dead_lettered").copied().unwrap_or(0),
+        "expired_unchecked": expired_n,
         "lost": lost,
         "lost_by_conductor": lost_by_conductor,
         "lost_by_journal": lost_by_journal,
@@ -665,6 +676,9 @@ fn main() {
     let mut broken = Vec::new();
     if lost > 0 {
         broken.push(format!("{lost} jobs lost"));
+    }
+    if expired_n > 0 {
+        broken.push(format!("{expired_n} jobs no longer on record"));
     }
     if duplicates > 0 {
         broken.push(format!("{duplicates} jobs done twice"));
