@@ -285,50 +285,74 @@ fn entries(keys: &'static [&'static str]) -> impl Strategy<Value = Vec<(String, 
     )
 }
 
-/// A configuration made of the conductor's own keys and tables.
-fn config_text() -> impl Strategy<Value = String> {
-    let name = prop::sample::select(vec!["a", "b", "echo", "\"x y\"", "\"\"", "\"ünï\"", "a-1"]);
-    let plugin = (
-        name,
+type Entries = Vec<(String, String)>;
+
+/// A plugin's table: `command` most of the time, its own keys, and some
+/// of its sub-tables.
+type PluginBody = (bool, Entries, Vec<(&'static str, Entries)>);
+
+fn plugin_body() -> impl Strategy<Value = PluginBody> {
+    (
         prop::bool::weighted(0.9),
         entries(PLUGIN_KEYS),
         prop::collection::vec(
             (0..TABLES.len()).prop_flat_map(|t| (Just(TABLES[t].0), entries(TABLES[t].1))),
             0..3,
         ),
-    );
-    (entries(CONDUCTOR_KEYS), prop::collection::vec(plugin, 0..4)).prop_map(
-        |(conductor, plugins)| {
+    )
+}
+
+/// Writes `body` after its header, its sub-tables as `[PREFIXtable]`. A
+/// key twice is a TOML error before any check: each goes in once (those
+/// in `written` not at all).
+fn write_plugin(
+    text: &mut String,
+    prefix: &str,
+    (command, keys, tables): PluginBody,
+    mut written: std::collections::HashSet<String>,
+) {
+    if command && written.insert("command".to_owned()) {
+        text.push_str("command = \"/bin/true\"\n");
+    }
+    for (k, v) in keys {
+        if written.insert(k.clone()) {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+    }
+    for (table, keys) in tables {
+        text.push_str(&format!("[{prefix}{table}]\n"));
+        let mut written = std::collections::HashSet::new();
+        for (k, v) in keys {
+            if written.insert(k.clone()) {
+                text.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+    }
+}
+
+/// A configuration made of the conductor's own keys and tables.
+fn config_text() -> impl Strategy<Value = String> {
+    let name = prop::sample::select(vec!["a", "b", "echo", "\"x y\"", "\"\"", "\"ünï\"", "a-1"]);
+    (
+        entries(CONDUCTOR_KEYS),
+        prop::collection::vec((name, plugin_body()), 0..4),
+    )
+        .prop_map(|(conductor, plugins)| {
             let mut text = String::from("[conductor]\nruntime_dir = \"run\"\n");
             for (k, v) in conductor {
                 text.push_str(&format!("{k} = {v}\n"));
             }
-            for (name, command, keys, tables) in plugins {
+            for (name, body) in plugins {
                 text.push_str(&format!("[plugins.{name}]\n"));
-                let mut written = std::collections::HashSet::new();
-                if command {
-                    text.push_str("command = \"/bin/true\"\n");
-                    written.insert("command".to_owned());
-                }
-                // A key twice is a TOML error before any check: mostly once.
-                for (k, v) in keys {
-                    if written.insert(k.clone()) {
-                        text.push_str(&format!("{k} = {v}\n"));
-                    }
-                }
-                for (table, keys) in tables {
-                    text.push_str(&format!("[plugins.{name}.{table}]\n"));
-                    let mut written = std::collections::HashSet::new();
-                    for (k, v) in keys {
-                        if written.insert(k.clone()) {
-                            text.push_str(&format!("{k} = {v}\n"));
-                        }
-                    }
-                }
+                write_plugin(
+                    &mut text,
+                    &format!("plugins.{name}."),
+                    body,
+                    Default::default(),
+                );
             }
             text
-        },
-    )
+        })
 }
 
 /// A plugin folder's manifest: a name (or not), then a plugin's own keys
@@ -339,38 +363,16 @@ fn manifest_text() -> impl Strategy<Value = String> {
             0.9,
             prop::sample::select(vec!["\"a\"", "\"echo\"", "\"x y\"", "\"\"", "7", "\"ünï\""]),
         ),
-        prop::bool::weighted(0.9),
-        entries(PLUGIN_KEYS),
-        prop::collection::vec(
-            (0..TABLES.len()).prop_flat_map(|t| (Just(TABLES[t].0), entries(TABLES[t].1))),
-            0..3,
-        ),
+        plugin_body(),
     )
-        .prop_map(|(name, command, keys, tables)| {
+        .prop_map(|(name, body)| {
             let mut text = String::new();
             let mut written = std::collections::HashSet::new();
             if let Some(name) = name {
                 text.push_str(&format!("name = {name}\n"));
                 written.insert("name".to_owned());
             }
-            if command {
-                text.push_str("command = \"/bin/true\"\n");
-                written.insert("command".to_owned());
-            }
-            for (k, v) in keys {
-                if written.insert(k.clone()) {
-                    text.push_str(&format!("{k} = {v}\n"));
-                }
-            }
-            for (table, keys) in tables {
-                text.push_str(&format!("[{table}]\n"));
-                let mut written = std::collections::HashSet::new();
-                for (k, v) in keys {
-                    if written.insert(k.clone()) {
-                        text.push_str(&format!("{k} = {v}\n"));
-                    }
-                }
-            }
+            write_plugin(&mut text, "", body, written);
             text
         })
 }

@@ -457,6 +457,24 @@ impl Conductor {
         (at, event["pid"].as_u64().expect("pid") as u32)
     }
 
+    /// `plugin`'s health checks logged from event `from` on, when the
+    /// conductor logs them (`demi_conductor::telemetry::recorder=trace`):
+    /// how many milliseconds each took, and those between one and the next.
+    pub fn health_checks(&self, from: usize, plugin: &str) -> (Vec<f64>, Vec<f64>) {
+        let checks: Vec<Value> = self
+            .events_since(from)
+            .into_iter()
+            .filter(|e| e["message"] == "health checked" && e["span"]["plugin"] == plugin)
+            .collect();
+        let took = checks
+            .iter()
+            .filter_map(|e| e["took_us"].as_f64())
+            .map(|us| us / 1000.0)
+            .collect();
+        let at: Vec<f64> = checks.iter().map(timestamp_ms).collect();
+        (took, at.windows(2).map(|w| w[1] - w[0]).collect())
+    }
+
     /// Every pid the conductor spawned so far.
     pub fn spawned_pids(&self) -> Vec<u32> {
         self.events()
@@ -533,6 +551,21 @@ pub fn cgroup_dirs(root: &str) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Every live process in cgroup `root` or below it, in any hierarchy.
+pub fn processes_under(root: &str) -> std::collections::BTreeSet<u32> {
+    cgroup_dirs(root)
+        .iter()
+        .filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+        .flat_map(|procs| {
+            procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
 }
 
 /// Processes of `plugin`'s instances under cgroup `root` (read from the

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use demi_e2e::grpc::{self, admin_pb as pb};
-use demi_e2e::{Conductor, bin, rss_kib, timestamp_ms};
+use demi_e2e::{Conductor, bin, rss_kib};
 
 const HEALTH_ROGUES: [&str; 4] = ["silent", "garbage-health", "endless-health", "huge-headers"];
 const JOB_ROGUES: [&str; 4] = [
@@ -29,23 +29,6 @@ fn rogue(mode: &str) -> String {
          [plugins.{mode}.dispatch]\nmax_attempts = 2\nattempt_timeout = \"1s\"\nretry_initial = \"50ms\"\n",
         bin("rogue_plugin").display()
     )
-}
-
-/// The neighbour's health checks logged from event `from` on: (took ms,
-/// interval ms).
-fn neighbour_checks(conductor: &Conductor, from: usize) -> (Vec<f64>, Vec<f64>) {
-    let checks: Vec<serde_json::Value> = conductor
-        .events_since(from)
-        .into_iter()
-        .filter(|e| e["message"] == "health checked" && e["span"]["plugin"] == "neighbour")
-        .collect();
-    let took = checks
-        .iter()
-        .filter_map(|e| e["took_us"].as_f64())
-        .map(|us| us / 1000.0)
-        .collect();
-    let at: Vec<f64> = checks.iter().map(timestamp_ms).collect();
-    (took, at.windows(2).map(|w| w[1] - w[0]).collect())
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -149,7 +132,7 @@ fn protocol_breaking_plugins_are_restarted_or_retried_and_nobody_else_notices() 
         );
     }
 
-    let (took, gaps) = neighbour_checks(&conductor, from);
+    let (took, gaps) = conductor.health_checks(from, "neighbour");
     let expected = elapsed / 0.2;
     eprintln!(
         "neighbour: {} checks in {elapsed:.1} s (p50 {:.2} ms, interval p50 {:.0} ms, max {:.0} ms); \

@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use demi_e2e::{Conductor, bin, rss_kib, timestamp_ms};
+use demi_e2e::{Conductor, bin, rss_kib};
 use serde_json::{Value, json};
 
 const CHECK_EVERY: Duration = Duration::from_millis(200);
@@ -51,24 +51,6 @@ fn cases(submit_rate: Option<u32>) -> Vec<Case> {
             extra: format!("submits_to = [\"sink\"]\n{rate}"),
         },
     ]
-}
-
-/// The neighbour's checks logged from `from` on: (milliseconds each took,
-/// milliseconds since the previous one).
-fn checks(conductor: &Conductor, from: usize) -> (Vec<f64>, Vec<f64>) {
-    let events: Vec<Value> = conductor
-        .events_since(from)
-        .into_iter()
-        .filter(|e| e["message"] == "health checked" && e["span"]["plugin"] == "neighbour")
-        .collect();
-    let took = events
-        .iter()
-        .filter_map(|e| e["took_us"].as_f64())
-        .map(|us| us / 1000.0)
-        .collect();
-    let at: Vec<f64> = events.iter().map(timestamp_ms).collect();
-    let gaps = at.windows(2).map(|w| w[1] - w[0]).collect();
-    (took, gaps)
 }
 
 fn p(values: &[f64], q: f64) -> f64 {
@@ -117,7 +99,7 @@ fn run(case: &Case, scratch: &Path) -> Value {
     let from = conductor.cursor();
     std::thread::sleep(BEFORE);
     let rss_before = rss_kib(conductor.pid());
-    let (took_before, gaps_before) = checks(&conductor, from);
+    let (took_before, gaps_before) = conductor.health_checks(from, "neighbour");
 
     let from = conductor.cursor();
     std::fs::write(&go, "").expect("write the go file");
@@ -127,7 +109,7 @@ fn run(case: &Case, scratch: &Path) -> Value {
         rss_during = rss_during.max(rss_kib(conductor.pid()));
         std::thread::sleep(Duration::from_millis(250));
     }
-    let (took_during, gaps_during) = checks(&conductor, from);
+    let (took_during, gaps_during) = conductor.health_checks(from, "neighbour");
     let hostile = report(&report_file);
     let events = conductor.events_since(from);
     let out = conductor.cli(&["stop", "hostile"]);

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use demi_e2e::grpc::admin_pb as pb;
-use demi_e2e::{Conductor, alive, cgroup_dirs, rss_kib, series};
+use demi_e2e::{Conductor, alive, cgroup_dirs, processes_under, rss_kib, series};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tonic::Code;
@@ -184,23 +184,20 @@ async fn end_of(mut api: Admin, id: String) -> pb::JobState {
     pb::JobState::default()
 }
 
-/// Every process in cgroup `root` or below it, in any hierarchy.
-fn processes_under(root: &str) -> BTreeSet<u32> {
-    cgroup_dirs(root)
-        .iter()
-        .filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
-        .flat_map(|procs| {
-            procs
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .filter(|pid| alive(*pid))
-        .collect()
-}
-
 fn instance_processes(root: &str, plugin: &str) -> Vec<u32> {
     demi_e2e::pids_in_cgroup(root, plugin)
+}
+
+/// What plugins wrote about a panic, as the conductor logged their output.
+fn panicked_plugins(conductor: &Conductor) -> Vec<String> {
+    conductor
+        .events()
+        .iter()
+        .filter(|e| e["target"] == "plugin")
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| m.contains("panicked"))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn micros_now() -> u128 {
@@ -334,6 +331,7 @@ fn main() {
     let mut samples = Vec::new();
     let mut orphans = Vec::new();
     let mut conductor_killed_at: Vec<u128> = Vec::new();
+    let mut plugin_panics: Vec<String> = Vec::new();
     let mut continues: Vec<(Instant, u32)> = Vec::new();
     let mut last_fault = started;
     let (mut next_reload, mut next_kill, mut next_sample) = (
@@ -420,6 +418,7 @@ fn main() {
             left.extend(processes_under(&root));
             orphans.push(left.len());
             faults.conductor_kills += 1;
+            plugin_panics.extend(panicked_plugins(&conductor));
             conductor = conductor.restart();
             conductor.api_socket();
             last_fault = Instant::now();
@@ -484,6 +483,8 @@ fn main() {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut wrong_answers = 0;
     let mut platform_completed = 0;
+    let mut unanswered = Vec::new();
+    let mut unanswered_n = 0;
     for (state, job) in &states {
         let word = match state.state {
             s if s == completed => {
@@ -495,7 +496,17 @@ fn main() {
                 }
                 "completed"
             }
-            s if s == dead => "dead_lettered",
+            s if s == dead => {
+                // A platform job dead-lettered is a client's message that
+                // got no answer: why, for the record.
+                if !job.hang {
+                    unanswered_n += 1;
+                    if unanswered.len() < 20 {
+                        unanswered.push(json!({"job": job.key, "errors": state.errors}));
+                    }
+                }
+                "dead_lettered"
+            }
             // Finished, but its answer is no longer kept: not lost, and
             // not checked either.
             s if s == expired => "expired",
@@ -541,9 +552,12 @@ fn main() {
         }
     }
     let expired_n = counts.get("expired").copied().unwrap_or(0);
+    // A platform job dead-lettered may have handed its worker job over
+    // before it failed: that worker job is not work done twice.
+    let platform_dead = unanswered_n;
     let twice = answered
         .len()
-        .saturating_sub(platform_completed + expired_n);
+        .saturating_sub(platform_completed + platform_dead + expired_n);
     let lost_by_journal = platform_completed.saturating_sub(answered.len());
     let retried = {
         let mut per_job: BTreeMap<&str, u32> = BTreeMap::new();
@@ -555,6 +569,7 @@ fn main() {
 
     // The final stop: nothing may outlive it.
     samples.push(sample(&conductor, started.elapsed().as_secs_f64()));
+    plugin_panics.extend(panicked_plugins(&conductor));
     let spawned: Vec<u32> = conductor.spawned_pids();
     conductor.signal(Signal::SIGTERM);
     let exit = conductor.wait_exit();
@@ -603,6 +618,9 @@ fn main() {
         "refused": refused.load(Ordering::Relaxed),
         "completed": counts.get("completed").copied().unwrap_or(0),
         "dead_lettered": counts.get("dead_lettered").copied().unwrap_or(0),
+        "platform_jobs_dead_lettered": unanswered_n,
+        "platform_dead_letters_why": unanswered,
+        "plugin_panics": plugin_panics,
         "expired_unchecked": expired_n,
         "lost": lost,
         "lost_by_conductor": lost_by_conductor,
@@ -655,6 +673,12 @@ fn main() {
          (orphans 1 s after each: {orphans:?})",
         faults.kill, faults.stop, faults.term, faults.hang, faults.reloads, faults.conductor_kills
     );
+    if !plugin_panics.is_empty() {
+        println!("plugin panics: {plugin_panics:?}");
+    }
+    if unanswered_n > 0 {
+        println!("{unanswered_n} platform jobs dead-lettered: {unanswered:?}");
+    }
     println!(
         "panics {panics}; every replica SERVING {} after the last fault (bound {:.1} s)",
         serving_after.map_or("never".into(), |t| format!("{:.2} s", t.as_secs_f64())),
