@@ -173,6 +173,16 @@ impl Host {
     ) -> Result<crate::dispatch::Submission, Status> {
         let caller = caller_of(&request)?;
         let target = request.get_ref().plugin.clone();
+        // Named in the refusal below: a name longer than any plugin's is
+        // refused first, never echoed whole (it could outgrow the answer's
+        // headers).
+        if target.len() > super::MAX_NAME {
+            return Err(Status::invalid_argument(format!(
+                "plugin: {} bytes; a plugin name has at most {}",
+                target.len(),
+                super::MAX_NAME
+            )));
+        }
         if !self.parts.access.may_submit(&caller.plugin, &target) {
             return Err(self.deny(
                 &caller,
