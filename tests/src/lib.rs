@@ -557,13 +557,16 @@ pub fn cgroup_dirs(root: &str) -> Vec<PathBuf> {
 pub fn processes_under(root: &str) -> std::collections::BTreeSet<u32> {
     cgroup_dirs(root)
         .iter()
-        .filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
-        .flat_map(|procs| {
-            procs
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect::<Vec<u32>>()
-        })
+        .flat_map(|d| live_procs(d))
+        .collect()
+}
+
+/// The live processes of one cgroup folder.
+fn live_procs(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
         .filter(|pid| alive(*pid))
         .collect()
 }
@@ -578,14 +581,7 @@ pub fn pids_in_cgroup(root: &str, plugin: &str) -> Vec<u32> {
     };
     instances
         .flatten()
-        .filter_map(|i| std::fs::read_to_string(i.path().join("cgroup.procs")).ok())
-        .flat_map(|procs| {
-            procs
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .filter(|pid| alive(*pid))
+        .flat_map(|i| live_procs(&i.path()))
         .collect()
 }
 

@@ -73,13 +73,7 @@ fn plugin_name(name: String) -> Result<String, Status> {
     if name.is_empty() {
         return Err(Status::invalid_argument("name: must name a plugin"));
     }
-    if name.len() > super::MAX_NAME {
-        return Err(Status::invalid_argument(format!(
-            "name: {} bytes; a plugin name has at most {}",
-            name.len(),
-            super::MAX_NAME
-        )));
-    }
+    super::bounded_name("name", "a plugin name", &name)?;
     Ok(name)
 }
 

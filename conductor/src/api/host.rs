@@ -173,16 +173,8 @@ impl Host {
     ) -> Result<crate::dispatch::Submission, Status> {
         let caller = caller_of(&request)?;
         let target = request.get_ref().plugin.clone();
-        // Named in the refusal below: a name longer than any plugin's is
-        // refused first, never echoed whole (it could outgrow the answer's
-        // headers).
-        if target.len() > super::MAX_NAME {
-            return Err(Status::invalid_argument(format!(
-                "plugin: {} bytes; a plugin name has at most {}",
-                target.len(),
-                super::MAX_NAME
-            )));
-        }
+        // Named in the refusal below: bounded first.
+        super::bounded_name("plugin", "a plugin name", &target)?;
         if !self.parts.access.may_submit(&caller.plugin, &target) {
             return Err(self.deny(
                 &caller,
@@ -308,13 +300,7 @@ impl pb::host_server::Host for Host {
         let caller = caller_of(&request)?;
         let deadline = grpc_timeout(&request).map(|t| tokio::time::Instant::now() + t);
         let pb::AcquireRequest { limit, bucket } = request.into_inner();
-        if limit.len() > super::MAX_NAME {
-            return Err(Status::invalid_argument(format!(
-                "limit: {} bytes; a limit's name has at most {}",
-                limit.len(),
-                super::MAX_NAME
-            )));
-        }
+        super::bounded_name("limit", "a limit's name", &limit)?;
         let granted = self
             .parts
             .limits

@@ -57,6 +57,19 @@ pub enum ReloadError {
 /// own bound on plugin names.
 pub const MAX_NAME: usize = 64;
 
+/// Refuses `name` (of `what`, in request field `field`) when it is longer
+/// than any can be: before it is looked up, and without echoing it whole
+/// in an answer, where it could outgrow the HTTP/2 headers.
+fn bounded_name(field: &str, what: &str, name: &str) -> Result<(), tonic::Status> {
+    if name.len() > MAX_NAME {
+        return Err(tonic::Status::invalid_argument(format!(
+            "{field}: {} bytes; {what} has at most {MAX_NAME}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Clone)]
 pub struct Parts {
     pub supervisor: Arc<Supervisor>,
