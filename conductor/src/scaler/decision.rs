@@ -384,7 +384,8 @@ mod tests {
     fn flat_forecast(upper: f64, len: usize) -> Forecast {
         Forecast {
             method: Method::Ets,
-            fallback: None,
+            fallback: Vec::new(),
+            points: 0,
             point: vec![upper * 0.8; len],
             lower: vec![upper * 0.6; len],
             upper: vec![upper; len],

@@ -45,13 +45,70 @@ pub struct FitParams {
     pub horizon: usize,
 }
 
+/// Why a richer model was not used.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shortfall {
+    NoData,
+    /// The history does not cover two of the longest seasonal period.
+    ShortForSeasons {
+        points: usize,
+        needed: usize,
+    },
+    ShortForEts {
+        points: usize,
+    },
+    FitFailed {
+        model: &'static str,
+        error: String,
+    },
+    NotFinite {
+        model: &'static str,
+    },
+}
+
+impl Shortfall {
+    /// The reason without the history's length, so that the same cause
+    /// met at different lengths reads as one.
+    pub fn cause(&self) -> String {
+        match self {
+            Shortfall::NoData => "no data yet".to_owned(),
+            Shortfall::ShortForSeasons { needed, .. } => {
+                format!("history shorter than two seasonal periods ({needed} buckets)")
+            }
+            Shortfall::ShortForEts { .. } => {
+                format!("history too short for AutoETS (needs {MIN_ETS_POINTS} buckets)")
+            }
+            Shortfall::FitFailed { model, error } => format!("{model} fit failed: {error}"),
+            Shortfall::NotFinite { model } => format!("{model} forecast was not finite"),
+        }
+    }
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shortfall::ShortForSeasons { points, needed } => write!(
+                f,
+                "history of {points} buckets is shorter than two seasonal periods ({needed} buckets)"
+            ),
+            Shortfall::ShortForEts { points } => write!(
+                f,
+                "history of {points} buckets is too short for AutoETS (needs {MIN_ETS_POINTS})"
+            ),
+            other => f.write_str(&other.cause()),
+        }
+    }
+}
+
 /// A forecast of the buckets following a history, all in the history's
 /// unit (jobs/s, say), never negative.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Forecast {
     pub method: Method,
     /// Why a richer model was not used, when it was not.
-    pub fallback: Option<String>,
+    pub fallback: Vec<Shortfall>,
+    /// Buckets of history fitted on.
+    pub points: usize,
     pub point: Vec<f64>,
     pub lower: Vec<f64>,
     pub upper: Vec<f64>,
@@ -68,6 +125,14 @@ impl Forecast {
     pub fn is_empty(&self) -> bool {
         self.point.is_empty()
     }
+
+    /// The fallback's reasons as one line, if it fell back.
+    pub fn fallback_reason(&self) -> Option<String> {
+        (!self.fallback.is_empty()).then(|| {
+            let why: Vec<String> = self.fallback.iter().map(|s| s.to_string()).collect();
+            why.join("; ")
+        })
+    }
 }
 
 /// Fewest points AutoETS is given: below this its estimates are noise.
@@ -81,11 +146,12 @@ pub fn fit(history: &[f64], params: &FitParams) -> Forecast {
     let (data, imputed) = impute(history);
     let horizon = params.horizon.max(1);
     let mut forecast = if data.is_empty() {
-        fallback_last(&data, horizon, params.level, "no data yet".to_owned())
+        fallback_last(&data, horizon, params.level, vec![Shortfall::NoData])
     } else {
         fit_models(&data, params, horizon)
     };
     forecast.imputed = imputed;
+    forecast.points = history.len();
     for v in forecast
         .point
         .iter_mut()
@@ -109,11 +175,10 @@ fn fit_models(data: &[f64], params: &FitParams, horizon: usize) -> Forecast {
     let mut why = Vec::new();
     if !params.periods.is_empty() && periods.is_empty() {
         let longest = params.periods.iter().max().copied().unwrap_or(0);
-        why.push(format!(
-            "history of {} buckets is shorter than two seasonal periods ({} buckets)",
-            data.len(),
-            2 * longest
-        ));
+        why.push(Shortfall::ShortForSeasons {
+            points: data.len(),
+            needed: 2 * longest,
+        });
     }
     if !periods.is_empty() {
         let ets = AutoETS::non_seasonal().into_trend_model();
@@ -123,7 +188,7 @@ fn fit_models(data: &[f64], params: &FitParams, horizon: usize) -> Forecast {
             .and_then(|m| m.predict(horizon, params.level).map_err(|e| e.to_string()));
         if let Some(forecast) = accepted(Method::Mstl, fitted, horizon, &mut why) {
             return Forecast {
-                fallback: joined(why),
+                fallback: why,
                 ..forecast
             };
         }
@@ -137,17 +202,13 @@ fn fit_models(data: &[f64], params: &FitParams, horizon: usize) -> Forecast {
             .and_then(|m| m.predict(horizon, params.level).map_err(|e| e.to_string()));
         if let Some(forecast) = accepted(Method::Ets, fitted, horizon, &mut why) {
             return Forecast {
-                fallback: joined(why),
+                fallback: why,
                 ..forecast
             };
         }
     } else {
-        why.push(format!(
-            "history of {} buckets is too short for AutoETS (needs {MIN_ETS_POINTS})",
-            data.len()
-        ));
+        why.push(Shortfall::ShortForEts { points: data.len() });
     }
-    let why = joined(why).unwrap_or_default();
     match params
         .periods
         .iter()
@@ -160,16 +221,12 @@ fn fit_models(data: &[f64], params: &FitParams, horizon: usize) -> Forecast {
     }
 }
 
-fn joined(why: Vec<String>) -> Option<String> {
-    (!why.is_empty()).then(|| why.join("; "))
-}
-
 /// A fitted model's forecast, or `None` with the reason added to `why`.
 fn accepted(
     method: Method,
     fitted: Result<augurs::Forecast, String>,
     horizon: usize,
-    why: &mut Vec<String>,
+    why: &mut Vec<Shortfall>,
 ) -> Option<Forecast> {
     let name = match method {
         Method::Mstl => "MSTL",
@@ -179,12 +236,12 @@ fn accepted(
         Ok(f) => {
             let forecast = from_augurs(method, f, horizon);
             if forecast.is_none() {
-                why.push(format!("{name} forecast was not finite"));
+                why.push(Shortfall::NotFinite { model: name });
             }
             forecast
         }
-        Err(e) => {
-            why.push(format!("{name} fit failed: {e}"));
+        Err(error) => {
+            why.push(Shortfall::FitFailed { model: name, error });
             None
         }
     }
@@ -201,7 +258,8 @@ fn from_augurs(method: Method, f: augurs::Forecast, horizon: usize) -> Option<Fo
     }
     Some(Forecast {
         method,
-        fallback: None,
+        fallback: Vec::new(),
+        points: 0,
         point: f.point,
         lower,
         upper,
@@ -228,7 +286,7 @@ fn seasonal_naive(
     period: usize,
     horizon: usize,
     level: f64,
-    why: String,
+    why: Vec<Shortfall>,
 ) -> Forecast {
     let misses: Vec<f64> = data.windows(period + 1).map(|w| w[period] - w[0]).collect();
     let spread = z(level) * std_dev(&misses);
@@ -237,17 +295,18 @@ fn seasonal_naive(
     bands(Method::SeasonalNaive, point, spread, why)
 }
 
-fn fallback_last(data: &[f64], horizon: usize, level: f64, why: String) -> Forecast {
+fn fallback_last(data: &[f64], horizon: usize, level: f64, why: Vec<Shortfall>) -> Forecast {
     let steps: Vec<f64> = data.windows(2).map(|w| w[1] - w[0]).collect();
     let spread = z(level) * std_dev(&steps);
     let last = data.last().copied().unwrap_or(0.0);
     bands(Method::LastValue, vec![last; horizon], spread, why)
 }
 
-fn bands(method: Method, point: Vec<f64>, spread: f64, why: String) -> Forecast {
+fn bands(method: Method, point: Vec<f64>, spread: f64, why: Vec<Shortfall>) -> Forecast {
     Forecast {
         method,
-        fallback: Some(why),
+        fallback: why,
+        points: 0,
         lower: point.iter().map(|p| p - spread).collect(),
         upper: point.iter().map(|p| p + spread).collect(),
         point,
@@ -320,7 +379,7 @@ mod tests {
         let history = daily(4, 24);
         let f = fit(&history, &params(vec![24], 24));
         assert_eq!(f.method, Method::Mstl, "{:?}", f.fallback);
-        assert_eq!(f.fallback, None);
+        assert!(f.fallback.is_empty());
         // The next day repeats the pattern: peak at hour 6, trough at 18.
         assert!((f.point[6] - 150.0).abs() < 10.0, "{:?}", f.point);
         assert!((f.point[18] - 50.0).abs() < 10.0, "{:?}", f.point);
@@ -334,7 +393,7 @@ mod tests {
         let history = daily(1, 24);
         let f = fit(&history, &params(vec![24], 4));
         assert_eq!(f.method, Method::Ets);
-        let why = f.fallback.unwrap_or_default();
+        let why = f.fallback_reason().unwrap_or_default();
         assert!(why.contains("shorter than two seasonal periods"), "{why}");
     }
 
@@ -351,7 +410,11 @@ mod tests {
         let f = fit(&[5.0, 7.0, 6.0], &params(vec![24], 3));
         assert_eq!(f.method, Method::LastValue);
         assert_eq!(f.point, vec![6.0; 3]);
-        assert!(f.fallback.unwrap_or_default().contains("too short"));
+        assert!(
+            f.fallback_reason()
+                .unwrap_or_default()
+                .contains("too short")
+        );
         assert!(f.upper[0] > 6.0 && f.lower[0] < 6.0);
     }
 
@@ -361,7 +424,7 @@ mod tests {
         assert_eq!(f.method, Method::LastValue);
         assert_eq!(f.point, vec![0.0; 3]);
         assert_eq!(f.imputed, 2);
-        assert_eq!(f.fallback.as_deref(), Some("no data yet"));
+        assert_eq!(f.fallback, vec![Shortfall::NoData]);
     }
 
     #[test]
@@ -372,7 +435,7 @@ mod tests {
         history.extend(daily(1, 24).iter().map(|v| v / 10.0));
         let f = fit(&history, &params(vec![24], 24));
         assert!(f.point.iter().all(|v| v.is_finite()));
-        let naive = seasonal_naive(&history, 24, 24, 0.95, "test".into());
+        let naive = seasonal_naive(&history, 24, 24, 0.95, Vec::new());
         assert_eq!(naive.point[..], history[history.len() - 24..]);
         assert!(naive.upper[0] > naive.point[0]);
     }

@@ -345,7 +345,7 @@ async fn scale_plugin(
                     Ok(FitDone { fitted, took, points }) => {
                         let f = &fitted.forecast;
                         let took_ms = took.as_millis() as u64;
-                        match &f.fallback {
+                        match f.fallback_reason() {
                             Some(why) => tracing::info!(plugin = name, model = f.method.as_str(), took_ms, points, fallback = why.as_str(), "autoscaler forecast fell back to a simpler model"),
                             None => tracing::debug!(plugin = name, model = f.method.as_str(), took_ms, points, "autoscaler forecast refitted"),
                         }
@@ -508,7 +508,7 @@ fn report(
             capacity_measured,
             lead,
             model: fitted.map(|f| f.method),
-            fallback: fitted.and_then(|f| f.fallback.clone()),
+            fallback: fitted.and_then(|f| f.fallback_reason()),
             reason,
             decided_at: SystemTime::now(),
             history: planner.history().len(),

@@ -314,7 +314,7 @@ mod tests {
         let decisions = run(&mut p, &[30.0, 31.0, 29.0], 10.0);
         let fitted = p
             .fitted()
-            .map(|f| (f.forecast.method, f.forecast.fallback.clone()));
+            .map(|f| (f.forecast.method, f.forecast.fallback_reason()));
         assert!(
             matches!(fitted, Some((Method::LastValue, Some(_)))),
             "{fitted:?}"

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 mod plot;
 mod sim;
+mod sweep;
 
 use demi_conductor::scaler::AutoscaleConfig;
 use demi_conductor::scaler::config::MAX_HISTORY_BUCKETS;
 use demi_conductor::scaler::trace;
 use serde_json::json;
-use sim::{Outcome, SimConfig};
+use sim::{FitStats, Outcome, SimConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -71,6 +72,12 @@ pub struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Replay each policy over a range of its own knob (HPA and
+    /// predictive: target utilisation; predictive also headroom and
+    /// forecast level; static: replica count) and print the frontier of
+    /// SLO violation against replica-seconds; the plot shows it.
+    #[arg(long)]
+    pub sweep: bool,
 }
 
 pub fn run(args: Args, config_path: &Path) -> anyhow::Result<()> {
@@ -178,6 +185,13 @@ pub fn run(args: Args, config_path: &Path) -> anyhow::Result<()> {
         humantime::format_duration(config.slo),
         config.periods,
     );
+    let file = trace
+        .path
+        .file_name()
+        .map_or_else(|| "trace".into(), |n| n.to_string_lossy());
+    if args.sweep {
+        return run_sweep(&args, &file, &trace.values, &config);
+    }
     let outcome = simulate(&trace.values, &config);
     print!("{}", table(&outcome, trace.values.len(), &config));
     let (time_unit, per_unit) = match trace.values.len() as f64 * step {
@@ -185,10 +199,6 @@ pub fn run(args: Args, config_path: &Path) -> anyhow::Result<()> {
         s if s >= 3.0 * 3_600.0 => ("hours", 3_600.0),
         _ => ("minutes", 60.0),
     };
-    let file = trace
-        .path
-        .file_name()
-        .map_or_else(|| "trace".into(), |n| n.to_string_lossy());
     let column = trace
         .value_name
         .as_deref()
@@ -215,36 +225,190 @@ pub fn run(args: Args, config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Replays with progress on stderr once a replay takes more than a moment.
-fn simulate(values: &[f64], config: &SimConfig) -> Outcome {
-    let started = Instant::now();
-    let mut last = started;
-    let terminal = std::io::stderr().is_terminal();
-    let mut shown = false;
-    let outcome = sim::simulate(values, config, |done, total| {
+fn run_sweep(args: &Args, file: &str, values: &[f64], config: &SimConfig) -> anyhow::Result<()> {
+    let mut progress = Progress::new("replays");
+    let swept = sweep::sweep(values, config, |done, total| progress.tick(done, total));
+    progress.finish();
+    let total = values.len() as f64 * config.autoscale.bucket.as_secs_f64();
+    print!("{}", sweep_table(&swept, total));
+    print!("{}", forecaster(&swept.stats));
+    let title = format!("{file}: SLO violation against cost, each policy over its own knob");
+    let written = plot::write_frontier(&args.plot, &swept, &title)?;
+    let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    println!("plot: {}", names.join(", "));
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&sweep_json(&swept, config))?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("results: {}", path.display());
+    }
+    Ok(())
+}
+
+/// A violation as seconds and share of the trace.
+fn violation(seconds: f64, total: f64) -> String {
+    format!(
+        "{seconds:.0} s ({:.2} %)",
+        seconds * 100.0 / total.max(1e-9)
+    )
+}
+
+fn sweep_table(swept: &sweep::Sweep, total: f64) -> String {
+    let mut out = format!(
+        "\nfrontier: the settings of each policy that no other setting of it beats on both \
+         (* = the configuration given)\n{:<16} {:<40} {:>20} {:>16}\n",
+        "policy", "setting", "SLO violation", "replica-seconds"
+    );
+    for kind in sim::Kind::ALL {
+        for p in sweep::frontier(&swept.points, kind) {
+            out.push_str(&format!(
+                "{:<16} {:<40} {:>20} {:>16.0}\n",
+                kind.name(),
+                format!("{}{}", p.knob, if p.default { " *" } else { "" }),
+                violation(p.violation, total),
+                p.replica_seconds
+            ));
+        }
+    }
+    let defaults: Vec<&sweep::Point> = swept.points.iter().filter(|p| p.default).collect();
+    out.push_str("\nthe configuration given:\n");
+    for p in &defaults {
+        out.push_str(&format!(
+            "{:<16} {:<40} {:>20} {:>16.0}\n",
+            p.kind.name(),
+            p.knob,
+            violation(p.violation, total),
+            p.replica_seconds
+        ));
+    }
+    let ours = defaults.iter().find(|p| p.kind == sim::Kind::Predictive);
+    let hpa = defaults.iter().find(|p| p.kind == sim::Kind::Reactive);
+    if let (Some(ours), Some(hpa)) = (ours, hpa) {
+        out.push_str(&format!(
+            "predictive vs HPA: {:.1} % of its SLO violation at {:.3}x its replica-seconds\n",
+            if hpa.violation > 0.0 {
+                ours.violation * 100.0 / hpa.violation
+            } else if ours.violation > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            },
+            ours.replica_seconds / hpa.replica_seconds
+        ));
+    }
+    let matched = sweep::against_hpa(&swept.points, DOMINANCE_SHARE);
+    let beaten = matched.iter().filter(|(_, ours)| ours.is_some()).count();
+    out.push_str(&format!(
+        "\nagainst each HPA setting, the cheapest predictive setting with at most {:.0} % of its \
+         violation at no more replica-seconds: {beaten} of {} matched\n",
+        DOMINANCE_SHARE * 100.0,
+        matched.len()
+    ));
+    for (hpa, ours) in &matched {
+        let answer = match ours {
+            Some(p) => format!(
+                "{}: {} at {:.3}x",
+                p.knob,
+                violation(p.violation, total),
+                p.replica_seconds / hpa.replica_seconds
+            ),
+            None => "none".to_owned(),
+        };
+        out.push_str(&format!(
+            "  HPA {:<12} {:>20} {:>10.0}  ->  {answer}\n",
+            hpa.knob,
+            violation(hpa.violation, total),
+            hpa.replica_seconds
+        ));
+    }
+    out
+}
+
+/// "Better than the HPA": at most this share of its violation.
+const DOMINANCE_SHARE: f64 = 0.5;
+
+fn sweep_json(swept: &sweep::Sweep, config: &SimConfig) -> serde_json::Value {
+    let point = |p: &sweep::Point| {
+        json!({
+            "policy": p.kind.name(),
+            "setting": p.knob,
+            "default": p.default,
+            "slo_violation_seconds": p.violation,
+            "replica_seconds": p.replica_seconds,
+        })
+    };
+    json!({
+        "capacity": config.capacity,
+        "bucket_seconds": config.autoscale.bucket.as_secs_f64(),
+        "fits": swept.stats.fits,
+        "fit_seconds": swept.stats.fit_time.as_secs_f64(),
+        "fallbacks": fallbacks_json(&swept.stats),
+        "points": swept.points.iter().map(point).collect::<Vec<_>>(),
+        "frontier": sim::Kind::ALL.iter().map(|k| json!({
+            "policy": k.name(),
+            "points": sweep::frontier(&swept.points, *k).into_iter().map(point).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "against_hpa": sweep::against_hpa(&swept.points, DOMINANCE_SHARE).into_iter().map(|(hpa, ours)| json!({
+            "hpa": point(hpa),
+            "predictive": ours.map(point),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One progress line per trace on stderr: redrawn in place on a
+/// terminal, written once at the end elsewhere (a log is not a terminal).
+struct Progress {
+    started: Instant,
+    last: Instant,
+    terminal: bool,
+    unit: &'static str,
+    done: (usize, usize),
+}
+
+impl Progress {
+    fn new(unit: &'static str) -> Self {
         let now = Instant::now();
-        if now.duration_since(started) < Duration::from_secs(1)
-            || now.duration_since(last) < Duration::from_millis(500)
-        {
+        Self {
+            started: now,
+            last: now,
+            terminal: std::io::stderr().is_terminal(),
+            unit,
+            done: (0, 0),
+        }
+    }
+
+    fn line(&self) -> String {
+        let (done, total) = self.done;
+        format!(
+            "simulating: {:3.0} % ({done}/{total} {}, {:.1} s)",
+            done as f64 * 100.0 / total.max(1) as f64,
+            self.unit,
+            self.started.elapsed().as_secs_f64()
+        )
+    }
+
+    fn tick(&mut self, done: usize, total: usize) {
+        self.done = (done, total);
+        let now = Instant::now();
+        if !self.terminal || now.duration_since(self.last) < Duration::from_millis(200) {
             return;
         }
-        last = now;
-        shown = true;
-        let line = format!(
-            "simulating: {:3.0} % ({done}/{total} bucket-steps, {:.0}s)",
-            done as f64 * 100.0 / total.max(1) as f64,
-            now.duration_since(started).as_secs_f64()
-        );
-        let mut err = std::io::stderr();
-        let _ = if terminal {
-            write!(err, "\r{line}")
-        } else {
-            writeln!(err, "{line}")
-        };
-    });
-    if shown && terminal {
-        eprintln!();
+        self.last = now;
+        let _ = write!(std::io::stderr(), "\r{}", self.line());
     }
+
+    fn finish(self) {
+        if self.terminal {
+            eprintln!("\r{}", self.line());
+        } else {
+            eprintln!("{}", self.line());
+        }
+    }
+}
+
+fn simulate(values: &[f64], config: &SimConfig) -> Outcome {
+    let mut progress = Progress::new("bucket-steps");
+    let outcome = sim::simulate(values, config, |done, total| progress.tick(done, total));
+    progress.finish();
     outcome
 }
 
@@ -285,19 +449,33 @@ fn table(outcome: &Outcome, buckets: usize, config: &SimConfig) -> String {
             },
         ));
     }
-    let methods: Vec<String> = outcome
+    out.push_str(&forecaster(&outcome.stats));
+    out
+}
+
+/// What the forecaster did, its fallbacks one line per cause.
+fn forecaster(stats: &FitStats) -> String {
+    let methods: Vec<String> = stats
         .methods
         .iter()
         .map(|(m, n)| format!("{} {n}", m.as_str()))
         .collect();
-    out.push_str(&format!(
+    let mut out = format!(
         "\nforecaster: {} fits ({}) in {:.2} s\n",
-        outcome.fits,
+        stats.fits,
         methods.join(", "),
-        outcome.fit_time.as_secs_f64()
-    ));
-    for (why, n) in &outcome.fallbacks {
-        out.push_str(&format!("  fallback ×{n}: {why}\n"));
+        stats.fit_time.as_secs_f64()
+    );
+    for f in &stats.fallbacks {
+        let span = if f.shortest == f.longest {
+            format!("{}", f.shortest)
+        } else {
+            format!("{}-{}", f.shortest, f.longest)
+        };
+        out.push_str(&format!(
+            "  fallback ×{} (history of {span} buckets): {}\n",
+            f.count, f.cause
+        ));
     }
     out
 }
@@ -308,9 +486,9 @@ fn to_json(outcome: &Outcome, config: &SimConfig) -> serde_json::Value {
         "startup_seconds": config.startup.as_secs_f64(),
         "slo_seconds": config.slo.as_secs_f64(),
         "bucket_seconds": config.autoscale.bucket.as_secs_f64(),
-        "fits": outcome.fits,
-        "fit_seconds": outcome.fit_time.as_secs_f64(),
-        "fallbacks": outcome.fallbacks.iter().map(|(w, n)| json!({"reason": w, "count": n})).collect::<Vec<_>>(),
+        "fits": outcome.stats.fits,
+        "fit_seconds": outcome.stats.fit_time.as_secs_f64(),
+        "fallbacks": fallbacks_json(&outcome.stats),
         "policies": outcome.runs.iter().map(|r| json!({
             "policy": r.policy,
             "slo_violation_seconds": r.violation.as_secs_f64(),
@@ -320,4 +498,19 @@ fn to_json(outcome: &Outcome, config: &SimConfig) -> serde_json::Value {
             "max_queue_wait_seconds": if r.max_wait.is_finite() { json!(r.max_wait) } else { json!(null) },
         })).collect::<Vec<_>>(),
     })
+}
+
+fn fallbacks_json(stats: &FitStats) -> serde_json::Value {
+    stats
+        .fallbacks
+        .iter()
+        .map(|f| {
+            json!({
+                "reason": f.cause,
+                "count": f.count,
+                "shortest_history": f.shortest,
+                "longest_history": f.longest,
+            })
+        })
+        .collect()
 }

@@ -11,7 +11,8 @@ use plotters::style::{FontStyle, register_font};
 
 use demi_conductor::scaler::decision::Ahead;
 
-use super::sim::Outcome;
+use super::sim::{Kind, Outcome};
+use super::sweep::{self, Sweep};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
@@ -103,6 +104,136 @@ pub fn write(
     Ok(vec![svg, png])
 }
 
+/// Writes the sweep's frontier as `<prefix>.svg` and `<prefix>.png`.
+pub fn write_frontier(
+    prefix: &Path,
+    swept: &Sweep,
+    title: &str,
+) -> Result<Vec<PathBuf>, PlotError> {
+    ensure_font()?;
+    let svg = prefix.with_extension("svg");
+    let png = prefix.with_extension("png");
+    let size = (1400, 900);
+    let error = |path: &Path| {
+        let path = path.to_owned();
+        move |reason: String| PlotError::Draw { path, reason }
+    };
+    draw_frontier(
+        SVGBackend::new(&svg, size).into_drawing_area(),
+        swept,
+        title,
+    )
+    .map_err(error(&svg))?;
+    draw_frontier(
+        BitMapBackend::new(&png, size).into_drawing_area(),
+        swept,
+        title,
+    )
+    .map_err(error(&png))?;
+    Ok(vec![svg, png])
+}
+
+/// Every setting as a faint dot, each policy's frontier as a line, the
+/// configuration given as a ringed point.
+fn draw_frontier<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    swept: &Sweep,
+    title: &str,
+) -> Result<(), String> {
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let root = root.titled(title, ("sans-serif", 26)).map_err(e)?;
+    let shown: Vec<&sweep::Point> = swept
+        .points
+        .iter()
+        .filter(|p| p.kind != Kind::Static)
+        .collect();
+    let fixed = sweep::frontier(&swept.points, Kind::Static);
+    // The static pool's cheap end starves the queue for the whole trace;
+    // zoom on where the scalers are, with the static frontier clipped.
+    let x_low = shown
+        .iter()
+        .map(|p| p.replica_seconds)
+        .fold(f64::INFINITY, f64::min);
+    let x_high = shown.iter().map(|p| p.replica_seconds).fold(0.0, f64::max);
+    let y_high = shown.iter().map(|p| p.violation).fold(0.0, f64::max);
+    if !(x_low.is_finite() && x_high > x_low) {
+        return Err("nothing to plot".to_owned());
+    }
+    let pad = (x_high - x_low) * 0.05;
+    let (x0, x1) = (x_low - pad, x_high + pad);
+    let y1 = (y_high * 1.05).max(1.0);
+    let mut chart = panel(
+        &root,
+        x0..x1,
+        0.0..y1,
+        "replica-seconds",
+        "SLO violation (s of queue wait over the SLO)",
+    )
+    .map_err(e)?;
+    for (kind, color) in Kind::ALL.into_iter().zip(POLICY_COLORS) {
+        let own = swept.points.iter().filter(|p| p.kind == kind);
+        chart
+            .draw_series(
+                own.clone()
+                    .filter(|p| p.replica_seconds >= x0 && p.replica_seconds <= x1)
+                    .map(|p| {
+                        Circle::new(
+                            (p.replica_seconds, p.violation.min(y1)),
+                            3,
+                            color.mix(0.35).filled(),
+                        )
+                    }),
+            )
+            .map_err(e)?;
+        let line: Vec<(f64, f64)> = if kind == Kind::Static {
+            fixed
+                .iter()
+                .map(|p| (p.replica_seconds, p.violation.min(y1)))
+                .collect()
+        } else {
+            sweep::frontier(&swept.points, kind)
+                .iter()
+                .map(|p| (p.replica_seconds, p.violation))
+                .collect()
+        };
+        chart
+            .draw_series(LineSeries::new(
+                line.into_iter().filter(|(x, _)| *x >= x0 && *x <= x1),
+                color.stroke_width(2),
+            ))
+            .map_err(e)?
+            .label(format!("{} frontier", kind.name()))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(
+                own.filter(|p| p.default && p.replica_seconds >= x0 && p.replica_seconds <= x1)
+                    .map(|p| {
+                        Circle::new(
+                            (p.replica_seconds, p.violation.min(y1)),
+                            9,
+                            color.stroke_width(3),
+                        )
+                    }),
+            )
+            .map_err(e)?;
+    }
+    chart
+        .draw_series(std::iter::once(Circle::new(
+            (x0, -y1),
+            9,
+            BLACK.stroke_width(3),
+        )))
+        .map_err(e)?
+        .label("the configuration given")
+        .legend(|(x, y)| Circle::new((x + 10, y), 6, BLACK.stroke_width(2)));
+    legend_at(&mut chart, SeriesLabelPosition::UpperRight).map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
 const POLICY_COLORS: [RGBColor; 3] = [
     RGBColor(0, 114, 178),
     RGBColor(213, 94, 0),
@@ -130,7 +261,14 @@ fn draw<DB: DrawingBackend>(
     let x_desc = format!("trace time ({})", labels.time_unit);
 
     let y_desc = format!("load ({})", labels.unit);
-    let mut load = panel(&top, x_end, (highest * 1.05).max(1.0), &x_desc, &y_desc).map_err(e)?;
+    let mut load = panel(
+        &top,
+        0.0..x_end,
+        0.0..(highest * 1.05).max(1.0),
+        &x_desc,
+        &y_desc,
+    )
+    .map_err(e)?;
     let band = RGBColor(0, 158, 115);
     for segment in segments(&outcome.forecast) {
         let mut polygon: Vec<(f64, f64)> = segment.iter().map(|&(i, a)| (x(i), a.upper)).collect();
@@ -175,7 +313,14 @@ fn draw<DB: DrawingBackend>(
         .flat_map(|r| r.replicas.iter().copied())
         .max()
         .unwrap_or(1);
-    let mut pool = panel(&bottom, x_end, f64::from(most) + 1.0, &x_desc, "replicas").map_err(e)?;
+    let mut pool = panel(
+        &bottom,
+        0.0..x_end,
+        0.0..f64::from(most) + 1.0,
+        &x_desc,
+        "replicas",
+    )
+    .map_err(e)?;
     for (run, color) in outcome.runs.iter().zip(POLICY_COLORS) {
         // Steps: a count holds until the next decision.
         let mut points = Vec::with_capacity(run.replicas.len() * 2);
@@ -202,11 +347,11 @@ fn draw<DB: DrawingBackend>(
 
 type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
-/// One of the two stacked charts, its axes drawn and named.
+/// A chart with its axes drawn and named.
 fn panel<'a, DB: DrawingBackend>(
     area: &'a DrawingArea<DB, Shift>,
-    x_end: f64,
-    y_top: f64,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
     x_desc: &str,
     y_desc: &str,
 ) -> Result<Chart<'a, DB>, DrawingAreaErrorKind<DB::ErrorType>> {
@@ -214,7 +359,7 @@ fn panel<'a, DB: DrawingBackend>(
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(80)
-        .build_cartesian_2d(0.0..x_end, 0.0..y_top)?;
+        .build_cartesian_2d(x, y)?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
@@ -227,9 +372,16 @@ fn panel<'a, DB: DrawingBackend>(
 fn legend<'a, DB: DrawingBackend + 'a>(
     chart: &mut Chart<'a, DB>,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    legend_at(chart, SeriesLabelPosition::UpperLeft)
+}
+
+fn legend_at<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, DB>,
+    position: SeriesLabelPosition,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(position)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 16))

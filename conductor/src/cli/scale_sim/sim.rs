@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use demi_conductor::scaler::config::AutoscaleConfig;
 use demi_conductor::scaler::decision::{self, Ahead, Outlook, Policy};
 use demi_conductor::scaler::forecast::Method;
-use demi_conductor::scaler::planner::{Planner, PlannerConfig};
+use demi_conductor::scaler::planner::{FitJob, Fitted, Planner, PlannerConfig};
 
 /// How the pool and the policies are modelled. Durations are virtual:
 /// every trace bucket lasts `bucket`.
@@ -55,17 +55,113 @@ pub struct Run {
     pub max_wait: f64,
 }
 
-/// Everything a replay produced.
+/// The policies replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Predictive,
+    Reactive,
+    Static,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Predictive, Kind::Reactive, Kind::Static];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Predictive => "predictive",
+            Kind::Reactive => "reactive (HPA)",
+            Kind::Static => "static at max",
+        }
+    }
+}
+
+/// One cause of falling back, met `count` times at histories of
+/// `shortest..=longest` buckets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fallbacks {
+    pub cause: String,
+    pub count: usize,
+    pub shortest: usize,
+    pub longest: usize,
+}
+
+/// What the forecaster did over a replay.
+#[derive(Debug, Clone, Default)]
+pub struct FitStats {
+    pub fits: usize,
+    pub methods: Vec<(Method, usize)>,
+    pub fallbacks: Vec<Fallbacks>,
+    pub fit_time: Duration,
+}
+
+impl FitStats {
+    /// Adds another replay's fits.
+    pub fn merge(&mut self, other: FitStats) {
+        self.fits += other.fits;
+        self.fit_time += other.fit_time;
+        for (method, n) in other.methods {
+            count(&mut self.methods, method, n);
+        }
+        for f in other.fallbacks {
+            self.fell_back(f);
+        }
+    }
+
+    fn fell_back(&mut self, f: Fallbacks) {
+        match self.fallbacks.iter_mut().find(|g| g.cause == f.cause) {
+            Some(g) => {
+                g.count += f.count;
+                g.shortest = g.shortest.min(f.shortest);
+                g.longest = g.longest.max(f.longest);
+            }
+            None => self.fallbacks.push(f),
+        }
+    }
+}
+
+/// The fits of a replay, in order. Every replay observes the trace
+/// itself (load offered does not depend on the policy), so the fits are
+/// the same for every policy setting that fits at the same level: a sweep
+/// fits once per level and replays the rest from here.
+#[derive(Debug, Default)]
+pub struct Fits {
+    done: Vec<Fitted>,
+    pub stats: FitStats,
+}
+
+impl Fits {
+    fn get(&mut self, n: usize, job: FitJob) -> Fitted {
+        if let Some(fitted) = self.done.get(n) {
+            return fitted.clone();
+        }
+        let points = job.points();
+        let started = Instant::now();
+        let fitted = job.run();
+        let stats = &mut self.stats;
+        stats.fits += 1;
+        stats.fit_time += started.elapsed();
+        count(&mut stats.methods, fitted.forecast.method, 1);
+        if !fitted.forecast.fallback.is_empty() {
+            let causes: Vec<String> = fitted.forecast.fallback.iter().map(|s| s.cause()).collect();
+            stats.fell_back(Fallbacks {
+                cause: causes.join("; "),
+                count: 1,
+                shortest: points,
+                longest: points,
+            });
+        }
+        self.done.push(fitted.clone());
+        fitted
+    }
+}
+
+/// Everything a replay of the three policies produced.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub runs: Vec<Run>,
     /// The forecast the predictive policy held for each bucket.
     pub forecast: Vec<Option<Ahead>>,
-    pub fits: usize,
-    /// Fits per model, and the distinct fallback reasons with counts.
-    pub methods: Vec<(Method, usize)>,
-    pub fallbacks: Vec<(String, usize)>,
-    pub fit_time: Duration,
+    pub stats: FitStats,
 }
 
 /// Sub-steps per bucket: the queue moves faster than the scaler looks.
@@ -169,71 +265,62 @@ pub fn simulate(
     config: &SimConfig,
     mut progress: impl FnMut(usize, usize),
 ) -> Outcome {
-    let a = &config.autoscale;
-    let bucket = config.bucket();
-    let lead = config.startup + bucket;
-    let planner = Planner::new(PlannerConfig {
-        policy: Policy::from(a),
-        window: config.window.max(1),
-        periods: config.periods.clone(),
-        refit_every: config.refit_every(),
-        level: a.forecast_level,
-    });
-    let controllers = [
-        (
-            "predictive",
-            Controller::Predictive {
-                planner: Box::new(planner),
-                lead,
-            },
-        ),
-        (
-            "reactive (HPA)",
-            Controller::Reactive(Hpa {
-                min: a.min,
-                max: a.max,
-                per_replica: config.capacity * a.target_utilisation,
-                window: VecDeque::new(),
-            }),
-        ),
-        ("static at max", Controller::Static),
-    ];
-    let total = values.len() * controllers.len();
-    let mut done = 0;
-    let mut outcome = Outcome {
-        runs: Vec::new(),
-        forecast: vec![None; values.len()],
-        fits: 0,
-        methods: Vec::new(),
-        fallbacks: Vec::new(),
-        fit_time: Duration::ZERO,
-    };
-    for (name, mut controller) in controllers {
+    let total = values.len() * Kind::ALL.len();
+    let mut fits = Fits::default();
+    let mut forecast = vec![None; values.len()];
+    let mut runs = Vec::new();
+    for (k, kind) in Kind::ALL.into_iter().enumerate() {
+        let done = k * values.len();
         let run = replay(
             values,
             config,
-            name,
-            &mut controller,
-            &mut outcome,
-            &mut |n| {
-                progress(done + n, total);
-            },
+            kind,
+            &mut fits,
+            Some(&mut forecast),
+            &mut |n| progress(done + n, total),
         );
-        done += values.len();
-        outcome.runs.push(run);
+        runs.push(run);
     }
-    outcome
+    Outcome {
+        runs,
+        forecast,
+        stats: fits.stats,
+    }
 }
 
-fn replay(
+/// Replays one policy with the settings in `config`. `fits` holds the
+/// forecasts made so far at `config`'s level; `forecast`, when given,
+/// receives the predictive policy's forecast per bucket.
+pub fn replay(
     values: &[f64],
     config: &SimConfig,
-    name: &'static str,
-    controller: &mut Controller,
-    outcome: &mut Outcome,
+    kind: Kind,
+    fits: &mut Fits,
+    mut forecast: Option<&mut [Option<Ahead>]>,
     progress: &mut dyn FnMut(usize),
 ) -> Run {
     let a = &config.autoscale;
+    let mut controller = match kind {
+        Kind::Predictive => Controller::Predictive {
+            planner: Box::new(Planner::new(PlannerConfig {
+                policy: Policy::from(a),
+                window: config.window.max(1),
+                periods: config.periods.clone(),
+                refit_every: config.refit_every(),
+                level: a.forecast_level,
+            })),
+            lead: config.startup + config.bucket(),
+        },
+        Kind::Reactive => Controller::Reactive(Hpa {
+            min: a.min,
+            max: a.max,
+            per_replica: config.capacity * a.target_utilisation,
+            window: VecDeque::new(),
+        }),
+        Kind::Static => Controller::Static,
+    };
+    let name = kind.name();
+    let mut fitted_so_far = 0;
     let bucket = config.bucket().as_secs_f64();
     let dt = bucket / f64::from(SUBSTEPS);
     let slo = config.slo.as_secs_f64();
@@ -311,7 +398,7 @@ fn replay(
             arrivals += rate * dt;
             sync_arrivals += rate * dt;
             let end = t + dt;
-            if let Controller::Reactive(hpa) = controller
+            if let Controller::Reactive(hpa) = &mut controller
                 && end + 1e-9 >= next_sync
             {
                 let desired = hpa.sync(end, sync_arrivals / hpa_period, pool.requested());
@@ -321,7 +408,7 @@ fn replay(
             }
         }
         let end = (i + 1) as f64 * bucket;
-        if let Controller::Predictive { planner, lead } = controller {
+        if let Controller::Predictive { planner, lead } = &mut controller {
             let now = Duration::from_secs_f64(end);
             let observed = if value.is_finite() {
                 arrivals / bucket
@@ -330,19 +417,15 @@ fn replay(
             };
             planner.observe(now, observed);
             if let Some(job) = planner.refit_due(*lead) {
-                let started = Instant::now();
-                let fitted = job.run();
-                outcome.fits += 1;
-                outcome.fit_time += started.elapsed();
-                count(&mut outcome.methods, fitted.forecast.method);
-                if let Some(why) = &fitted.forecast.fallback {
-                    count(&mut outcome.fallbacks, why.clone());
-                }
-                planner.install(fitted);
+                planner.install(fits.get(fitted_so_far, job));
+                fitted_so_far += 1;
             }
             let d = planner.decide(pool.queue, config.capacity, pool.requested(), *lead);
             apply(&mut pool, end, d.desired, &mut run);
-            if let (Some(f), Some(slot)) = (planner.fitted(), outcome.forecast.get_mut(i + 1)) {
+            if let (Some(f), Some(slot)) = (
+                planner.fitted(),
+                forecast.as_mut().and_then(|f| f.get_mut(i + 1)),
+            ) {
                 let outlook = Outlook {
                     forecast: &f.forecast,
                     origin: f.origin,
@@ -357,10 +440,10 @@ fn replay(
     run
 }
 
-fn count<T: PartialEq>(counts: &mut Vec<(T, usize)>, key: T) {
+fn count<T: PartialEq>(counts: &mut Vec<(T, usize)>, key: T, n: usize) {
     match counts.iter_mut().find(|(k, _)| *k == key) {
-        Some((_, n)) => *n += 1,
-        None => counts.push((key, 1)),
+        Some((_, total)) => *total += n,
+        None => counts.push((key, n)),
     }
 }
 

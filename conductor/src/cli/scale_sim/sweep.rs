@@ -1,0 +1,208 @@
+//! `scale-sim --sweep`: each policy replayed over a range of its own knob,
+//! so that policies are compared at equal cost: SLO-violation time against
+//! replica-seconds, and the frontier of the settings no other setting of
+//! the same policy beats on both.
+
+use super::sim::{self, FitStats, Fits, Kind, SimConfig};
+
+/// Target utilisations swept for the HPA and the predictive policy.
+const TARGETS: &[f64] = &[0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95];
+const HEADROOMS: &[f64] = &[0.0, 0.1, 0.25];
+const LEVELS: &[f64] = &[0.8, 0.95];
+
+/// One setting of one policy and what it cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub kind: Kind,
+    /// The setting, as an operator would write it.
+    pub knob: String,
+    /// The configuration scale-sim was given (or the defaults).
+    pub default: bool,
+    pub violation: f64,
+    pub replica_seconds: f64,
+}
+
+impl Point {
+    /// At most `share` of `other`'s violation at no more of its cost.
+    pub fn dominates(&self, other: &Point, share: f64) -> bool {
+        self.violation <= other.violation * share + 1e-9
+            && self.replica_seconds <= other.replica_seconds + 1e-9
+    }
+}
+
+/// Everything a sweep produced.
+#[derive(Debug, Clone)]
+pub struct Sweep {
+    pub points: Vec<Point>,
+    pub stats: FitStats,
+}
+
+/// The settings replayed: each with the config it runs under.
+fn settings(config: &SimConfig) -> Vec<(Kind, String, bool, SimConfig)> {
+    let given = &config.autoscale;
+    let mut out = Vec::new();
+    let mut with = |kind, knob: String, change: &dyn Fn(&mut SimConfig)| {
+        let mut c = config.clone();
+        change(&mut c);
+        let default = c == *config;
+        out.push((kind, knob, default, c));
+    };
+    let mut targets = TARGETS.to_vec();
+    targets.push(given.target_utilisation);
+    targets.sort_by(f64::total_cmp);
+    targets.dedup();
+    let mut headrooms = HEADROOMS.to_vec();
+    headrooms.push(given.headroom);
+    headrooms.sort_by(f64::total_cmp);
+    headrooms.dedup();
+    let mut levels = LEVELS.to_vec();
+    levels.push(given.forecast_level);
+    levels.sort_by(f64::total_cmp);
+    levels.dedup();
+    for &level in &levels {
+        for &target in &targets {
+            for &headroom in &headrooms {
+                with(
+                    Kind::Predictive,
+                    format!("target {target}, headroom {headroom}, level {level}"),
+                    &|c| {
+                        c.autoscale.target_utilisation = target;
+                        c.autoscale.headroom = headroom;
+                        c.autoscale.forecast_level = level;
+                    },
+                );
+            }
+        }
+    }
+    for &target in &targets {
+        with(Kind::Reactive, format!("target {target}"), &|c| {
+            c.autoscale.target_utilisation = target;
+        });
+    }
+    for replicas in given.min..=given.max {
+        with(Kind::Static, format!("{replicas} replicas"), &|c| {
+            c.autoscale.max = replicas;
+        });
+    }
+    out
+}
+
+/// Replays every setting; `progress(done, total)` counts replays. Fits
+/// are made once per forecast level and shared by the settings at it.
+pub fn sweep(values: &[f64], config: &SimConfig, mut progress: impl FnMut(usize, usize)) -> Sweep {
+    let settings = settings(config);
+    let total = settings.len();
+    let mut fits: Vec<(f64, Fits)> = Vec::new();
+    let mut points = Vec::with_capacity(total);
+    for (done, (kind, knob, default, c)) in settings.into_iter().enumerate() {
+        let level = c.autoscale.forecast_level;
+        let at = match fits.iter().position(|(l, _)| *l == level) {
+            Some(at) => at,
+            None => {
+                fits.push((level, Fits::default()));
+                fits.len() - 1
+            }
+        };
+        let run = sim::replay(values, &c, kind, &mut fits[at].1, None, &mut |_| {});
+        points.push(Point {
+            kind,
+            knob,
+            default,
+            violation: run.violation.as_secs_f64(),
+            replica_seconds: run.replica_seconds,
+        });
+        progress(done + 1, total);
+    }
+    let mut stats = FitStats::default();
+    for (_, f) in fits {
+        stats.merge(f.stats);
+    }
+    Sweep { points, stats }
+}
+
+/// The settings of `kind` that no other setting of it beats on both
+/// violation and cost, cheapest first.
+pub fn frontier(points: &[Point], kind: Kind) -> Vec<&Point> {
+    let mut own: Vec<&Point> = points.iter().filter(|p| p.kind == kind).collect();
+    own.sort_by(|a, b| {
+        a.replica_seconds
+            .total_cmp(&b.replica_seconds)
+            .then(a.violation.total_cmp(&b.violation))
+    });
+    let mut out: Vec<&Point> = Vec::new();
+    for p in own {
+        if out.last().is_none_or(|last| p.violation < last.violation) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// For each HPA setting, the cheapest predictive setting with at most
+/// `share` of its violation at no more of its cost, if there is one.
+pub fn against_hpa(points: &[Point], share: f64) -> Vec<(&Point, Option<&Point>)> {
+    let ours: Vec<&Point> = points
+        .iter()
+        .filter(|p| p.kind == Kind::Predictive)
+        .collect();
+    points
+        .iter()
+        .filter(|p| p.kind == Kind::Reactive)
+        .map(|hpa| {
+            let best = ours
+                .iter()
+                .copied()
+                .filter(|p| p.dominates(hpa, share))
+                .min_by(|a, b| a.replica_seconds.total_cmp(&b.replica_seconds));
+            (hpa, best)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(kind: Kind, violation: f64, cost: f64) -> Point {
+        Point {
+            kind,
+            knob: format!("{violation}/{cost}"),
+            default: false,
+            violation,
+            replica_seconds: cost,
+        }
+    }
+
+    #[test]
+    fn the_frontier_keeps_only_settings_nothing_beats() {
+        let points = vec![
+            point(Kind::Reactive, 10.0, 100.0),
+            point(Kind::Reactive, 12.0, 110.0),
+            point(Kind::Reactive, 2.0, 150.0),
+            point(Kind::Reactive, 0.0, 300.0),
+            point(Kind::Reactive, 0.0, 200.0),
+            point(Kind::Static, 0.0, 50.0),
+        ];
+        let f: Vec<(f64, f64)> = frontier(&points, Kind::Reactive)
+            .iter()
+            .map(|p| (p.violation, p.replica_seconds))
+            .collect();
+        assert_eq!(f, vec![(10.0, 100.0), (2.0, 150.0), (0.0, 200.0)]);
+    }
+
+    #[test]
+    fn an_hpa_setting_is_matched_only_at_half_its_violation_and_no_more_cost() {
+        let points = vec![
+            point(Kind::Reactive, 10.0, 100.0),
+            point(Kind::Reactive, 0.0, 200.0),
+            point(Kind::Predictive, 6.0, 90.0),
+            point(Kind::Predictive, 5.0, 100.0),
+            point(Kind::Predictive, 0.0, 201.0),
+        ];
+        let matched: Vec<Option<f64>> = against_hpa(&points, 0.5)
+            .iter()
+            .map(|(_, ours)| ours.map(|p| p.replica_seconds))
+            .collect();
+        assert_eq!(matched, vec![Some(100.0), None]);
+    }
+}
