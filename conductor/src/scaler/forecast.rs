@@ -43,7 +43,17 @@ pub struct FitParams {
     pub level: f64,
     /// Buckets to forecast past the end of the history.
     pub horizon: usize,
+    /// Longest history fitted bucket by bucket; a longer one is fitted on
+    /// the means of consecutive buckets, as few as bring it under this.
+    /// 0: never.
+    pub max_points: usize,
 }
+
+/// What [`FitParams::max_points`] defaults to: AutoETS costs ~45 µs per
+/// point and MSTL more, so a day of 10-second buckets fitted point by
+/// point took ~250-400 ms; on at most 1,000 means a sixth of that, and the
+/// next bucket is forecast as well (`scripts/bench/forecast`).
+pub const MAX_FIT_POINTS: usize = 1_000;
 
 /// Why a richer model was not used.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +124,11 @@ pub struct Forecast {
     pub upper: Vec<f64>,
     /// Buckets in the history that had no data and were interpolated.
     pub imputed: usize,
+    /// Misses the interval was measured from; 0 when it is the model's.
+    pub measured_from: usize,
+    /// Buckets per point the model was fitted on (1, or more for a long
+    /// history; see [`FitParams::max_points`]).
+    pub step: usize,
 }
 
 impl Forecast {
@@ -135,6 +150,37 @@ impl Forecast {
     }
 }
 
+/// Fewest misses a measured interval is drawn from.
+pub const MIN_MISSES: usize = 50;
+
+/// The forecast with its interval replaced by one measured from how far
+/// recent forecasts missed the load they forecast (actual − point): split
+/// conformal prediction. A model's nominal interval assumes Gaussian
+/// errors; on bursty load the spikes inflate its spread everywhere, while
+/// the quantiles of real misses stay where most of the load is. `None`
+/// with fewer than [`MIN_MISSES`] misses.
+pub fn measured_interval(forecast: &Forecast, misses: &[f64], level: f64) -> Option<Forecast> {
+    let mut sorted: Vec<f64> = misses.iter().copied().filter(|m| m.is_finite()).collect();
+    if sorted.len() < MIN_MISSES {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let quantile =
+        |q: f64| sorted[((sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize];
+    let level = level.clamp(0.0, 1.0);
+    let (below, above) = (quantile((1.0 - level) / 2.0), quantile((1.0 + level) / 2.0));
+    let mut out = forecast.clone();
+    // An interval never excludes its own point.
+    out.lower = out
+        .point
+        .iter()
+        .map(|p| (p + below).min(*p).max(0.0))
+        .collect();
+    out.upper = out.point.iter().map(|p| (p + above).max(*p)).collect();
+    out.measured_from = sorted.len();
+    Some(out)
+}
+
 /// Fewest points AutoETS is given: below this its estimates are noise.
 const MIN_ETS_POINTS: usize = 8;
 
@@ -147,6 +193,8 @@ pub fn fit(history: &[f64], params: &FitParams) -> Forecast {
     let horizon = params.horizon.max(1);
     let mut forecast = if data.is_empty() {
         fallback_last(&data, horizon, params.level, vec![Shortfall::NoData])
+    } else if params.max_points > 0 && data.len() > params.max_points {
+        coarse(&data, params, horizon)
     } else {
         fit_models(&data, params, horizon)
     };
@@ -161,6 +209,73 @@ pub fn fit(history: &[f64], params: &FitParams) -> Forecast {
         *v = v.max(0.0);
     }
     forecast
+}
+
+/// Fits on the means of `k` consecutive buckets (the newest chunk ends at
+/// the newest bucket; the oldest `len % k` are dropped) with periods
+/// divided by `k`, and draws the forecast back at bucket resolution by
+/// linear interpolation between chunk centres, from the last observed
+/// chunk on. A chunk mean varies √k times less than a bucket, so the
+/// model's interval is widened by √k.
+fn coarse(data: &[f64], params: &FitParams, horizon: usize) -> Forecast {
+    let k = data.len().div_ceil(params.max_points);
+    let skip = data.len() % k;
+    let means: Vec<f64> = data[skip..]
+        .chunks_exact(k)
+        .map(|c| c.iter().sum::<f64>() / k as f64)
+        .collect();
+    let coarse_params = FitParams {
+        periods: params
+            .periods
+            .iter()
+            .map(|p| (*p as f64 / k as f64).round() as usize)
+            .collect(),
+        level: params.level,
+        horizon: horizon.div_ceil(k) + 1,
+        max_points: 0,
+    };
+    let fitted = fit_models(&means, &coarse_params, coarse_params.horizon);
+    let last = means.last().copied().unwrap_or(0.0);
+    let widen = (k as f64).sqrt();
+    // Chunk c of the forecast is centred (k - 1) / 2 buckets after its
+    // start; the last observed one (c = -1) k buckets before that.
+    let at = |series: &[f64], anchor: f64, j: usize| {
+        let centre = (k as f64 - 1.0) / 2.0;
+        let x = (j as f64 - centre) / k as f64;
+        let c = x.floor();
+        let value = |c: f64| {
+            if c < 0.0 {
+                anchor
+            } else {
+                series
+                    .get(c as usize)
+                    .or(series.last())
+                    .copied()
+                    .unwrap_or(anchor)
+            }
+        };
+        let t = x - c;
+        value(c) + t * (value(c + 1.0) - value(c))
+    };
+    let point: Vec<f64> = (0..horizon).map(|j| at(&fitted.point, last, j)).collect();
+    let spread = |bound: &[f64]| -> Vec<f64> {
+        let gaps: Vec<f64> = bound
+            .iter()
+            .zip(&fitted.point)
+            .map(|(b, p)| (b - p) * widen)
+            .collect();
+        (0..horizon)
+            .map(|j| at(&gaps, gaps.first().copied().unwrap_or(0.0), j))
+            .collect()
+    };
+    let (below, above) = (spread(&fitted.lower), spread(&fitted.upper));
+    Forecast {
+        lower: point.iter().zip(&below).map(|(p, b)| p + b).collect(),
+        upper: point.iter().zip(&above).map(|(p, b)| p + b).collect(),
+        point,
+        step: k,
+        ..fitted
+    }
 }
 
 fn fit_models(data: &[f64], params: &FitParams, horizon: usize) -> Forecast {
@@ -260,6 +375,8 @@ fn from_augurs(method: Method, f: augurs::Forecast, horizon: usize) -> Option<Fo
         method,
         fallback: Vec::new(),
         points: 0,
+        measured_from: 0,
+        step: 1,
         point: f.point,
         lower,
         upper,
@@ -307,6 +424,8 @@ fn bands(method: Method, point: Vec<f64>, spread: f64, why: Vec<Shortfall>) -> F
         method,
         fallback: why,
         points: 0,
+        measured_from: 0,
+        step: 1,
         lower: point.iter().map(|p| p - spread).collect(),
         upper: point.iter().map(|p| p + spread).collect(),
         point,
@@ -362,6 +481,7 @@ mod tests {
             periods,
             level: 0.95,
             horizon,
+            max_points: 0,
         }
     }
 
@@ -459,5 +579,21 @@ mod tests {
         let history: Vec<f64> = (0..40).map(|i| 100.0 - 3.0 * i as f64).collect();
         let f = fit(&history, &params(vec![], 30));
         assert!(f.point.iter().chain(&f.lower).all(|v| *v >= 0.0));
+    }
+
+    #[test]
+    fn a_measured_interval_follows_the_misses_not_the_model() {
+        let f = fit(&daily(3, 24), &params(vec![24], 4));
+        // Misses: mostly small, a few large spikes above.
+        let mut misses: Vec<f64> = (0..95).map(|i| (i % 5) as f64 - 2.0).collect();
+        misses.extend([40.0, 50.0, 60.0, 70.0, 80.0]);
+        let m = measured_interval(&f, &misses, 0.8).expect("enough misses");
+        assert_eq!(m.measured_from, 100);
+        // The 90th percentile is a small miss; the spikes are beyond it.
+        for h in 0..4 {
+            assert_eq!(m.upper[h], m.point[h] + 2.0);
+            assert_eq!(m.lower[h], (m.point[h] - 2.0).max(0.0));
+        }
+        assert_eq!(measured_interval(&f, &misses[..MIN_MISSES - 1], 0.8), None);
     }
 }

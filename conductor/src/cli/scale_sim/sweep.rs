@@ -5,10 +5,12 @@
 
 use super::sim::{self, FitStats, Fits, Kind, SimConfig};
 
-/// Target utilisations swept for the HPA and the predictive policy.
-const TARGETS: &[f64] = &[0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95];
-const HEADROOMS: &[f64] = &[0.0, 0.1, 0.25];
-const LEVELS: &[f64] = &[0.8, 0.95];
+/// Target utilisations swept for the HPA and the predictive policy: from
+/// a pool mostly idle to one nearly full, in steps fine enough that the
+/// frontier is a curve, not a staircase.
+const TARGETS: (f64, f64, f64) = (0.3, 0.95, 0.025);
+const HEADROOMS: &[f64] = &[0.0, 0.1, 0.25, 0.5];
+const LEVELS: &[f64] = &[0.8, 0.9, 0.95];
 
 /// One setting of one policy and what it cost.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,7 +49,12 @@ fn settings(config: &SimConfig) -> Vec<(Kind, String, bool, SimConfig)> {
         let default = c == *config;
         out.push((kind, knob, default, c));
     };
-    let mut targets = TARGETS.to_vec();
+    let (low, high, step) = TARGETS;
+    let steps = ((high - low) / step).round() as usize;
+    // Rounded so that the setting prints as written.
+    let mut targets: Vec<f64> = (0..=steps)
+        .map(|i| ((low + step * i as f64) * 1000.0).round() / 1000.0)
+        .collect();
     targets.push(given.target_utilisation);
     targets.sort_by(f64::total_cmp);
     targets.dedup();
