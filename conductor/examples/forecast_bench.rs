@@ -72,7 +72,7 @@ fn main() {
     let origins: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
-        .unwrap_or(24);
+        .unwrap_or(96);
     let longest = SIZES[SIZES.len() - 1];
     let data = series(longest + DAY / 2 + HORIZON);
     // Spread over half a day, so the errors average over its shapes.

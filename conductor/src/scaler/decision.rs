@@ -303,7 +303,10 @@ pub fn decide(policy: &Policy, seen: &Observation<'_>, state: &mut State) -> Dec
         demand / (f64::from(current) * per_replica)
     };
     if recommended > current {
-        if current >= policy.min && ratio <= 1.0 + policy.tolerance {
+        // The band never holds a pool the demand would overrun: near a
+        // target of 1, "within 10 %" is a queue that only grows.
+        let fits = demand <= f64::from(current) * seen.capacity;
+        if current >= policy.min && ratio <= 1.0 + policy.tolerance && fits {
             decision.reason = Reason::WithinTolerance;
             return finish(state, decision);
         }
@@ -606,6 +609,18 @@ mod tests {
         let d = decide(&policy(), &seen(0, 26.5, 5), &mut State::default());
         assert_eq!(d.reason, Reason::WithinTolerance);
         assert_eq!(d.desired, 5);
+    }
+
+    #[test]
+    fn tolerance_never_holds_a_pool_the_load_overruns() {
+        // At a target of 0.95, 5 replicas plan for 47.5; 51 is within 10 %
+        // of that but more than the 50 they can serve.
+        let mut p = policy();
+        p.target_utilisation = 0.95;
+        let d = decide(&p, &seen(0, 51.0, 5), &mut State::default());
+        assert_eq!((d.reason, d.desired), (Reason::UpForLoad, 6));
+        let d = decide(&p, &seen(0, 49.0, 5), &mut State::default());
+        assert_eq!(d.reason, Reason::WithinTolerance);
     }
 
     #[test]

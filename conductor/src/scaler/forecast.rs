@@ -59,7 +59,7 @@ pub const MAX_FIT_POINTS: usize = 1_000;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Shortfall {
     NoData,
-    /// The history does not cover two of the longest seasonal period.
+    /// The history does not cover two of any seasonal period.
     ShortForSeasons {
         points: usize,
         needed: usize,
@@ -160,15 +160,19 @@ pub const MIN_MISSES: usize = 50;
 /// the quantiles of real misses stay where most of the load is. `None`
 /// with fewer than [`MIN_MISSES`] misses.
 pub fn measured_interval(forecast: &Forecast, misses: &[f64], level: f64) -> Option<Forecast> {
-    let mut sorted: Vec<f64> = misses.iter().copied().filter(|m| m.is_finite()).collect();
-    if sorted.len() < MIN_MISSES {
+    let mut misses: Vec<f64> = misses.iter().copied().filter(|m| m.is_finite()).collect();
+    if misses.len() < MIN_MISSES {
         return None;
     }
-    sorted.sort_by(f64::total_cmp);
-    let quantile =
-        |q: f64| sorted[((sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize];
     let level = level.clamp(0.0, 1.0);
+    let last = (misses.len() - 1) as f64;
+    // Two order statistics, not a sort: this runs at every refit.
+    let mut quantile = |q: f64| {
+        let (_, v, _) = misses.select_nth_unstable_by((last * q).round() as usize, f64::total_cmp);
+        *v
+    };
     let (below, above) = (quantile((1.0 - level) / 2.0), quantile((1.0 + level) / 2.0));
+    let measured_from = misses.len();
     let mut out = forecast.clone();
     // An interval never excludes its own point.
     out.lower = out
@@ -177,7 +181,7 @@ pub fn measured_interval(forecast: &Forecast, misses: &[f64], level: f64) -> Opt
         .map(|p| (p + below).min(*p).max(0.0))
         .collect();
     out.upper = out.point.iter().map(|p| (p + above).max(*p)).collect();
-    out.measured_from = sorted.len();
+    out.measured_from = measured_from;
     Some(out)
 }
 
@@ -289,10 +293,11 @@ fn fit_models(data: &[f64], params: &FitParams, horizon: usize) -> Forecast {
     periods.dedup();
     let mut why = Vec::new();
     if !params.periods.is_empty() && periods.is_empty() {
-        let longest = params.periods.iter().max().copied().unwrap_or(0);
+        // Two of the shortest period would have been enough for MSTL.
+        let shortest = params.periods.iter().filter(|&&p| p >= 2).min();
         why.push(Shortfall::ShortForSeasons {
             points: data.len(),
-            needed: 2 * longest,
+            needed: 2 * shortest.copied().unwrap_or(2),
         });
     }
     if !periods.is_empty() {
@@ -382,6 +387,20 @@ fn from_augurs(method: Method, f: augurs::Forecast, horizon: usize) -> Option<Fo
         upper,
         imputed: 0,
     })
+}
+
+/// The forecast with its interval, made at `from`, rescaled to the
+/// nominal coverage `to`: every interval here is point ± z·spread.
+pub fn at_level(forecast: &Forecast, from: f64, to: f64) -> Forecast {
+    let scale = z(to) / z(from);
+    let mut out = forecast.clone();
+    for (bound, p) in out.lower.iter_mut().zip(&forecast.point) {
+        *bound = (p - (p - *bound) * scale).max(0.0);
+    }
+    for (bound, p) in out.upper.iter_mut().zip(&forecast.point) {
+        *bound = p + (*bound - p) * scale;
+    }
+    out
 }
 
 /// z for a two-sided interval of nominal coverage `level`, for the few

@@ -156,8 +156,8 @@ impl Planner {
     /// Installs a fit, its interval measured from the recent misses once
     /// there are enough of them.
     pub fn install(&mut self, fitted: Fitted) {
-        let misses: Vec<f64> = self.misses.iter().copied().collect();
-        let fitted = match forecast::measured_interval(&fitted.forecast, &misses, self.config.level)
+        let misses = self.misses.make_contiguous();
+        let fitted = match forecast::measured_interval(&fitted.forecast, misses, self.config.level)
         {
             Some(measured) => Fitted {
                 forecast: Arc::new(measured),

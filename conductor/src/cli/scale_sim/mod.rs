@@ -213,6 +213,7 @@ pub fn run(args: Args, config_path: &Path) -> anyhow::Result<()> {
         unit: "jobs/s",
         step: step / per_unit,
         time_unit,
+        level: config.autoscale.forecast_level,
     };
     let written = plot::write(&args.plot, &trace.values, &outcome, &labels)?;
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();

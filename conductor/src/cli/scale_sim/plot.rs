@@ -70,6 +70,8 @@ pub struct Labels<'a> {
     pub step: f64,
     /// The x axis unit, e.g. "days".
     pub time_unit: &'a str,
+    /// Coverage of the forecast's interval.
+    pub level: f64,
 }
 
 /// Writes `<prefix>.svg` and `<prefix>.png`; returns their paths.
@@ -281,7 +283,7 @@ fn draw<DB: DrawingBackend>(
         band.mix(0.2).filled(),
     )))
     .map_err(e)?
-    .label("forecast 95 % interval")
+    .label(format!("forecast {:.0} % interval", labels.level * 100.0))
     .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], band.mix(0.2).filled()));
     load.draw_series(LineSeries::new(
         outcome

@@ -5,11 +5,12 @@
 //! algorithm with its defaults, and a static pool at max.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use demi_conductor::scaler::config::AutoscaleConfig;
 use demi_conductor::scaler::decision::{self, Ahead, Outlook, Policy};
-use demi_conductor::scaler::forecast::Method;
+use demi_conductor::scaler::forecast::{self, Method};
 use demi_conductor::scaler::planner::{FitJob, Fitted, Planner, PlannerConfig};
 
 /// How the pool and the policies are modelled. Durations are virtual:
@@ -95,18 +96,6 @@ pub struct FitStats {
 }
 
 impl FitStats {
-    /// Adds another replay's fits.
-    pub fn merge(&mut self, other: FitStats) {
-        self.fits += other.fits;
-        self.fit_time += other.fit_time;
-        for (method, n) in other.methods {
-            count(&mut self.methods, method, n);
-        }
-        for f in other.fallbacks {
-            self.fell_back(f);
-        }
-    }
-
     fn fell_back(&mut self, f: Fallbacks) {
         match self.fallbacks.iter_mut().find(|g| g.cause == f.cause) {
             Some(g) => {
@@ -121,16 +110,27 @@ impl FitStats {
 
 /// The fits of a replay, in order. Every replay observes the trace
 /// itself (load offered does not depend on the policy), so the fits are
-/// the same for every policy setting that fits at the same level: a sweep
-/// fits once per level and replays the rest from here.
-#[derive(Debug, Default)]
+/// the same for every policy setting: a sweep fits once, in the first
+/// replay, and the others read them here, at their own level.
+#[derive(Debug)]
 pub struct Fits {
     done: Vec<Fitted>,
+    /// The level the fits were made at.
+    level: f64,
     pub stats: FitStats,
 }
 
 impl Fits {
-    fn get(&mut self, n: usize, job: FitJob) -> Fitted {
+    pub fn new(level: f64) -> Self {
+        Self {
+            done: Vec::new(),
+            level,
+            stats: FitStats::default(),
+        }
+    }
+
+    /// The `n`th fit of a replay, made now if it was not before.
+    pub fn get(&mut self, n: usize, job: FitJob) -> Fitted {
         if let Some(fitted) = self.done.get(n) {
             return fitted.clone();
         }
@@ -140,7 +140,7 @@ impl Fits {
         let stats = &mut self.stats;
         stats.fits += 1;
         stats.fit_time += started.elapsed();
-        count(&mut stats.methods, fitted.forecast.method, 1);
+        count(&mut stats.methods, fitted.forecast.method);
         if !fitted.forecast.fallback.is_empty() {
             let causes: Vec<String> = fitted.forecast.fallback.iter().map(|s| s.cause()).collect();
             stats.fell_back(Fallbacks {
@@ -152,6 +152,19 @@ impl Fits {
         }
         self.done.push(fitted.clone());
         fitted
+    }
+
+    /// The `n`th fit as if made at `level`: a model's interval is point ±
+    /// z·σ, so another level only rescales it.
+    pub fn at_level(&self, n: usize, level: f64) -> Option<Fitted> {
+        let fitted = self.done.get(n)?;
+        if level == self.level {
+            return Some(fitted.clone());
+        }
+        Some(Fitted {
+            forecast: Arc::new(forecast::at_level(&fitted.forecast, self.level, level)),
+            origin: fitted.origin,
+        })
     }
 }
 
@@ -266,7 +279,7 @@ pub fn simulate(
     mut progress: impl FnMut(usize, usize),
 ) -> Outcome {
     let total = values.len() * Kind::ALL.len();
-    let mut fits = Fits::default();
+    let mut fits = Fits::new(config.autoscale.forecast_level);
     let mut forecast = vec![None; values.len()];
     let mut runs = Vec::new();
     for (k, kind) in Kind::ALL.into_iter().enumerate() {
@@ -275,7 +288,7 @@ pub fn simulate(
             values,
             config,
             kind,
-            &mut fits,
+            &mut |n, job| fits.get(n, job),
             Some(&mut forecast),
             &mut |n| progress(done + n, total),
         );
@@ -288,14 +301,14 @@ pub fn simulate(
     }
 }
 
-/// Replays one policy with the settings in `config`. `fits` holds the
-/// forecasts made so far at `config`'s level; `forecast`, when given,
-/// receives the predictive policy's forecast per bucket.
+/// Replays one policy with the settings in `config`. `fit(n, job)` gives
+/// the replay's `n`th fit; `forecast`, when given, receives the predictive
+/// policy's forecast per bucket.
 pub fn replay(
     values: &[f64],
     config: &SimConfig,
     kind: Kind,
-    fits: &mut Fits,
+    fit: &mut dyn FnMut(usize, FitJob) -> Fitted,
     mut forecast: Option<&mut [Option<Ahead>]>,
     progress: &mut dyn FnMut(usize),
 ) -> Run {
@@ -417,7 +430,7 @@ pub fn replay(
             };
             planner.observe(now, observed);
             if let Some(job) = planner.refit_due(*lead) {
-                planner.install(fits.get(fitted_so_far, job));
+                planner.install(fit(fitted_so_far, job));
                 fitted_so_far += 1;
             }
             let d = planner.decide(pool.queue, config.capacity, pool.requested(), *lead);
@@ -440,10 +453,10 @@ pub fn replay(
     run
 }
 
-fn count<T: PartialEq>(counts: &mut Vec<(T, usize)>, key: T, n: usize) {
+fn count<T: PartialEq>(counts: &mut Vec<(T, usize)>, key: T) {
     match counts.iter_mut().find(|(k, _)| *k == key) {
-        Some((_, total)) => *total += n,
-        None => counts.push((key, n)),
+        Some((_, n)) => *n += 1,
+        None => counts.push((key, 1)),
     }
 }
 

@@ -3,6 +3,8 @@
 //! replica-seconds, and the frontier of the settings no other setting of
 //! the same policy beats on both.
 
+use demi_conductor::scaler::planner::FitJob;
+
 use super::sim::{self, FitStats, Fits, Kind, SimConfig};
 
 /// Target utilisations swept for the HPA and the predictive policy: from
@@ -94,37 +96,77 @@ fn settings(config: &SimConfig) -> Vec<(Kind, String, bool, SimConfig)> {
     out
 }
 
-/// Replays every setting; `progress(done, total)` counts replays. Fits
-/// are made once per forecast level and shared by the settings at it.
-pub fn sweep(values: &[f64], config: &SimConfig, mut progress: impl FnMut(usize, usize)) -> Sweep {
-    let settings = settings(config);
+/// Replays every setting; `progress(done, total)` counts replays. The
+/// configuration given is replayed first and makes the fits; the rest
+/// read them and run on every core.
+pub fn sweep(
+    values: &[f64],
+    config: &SimConfig,
+    progress: impl FnMut(usize, usize) + Send,
+) -> Sweep {
+    let mut settings = settings(config);
     let total = settings.len();
-    let mut fits: Vec<(f64, Fits)> = Vec::new();
-    let mut points = Vec::with_capacity(total);
-    for (done, (kind, knob, default, c)) in settings.into_iter().enumerate() {
-        let level = c.autoscale.forecast_level;
-        let at = match fits.iter().position(|(l, _)| *l == level) {
-            Some(at) => at,
-            None => {
-                fits.push((level, Fits::default()));
-                fits.len() - 1
-            }
-        };
-        let run = sim::replay(values, &c, kind, &mut fits[at].1, None, &mut |_| {});
-        points.push(Point {
-            kind,
-            knob,
-            default,
-            violation: run.violation.as_secs_f64(),
-            replica_seconds: run.replica_seconds,
-        });
-        progress(done + 1, total);
+    let first = settings
+        .iter()
+        .position(|(kind, _, default, _)| *kind == Kind::Predictive && *default)
+        .unwrap_or(0);
+    let (kind, knob, default, c) = settings.remove(first);
+    let mut fits = Fits::new(c.autoscale.forecast_level);
+    let run = sim::replay(
+        values,
+        &c,
+        kind,
+        &mut |n, job| fits.get(n, job),
+        None,
+        &mut |_| {},
+    );
+    let point = |kind, knob, default, run: sim::Run| Point {
+        kind,
+        knob,
+        default,
+        violation: run.violation.as_secs_f64(),
+        replica_seconds: run.replica_seconds,
+    };
+    let mut points = vec![point(kind, knob, default, run)];
+    let progress = std::sync::Mutex::new((1, progress));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = settings.len().div_ceil(threads).max(1);
+    let fits = &fits;
+    let rest: Vec<Point> = std::thread::scope(|scope| {
+        let workers: Vec<_> = settings
+            .chunks(chunk)
+            .map(|part| {
+                let progress = &progress;
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|(kind, knob, default, c)| {
+                            let level = c.autoscale.forecast_level;
+                            let mut fit = |n, job: FitJob| {
+                                fits.at_level(n, level).unwrap_or_else(|| job.run())
+                            };
+                            let run = sim::replay(values, c, *kind, &mut fit, None, &mut |_| {});
+                            if let Ok(mut p) = progress.lock() {
+                                p.0 += 1;
+                                let done = p.0;
+                                (p.1)(done, total);
+                            }
+                            point(*kind, knob.clone(), *default, run)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            // A replay that panicked is a bug to see, not points to drop.
+            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    points.extend(rest);
+    Sweep {
+        points,
+        stats: fits.stats.clone(),
     }
-    let mut stats = FitStats::default();
-    for (_, f) in fits {
-        stats.merge(f.stats);
-    }
-    Sweep { points, stats }
 }
 
 /// The settings of `kind` that no other setting of it beats on both
