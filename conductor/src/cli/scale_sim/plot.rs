@@ -81,29 +81,11 @@ pub fn write(
     outcome: &Outcome,
     labels: &Labels<'_>,
 ) -> Result<Vec<PathBuf>, PlotError> {
-    ensure_font()?;
-    let svg = prefix.with_extension("svg");
-    let png = prefix.with_extension("png");
-    let size = (1400, 900);
-    let error = |path: &Path| {
-        let path = path.to_owned();
-        move |reason: String| PlotError::Draw { path, reason }
-    };
-    draw(
-        SVGBackend::new(&svg, size).into_drawing_area(),
-        values,
-        outcome,
-        labels,
+    both(
+        prefix,
+        |area| draw(area, values, outcome, labels),
+        |area| draw(area, values, outcome, labels),
     )
-    .map_err(error(&svg))?;
-    draw(
-        BitMapBackend::new(&png, size).into_drawing_area(),
-        values,
-        outcome,
-        labels,
-    )
-    .map_err(error(&png))?;
-    Ok(vec![svg, png])
 }
 
 /// Writes the sweep's frontier as `<prefix>.svg` and `<prefix>.png`.
@@ -111,6 +93,21 @@ pub fn write_frontier(
     prefix: &Path,
     swept: &Sweep,
     title: &str,
+) -> Result<Vec<PathBuf>, PlotError> {
+    both(
+        prefix,
+        |area| draw_frontier(area, swept, title),
+        |area| draw_frontier(area, swept, title),
+    )
+}
+
+type Area<DB> = DrawingArea<DB, Shift>;
+
+/// The same picture drawn twice, once per backend (their types differ).
+fn both(
+    prefix: &Path,
+    svg_draw: impl FnOnce(Area<SVGBackend<'_>>) -> Result<(), String>,
+    png_draw: impl FnOnce(Area<BitMapBackend<'_>>) -> Result<(), String>,
 ) -> Result<Vec<PathBuf>, PlotError> {
     ensure_font()?;
     let svg = prefix.with_extension("svg");
@@ -120,18 +117,8 @@ pub fn write_frontier(
         let path = path.to_owned();
         move |reason: String| PlotError::Draw { path, reason }
     };
-    draw_frontier(
-        SVGBackend::new(&svg, size).into_drawing_area(),
-        swept,
-        title,
-    )
-    .map_err(error(&svg))?;
-    draw_frontier(
-        BitMapBackend::new(&png, size).into_drawing_area(),
-        swept,
-        title,
-    )
-    .map_err(error(&png))?;
+    svg_draw(SVGBackend::new(&svg, size).into_drawing_area()).map_err(error(&svg))?;
+    png_draw(BitMapBackend::new(&png, size).into_drawing_area()).map_err(error(&png))?;
     Ok(vec![svg, png])
 }
 

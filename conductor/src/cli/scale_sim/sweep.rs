@@ -54,20 +54,12 @@ fn settings(config: &SimConfig) -> Vec<(Kind, String, bool, SimConfig)> {
     let (low, high, step) = TARGETS;
     let steps = ((high - low) / step).round() as usize;
     // Rounded so that the setting prints as written.
-    let mut targets: Vec<f64> = (0..=steps)
+    let swept: Vec<f64> = (0..=steps)
         .map(|i| ((low + step * i as f64) * 1000.0).round() / 1000.0)
         .collect();
-    targets.push(given.target_utilisation);
-    targets.sort_by(f64::total_cmp);
-    targets.dedup();
-    let mut headrooms = HEADROOMS.to_vec();
-    headrooms.push(given.headroom);
-    headrooms.sort_by(f64::total_cmp);
-    headrooms.dedup();
-    let mut levels = LEVELS.to_vec();
-    levels.push(given.forecast_level);
-    levels.sort_by(f64::total_cmp);
-    levels.dedup();
+    let targets = and_given(&swept, given.target_utilisation);
+    let headrooms = and_given(HEADROOMS, given.headroom);
+    let levels = and_given(LEVELS, given.forecast_level);
     for &level in &levels {
         for &target in &targets {
             for &headroom in &headrooms {
@@ -93,6 +85,15 @@ fn settings(config: &SimConfig) -> Vec<(Kind, String, bool, SimConfig)> {
             c.autoscale.max = replicas;
         });
     }
+    out
+}
+
+/// `values` and `given`, sorted, once each.
+fn and_given(values: &[f64], given: f64) -> Vec<f64> {
+    let mut out = values.to_vec();
+    out.push(given);
+    out.sort_by(f64::total_cmp);
+    out.dedup();
     out
 }
 
