@@ -30,11 +30,12 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
-/// Writes `result` as JSON to `$BENCH_OUT`, or `target/bench/NAME.json`.
+/// Writes `result` as JSON to `$BENCH_OUT`, or `target/bench/NAME.json`
+/// of the repository (a test runs in `tests/`, not beside the build).
 pub fn write_results(name: &str, result: &serde_json::Value) {
     let out = std::env::var_os("BENCH_OUT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| format!("target/bench/{name}.json").into());
+        .unwrap_or_else(|| crate::repo_root().join(format!("target/bench/{name}.json")));
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }

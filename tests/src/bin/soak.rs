@@ -521,8 +521,9 @@ fn main() {
     // platform jobs is work done twice; fewer, answers nobody computed.
     let lines = demi_e2e::journal_timed(&journal);
     // Kept beside the results, for a look at what went wrong.
-    let journal_copy = PathBuf::from("target/bench/soak-journal");
-    let _ = std::fs::create_dir_all("target/bench");
+    let bench_dir = demi_e2e::repo_root().join("target/bench");
+    let journal_copy = bench_dir.join("soak-journal");
+    let _ = std::fs::create_dir_all(&bench_dir);
     let _ = std::fs::copy(&journal, &journal_copy);
     let mut deliveries: BTreeMap<(&str, u32), Vec<u128>> = BTreeMap::new();
     let mut answered: BTreeSet<&str> = BTreeSet::new();
