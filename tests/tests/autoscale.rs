@@ -300,6 +300,8 @@ history_seed = "{}"
     });
     assert_eq!(refit["points"].as_u64(), Some(10_001), "{refit}");
     assert_eq!(refit["model"], "mstl", "{refit}");
+    // 10,001 buckets are fitted as 909 means of 11.
+    assert_eq!(refit["step"].as_u64(), Some(11), "{refit}");
     let took = refit["took_ms"].as_f64().expect("took_ms");
     let end = timestamp_ms(&refit);
     let start = end - took;

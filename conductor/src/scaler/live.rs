@@ -343,13 +343,17 @@ async fn scale_plugin(
                 fit = None;
                 match fitted {
                     Ok(FitDone { fitted, took, points }) => {
-                        let f = &fitted.forecast;
-                        let took_ms = took.as_millis() as u64;
-                        match f.fallback_reason() {
-                            Some(why) => tracing::info!(plugin = name, model = f.method.as_str(), took_ms, points, fallback = why.as_str(), "autoscaler forecast fell back to a simpler model"),
-                            None => tracing::debug!(plugin = name, model = f.method.as_str(), took_ms, points, "autoscaler forecast refitted"),
-                        }
                         planner.install(fitted);
+                        let took_ms = took.as_millis() as u64;
+                        // As installed: buckets per fitted point, and the
+                        // misses its interval was measured from (0: the model's).
+                        if let Some(f) = planner.fitted().map(|f| &f.forecast) {
+                            let (step, misses) = (f.step, f.measured_from);
+                            match f.fallback_reason() {
+                                Some(why) => tracing::info!(plugin = name, model = f.method.as_str(), took_ms, points, step, misses, fallback = why.as_str(), "autoscaler forecast fell back to a simpler model"),
+                                None => tracing::debug!(plugin = name, model = f.method.as_str(), took_ms, points, step, misses, "autoscaler forecast refitted"),
+                            }
+                        }
                     }
                     Err(error) => tracing::error!(plugin = name, %error, "autoscaler fit panicked; keeping the previous forecast"),
                 }
