@@ -416,7 +416,6 @@ mod tests {
         Forecast {
             method: Method::Ets,
             fallback: Vec::new(),
-            points: 0,
             measured_from: 0,
             step: 1,
             point: vec![upper * 0.8; len],

@@ -117,8 +117,6 @@ pub struct Forecast {
     pub method: Method,
     /// Why a richer model was not used, when it was not.
     pub fallback: Vec<Shortfall>,
-    /// Buckets of history fitted on.
-    pub points: usize,
     pub point: Vec<f64>,
     pub lower: Vec<f64>,
     pub upper: Vec<f64>,
@@ -203,7 +201,6 @@ pub fn fit(history: &[f64], params: &FitParams) -> Forecast {
         fit_models(&data, params, horizon)
     };
     forecast.imputed = imputed;
-    forecast.points = history.len();
     for v in forecast
         .point
         .iter_mut()
@@ -379,7 +376,6 @@ fn from_augurs(method: Method, f: augurs::Forecast, horizon: usize) -> Option<Fo
     Some(Forecast {
         method,
         fallback: Vec::new(),
-        points: 0,
         measured_from: 0,
         step: 1,
         point: f.point,
@@ -442,7 +438,6 @@ fn bands(method: Method, point: Vec<f64>, spread: f64, why: Vec<Shortfall>) -> F
     Forecast {
         method,
         fallback: why,
-        points: 0,
         measured_from: 0,
         step: 1,
         lower: point.iter().map(|p| p - spread).collect(),

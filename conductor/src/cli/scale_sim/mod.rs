@@ -259,27 +259,25 @@ fn sweep_table(swept: &sweep::Sweep, total: f64) -> String {
          (* = the configuration given)\n{:<16} {:<40} {:>20} {:>16}\n",
         "policy", "setting", "SLO violation", "replica-seconds"
     );
+    let row = |p: &sweep::Point, setting: &str| {
+        format!(
+            "{:<16} {:<40} {:>20} {:>16.0}\n",
+            p.kind.name(),
+            setting,
+            violation(p.violation, total),
+            p.replica_seconds
+        )
+    };
     for kind in sim::Kind::ALL {
         for p in sweep::frontier(&swept.points, kind) {
-            out.push_str(&format!(
-                "{:<16} {:<40} {:>20} {:>16.0}\n",
-                kind.name(),
-                format!("{}{}", p.knob, if p.default { " *" } else { "" }),
-                violation(p.violation, total),
-                p.replica_seconds
-            ));
+            let marked = format!("{}{}", p.knob, if p.default { " *" } else { "" });
+            out.push_str(&row(p, &marked));
         }
     }
     let defaults: Vec<&sweep::Point> = swept.points.iter().filter(|p| p.default).collect();
     out.push_str("\nthe configuration given:\n");
     for p in &defaults {
-        out.push_str(&format!(
-            "{:<16} {:<40} {:>20} {:>16.0}\n",
-            p.kind.name(),
-            p.knob,
-            violation(p.violation, total),
-            p.replica_seconds
-        ));
+        out.push_str(&row(p, &p.knob));
     }
     let ours = defaults.iter().find(|p| p.kind == sim::Kind::Predictive);
     let hpa = defaults.iter().find(|p| p.kind == sim::Kind::Reactive);
