@@ -333,10 +333,8 @@ fn the_cpu_signal_scales_a_pool_that_takes_no_jobs() {
     // Each instance spins one thread against a quarter-core limit: the
     // pool uses a quarter core per replica, which is its capacity, so at
     // 70 % target every reading asks for more until max.
-    let conductor = Conductor::builder()
-        .conductor("usage_interval = \"200ms\"")
-        .start(
-            r#"
+    let conductor = Conductor::start(
+        r#"
 [plugins.burner]
 command = "{echo}"
 args = ["--spin-threads", "1"]
@@ -352,7 +350,7 @@ bucket = "1s"
 history = "10m"
 seasonal_periods = []
 "#,
-        );
+    );
     conductor.wait_serving(0, "burner", 0);
     let (_, up) = conductor.wait_for(0, "scale-up on CPU", |e| {
         e["message"] == "autoscaler decision" && e["plugin"] == "burner" && e["to"] == 3
@@ -370,10 +368,8 @@ fn the_host_caps_what_the_autoscaler_asks_for() {
     // Three spinning replicas are wanted (as above), but each may use
     // 1 TiB of memory, which no test host has available: the autoscaler
     // keeps what runs and says why.
-    let conductor = Conductor::builder()
-        .conductor("usage_interval = \"200ms\"")
-        .start(
-            r#"
+    let conductor = Conductor::start(
+        r#"
 [plugins.burner]
 command = "{echo}"
 args = ["--spin-threads", "1"]
@@ -390,7 +386,7 @@ bucket = "1s"
 history = "10m"
 seasonal_periods = []
 "#,
-        );
+    );
     conductor.wait_serving(0, "burner", 0);
     let (_, capped) = conductor.wait_for(0, "capped by host memory", |e| {
         e["message"] == "capped by host memory" && e["plugin"] == "burner"

@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use demi_e2e::grpc::{self, pb};
+use admin_pb::Usage;
+use demi_e2e::grpc::{self, admin_pb, pb};
 use demi_e2e::{Conductor, alive, cgroup_dirs, signal_pid, wait_all_gone};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -22,16 +23,38 @@ fn plugin_line(conductor: &Conductor, plugin: &str, message: &str) -> Value {
     serde_json::from_str(line["fields"].as_str().unwrap_or("{}")).unwrap()
 }
 
-/// The next usage event of `plugin` at or after `from` matching `pred`.
-fn usage(
-    conductor: &Conductor,
-    from: usize,
-    plugin: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> (usize, Value) {
-    conductor.wait_for(from, &format!("{plugin} usage"), |e| {
-        e["message"] == "instance usage" && e["span"]["plugin"] == plugin && pred(e)
+/// Instance 0 of `plugin`'s usage, read by the conductor when asked
+/// (GetPlugin), polled until `pred` holds; with when it was read.
+fn usage(conductor: &Conductor, plugin: &str, pred: impl Fn(&Usage) -> bool) -> (Instant, Usage) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        loop {
+            let asked = Instant::now();
+            let answer = api
+                .get_plugin(admin_pb::PluginRef {
+                    name: plugin.into(),
+                })
+                .await
+                .expect("GetPlugin")
+                .into_inner();
+            let usage = answer.instances.first().and_then(|i| i.usage);
+            if let Some(usage) = usage
+                && pred(&usage)
+            {
+                return (asked, usage);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{plugin}: usage never matched; last {usage:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
+}
+
+fn millis(d: Option<prost_types::Duration>) -> f64 {
+    d.map_or(0.0, |d| d.seconds as f64 * 1e3 + f64::from(d.nanos) / 1e6)
 }
 
 /// Medians of `n` sequential echo jobs, in microseconds.
@@ -95,27 +118,22 @@ fn an_instance_past_its_memory_limit_is_oom_killed_reported_and_restarted() {
 
 #[test]
 fn a_fork_bomb_is_held_at_its_pids_limit() {
-    let conductor = Conductor::builder()
-        .conductor("usage_interval = \"200ms\"")
-        .start(&format!(
-            "{}{}",
-            plugin(
-                "forker",
-                "args = [\"--fork\", \"1000\"]\n[plugins.forker.limits]\npids = 32\n"
-            ),
-            plugin("steady", ""),
-        ));
+    let conductor = Conductor::start(&format!(
+        "{}{}",
+        plugin(
+            "forker",
+            "args = [\"--fork\", \"1000\"]\n[plugins.forker.limits]\npids = 32\n"
+        ),
+        plugin("steady", ""),
+    ));
     let forked = plugin_line(&conductor, "forker", "forked");
     let forked = forked["forked"].as_u64().unwrap();
     assert!(
         forked < 32,
         "only {forked} forks fit under pids.max = 32 (threads count too)"
     );
-    let (_, sample) = usage(&conductor, 0, "forker", |e| e["pids"].as_u64() == Some(32));
-    eprintln!(
-        "forker held at {} tasks after {forked} forks",
-        sample["pids"]
-    );
+    let (_, sample) = usage(&conductor, "forker", |u| u.pids == 32);
+    eprintln!("forker held at {} tasks after {forked} forks", sample.pids);
 
     // The instance still serves, and so does everybody else.
     conductor.wait_serving(0, "forker", 0);
@@ -129,7 +147,7 @@ fn a_fork_bomb_is_held_at_its_pids_limit() {
 
 #[test]
 fn a_spinner_is_throttled_to_its_cpu_limit_and_its_neighbour_keeps_its_latency() {
-    let conductor = Conductor::builder().conductor("usage_interval = \"250ms\"").start(&format!(
+    let conductor = Conductor::start(&format!(
         "{}{}",
         plugin(
             "spinner",
@@ -147,26 +165,22 @@ fn a_spinner_is_throttled_to_its_cpu_limit_and_its_neighbour_keeps_its_latency()
 
     signal_pid(spinner, Signal::SIGUSR1);
     plugin_line(&conductor, "spinner", "spinning");
-    let (at, first) = usage(&conductor, conductor.cursor(), "spinner", |e| {
-        e["throttled_ms"].as_u64() > Some(0)
-    });
+    let (at, first) = usage(&conductor, "spinner", |u| u.throttled_periods > 0);
     // Other tests share these two cores: the least of three rounds is the
     // spinner's doing, not theirs.
     let busy = (0..3)
         .map(|_| rt.block_on(job_latency_us(&mut client, 300)))
         .fold(f64::INFINITY, f64::min);
-    let (_, last) = usage(&conductor, at + 1, "spinner", |e| {
-        e["cpu_ms"].as_u64() > first["cpu_ms"].as_u64()
-    });
+    let (until, last) = usage(&conductor, "spinner", |u| millis(u.cpu) > millis(first.cpu));
 
     // CPU used over wall time between two samples, in cores.
-    let cpu = (last["cpu_ms"].as_f64().unwrap() - first["cpu_ms"].as_f64().unwrap())
-        / (demi_e2e::timestamp_ms(&last) - demi_e2e::timestamp_ms(&first));
+    let cpu = (millis(last.cpu) - millis(first.cpu)) / (until - at).as_secs_f64() / 1e3;
     eprintln!(
-        "spinner: {cpu:.2} cores, throttled {} ms in {} periods; neighbour p50 {idle:.0} µs idle, {busy:.0} µs beside the spinner",
-        last["throttled_ms"], last["throttled_periods"]
+        "spinner: {cpu:.2} cores, throttled {:.0} ms in {} periods; neighbour p50 {idle:.0} µs idle, {busy:.0} µs beside the spinner",
+        millis(last.throttled),
+        last.throttled_periods
     );
-    assert!(last["throttled_periods"].as_u64() > Some(0));
+    assert!(last.throttled_periods > 0);
     assert!(
         cpu < 0.3,
         "two spinning threads held near 0.2 cores, got {cpu:.2}"
@@ -308,7 +322,7 @@ fn without_usable_cgroups_required_refuses_and_optional_runs_unconfined() {
 #[test]
 fn cgroup_policy_off_confines_nothing_and_says_so_once() {
     let conductor = Conductor::builder()
-        .conductor("cgroup_policy = \"off\"\nusage_interval = \"200ms\"")
+        .conductor("cgroup_policy = \"off\"")
         .start(&format!(
             "{}{}",
             plugin(

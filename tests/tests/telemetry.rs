@@ -281,8 +281,8 @@ fn every_metric_the_grafana_dashboard_queries_exists() {
     )
     .expect("the dashboard is JSON");
     // Every kind of event once: a crash, a breaker trip (the first
-    // instance stops answering after 300 ms), usage samples.
-    let conductor = Conductor::builder().conductor("usage_interval = \"100ms\"").start(&format!(
+    // instance stops answering after 300 ms), usage (read at the scrape).
+    let conductor = Conductor::start(&format!(
         "{}{}{}",
         plugin(
             "echo",

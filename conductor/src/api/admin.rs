@@ -89,7 +89,7 @@ impl pb::conductor_server::Conductor for Admin {
         let plugins: Vec<pb::Plugin> = self
             .parts
             .supervisor
-            .list()
+            .list_with_usage()
             .into_iter()
             .map(|v| self.plugin(v))
             .collect();
@@ -122,7 +122,7 @@ impl pb::conductor_server::Conductor for Admin {
     #[tracing::instrument(skip_all)]
     async fn get_plugin(&self, request: Request<pb::PluginRef>) -> Answer<pb::Plugin> {
         let name = name_of(request)?;
-        self.answer(self.parts.supervisor.get(&name))
+        self.answer(self.parts.supervisor.get_with_usage(&name))
     }
 
     #[tracing::instrument(skip_all)]

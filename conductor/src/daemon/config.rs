@@ -32,7 +32,9 @@ pub struct DaemonConfig {
     /// cgroups. `optional`: it starts unconfined, with a warning.
     #[serde(default)]
     pub cgroup_policy: CgroupPolicy,
-    /// How often each instance's resource usage is read from its cgroup.
+    /// How often an instance with `restart.on_memory_above` has its memory
+    /// read. Other usage is read when someone looks (scrape, status,
+    /// autoscaler), not on a timer.
     #[serde(default = "default_usage_interval", with = "humantime_serde")]
     pub usage_interval: Duration,
     /// Folders whose sub-folders holding a `plugin.toml` are plugins

@@ -36,7 +36,7 @@ impl Snapshot for Scrape {
             return Vec::new();
         };
         supervisor
-            .list()
+            .list_with_usage()
             .into_iter()
             .map(|view| PluginSample {
                 degraded: view.degraded().is_some(),
@@ -178,7 +178,7 @@ impl scaler::LoadSource for Load {
     }
 
     fn cpu(&self, plugin: &str) -> Option<Vec<(u32, u32, Duration)>> {
-        let view = self.supervisor.get(plugin).ok()?;
+        let view = self.supervisor.get_with_usage(plugin).ok()?;
         Some(
             view.instances
                 .iter()
@@ -211,7 +211,7 @@ impl scaler::Actuator for Pools {
     /// available); and cores over its CPU limit.
     fn room(&self, plugin: &str) -> Option<scaler::live::Room> {
         let config = self.supervisor.config(plugin)?;
-        let view = self.supervisor.get(plugin).ok()?;
+        let view = self.supervisor.get_with_usage(plugin).ok()?;
         let host = self.machine.sample();
         let mut rooms = Vec::new();
         let peak = view

@@ -241,8 +241,18 @@ impl Supervisor {
             .map(|pool| *pool.members.borrow())
     }
 
+    /// Every plugin; usage is left out (see [`Self::list_with_usage`]).
     pub fn list(&self) -> Vec<PluginView> {
-        let views: Vec<PluginView> = self.pools().values().map(view).collect();
+        self.views(None)
+    }
+
+    /// Every plugin, with each instance's usage read now.
+    pub fn list_with_usage(&self) -> Vec<PluginView> {
+        self.views(Some(&self.context.machine))
+    }
+
+    fn views(&self, usage: Option<&crate::machine::Machine>) -> Vec<PluginView> {
+        let views: Vec<PluginView> = self.pools().values().map(|p| view(p, usage)).collect();
         views.into_iter().map(|v| self.annotated(v)).collect()
     }
 
@@ -288,11 +298,25 @@ impl Supervisor {
         self.pools().get(name).map(|p| p.replicas)
     }
 
+    /// One plugin; usage is left out (see [`Self::get_with_usage`]).
     pub fn get(&self, name: &str) -> Result<PluginView, SupervisorError> {
+        self.view_of(name, None)
+    }
+
+    /// One plugin, with each instance's usage read now.
+    pub fn get_with_usage(&self, name: &str) -> Result<PluginView, SupervisorError> {
+        self.view_of(name, Some(&self.context.machine))
+    }
+
+    fn view_of(
+        &self,
+        name: &str,
+        usage: Option<&crate::machine::Machine>,
+    ) -> Result<PluginView, SupervisorError> {
         let view = self
             .pools()
             .get(name)
-            .map(view)
+            .map(|p| view(p, usage))
             .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
         Ok(self.annotated(view))
     }
@@ -774,7 +798,7 @@ async fn wait_status(
     }
 }
 
-fn view(pool: &Pool) -> PluginView {
+fn view(pool: &Pool, usage: Option<&crate::machine::Machine>) -> PluginView {
     PluginView {
         name: pool.name.to_string(),
         replicas: pool.replicas,
@@ -784,7 +808,7 @@ fn view(pool: &Pool) -> PluginView {
         instances: pool
             .instances
             .iter()
-            .map(|i| (i.index, i.status.borrow().clone()))
+            .map(|i| (i.index, i.status(usage)))
             .collect(),
         notes: BTreeMap::new(),
         waiting_for: pool.missing.clone(),

@@ -49,7 +49,8 @@ pub struct InstanceStatus {
     pub last_exit: Option<ExitReason>,
     /// Whether the instance runs in its own cgroup.
     pub confined: bool,
-    /// The last usage read from the cgroup.
+    /// Its usage, read when the status is looked at with usage (see
+    /// `Supervisor::list_with_usage`); the runner itself leaves it empty.
     pub usage: Option<Usage>,
     /// The most recent exits, oldest first (at most [`HISTORY`]).
     pub history: Vec<ExitRecord>,
@@ -115,6 +116,27 @@ pub struct InstanceSpec {
     pub machine: Arc<crate::machine::Machine>,
 }
 
+/// An instance's usage now: from its cgroup, or, unconfined, the main
+/// process's own figures (what the machine can say without a cgroup to
+/// count its children). `None` for an unconfined instance with no process.
+pub fn read_usage(
+    cgroup: Option<&dyn Cgroup>,
+    pid: Option<u32>,
+    machine: &crate::machine::Machine,
+) -> Option<Usage> {
+    match cgroup {
+        Some(cgroup) => Some(cgroup.usage()),
+        None => {
+            let process = machine.process(pid?)?;
+            Some(Usage {
+                memory_bytes: process.rss,
+                cpu: process.cpu,
+                ..Usage::default()
+            })
+        }
+    }
+}
+
 /// Pause between `Describe` attempts of an instance that fails them.
 const DESCRIBE_RETRY: Duration = Duration::from_millis(100);
 /// How long a failed process's last stderr line may take to arrive.
@@ -155,6 +177,16 @@ async fn maybe<T>(slot: &mut Pending<T>) -> T {
     }
 }
 
+/// The next tick of an optional timer; never without one.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 async fn wait_exit(child: &mut Option<Child>) -> std::io::Result<std::process::ExitStatus> {
     match child {
         Some(child) => child.wait().await,
@@ -188,7 +220,6 @@ pub async fn run(
         outputs: JoinSet::new(),
         last_line: Default::default(),
         oom_kills_at_spawn: 0,
-        usage: None,
         history: VecDeque::with_capacity(HISTORY),
         life: tracing::Span::none(),
         standby: None,
@@ -213,7 +244,10 @@ struct Waits {
     preparing: Pending<Result<Child, SpawnError>>,
     check_interval: Duration,
     check_tick: tokio::time::Interval,
-    usage_tick: tokio::time::Interval,
+    /// Reads the instance's memory, for `restart.on_memory_above` only:
+    /// usage nobody acts on is read when someone looks, so an idle
+    /// conductor does not wake for it.
+    memory_tick: Option<tokio::time::Interval>,
     /// `health = "none"`: no gRPC, so no probe and no checks.
     plain: bool,
     /// The instance stops for good once it is down.
@@ -232,7 +266,11 @@ impl Waits {
             preparing: None,
             check_interval,
             check_tick: aligned_interval(check_interval),
-            usage_tick: aligned_interval(spec.usage_interval),
+            memory_tick: spec
+                .config
+                .restart
+                .on_memory_above
+                .map(|_| aligned_interval(spec.usage_interval)),
             plain: spec.config.health.is_none(),
             shutting_down: false,
             commands_open: true,
@@ -249,7 +287,7 @@ enum Wake {
     Prepared(Result<Child, SpawnError>),
     Deadline,
     CheckDue,
-    UsageDue,
+    MemoryDue,
     Command(Option<Command>),
     Cancelled,
 }
@@ -267,7 +305,6 @@ struct Runner {
     last_line: output::LastLine,
     /// The cgroup's OOM kill count when the current process was spawned.
     oom_kills_at_spawn: u64,
-    usage: Option<Usage>,
     history: VecDeque<ExitRecord>,
     /// The span of the current process life: plugin, instance and the
     /// `lifecycle` id that is on every event of that life and every line
@@ -369,7 +406,7 @@ impl Runner {
             prepared = maybe(&mut waits.preparing) => Wake::Prepared(prepared),
             () = sleep_until(deadline) => Wake::Deadline,
             _ = waits.check_tick.tick(), if checks => Wake::CheckDue,
-            _ = waits.usage_tick.tick(), if self.spec.cgroup.is_some() || self.machine.pid().is_some() => Wake::UsageDue,
+            () = tick(&mut waits.memory_tick), if self.spec.cgroup.is_some() || self.machine.pid().is_some() => Wake::MemoryDue,
             command = commands.recv(), if waits.commands_open => Wake::Command(command),
             () = cancel.cancelled(), if !waits.shutting_down => Wake::Cancelled,
         }
@@ -407,7 +444,7 @@ impl Runner {
                 waits.check = self.check();
                 None
             }
-            Wake::UsageDue => self.sample_usage(),
+            Wake::MemoryDue => self.check_memory(),
             Wake::Command(Some(Command::Start)) => Some(Event::StartRequested),
             Wake::Command(Some(Command::Stop)) => Some(Event::StopRequested),
             Wake::Command(Some(Command::Restart)) => Some(Event::RestartRequested),
@@ -569,36 +606,21 @@ impl Runner {
         });
     }
 
-    /// Reads the cgroup's usage; a memory restart when the process has
+    /// Reads the instance's memory; a memory restart when the process has
     /// stayed above `restart.on_memory_above` long enough and no other
     /// instance of the pool is restarting for memory.
-    fn sample_usage(&mut self) -> Option<Event> {
-        let usage = match &self.spec.cgroup {
-            Some(cgroup) => cgroup.usage(),
-            // Unconfined: the main process's own figures, which is what
-            // the machine can say without a cgroup to count its children.
-            None => {
-                let process = self.spec.machine.process(self.machine.pid()?)?;
-                Usage {
-                    memory_bytes: process.rss,
-                    cpu: process.cpu,
-                    ..Usage::default()
-                }
-            }
-        };
+    fn check_memory(&mut self) -> Option<Event> {
+        let usage = read_usage(
+            self.spec.cgroup.as_deref(),
+            self.machine.pid(),
+            &self.spec.machine,
+        )?;
         tracing::debug!(
             pid = self.machine.pid(),
             memory_bytes = usage.memory_bytes,
             memory_peak_bytes = usage.memory_peak_bytes,
-            cpu_ms = usage.cpu.as_millis() as u64,
-            throttled_ms = usage.throttled.as_millis() as u64,
-            throttled_periods = usage.throttled_periods,
-            pids = usage.pids,
-            oom_kills = usage.oom_kills,
-            "instance usage"
+            "instance memory"
         );
-        self.usage = Some(usage);
-        self.publish();
         let restart = &self.spec.config.restart;
         let ceiling = restart.on_memory_above?;
         let serving = matches!(
@@ -690,7 +712,7 @@ impl Runner {
             .into_iter()
             .map(|(pid, what)| Published::instance(&self.spec.plugin, self.spec.index, pid, what))
             .collect();
-            // The status and the log change together (see `publish`), and
+            // The status and the log change together (see `publish_with`), and
             // only then the stream: whoever reacts to an event reads fresh
             // status.
             self.publish_with(&happened);
@@ -808,10 +830,6 @@ impl Runner {
         }
     }
 
-    fn publish(&self) {
-        self.publish_with(&[]);
-    }
-
     /// Publishes the status and logs `happened` as one change: the lines
     /// are written while the status is locked for writing, so whoever
     /// reads the new status finds what led to it logged (a rolling
@@ -832,7 +850,7 @@ impl Runner {
             restarts: self.machine.restarts(),
             last_exit: self.machine.last_exit().cloned(),
             confined: self.spec.cgroup.is_some(),
-            usage: self.usage,
+            usage: None,
             history: self.history.iter().cloned().collect(),
             spawned: self.machine.state().since(),
             failure: match self.machine.state() {
