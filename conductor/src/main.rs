@@ -159,12 +159,8 @@ enum DlqCommand {
 const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
-    // A stand-in waits for its go before anything else happens here.
     let mut args = std::env::args_os();
     match args.nth(1) {
-        Some(a) if a == demi_conductor::process::standby::ARG => {
-            return demi_conductor::process::standby::wait_then_exec(args);
-        }
         // plugin-check's stand-in for a conductor that dies.
         Some(a) if a == demi_conductor::conformance::parent::ARG => {
             return demi_conductor::conformance::parent::launch_and_wait(args);

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""A fleet of N children (100 by default) under the conductor, s6 and
-supervisord, side by side on the same static C child: time until all N
-started, the supervisor's own memory and CPU over a steady window, and a
-crash storm (all N SIGKILLed at once) until all N run again. The conductor
-is also measured with the Rust echo plugin and gRPC health checks every
-second, to SERVING.
+"""A fleet of N children (100 by default) under the floor (a plain
+fork/exec/wait loop in C), the conductor, s6, runit and supervisord, side
+by side on the same static C child: time until all N started, the
+supervisor's own memory and CPU over an idle window, and a crash storm
+(all N SIGKILLed at once) until all N run again. The conductor is also
+measured with the Rust echo plugin and gRPC health checks every second,
+to SERVING.
 
-Usage: scripts/bench/fleet [N] [STEADY_SECONDS]    (defaults: 100 10)
+Usage: scripts/bench/fleet [N] [IDLE_SECONDS]    (defaults: 100 30)
 """
 
 import json
@@ -22,8 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import restart as common  # noqa: E402  (setup, starts, wait_for, paths)
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 100
-STEADY = float(sys.argv[2]) if len(sys.argv) > 2 else 10.0
-TICKS = os.sysconf("SC_CLK_TCK")
+STEADY = float(sys.argv[2]) if len(sys.argv) > 2 else 30.0
 
 
 def children_of(pid):
@@ -50,34 +50,31 @@ def memory(pids):
     return rss / 1024, pss / 1024
 
 
-def cpu_seconds(pids):
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / TICKS
-        except FileNotFoundError:
-            pass
-    return total
-
-
-def steady(supervisor_pids):
-    """Memory, and CPU as % of one core, of the supervisor's own processes."""
-    time.sleep(1)
-    pids = supervisor_pids()
-    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+def steady(supervisor_pids, probe):
+    """Memory of the supervisor's own processes, and its CPU over the idle
+    window (ms, and % of one core), after the stand-ins, prepared a second
+    after their instance started, are in place."""
+    time.sleep(3)
+    cpu0, t0 = probe.seconds(), time.monotonic()
     time.sleep(STEADY)
-    cpu1, t1 = cpu_seconds(pids), time.monotonic()
+    cpu1, t1 = probe.seconds(), time.monotonic()
+    pids = supervisor_pids()
     rss, pss = memory(pids)
-    return {"rss_mib": rss, "pss_mib": pss, "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0), "processes": len(pids)}
+    main_rss, _ = memory(pids[:1])
+    _, helpers_pss = memory(pids[1:])
+    return {"rss_mib": rss, "pss_mib": pss, "cpu_ms": 1e3 * (cpu1 - cpu0),
+            "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0), "processes": len(pids),
+            # The supervisor's main process alone, and each of its helpers
+            # (the conductor's stand-ins, s6-supervise, runsv) on average.
+            "main_rss_mib": main_rss,
+            "helper_pss_kib": 1024 * helpers_pss / max(1, len(pids) - 1)}
 
 
-def fleet(record, launched, supervisor_pids):
-    """Up time, steady cost and a crash storm, from the children's start records."""
+def fleet(record, launched, supervisor_pids, probe):
+    """Up time, idle cost and a crash storm, from the children's start records."""
     first = common.wait_for(lambda: len(common.starts(record)) >= N and common.starts(record), 60, "all started")
     up = max(ns for _, ns in first[:N]) / 1e9 - launched
-    result = {"all_started_s": up, **steady(supervisor_pids)}
+    result = {"all_started_s": up, **steady(supervisor_pids, probe)}
     pids = [pid for pid, _ in common.starts(record)[-N:]]
     known = len(common.starts(record))
     killed = time.time()
@@ -85,62 +82,70 @@ def fleet(record, launched, supervisor_pids):
         os.kill(pid, signal.SIGKILL)
     again = common.wait_for(lambda: len(common.starts(record)) >= known + N and common.starts(record), 60, "all restarted")
     result["storm_all_started_s"] = max(ns for _, ns in again[known:known + N]) / 1e9 - killed
+    probe.remove()
     return result
 
 
 def stand_ins():
-    """Pids of the conductor's stand-in processes (their memory is the
-    conductor's too)."""
+    """Pids of the conductor's stand-in processes."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"\0__standby\0" in f.read():
+                    if os.path.basename(f.read().split(b"\0")[0]) == b"demi-standin":
                         found.append(int(entry))
             except OSError:
                 pass
     return found
 
 
-def conductor_child(cgroups, standby=False):
+def run(name, command, folder, record, supervisor_pids, **kw):
+    probe = common.CpuProbe(name)
+    launched = time.time()
+    with common.supervised(command, folder, probe=probe, **kw) as daemon:
+        return fleet(record, launched, lambda: supervisor_pids(daemon), probe)
+
+
+def floor():
+    folder = tempfile.mkdtemp(prefix="demi-fleet-floor-")
+    record = os.path.join(folder, "starts")
+    return run("floor", [common.FLOOR, str(N), common.CHILD, record], folder, record, lambda d: [d.pid])
+
+
+def conductor_child(cgroups, standby=None):
     folder = tempfile.mkdtemp(prefix="demi-fleet-")
     record = os.path.join(folder, "starts")
     extra = f'cgroup_root = "demi-fleet-{os.getpid()}"' if cgroups else common.no_cgroup_extra()
     config = common.conductor_config(folder, common.CHILD, [record], extra, replicas=N, standby=standby)
-    launched = time.time()
-    with common.supervised([common.CONDUCTOR, "run", "--config", config], folder, env={**os.environ, "RUST_LOG": "warn"}) as daemon:
-        return fleet(record, launched, lambda: [daemon.pid] + stand_ins())
+    result = run("conductor", [common.CONDUCTOR, "run", "--config", config], folder, record,
+                 lambda d: [d.pid] + stand_ins(), env={**os.environ, "RUST_LOG": "warn"})
+    return result
 
 
 def supervisord():
     folder = tempfile.mkdtemp(prefix="demi-fleet-sv-")
     record = os.path.join(folder, "starts")
     config = common.supervisord_config(folder, record, N)
-    launched = time.time()
-    with common.supervised([os.path.join(common.VENV, "bin", "supervisord"), "-c", config], folder) as daemon:
-        return fleet(record, launched, lambda: [daemon.pid])
+    command = [os.path.join(common.VENV, "bin", "supervisord"), "-c", config]
+    return run("supervisord", command, folder, record, lambda d: [d.pid])
 
 
 def s6():
     folder = tempfile.mkdtemp(prefix="demi-fleet-s6-")
     record = os.path.join(folder, "starts")
     scan = common.s6_scan(folder, record, N)
-    launched = time.time()
     stop = lambda: subprocess.run(["s6-svscanctl", "-t", scan], check=False)  # noqa: E731
-    with common.supervised(["s6-svscan", scan], folder, stop=stop) as daemon:
-        # s6-svscan and its s6-supervise processes (the children's parents).
-        return fleet(record, launched, lambda: [daemon.pid] + children_of(daemon.pid))
+    # s6-svscan and its s6-supervise processes (the children's parents).
+    return run("s6", ["s6-svscan", scan], folder, record, lambda d: [d.pid] + children_of(d.pid), stop=stop)
 
 
 def runit():
     folder = tempfile.mkdtemp(prefix="demi-fleet-runit-")
     record = os.path.join(folder, "starts")
     scan = common.runit_dir(folder, record, N)
-    launched = time.time()
-    with common.supervised(["runsvdir", "-P", scan], folder, stop=signal.SIGHUP) as daemon:
-        # runsvdir and its runsv processes (the children's parents).
-        return fleet(record, launched, lambda: [daemon.pid] + children_of(daemon.pid))
+    # runsvdir and its runsv processes (the children's parents).
+    return run("runit", ["runsvdir", "-P", scan], folder, record, lambda d: [d.pid] + children_of(d.pid), stop=signal.SIGHUP)
 
 
 def conductor_grpc():
@@ -151,8 +156,9 @@ def conductor_grpc():
     serving = []
     lock = threading.Condition()
     launched = time.monotonic()
+    probe = common.CpuProbe("grpc")
     command = [common.CONDUCTOR, "run", "--log-format", "json", "--config", config]
-    with common.supervised(command, folder, stdout=subprocess.PIPE, env={**os.environ, "RUST_LOG": "info"}, text=True) as daemon:
+    with common.supervised(command, folder, stdout=subprocess.PIPE, env={**os.environ, "RUST_LOG": "info"}, text=True, probe=probe) as daemon:
         def follow():
             for line in iter(daemon.stdout.readline, ""):
                 event = json.loads(line)
@@ -170,38 +176,40 @@ def conductor_grpc():
                 return serving[count - 1][0]
 
         result = {"all_serving_s": wait_serving(N) - launched}
-        result.update(steady(lambda: [daemon.pid]))
+        result.update(steady(lambda: [daemon.pid] + stand_ins(), probe))
         with lock:
             pids = [pid for _, pid in serving[-N:]]
         killed = time.monotonic()
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         result["storm_all_serving_s"] = wait_serving(2 * N) - killed
-        return result
+    probe.remove()
+    return result
 
 
 def main():
     common.setup()
     results = {
-        "conductor (cgroups, stand-ins)": conductor_child(True, standby=True),
-        "conductor (own cgroups)": conductor_child(True),
+        "floor (fork/exec/wait loop in C)": floor(),
+        "conductor (defaults)": conductor_child(True),
+        "conductor (cgroups, no stand-ins)": conductor_child(True, standby=False),
         "conductor (no cgroups)": conductor_child(False),
         "s6 (readiness notification)": s6(),
         "runit": runit(),
         "supervisord": supervisord(),
     }
     grpc = conductor_grpc()
-    print(f"fleet of {N} static C children; supervisor's own memory and CPU over {STEADY:.0f} s")
-    print(f"{'':30} {'all started':>12} {'RSS MiB':>8} {'PSS MiB':>8} {'CPU %':>7} {'storm: all back':>16}")
-    for name, r in results.items():
-        print(f"{name:30} {r['all_started_s']:11.3f}s {r['rss_mib']:8.1f} {r['pss_mib']:8.1f} {r['cpu_percent']:7.2f} {r['storm_all_started_s']:15.3f}s")
-    print(f"{'conductor, echo over gRPC':30} {grpc['all_serving_s']:11.3f}s {grpc['rss_mib']:8.1f} {grpc['pss_mib']:8.1f} {grpc['cpu_percent']:7.2f} {grpc['storm_all_serving_s']:15.3f}s  (to SERVING, 1 s health checks)")
-    ours = results["conductor (own cgroups)"]
-    for peer in ("runit", "s6 (readiness notification)", "supervisord"):
+    print(f"fleet of {N} static C children; supervisor's own memory, and CPU over {STEADY:.0f} s idle")
+    print(f"{'':34} {'all started':>12} {'RSS MiB':>8} {'PSS MiB':>8} {'procs':>5} {'main RSS':>8} {'helper PSS KiB':>14} {'idle CPU ms':>11} {'storm: all back':>16}")
+    for name, r in [*results.items(), ("conductor, echo over gRPC", grpc)]:
+        up, back = r.get("all_started_s", r.get("all_serving_s")), r.get("storm_all_started_s", r.get("storm_all_serving_s"))
+        print(f"{name:34} {up:11.3f}s {r['rss_mib']:8.1f} {r['pss_mib']:8.1f} {r['processes']:5d} {r['main_rss_mib']:8.1f} {r['helper_pss_kib']:14.0f} {r['cpu_ms']:11.1f} {back:15.3f}s")
+    print("(echo over gRPC: to SERVING, health checks every second)")
+    ours = results["conductor (defaults)"]
+    for peer in ("floor (fork/exec/wait loop in C)", "s6 (readiness notification)", "runit", "supervisord"):
         p = results[peer]
-        print(f"conductor / {peer}: all started {ours['all_started_s'] / p['all_started_s']:.2f}x, "
-              f"storm {ours['storm_all_started_s'] / p['storm_all_started_s']:.2f}x, "
-              f"RSS (gRPC echo) {grpc['rss_mib'] / p['rss_mib']:.2f}x, PSS {grpc['pss_mib'] / p['pss_mib']:.2f}x")
+        print(f"conductor (defaults) / {peer}: all started {ours['all_started_s'] / p['all_started_s']:.2f}x, "
+              f"storm {ours['storm_all_started_s'] / p['storm_all_started_s']:.2f}x")
     out = os.path.join(common.TARGET, "fleet.json")
     with open(out, "w") as f:
         json.dump({"n": N, "steady_s": STEADY, "results": results, "conductor_grpc": grpc}, f, indent=2)

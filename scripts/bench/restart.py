@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Restart latency: SIGKILL a supervised child 50 times and measure kill ->
-new process started, under the conductor (with and without per-instance
-cgroups, and with a stand-in), runit, s6 and supervisord, on the same
-static C child in one run; and, for the conductor, kill -> SERVING again
-over gRPC for the Rust echo plugin.
+"""Restart latency: SIGKILL a supervised child KILLS times (20 by default)
+and measure kill -> new process started, under the floor (a plain
+fork/exec/wait loop in C), the conductor (with its defaults: own cgroup
+and a stand-in; without the stand-in; without cgroups), runit, s6 and
+supervisord, on the same static C child in one run; and, for the
+conductor, kill -> SERVING again over gRPC for the Rust echo plugin.
+Every kill comes after a quiet spell of 1.5-2.5 s (random): a crash comes
+after a while, not right after the previous restart, and a cgroup join
+after a quiet spell waits for an RCU grace period.
 
 Usage: scripts/bench/restart [KILLS]    (run from the repository root)
 """
@@ -12,6 +16,7 @@ import contextlib
 import datetime
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -20,14 +25,17 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KILLS = int(sys.argv[1]) if len(sys.argv) > 1 else 50
-# Between a start and the next kill. s6-supervise holds at least a second
-# between two launches, and a cgroup join after a quiet spell pays an RCU
-# grace period: spacing kills past a second measures every supervisor in
-# the state a real, occasional crash finds it in.
-GAP = float(os.environ.get("BENCH_GAP_SECONDS", "1.1"))
+KILLS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+# Between a start and the next kill: at least QUIET seconds, plus up to
+# JITTER more at random. s6-supervise holds a second between two launches,
+# and a cgroup join after a quiet spell pays an RCU grace period: spacing
+# kills this far apart measures every supervisor in the state a real,
+# occasional crash finds it in.
+QUIET = float(os.environ.get("BENCH_QUIET_SECONDS", "1.5"))
+JITTER = float(os.environ.get("BENCH_JITTER_SECONDS", "1.0"))
 TARGET = os.path.join(ROOT, "target", "bench")
 CHILD = os.path.join(TARGET, "child")
+FLOOR = os.path.join(TARGET, "floor")
 CONDUCTOR = os.path.join(ROOT, "target", "release", "conductor")
 ECHO = os.path.join(ROOT, "target", "release", "demi-plugin-echo")
 VENV = os.path.join(ROOT, ".venv")
@@ -41,6 +49,7 @@ def setup():
     os.makedirs(TARGET, exist_ok=True)
     sh("cargo", "build", "--release", "--workspace", "--bins", cwd=ROOT)
     sh("gcc", "-O2", "-static", "-o", CHILD, os.path.join(ROOT, "scripts", "bench", "child.c"))
+    sh("gcc", "-O2", "-static", "-o", FLOOR, os.path.join(ROOT, "scripts", "bench", "floor.c"))
     if not os.path.exists(os.path.join(VENV, "bin", "supervisord")):
         if not os.path.exists(VENV):
             sh(sys.executable, "-m", "venv", VENV)
@@ -89,13 +98,17 @@ def kill_loop(record):
         os.kill(pid, signal.SIGKILL)
         new = wait_for(lambda: len(starts(record)) > len(known) and starts(record)[-1], 10, "restart")
         latencies.append((new[1] - killed) / 1e6)
-        time.sleep(GAP)
+        quiet()
     return latencies
 
 
-def conductor_config(folder, command, args, extra, replicas=1, tables="", standby=False):
+def quiet():
+    time.sleep(QUIET + random.uniform(0, JITTER))
+
+
+def conductor_config(folder, command, args, extra, replicas=1, tables="", standby=None):
     """`tables`: more `[plugins.child.*]` tables, appended. `standby`: keep a
-    stand-in waiting in each instance's cgroup."""
+    stand-in waiting in each instance's cgroup (None: the default)."""
     health = 'health = "none"' if command == CHILD else ""
     text = f'''[conductor]
 runtime_dir = "{folder}/run"
@@ -112,7 +125,7 @@ replicas = {replicas}
 [plugins.child.restart]
 initial_delay = "0ms"
 start_limit_burst = 100000
-standby = {"true" if standby else "false"}
+{"" if standby is None else f"standby = {'true' if standby else 'false'}"}
 {tables}'''
     path = os.path.join(folder, "conductor.toml")
     with open(path, "w") as f:
@@ -164,12 +177,46 @@ def runit_dir(folder, record, n=1):
     return service_dirs(os.path.join(folder, "runit"), n, record)
 
 
+class CpuProbe:
+    """A cpuacct cgroup the supervisor starts in: its CPU time to the
+    nanosecond, threads that ended included (/proc's ticks are 10 ms, the
+    size of what an idle supervisor may spend in 30 s). Processes the
+    supervisor moves to cgroups of their own leave it; the others (its
+    children, idle in pause()) add nothing while they wait."""
+
+    def __init__(self, name):
+        v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+        base = "/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/cpuacct"
+        self.dir = os.path.join(base, f"demi-bench-probe-{os.getpid()}-{name}")
+        self.v2 = v2
+        os.makedirs(self.dir, exist_ok=True)
+
+    def join(self):
+        with open(os.path.join(self.dir, "cgroup.procs"), "w") as f:
+            f.write("0")
+
+    def seconds(self):
+        if self.v2:
+            with open(os.path.join(self.dir, "cpu.stat")) as f:
+                usec = next(int(line.split()[1]) for line in f if line.startswith("usage_usec"))
+            return usec / 1e6
+        with open(os.path.join(self.dir, "cpuacct.usage")) as f:
+            return int(f.read()) / 1e9
+
+    def remove(self):
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)
+
+
 @contextlib.contextmanager
-def supervised(command, folder, stop=None, **popen):
-    """Runs a supervisor; afterwards stops it (SIGTERM, the signal `stop`,
-    or by calling `stop`), waits for it and removes `folder`."""
+def supervised(command, folder, stop=None, probe=None, **popen):
+    """Runs a supervisor (in `probe`'s cgroup, if given); afterwards stops
+    it (SIGTERM, the signal `stop`, or by calling `stop`), waits for it and
+    removes `folder`."""
     popen.setdefault("stdout", subprocess.DEVNULL)
     popen.setdefault("stderr", subprocess.DEVNULL)
+    if probe is not None:
+        popen["preexec_fn"] = probe.join
     daemon = subprocess.Popen(command, **popen)
     try:
         yield daemon
@@ -184,7 +231,14 @@ def supervised(command, folder, stop=None, **popen):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_conductor(cgroups, standby=False):
+def run_floor():
+    folder = tempfile.mkdtemp(prefix="demi-bench-floor-")
+    record = os.path.join(folder, "starts")
+    with supervised([FLOOR, "1", CHILD, record], folder):
+        return kill_loop(record)
+
+
+def run_conductor(cgroups, standby=None):
     folder = tempfile.mkdtemp(prefix="demi-bench-")
     record = os.path.join(folder, "starts")
     extra = f'cgroup_root = "demi-bench-{os.getpid()}"' if cgroups else no_cgroup_extra()
@@ -223,7 +277,7 @@ def no_cgroup_extra():
     return 'cgroup_policy = "off"'
 
 
-def run_conductor_grpc(cgroups, standby=False):
+def run_conductor_grpc(cgroups, standby=None):
     """Kill -> SERVING again over gRPC, for the Rust SDK echo plugin, two
     ways: when the conductor reports it (its own health check answered
     SERVING: the event's timestamp), and when a fresh client of ours then
@@ -271,7 +325,7 @@ def run_conductor_grpc(cgroups, standby=False):
             reported.append((realtime_ns(event["timestamp"]) - killed_wall) / 1e6)
             wait_for(serving, 10, "SERVING again")
             confirmed.append((time.monotonic_ns() - killed) / 1e6)
-            time.sleep(GAP)
+            quiet()
         return reported, confirmed
 
 
@@ -289,29 +343,30 @@ def favordynmods():
 def main():
     setup()
     results = {
-        "conductor (own cgroup, stand-in)": stats(run_conductor(True, standby=True)),
-        "conductor (own cgroup)": stats(run_conductor(True)),
+        "floor (fork/exec/wait loop in C)": stats(run_floor()),
+        "conductor (defaults: cgroup, stand-in)": stats(run_conductor(True)),
+        "conductor (own cgroup, no stand-in)": stats(run_conductor(True, standby=False)),
         "conductor (no cgroup)": stats(run_conductor(False)),
         "s6 (readiness notification)": stats(run_s6()),
         "runit": stats(run_runit()),
         "supervisord": stats(run_supervisord()),
     }
-    for cgroups, standby, label in ((True, True, "cgroup, stand-in"), (True, False, "own cgroup"), (False, False, "no cgroup")):
+    for cgroups, standby, label in ((True, None, "defaults"), (True, False, "cgroup, no stand-in"), (False, None, "no cgroup")):
         reported, confirmed = run_conductor_grpc(cgroups, standby)
         results[f"-> SERVING, reported ({label})"] = stats(reported)
         results[f"-> SERVING, client sees ({label})"] = stats(confirmed)
-    print(f"restart latency, {KILLS} kills each {GAP} s apart, kill -> new process started (ms); favordynmods: {favordynmods()}")
-    print(f"{'':44} {'min':>8} {'p50':>8} {'p90':>8} {'max':>8}")
+    print(f"restart latency, {KILLS} kills each after {QUIET}-{QUIET + JITTER} s quiet, kill -> new process started (ms); favordynmods: {favordynmods()}")
+    floor = results["floor (fork/exec/wait loop in C)"]["p50"]
+    print(f"{'':44} {'min':>8} {'p50':>8} {'p90':>8} {'max':>8} {'p50/floor':>10}")
     for name, r in results.items():
-        print(f"{name:44} {r['min']:8.2f} {r['p50']:8.2f} {r['p90']:8.2f} {r['max']:8.2f}")
-    base = results["conductor (no cgroup)"]["p50"]
-    for name in ("conductor (no cgroup)", "conductor (own cgroup, stand-in)", "conductor (own cgroup)"):
+        print(f"{name:44} {r['min']:8.2f} {r['p50']:8.2f} {r['p90']:8.2f} {r['max']:8.2f} {r['p50'] / floor:9.2f}x")
+    for name in ("conductor (defaults: cgroup, stand-in)", "conductor (own cgroup, no stand-in)", "conductor (no cgroup)"):
         for peer in ("runit", "s6 (readiness notification)", "supervisord"):
             ratio = results[name]["p50"] / results[peer]["p50"]
             print(f"p50 {name} / {peer}: {ratio:.3f}")
     out = os.path.join(TARGET, "restart.json")
     with open(out, "w") as f:
-        json.dump({"kills": KILLS, "gap_s": GAP, "favordynmods": favordynmods(), "results": results}, f, indent=2)
+        json.dump({"kills": KILLS, "quiet_s": [QUIET, QUIET + JITTER], "favordynmods": favordynmods(), "results": results}, f, indent=2)
     print(f"result written to {out}")
 
 

@@ -490,11 +490,34 @@ fn a_stand_in_waits_in_the_instances_cgroup_and_becomes_its_next_process() {
         standby,
         "a group of its own, not the instance's"
     );
+    let program = |pid: u32| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let first = cmdline
+            .split(|&b| b == 0)
+            .next()
+            .unwrap_or_default()
+            .to_vec();
+        String::from_utf8(first).unwrap()
+    };
+    assert!(
+        program(standby).ends_with("/demi-standin"),
+        "the small stand-in binary, not the conductor: {}",
+        program(standby)
+    );
+    // The pool grows after the stand-in started: its go carries the new size.
+    demi_e2e::ok(conductor.cli(&["scale", "spare", "2"]));
+    let (at, _) = conductor.wait_serving(at, "spare", 1);
+    // Instance 0's events from here on.
+    let zero = |message: &'static str| {
+        move |e: &Value| {
+            e["message"] == message && e["span"]["plugin"] == "spare" && e["span"]["instance"] == 0
+        }
+    };
 
     // The instance dies: the stand-in is told to go, and the stand-in
     // itself (not a new fork) becomes the plugin, with /dev/null on stdin.
     signal_pid(first, Signal::SIGKILL);
-    let (at, spawned) = conductor.wait_event(at, "spare", "instance spawned");
+    let (at, spawned) = conductor.wait_for(at, "spare-0 spawned", zero("instance spawned"));
     assert_eq!(
         spawned["pid"].as_u64(),
         Some(u64::from(standby)),
@@ -506,9 +529,17 @@ fn a_stand_in_waits_in_the_instances_cgroup_and_becomes_its_next_process() {
         std::fs::read_link(format!("/proc/{standby}/fd/0")).unwrap(),
         std::path::Path::new("/dev/null")
     );
+    assert!(!program(standby).ends_with("/demi-standin"), "exec'd");
+    let environ = std::fs::read(format!("/proc/{standby}/environ")).unwrap();
+    assert!(
+        environ
+            .split(|&b| b == 0)
+            .any(|v| v == b"DEMI_PLUGIN_REPLICAS=2"),
+        "the pool's size as of the go"
+    );
     // A killed instance's leftovers are killed; the stand-in is spared.
     // And a new one is prepared for the next time.
-    let (_, next) = conductor.wait_event(at, "spare", "stand-in ready");
+    let (_, next) = conductor.wait_for(at, "spare-0 stand-in", zero("stand-in ready"));
     let next = next["pid"].as_u64().unwrap() as u32;
     assert_ne!(next, standby);
     assert!(alive(next));

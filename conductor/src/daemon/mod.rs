@@ -231,7 +231,21 @@ impl Daemon {
         let bus = Bus::new(vec![Arc::new(Recorder::new(metrics.clone()))]);
         let instances = CancellationToken::new();
         let machine = Arc::new(Machine::new());
+        let standin = std::env::current_exe()
+            .map_err(|e| format!("the conductor's own path: {e}"))
+            .and_then(|exe| crate::process::standby::beside(&exe));
+        let standin = match standin {
+            Ok(path) => Some(path),
+            Err(why) => {
+                tracing::warn!(
+                    %why,
+                    "no stand-in binary; restarts will fork and join the cgroup on their path"
+                );
+                None
+            }
+        };
         let context = PoolContext {
+            standin,
             layout: layout.clone(),
             spawner: spawner.clone(),
             cgroups: cgroups.clone(),

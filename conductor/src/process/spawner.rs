@@ -41,16 +41,13 @@ pub struct SpawnSpec {
 }
 
 impl SpawnSpec {
-    /// The same launch as a stand-in: `exe __standby PROGRAM ARGS…`, which
-    /// execs the program once told to (see [`super::standby`]).
-    pub fn standby(&self, exe: PathBuf) -> SpawnSpec {
-        let mut args = vec![
-            super::standby::ARG.to_owned(),
-            self.program.to_string_lossy().into_owned(),
-        ];
+    /// The same launch as a stand-in: `standin PROGRAM ARGS…`, which execs
+    /// the program once told to (see [`super::standby`]).
+    pub fn standby(&self, standin: PathBuf) -> SpawnSpec {
+        let mut args = vec![self.program.to_string_lossy().into_owned()];
         args.extend(self.args.iter().cloned());
         SpawnSpec {
-            program: exe,
+            program: standin,
             args,
             stdin_piped: true,
             ..self.clone()

@@ -39,6 +39,9 @@ pub struct PoolContext {
     pub machine: Arc<crate::machine::Machine>,
     /// Where plugins' state folders live (`state_dir/plugins`).
     pub state_root: PathBuf,
+    /// The stand-in binary (see `process::standby`); `None` when it is
+    /// not installed.
+    pub standin: Option<PathBuf>,
 }
 
 /// The instance a plugin API call comes from.
@@ -282,6 +285,10 @@ impl Pool {
             members: self.members.subscribe(),
             memory_restarts: self.memory_restarts.clone(),
             machine: context.machine.clone(),
+            standin: context
+                .standin
+                .clone()
+                .filter(|_| config.restart.standby && cgroup.is_some()),
         };
         let (commands, command_rx) = mpsc::channel(8);
         let (status_tx, status) = watch::channel(InstanceStatus::new(cgroup.is_some()));

@@ -5,6 +5,7 @@
 //! the next fork follows at once.
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -27,7 +28,7 @@ use super::report;
 use crate::events::{Bus, CheckOutcome, Event as Published, InstanceEvent, Phase};
 use crate::process::cgroup::{Cgroup, Usage};
 use crate::process::output::{self, Origin};
-use crate::process::{SpawnError, SpawnSpec, Spawner, signal_group};
+use crate::process::{SpawnError, SpawnSpec, Spawner, signal_group, standby};
 use crate::rpc::HealthError;
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
 
@@ -114,6 +115,8 @@ pub struct InstanceSpec {
     pub memory_restarts: Arc<tokio::sync::Semaphore>,
     /// Where usage comes from without a cgroup.
     pub machine: Arc<crate::machine::Machine>,
+    /// The stand-in binary, when this instance keeps stand-ins.
+    pub standin: Option<PathBuf>,
 }
 
 /// An instance's usage now: from its cgroup, or, unconfined, the main
@@ -136,6 +139,12 @@ pub fn read_usage(
         }
     }
 }
+
+/// How long a process serves before a stand-in is prepared for its
+/// successor: a fleet starting, or coming back from a mass crash, forks
+/// its processes first and their stand-ins a second later, off the path
+/// of the starts. A crash sooner than this restarts by a plain fork.
+const STANDBY_AFTER: Duration = Duration::from_secs(1);
 
 /// Pause between `Describe` attempts of an instance that fails them.
 const DESCRIBE_RETRY: Duration = Duration::from_millis(100);
@@ -242,6 +251,8 @@ struct Waits {
     terminate: Pending<()>,
     /// The next process, being prepared in the cgroup (a stand-in).
     preparing: Pending<Result<Child, SpawnError>>,
+    /// When to start preparing a stand-in for the process serving now.
+    standby_at: Option<Instant>,
     check_interval: Duration,
     check_tick: tokio::time::Interval,
     /// Reads the instance's memory, for `restart.on_memory_above` only:
@@ -264,6 +275,7 @@ impl Waits {
             check: None,
             terminate: None,
             preparing: None,
+            standby_at: None,
             check_interval,
             check_tick: aligned_interval(check_interval),
             memory_tick: spec
@@ -286,6 +298,7 @@ enum Wake {
     Terminated,
     Prepared(Result<Child, SpawnError>),
     Deadline,
+    StandbyDue,
     CheckDue,
     MemoryDue,
     Command(Option<Command>),
@@ -330,9 +343,7 @@ impl Runner {
     /// (or handle it on the side), step the machine, carry out its actions.
     async fn drive(&mut self, commands: &mut mpsc::Receiver<Command>, cancel: &CancellationToken) {
         let mut waits = Waits::new(&self.spec);
-        if self.spec.config.restart.standby && self.spec.cgroup.is_some() {
-            self.standby_exe = std::env::current_exe().ok();
-        }
+        self.standby_exe = self.spec.standin.clone();
         self.apply(Event::StartRequested).await;
         while !(waits.shutting_down && self.machine.state().phase().is_down()) {
             self.arrange(&mut waits);
@@ -377,11 +388,22 @@ impl Runner {
         if !self.machine.checks_health() {
             waits.check = None;
         }
-        if let Some(exe) = &self.standby_exe
+        let wants_standby = self.standby_exe.is_some()
             && self.standby.is_none()
             && waits.preparing.is_none()
             && !waits.shutting_down
-            && matches!(self.machine.state(), State::Serving { .. })
+            && matches!(self.machine.state(), State::Serving { .. });
+        if !wants_standby {
+            waits.standby_at = None;
+        } else if waits.standby_at.is_none() {
+            waits.standby_at = Some(Instant::now() + STANDBY_AFTER);
+        }
+    }
+
+    /// Starts preparing a stand-in, if one is still wanted.
+    fn prepare_standby(&mut self, waits: &mut Waits) {
+        if let Some(exe) = &self.standby_exe
+            && waits.standby_at.take().is_some()
         {
             let spawner = self.spawner.clone();
             let spec = self.spec.spawn.standby(exe.clone());
@@ -405,6 +427,7 @@ impl Runner {
             () = maybe(&mut waits.terminate) => Wake::Terminated,
             prepared = maybe(&mut waits.preparing) => Wake::Prepared(prepared),
             () = sleep_until(deadline) => Wake::Deadline,
+            () = sleep_until(waits.standby_at), if waits.standby_at.is_some() => Wake::StandbyDue,
             _ = waits.check_tick.tick(), if checks => Wake::CheckDue,
             () = tick(&mut waits.memory_tick), if self.spec.cgroup.is_some() || self.machine.pid().is_some() => Wake::MemoryDue,
             command = commands.recv(), if waits.commands_open => Wake::Command(command),
@@ -440,6 +463,10 @@ impl Runner {
                 None
             }
             Wake::Deadline => Some(Event::Deadline),
+            Wake::StandbyDue => {
+                self.prepare_standby(waits);
+                None
+            }
             Wake::CheckDue => {
                 waits.check = self.check();
                 None
@@ -784,15 +811,18 @@ impl Runner {
             instance = self.spec.index,
             lifecycle = %lifecycle
         );
+        // The pool's size as it is now: a stand-in started before the
+        // last scale learns it with its go.
+        let replicas = self.spec.members.borrow().replicas;
+        let changed = [(hs::REPLICAS_KEY.into(), replicas.to_string().into())];
         let adopted = match self.standby.take() {
-            Some(standby) => adopt(standby).await,
+            Some(standby) => adopt(standby, &changed).await,
             None => None,
         };
         let spawned = match adopted {
             Some(child) => Ok(child),
             None => {
                 let mut spawn = self.spec.spawn.clone();
-                let replicas = self.spec.members.borrow().replicas;
                 super::pool::set_env(&mut spawn.env, hs::REPLICAS_KEY, replicas.to_string());
                 self.spawner.spawn(spawn).await
             }
@@ -876,10 +906,11 @@ impl Runner {
 
 /// Tells a stand-in to exec the plugin; `None` (and the stand-in reaped)
 /// when it is no longer there to be told.
-async fn adopt(mut standby: Child) -> Option<Child> {
+async fn adopt(mut standby: Child, changed: &[(OsString, OsString)]) -> Option<Child> {
     use tokio::io::AsyncWriteExt as _;
     let told = match standby.stdin.take() {
-        Some(mut go) => go.write_all(b"g").await.is_ok(),
+        // Dropped after the write: the stand-in's stdin closes with it.
+        Some(mut go) => go.write_all(&standby::go(changed)).await.is_ok(),
         None => false,
     };
     if told && standby.id().is_some() {
