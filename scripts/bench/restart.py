@@ -290,7 +290,7 @@ def run_conductor_grpc(cgroups, standby=None):
     extra = f'cgroup_root = "demi-bench-grpc-{os.getpid()}"' if cgroups else no_cgroup_extra()
     config = conductor_config(folder, ECHO, [], extra, standby=standby)
     command = [CONDUCTOR, "run", "--log-format", "json", "--config", config]
-    socket = os.path.join(folder, "run", "plugins", "child-0.sock")
+    socket = os.path.join(folder, "run", "plugins", "child", "0.sock")
 
     def serving():
         try:
