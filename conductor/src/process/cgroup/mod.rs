@@ -252,7 +252,7 @@ impl Cgroups {
         let cgroup = cgroups_rs::fs::Cgroup::new_with_specified_controllers(
             self.hierarchy(),
             &name,
-            Some(self.controllers.clone()),
+            Some(self.joined(limits)),
         )
         .map_err(|e| CgroupError::Create {
             cgroup: name.clone(),
@@ -263,6 +263,32 @@ impl Cgroups {
             return Err(error);
         }
         Ok(self.wrap(name, cgroup))
+    }
+
+    /// The controllers an instance with `limits` joins. On v2, every one:
+    /// a single hierarchy, a single migration. On v1 each controller is a
+    /// hierarchy of its own and a process joins each one separately (after
+    /// a quiet spell, each join may wait for an RCU grace period), so an
+    /// instance joins memory (its memory, OOM kills, and the process list
+    /// kill-all walks) and cpuacct (its CPU time), plus cpu and pids for
+    /// their limits. The freezer is left out: kill-all SIGKILLs until the
+    /// list is empty, which a pids limit bounds for a plugin that forks in
+    /// a loop.
+    fn joined(&self, limits: &LimitsConfig) -> Vec<String> {
+        if self.v2() {
+            return self.controllers.clone();
+        }
+        let wanted = |controller: &str| match controller {
+            "memory" | "cpuacct" => true,
+            "cpu" => limits.cpu.is_some(),
+            "pids" => limits.pids.is_some(),
+            _ => false,
+        };
+        self.controllers
+            .iter()
+            .filter(|c| wanted(c))
+            .cloned()
+            .collect()
     }
 
     fn wrap(&self, name: String, cgroup: cgroups_rs::fs::Cgroup) -> Arc<dyn Cgroup> {
