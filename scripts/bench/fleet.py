@@ -82,7 +82,6 @@ def fleet(record, launched, supervisor_pids, probe):
         os.kill(pid, signal.SIGKILL)
     again = common.wait_for(lambda: len(common.starts(record)) >= known + N and common.starts(record), 60, "all restarted")
     result["storm_all_started_s"] = max(ns for _, ns in again[known:known + N]) / 1e9 - killed
-    probe.remove()
     return result
 
 
@@ -104,7 +103,9 @@ def run(name, command, folder, record, supervisor_pids, **kw):
     probe = common.CpuProbe(name)
     launched = time.time()
     with common.supervised(command, folder, probe=probe, **kw) as daemon:
-        return fleet(record, launched, lambda: supervisor_pids(daemon), probe)
+        result = fleet(record, launched, lambda: supervisor_pids(daemon), probe)
+    probe.remove()
+    return result
 
 
 def floor():

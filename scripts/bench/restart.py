@@ -238,12 +238,26 @@ def run_floor():
         return kill_loop(record)
 
 
-def run_conductor(cgroups, standby=None):
+# A cgroup2 hierarchy beside v1's (a hybrid host), bound over
+# /sys/fs/cgroup in a private mount namespace: the conductor's v2 path,
+# measured on this host. Its controllers are v1's, so none is free for
+# it, but joining (cgroup.procs) and cgroup.kill work.
+UNIFIED = "/sys/fs/cgroup/unified"
+IN_V2 = ["unshare", "-m", "sh", "-c", f"mount --bind {UNIFIED} /sys/fs/cgroup && exec \"$@\"", "sh"]
+
+
+def cgroup2_beside():
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == UNIFIED and " - cgroup2 " in line for line in f)
+
+
+def run_conductor(cgroups, standby=None, v2=False):
     folder = tempfile.mkdtemp(prefix="demi-bench-")
     record = os.path.join(folder, "starts")
     extra = f'cgroup_root = "demi-bench-{os.getpid()}"' if cgroups else no_cgroup_extra()
     config = conductor_config(folder, CHILD, [record], extra, standby=standby)
-    with supervised([CONDUCTOR, "run", "--config", config], folder, env={**os.environ, "RUST_LOG": "warn"}):
+    command = (IN_V2 if v2 else []) + [CONDUCTOR, "run", "--config", config]
+    with supervised(command, folder, env={**os.environ, "RUST_LOG": "warn"}):
         return kill_loop(record)
 
 
@@ -347,6 +361,10 @@ def main():
         "conductor (defaults: cgroup, stand-in)": stats(run_conductor(True)),
         "conductor (own cgroup, no stand-in)": stats(run_conductor(True, standby=False)),
         "conductor (no cgroup)": stats(run_conductor(False)),
+        **({
+            "conductor (v2 namespace, defaults)": stats(run_conductor(True, v2=True)),
+            "conductor (v2 namespace, no stand-in)": stats(run_conductor(True, standby=False, v2=True)),
+        } if cgroup2_beside() else {}),
         "s6 (readiness notification)": stats(run_s6()),
         "runit": stats(run_runit()),
         "supervisord": stats(run_supervisord()),
