@@ -571,18 +571,27 @@ fn live_procs(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// Processes of `plugin`'s instances under cgroup `root` (read from the
-/// pids hierarchy, so it holds across conductor restarts and never
-/// reaches another test's plugins).
+/// Processes of `plugin`'s instances under cgroup `root`, stand-ins left
+/// out (read from the memory hierarchy, which every instance joins, so it
+/// holds across conductor restarts and never reaches another test's
+/// plugins).
 pub fn pids_in_cgroup(root: &str, plugin: &str) -> Vec<u32> {
-    let Ok(instances) = std::fs::read_dir(Path::new("/sys/fs/cgroup/pids").join(root).join(plugin))
+    let Ok(instances) =
+        std::fs::read_dir(Path::new("/sys/fs/cgroup/memory").join(root).join(plugin))
     else {
         return Vec::new();
     };
     instances
         .flatten()
         .flat_map(|i| live_procs(&i.path()))
+        .filter(|pid| !is_standin(*pid))
         .collect()
+}
+
+/// Whether `pid` is a stand-in still waiting (once told to go, it is the
+/// plugin it exec'd).
+pub fn is_standin(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "demi-standin")
 }
 
 /// Kills what is left in cgroup `root` and removes its folders.
