@@ -252,8 +252,15 @@ impl Supervisor {
     }
 
     fn views(&self, usage: Option<&crate::machine::Machine>) -> Vec<PluginView> {
-        let views: Vec<PluginView> = self.pools().values().map(|p| view(p, usage)).collect();
-        views.into_iter().map(|v| self.annotated(v)).collect()
+        let taken: Vec<(PluginView, Option<Meters>)> = self
+            .pools()
+            .values()
+            .map(|p| (view(p), usage.map(|_| meters(p))))
+            .collect();
+        taken
+            .into_iter()
+            .map(|(v, m)| self.annotated(measured(v, m, usage)))
+            .collect()
     }
 
     /// Records why `caller` says it is not serving (or clears it), for its
@@ -313,12 +320,12 @@ impl Supervisor {
         name: &str,
         usage: Option<&crate::machine::Machine>,
     ) -> Result<PluginView, SupervisorError> {
-        let view = self
+        let (view, meters) = self
             .pools()
             .get(name)
-            .map(|p| view(p, usage))
+            .map(|p| (view(p), usage.map(|_| meters(p))))
             .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
-        Ok(self.annotated(view))
+        Ok(self.annotated(measured(view, meters, usage)))
     }
 
     fn handles(&self, name: &str) -> Result<Vec<(u32, HandleRef)>, SupervisorError> {
@@ -798,7 +805,30 @@ async fn wait_status(
     }
 }
 
-fn view(pool: &Pool, usage: Option<&crate::machine::Machine>) -> PluginView {
+/// Each instance's cgroup, in the order of its view's instances.
+type Meters = Vec<Option<Arc<dyn crate::process::cgroup::Cgroup>>>;
+
+fn meters(pool: &Pool) -> Meters {
+    pool.instances.iter().map(|i| i.cgroup.clone()).collect()
+}
+
+/// `view` with its instances' usage read now, outside the pools lock: a
+/// few cgroup files per instance, which at a thousand instances would
+/// otherwise hold every pool operation for the length of a scrape.
+fn measured(
+    mut view: PluginView,
+    meters: Option<Meters>,
+    machine: Option<&crate::machine::Machine>,
+) -> PluginView {
+    if let (Some(meters), Some(machine)) = (meters, machine) {
+        for ((_, status), cgroup) in view.instances.iter_mut().zip(meters) {
+            status.usage = runner::read_usage(cgroup.as_deref(), status.pid, machine);
+        }
+    }
+    view
+}
+
+fn view(pool: &Pool) -> PluginView {
     PluginView {
         name: pool.name.to_string(),
         replicas: pool.replicas,
@@ -808,7 +838,7 @@ fn view(pool: &Pool, usage: Option<&crate::machine::Machine>) -> PluginView {
         instances: pool
             .instances
             .iter()
-            .map(|i| (i.index, i.status(usage)))
+            .map(|i| (i.index, i.status.borrow().clone()))
             .collect(),
         notes: BTreeMap::new(),
         waiting_for: pool.missing.clone(),

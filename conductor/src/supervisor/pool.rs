@@ -107,17 +107,6 @@ pub struct InstanceHandle {
 }
 
 impl InstanceHandle {
-    /// Its status; with `machine`, its usage read now. Usage is read when
-    /// someone looks (a scrape, `status`, the autoscaler) rather than on
-    /// a timer per instance, so an idle conductor stays asleep.
-    pub fn status(&self, machine: Option<&crate::machine::Machine>) -> InstanceStatus {
-        let mut status = self.status.borrow().clone();
-        if let Some(machine) = machine {
-            status.usage = runner::read_usage(self.cgroup.as_deref(), status.pid, machine);
-        }
-        status
-    }
-
     /// Starts stopping the instance gracefully, without waiting.
     pub fn begin_stop(&self) {
         self.cancel.cancel();
