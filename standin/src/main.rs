@@ -69,7 +69,10 @@ fn go(mut input: impl BufRead) -> Option<Vec<(OsString, OsString)>> {
         let at = line.iter().position(|&b| b == b'=')?;
         let value = line.split_off(at + 1);
         line.pop();
-        changed.push((OsString::from_vec(line.clone()), OsString::from_vec(value)));
+        changed.push((
+            OsString::from_vec(std::mem::take(&mut line)),
+            OsString::from_vec(value),
+        ));
     }
 }
 

@@ -243,23 +243,23 @@ impl Supervisor {
 
     /// Every plugin; usage is left out (see [`Self::list_with_usage`]).
     pub fn list(&self) -> Vec<PluginView> {
-        self.views(None)
+        self.views(false)
     }
 
     /// Every plugin, with each instance's usage read now.
     pub fn list_with_usage(&self) -> Vec<PluginView> {
-        self.views(Some(&self.context.machine))
+        self.views(true)
     }
 
-    fn views(&self, usage: Option<&crate::machine::Machine>) -> Vec<PluginView> {
+    fn views(&self, usage: bool) -> Vec<PluginView> {
         let taken: Vec<(PluginView, Option<Meters>)> = self
             .pools()
             .values()
-            .map(|p| (view(p), usage.map(|_| meters(p))))
+            .map(|p| (view(p), usage.then(|| meters(p))))
             .collect();
         taken
             .into_iter()
-            .map(|(v, m)| self.annotated(measured(v, m, usage)))
+            .map(|(v, m)| self.annotated(self.measured(v, m)))
             .collect()
     }
 
@@ -307,25 +307,32 @@ impl Supervisor {
 
     /// One plugin; usage is left out (see [`Self::get_with_usage`]).
     pub fn get(&self, name: &str) -> Result<PluginView, SupervisorError> {
-        self.view_of(name, None)
+        self.view_of(name, false)
     }
 
     /// One plugin, with each instance's usage read now.
     pub fn get_with_usage(&self, name: &str) -> Result<PluginView, SupervisorError> {
-        self.view_of(name, Some(&self.context.machine))
+        self.view_of(name, true)
     }
 
-    fn view_of(
-        &self,
-        name: &str,
-        usage: Option<&crate::machine::Machine>,
-    ) -> Result<PluginView, SupervisorError> {
+    fn view_of(&self, name: &str, usage: bool) -> Result<PluginView, SupervisorError> {
         let (view, meters) = self
             .pools()
             .get(name)
-            .map(|p| (view(p), usage.map(|_| meters(p))))
+            .map(|p| (view(p), usage.then(|| meters(p))))
             .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
-        Ok(self.annotated(measured(view, meters, usage)))
+        Ok(self.annotated(self.measured(view, meters)))
+    }
+
+    /// `view` with its instances' usage read now, outside the pools lock:
+    /// a few cgroup files per instance, which at a thousand instances
+    /// would otherwise hold every pool operation for the length of a
+    /// scrape. Without `meters`, the view as it is.
+    fn measured(&self, mut view: PluginView, meters: Option<Meters>) -> PluginView {
+        for ((_, status), cgroup) in view.instances.iter_mut().zip(meters.into_iter().flatten()) {
+            status.usage = runner::read_usage(cgroup.as_deref(), status.pid, &self.context.machine);
+        }
+        view
     }
 
     fn handles(&self, name: &str) -> Result<Vec<(u32, HandleRef)>, SupervisorError> {
@@ -810,22 +817,6 @@ type Meters = Vec<Option<Arc<dyn crate::process::cgroup::Cgroup>>>;
 
 fn meters(pool: &Pool) -> Meters {
     pool.instances.iter().map(|i| i.cgroup.clone()).collect()
-}
-
-/// `view` with its instances' usage read now, outside the pools lock: a
-/// few cgroup files per instance, which at a thousand instances would
-/// otherwise hold every pool operation for the length of a scrape.
-fn measured(
-    mut view: PluginView,
-    meters: Option<Meters>,
-    machine: Option<&crate::machine::Machine>,
-) -> PluginView {
-    if let (Some(meters), Some(machine)) = (meters, machine) {
-        for ((_, status), cgroup) in view.instances.iter_mut().zip(meters) {
-            status.usage = runner::read_usage(cgroup.as_deref(), status.pid, machine);
-        }
-    }
-    view
 }
 
 fn view(pool: &Pool) -> PluginView {
