@@ -17,7 +17,11 @@ fn plugin(name: &str, extra: &str) -> String {
 /// A plugin's own log line `message` (plugin output, not conductor events),
 /// with its JSON fields parsed.
 fn plugin_line(conductor: &Conductor, plugin: &str, message: &str) -> Value {
-    let (_, line) = conductor.wait_for(0, &format!("{plugin} says {message}"), |e| {
+    plugin_line_since(conductor, 0, plugin, message)
+}
+
+fn plugin_line_since(conductor: &Conductor, from: usize, plugin: &str, message: &str) -> Value {
+    let (_, line) = conductor.wait_for(from, &format!("{plugin} says {message}"), |e| {
         e["target"] == "plugin" && e["plugin"] == plugin && e["message"] == message
     });
     serde_json::from_str(line["fields"].as_str().unwrap_or("{}")).unwrap()
@@ -447,6 +451,7 @@ fn the_v2_path_confines_kills_and_refuses_limits_without_controllers() {
         ));
     let (_, ready) = conductor.wait_for(0, "cgroups ready", |e| e["message"] == "cgroups ready");
     assert_eq!(ready["setup"], "v2 (unified)");
+    assert_eq!(ready["born_in_cgroup"], true, "clone3 into the cgroup");
     let (_, failed) = conductor.wait_event(0, "limited", "instance failed");
     assert!(
         failed["reason"]
@@ -461,16 +466,42 @@ fn the_v2_path_confines_kills_and_refuses_limits_without_controllers() {
         .as_u64()
         .unwrap() as u32;
     let root = conductor.cgroup_root().to_owned();
-    for p in [pid, daemon] {
+    let in_cgroup = |p: u32| {
         let membership = std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();
         assert!(
             membership.contains(&format!("0::/{root}/free/0")),
             "{p}: {membership}"
         );
-    }
+    };
+    in_cgroup(pid);
+    in_cgroup(daemon);
+    // A restart is born in the cgroup too; nothing waits in it ahead of
+    // need, as a stand-in would on v1.
+    // After a quiet spell, in which a stand-in would have been prepared.
+    std::thread::sleep(Duration::from_millis(1500));
+    let at = conductor.cursor();
+    signal_pid(pid, Signal::SIGKILL);
+    wait_all_gone(&[daemon], Duration::from_secs(5)).expect("leftover killed with the instance");
+    let (_, again) = conductor.wait_serving(at, "free", 0);
+    assert_ne!(again, pid);
+    in_cgroup(again);
+    let daemon = plugin_line_since(&conductor, at, "free", "daemonized")["daemon_pid"]
+        .as_u64()
+        .unwrap() as u32;
+    assert_eq!(
+        conductor.count("free", "stand-in ready"),
+        0,
+        "no stand-ins on v2"
+    );
+    let pids = std::fs::read_to_string(unified.join(&root).join("free/0/cgroup.procs")).unwrap();
+    let mut pids: Vec<u32> = pids.lines().map(|l| l.parse().unwrap()).collect();
+    pids.sort_unstable();
+    let mut expected = vec![again, daemon];
+    expected.sort_unstable();
+    assert_eq!(pids, expected, "the plugin and its daemon, nothing else");
     conductor.signal(Signal::SIGTERM);
     assert_eq!(conductor.wait_exit().code(), Some(0));
-    wait_all_gone(&[pid, daemon], Duration::from_secs(2)).expect("cgroup.kill left a process");
+    wait_all_gone(&[again, daemon], Duration::from_secs(2)).expect("cgroup.kill left a process");
     assert!(!unified.join(&root).exists(), "v2 cgroup tree removed");
 }
 

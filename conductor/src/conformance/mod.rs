@@ -15,13 +15,12 @@ use demi_proto::handshake as hs;
 use demi_proto::plugin::v1 as pb;
 use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt as _;
-use tokio::process::Child;
 
 use std::sync::{Arc, Mutex};
 
 use crate::process::cgroup::{Cgroup, Cgroups};
 use crate::process::privileges::Privileges;
-use crate::process::{SpawnSpec, Spawner, signal_group};
+use crate::process::{Child, SpawnSpec, Spawner, signal_group};
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
 
 /// One check's verdict.
@@ -215,6 +214,7 @@ impl Bench {
                 .ok()
         });
         let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+        let cgroup_dir = cgroup.as_ref().and_then(|c| c.birthplace());
         self.made.extend(cgroup);
         let spec = SpawnSpec {
             program,
@@ -227,6 +227,7 @@ impl Bench {
                 .or_else(|| std::env::current_dir().ok())
                 .unwrap_or_else(|| "/".into()),
             cgroup_procs,
+            cgroup_dir,
             stdin_piped: false,
             privileges: self.options.privileges,
         };

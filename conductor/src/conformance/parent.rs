@@ -48,6 +48,7 @@ pub fn launch_and_wait(mut args: impl Iterator<Item = OsString>) -> ExitCode {
             env: Vec::new(),
             working_dir: std::env::current_dir().unwrap_or_else(|_| "/".into()),
             cgroup_procs: Vec::new(),
+            cgroup_dir: None,
             stdin_piped: false,
             privileges: Default::default(),
         };

@@ -31,7 +31,7 @@ use crate::layout::Layout;
 use crate::limits::Limits;
 use crate::machine::Machine;
 use crate::process::Spawner;
-use crate::process::cgroup::{CgroupPolicy, Cgroups};
+use crate::process::cgroup::{CgroupPolicy, Cgroups, Setup};
 use crate::scaler::Scaler;
 use crate::supervisor::{Callers, PoolContext, Supervisor};
 use crate::telemetry::Recorder;
@@ -104,7 +104,7 @@ const API_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Detects the host's cgroups once, says what it found, and removes what
 /// an earlier run left under the root. With `cgroup_policy = "off"` it
 /// touches nothing and says once that nothing is confined.
-async fn open_cgroups(config: &Config) -> Result<Cgroups, DaemonError> {
+async fn open_cgroups(config: &Config, spawner: &Spawner) -> Result<Cgroups, DaemonError> {
     if config.conductor.cgroup_policy == CgroupPolicy::Off {
         let unenforced: Vec<&str> = config
             .plugins
@@ -127,6 +127,7 @@ async fn open_cgroups(config: &Config) -> Result<Cgroups, DaemonError> {
     .await
     .map_err(DaemonError::CgroupSetup)?;
     let (cgroups, leftovers) = cgroups;
+    let born = births(&cgroups, spawner);
     match cgroups.unavailable() {
         Some(why) => tracing::warn!(setup = %cgroups.setup(), why, "cgroups unavailable"),
         None => tracing::info!(
@@ -134,10 +135,19 @@ async fn open_cgroups(config: &Config) -> Result<Cgroups, DaemonError> {
             root = cgroups.root(),
             leftovers,
             favordynmods = cgroups.favordynmods(),
+            born_in_cgroup = born.is_ok(),
             "cgroups ready"
         ),
     }
-    if cgroups.unavailable().is_none() && !cgroups.favordynmods() {
+    if cgroups.setup() == Setup::Unified
+        && let Err(why) = &born
+    {
+        tracing::info!(
+            %why,
+            "children cannot be born in their cgroup; they join it after the fork"
+        );
+    }
+    if cgroups.unavailable().is_none() && !cgroups.favordynmods() && born.is_err() {
         tracing::info!(
             "cgroup hierarchy mounted without favordynmods: each start waits for an RCU grace \
              period when joining its cgroup (about 6 ms); remount with -o favordynmods \
@@ -145,6 +155,15 @@ async fn open_cgroups(config: &Config) -> Result<Cgroups, DaemonError> {
         );
     }
     Ok(cgroups)
+}
+
+/// Whether instances' children are born in their cgroup (v2, clone3
+/// with `CLONE_INTO_CGROUP`) instead of migrating into it, or why not.
+fn births(cgroups: &Cgroups, spawner: &Spawner) -> Result<(), String> {
+    if cgroups.unavailable().is_some() || cgroups.setup() != Setup::Unified {
+        return Err("not a cgroup v2 host".into());
+    }
+    spawner.births_in_cgroup().map_err(str::to_owned)
 }
 
 /// Runs until SIGTERM or SIGINT, then stops every instance gracefully and
@@ -225,7 +244,7 @@ impl Daemon {
         let spawner = Arc::new(
             Spawner::start(tokio::runtime::Handle::current()).map_err(DaemonError::Spawner)?,
         );
-        let cgroups = Arc::new(open_cgroups(&config).await?);
+        let cgroups = Arc::new(open_cgroups(&config, &spawner).await?);
         let metrics = Metrics::new()?;
         // Every event is logged and counted where it happens.
         let bus = Bus::new(vec![Arc::new(Recorder::new(metrics.clone()))]);
@@ -235,6 +254,8 @@ impl Daemon {
             .map_err(|e| format!("the conductor's own path: {e}"))
             .and_then(|exe| crate::process::standby::beside(&exe));
         let standin = match standin {
+            // A child born in its cgroup has nothing to wait for.
+            Ok(_) if births(&cgroups, &spawner).is_ok() => None,
             Ok(path) => Some(path),
             Err(why) => {
                 tracing::warn!(

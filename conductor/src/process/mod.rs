@@ -1,11 +1,14 @@
 //! Starting, watching and signalling plugin processes.
 
+mod born;
 pub mod cgroup;
+mod child;
 pub mod output;
 pub mod privileges;
 pub mod spawner;
 pub mod standby;
 
+pub use child::Child;
 pub use spawner::{SpawnError, SpawnSpec, Spawner};
 
 use nix::sys::signal::{Signal, killpg};

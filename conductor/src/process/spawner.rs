@@ -15,14 +15,17 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use nix::sys::signal::Signal;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::oneshot;
 
+use super::born;
+use super::child::{self, Child};
 use super::privileges::{self, Privileges};
 
 /// Everything needed to start one instance.
@@ -34,6 +37,10 @@ pub struct SpawnSpec {
     pub working_dir: PathBuf,
     /// `cgroup.procs` files the child joins before exec (empty: unconfined).
     pub cgroup_procs: Vec<PathBuf>,
+    /// A v2 cgroup the child is born in (`clone3` with
+    /// `CLONE_INTO_CGROUP`), so it never migrates; where the kernel
+    /// refuses that, it joins through `cgroup_procs` instead.
+    pub cgroup_dir: Option<PathBuf>,
     /// A pipe for stdin instead of /dev/null (a stand-in reads its go there).
     pub stdin_piped: bool,
     /// Who it runs as and which powers it keeps.
@@ -62,6 +69,12 @@ pub enum SpawnError {
         program: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot start {program}: {step}: {source}")]
+    Setup {
+        program: PathBuf,
+        step: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot open {path} to join the cgroup: {source}")]
     Cgroup {
         path: PathBuf,
@@ -82,6 +95,15 @@ pub struct Spawner {
     requests: Vec<mpsc::Sender<Request>>,
     threads: Vec<JoinHandle<()>>,
     next: AtomicUsize,
+    births: Births,
+}
+
+/// Whether children can be born in their cgroup: probed once at start,
+/// and given up for good should a spawn be refused after all.
+#[derive(Clone)]
+struct Births {
+    probed: Result<(), String>,
+    refused: Arc<AtomicBool>,
 }
 
 impl Spawner {
@@ -93,26 +115,45 @@ impl Spawner {
             .map_or(1, |n| n.get())
             .clamp(1, MAX_THREADS);
         let host = privileges::Host::probe();
+        let probed = born::probe();
+        let births = Births {
+            refused: Arc::new(AtomicBool::new(probed.is_err())),
+            probed,
+        };
         let mut spawner = Self {
             requests: Vec::with_capacity(count),
             threads: Vec::with_capacity(count),
             next: AtomicUsize::new(0),
+            births: births.clone(),
         };
         for i in 0..count {
             let (tx, rx) = mpsc::channel::<Request>();
             let runtime = runtime.clone();
+            let births = births.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("demi-spawner-{i}"))
                 .spawn(move || {
                     let _runtime = runtime.enter();
                     while let Ok(request) = rx.recv() {
-                        let _ = request.reply.send(spawn(request.spec, host));
+                        let _ = request.reply.send(spawn(request.spec, host, &births));
                     }
                 })?;
             spawner.requests.push(tx);
             spawner.threads.push(thread);
         }
         Ok(spawner)
+    }
+
+    /// Whether children with a [`SpawnSpec::cgroup_dir`] are born in it,
+    /// or why they join it by migration instead.
+    pub fn births_in_cgroup(&self) -> Result<(), &str> {
+        match &self.births.probed {
+            Err(why) => Err(why),
+            Ok(()) if self.births.refused.load(Ordering::Relaxed) => {
+                Err("a spawn was refused (see the warning logged then)")
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     /// Forks and execs `spec` on a spawner thread (round robin).
@@ -141,7 +182,28 @@ impl Drop for Spawner {
     }
 }
 
-fn spawn(spec: SpawnSpec, host: privileges::Host) -> Result<Child, SpawnError> {
+fn spawn(spec: SpawnSpec, host: privileges::Host, births: &Births) -> Result<Child, SpawnError> {
+    if let Some(dir) = &spec.cgroup_dir
+        && !births.refused.load(Ordering::Relaxed)
+    {
+        match born::spawn(&spec, dir, host) {
+            Ok(child) => return Ok(child),
+            Err(born::Failure::Spawn(error)) => return Err(error),
+            Err(born::Failure::Refused(why)) => {
+                births.refused.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    %why,
+                    "children can no longer be born in their cgroup; they join it after the fork"
+                );
+            }
+        }
+    }
+    fork(spec, host)
+}
+
+/// Starts `spec` through std's fork and exec; the child joins its cgroup
+/// by writing to `cgroup.procs` before the exec.
+fn fork(spec: SpawnSpec, host: privileges::Host) -> Result<Child, SpawnError> {
     let conductor = nix::unistd::getpid();
     // Opened before the fork: opening allocates, which a forked child of a
     // multi-threaded process must not do.
@@ -158,18 +220,20 @@ fn spawn(spec: SpawnSpec, host: privileges::Host) -> Result<Child, SpawnError> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let failed = |step, source| SpawnError::Setup {
+        program: spec.program.clone(),
+        step,
+        source,
+    };
+    let (pipes, ends) = child::pipes(spec.stdin_piped).map_err(|e| failed("pipes", e))?;
     let mut command = Command::new(&spec.program);
     command
         .args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.working_dir)
-        .stdin(if spec.stdin_piped {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdin(Stdio::from(ends.stdin))
+        .stdout(Stdio::from(ends.stdout))
+        .stderr(Stdio::from(ends.stderr))
         // Its own group, so one signal reaches the helpers it forks too.
         // Not setsid(): that fails with EPERM once the child leads a group.
         .process_group(0);
@@ -196,8 +260,11 @@ fn spawn(spec: SpawnSpec, host: privileges::Host) -> Result<Child, SpawnError> {
             Ok(())
         });
     }
-    command.spawn().map_err(|source| SpawnError::Exec {
+    let forked = command.spawn().map_err(|source| SpawnError::Exec {
         program: spec.program.clone(),
         source,
-    })
+    })?;
+    // The command holds the child's ends until dropped.
+    drop(command);
+    Child::forked(forked, pipes).map_err(|e| failed("watching the child", e))
 }

@@ -260,6 +260,7 @@ impl Pool {
         };
         let mut spawn = spawn_spec(name, index, config, &handshake);
         spawn.cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+        spawn.cgroup_dir = cgroup.as_ref().and_then(|c| c.birthplace());
         spawn.privileges = privileges.unwrap_or_default();
         let spec = InstanceSpec {
             plugin: name.clone(),
@@ -352,6 +353,7 @@ fn spawn_spec(name: &str, index: u32, config: &PoolConfig, handshake: &Handshake
         env,
         working_dir: config.working_dir.clone().unwrap_or_else(|| ".".into()),
         cgroup_procs: Vec::new(),
+        cgroup_dir: None,
         stdin_piped: false,
         privileges: Default::default(),
     }

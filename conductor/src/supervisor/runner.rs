@@ -14,7 +14,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use demi_proto::handshake as hs;
 use nix::sys::signal::Signal;
-use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
@@ -28,7 +27,7 @@ use super::report;
 use crate::events::{Bus, CheckOutcome, Event as Published, InstanceEvent, Phase};
 use crate::process::cgroup::{Cgroup, Usage};
 use crate::process::output::{self, Origin};
-use crate::process::{SpawnError, SpawnSpec, Spawner, signal_group, standby};
+use crate::process::{Child, SpawnError, SpawnSpec, Spawner, signal_group, standby};
 use crate::rpc::HealthError;
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
 
@@ -601,10 +600,7 @@ impl Runner {
         if cgroup.procs().iter().all(|&pid| Some(pid) == keep) {
             return;
         }
-        let emptied = tokio::task::spawn_blocking(move || match keep {
-            Some(standby) => cgroup.kill_all_but(standby),
-            None => cgroup.kill_all(),
-        });
+        let emptied = tokio::task::spawn_blocking(move || cgroup.kill_all_but(keep));
         match emptied.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "cannot empty the instance's cgroup"),

@@ -77,16 +77,23 @@ pub trait Cgroup: Send + Sync + fmt::Debug {
     /// The `cgroup.procs` files a child writes `0` to before exec: one on
     /// v2, one per controller on v1.
     fn procs_files(&self) -> Vec<PathBuf>;
+    /// The directory a child can be born in (cgroup v2 only), so that it
+    /// never has to migrate.
+    fn birthplace(&self) -> Option<PathBuf> {
+        None
+    }
     fn usage(&self) -> Usage;
     /// OOM kills so far; compared around a process's life to tell an OOM
     /// kill from any other SIGKILL.
     fn oom_kills(&self) -> u64;
     fn procs(&self) -> Vec<u32>;
     /// SIGKILLs every process in the cgroup, including those that left the
-    /// instance's process group, and waits until it is empty. Blocking.
+    /// instance's process group, and waits until it is empty; for a cgroup
+    /// about to be removed. Blocking.
     fn kill_all(&self) -> Result<(), CgroupError>;
-    /// [`Cgroup::kill_all`] but for process `keep` (a stand-in). Blocking.
-    fn kill_all_but(&self, keep: u32) -> Result<(), CgroupError>;
+    /// The same for a cgroup the instance's next process will use, sparing
+    /// `keep` (a stand-in). Blocking.
+    fn kill_all_but(&self, keep: Option<u32>) -> Result<(), CgroupError>;
     /// Removes the (empty) cgroup. Blocking; idempotent.
     fn remove(&self) -> Result<(), CgroupError>;
 }

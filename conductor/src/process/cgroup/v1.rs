@@ -139,10 +139,10 @@ impl Cgroup for V1Cgroup {
         self.dirs.procs()
     }
 
-    fn kill_all_but(&self, keep: u32) -> Result<(), CgroupError> {
+    fn kill_all_but(&self, keep: Option<u32>) -> Result<(), CgroupError> {
         let others = || {
             let mut pids = self.dirs.procs();
-            pids.retain(|&pid| pid != keep);
+            pids.retain(|&pid| Some(pid) != keep);
             pids
         };
         if others().is_empty() {

@@ -45,6 +45,10 @@ impl Cgroup for V2Cgroup {
         vec![self.dir.join("cgroup.procs")]
     }
 
+    fn birthplace(&self) -> Option<PathBuf> {
+        Some(self.dir.clone())
+    }
+
     fn usage(&self) -> Usage {
         usage(&self.dir)
     }
@@ -57,13 +61,15 @@ impl Cgroup for V2Cgroup {
         pids(&self.dir.join("cgroup.procs"))
     }
 
-    fn kill_all_but(&self, keep: u32) -> Result<(), CgroupError> {
-        // cgroup.kill spares nobody: the signal loop instead.
+    fn kill_all_but(&self, keep: Option<u32>) -> Result<(), CgroupError> {
+        // Not cgroup.kill, which spares nobody and, on some kernels (6.18
+        // here), marks the cgroup so that every child later born in it
+        // with CLONE_INTO_CGROUP is killed at birth: the signal loop.
         kill_pids(
             &self.name,
             || {
                 let mut pids = self.procs();
-                pids.retain(|&pid| pid != keep);
+                pids.retain(|&pid| Some(pid) != keep);
                 pids
             },
             || {},

@@ -94,9 +94,20 @@ pub unsafe fn apply(privileges: &Privileges, host: Host) -> std::io::Result<()> 
             if privileges.keep != 0 {
                 nix::sys::prctl::set_keepcaps(true)?;
             }
-            nix::unistd::setgroups(&[])?;
-            nix::unistd::setgid(gid)?;
-            nix::unistd::setuid(uid)?;
+            // Raw system calls, not libc's wrappers: glibc's set*id
+            // signals every thread it believes the process has, and after
+            // a raw clone3 (see `born`) the child's glibc still believes
+            // in the conductor's threads.
+            let (uid, gid) = (uid.as_raw(), gid.as_raw());
+            // SAFETY: plain system calls; an empty group list needs no buffer.
+            check(
+                unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) }
+                    as libc::c_int,
+            )?;
+            // SAFETY: as above.
+            check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) } as libc::c_int)?;
+            // SAFETY: as above.
+            check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) } as libc::c_int)?;
             if privileges.keep != 0 {
                 let header = CapHeader {
                     version: CAPABILITY_VERSION_3,
