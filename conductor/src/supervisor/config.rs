@@ -280,7 +280,8 @@ pub struct RestartConfig {
     /// Keep a stand-in process (`demi-standin`, ~0.1 MiB) waiting in each
     /// instance's cgroup, so a restart skips the fork and the cgroup join
     /// (one more small process per instance, counted in its cgroup). On by
-    /// default; needs a cgroup.
+    /// default; needs a cgroup. Unused on cgroup v2 hosts where children
+    /// are born in their cgroup (clone3), which have nothing to skip.
     pub standby: bool,
     /// Restart an instance gracefully (Shutdown, drain) once its memory
     /// has stayed above this for `memory_restart_after`, before the OOM
