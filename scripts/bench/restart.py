@@ -410,9 +410,10 @@ def main():
         "conductor (defaults: cgroup, stand-in)": stats(run_conductor(True)),
         "conductor (own cgroup, no stand-in)": stats(run_conductor(True, standby=False)),
         "conductor (no cgroup)": stats(run_conductor(False)),
-        # On v2 a child is born in its cgroup (clone3): no stand-in to turn off.
+        # On v2 every process, stand-ins too, is born in its cgroup (clone3).
         **({
             "conductor (v2 namespace, defaults)": stats(run_conductor(True, v2=True)),
+            "conductor (v2 namespace, no stand-in)": stats(run_conductor(True, standby=False, v2=True)),
         } if cgroup2_beside() else {}),
         "s6 (readiness notification)": stats(run_s6()),
         "runit": stats(run_runit()),

@@ -475,33 +475,32 @@ fn the_v2_path_confines_kills_and_refuses_limits_without_controllers() {
     };
     in_cgroup(pid);
     in_cgroup(daemon);
-    // A restart is born in the cgroup too; nothing waits in it ahead of
-    // need, as a stand-in would on v1.
-    // After a quiet spell, in which a stand-in would have been prepared.
-    std::thread::sleep(Duration::from_millis(1500));
-    let at = conductor.cursor();
+    // The stand-in is born in the cgroup too, and becomes the next
+    // process; the leftover daemon is killed by signals, not cgroup.kill,
+    // after which this kernel would kill every later birth in the cgroup.
+    let (at, ready) = conductor.wait_event(0, "free", "stand-in ready");
+    let standby = ready["pid"].as_u64().unwrap() as u32;
+    in_cgroup(standby);
     signal_pid(pid, Signal::SIGKILL);
     wait_all_gone(&[daemon], Duration::from_secs(5)).expect("leftover killed with the instance");
-    let (_, again) = conductor.wait_serving(at, "free", 0);
-    assert_ne!(again, pid);
-    in_cgroup(again);
+    let (served, again) = conductor.wait_serving(at, "free", 0);
+    assert_eq!(again, standby, "the stand-in became the instance");
     let daemon = plugin_line_since(&conductor, at, "free", "daemonized")["daemon_pid"]
         .as_u64()
         .unwrap() as u32;
-    assert_eq!(
-        conductor.count("free", "stand-in ready"),
-        0,
-        "no stand-ins on v2"
-    );
+    // The next stand-in, born once the instance has served a second.
+    let (_, ready) = conductor.wait_event(served, "free", "stand-in ready");
+    let next = ready["pid"].as_u64().unwrap() as u32;
     let pids = std::fs::read_to_string(unified.join(&root).join("free/0/cgroup.procs")).unwrap();
     let mut pids: Vec<u32> = pids.lines().map(|l| l.parse().unwrap()).collect();
     pids.sort_unstable();
-    let mut expected = vec![again, daemon];
+    let mut expected = vec![again, daemon, next];
     expected.sort_unstable();
-    assert_eq!(pids, expected, "the plugin and its daemon, nothing else");
+    assert_eq!(pids, expected, "the plugin, its daemon and the stand-in");
     conductor.signal(Signal::SIGTERM);
     assert_eq!(conductor.wait_exit().code(), Some(0));
-    wait_all_gone(&[again, daemon], Duration::from_secs(2)).expect("cgroup.kill left a process");
+    wait_all_gone(&[again, daemon, next], Duration::from_secs(2))
+        .expect("cgroup.kill left a process");
     assert!(!unified.join(&root).exists(), "v2 cgroup tree removed");
 }
 

@@ -254,8 +254,6 @@ impl Daemon {
             .map_err(|e| format!("the conductor's own path: {e}"))
             .and_then(|exe| crate::process::standby::beside(&exe));
         let standin = match standin {
-            // A child born in its cgroup has nothing to wait for.
-            Ok(_) if births(&cgroups, &spawner).is_ok() => None,
             Ok(path) => Some(path),
             Err(why) => {
                 tracing::warn!(

@@ -280,8 +280,8 @@ pub struct RestartConfig {
     /// Keep a stand-in process (`demi-standin`, ~0.1 MiB) waiting in each
     /// instance's cgroup, so a restart skips the fork and the cgroup join
     /// (one more small process per instance, counted in its cgroup). On by
-    /// default; needs a cgroup. Unused on cgroup v2 hosts where children
-    /// are born in their cgroup (clone3), which have nothing to skip.
+    /// default; needs a cgroup. Where children are born in their cgroup
+    /// (v2), so is the stand-in: the restart still skips the fork.
     pub standby: bool,
     /// Restart an instance gracefully (Shutdown, drain) once its memory
     /// has stayed above this for `memory_restart_after`, before the OOM
