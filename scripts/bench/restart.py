@@ -291,20 +291,11 @@ def no_cgroup_extra():
     return 'cgroup_policy = "off"'
 
 
-def run_conductor_grpc(cgroups, standby=None):
-    """Kill -> SERVING again over gRPC, for the Rust SDK echo plugin, two
-    ways: when the conductor reports it (its own health check answered
-    SERVING: the event's timestamp), and when a fresh client of ours then
-    sees SERVING too (which adds this Python client's own connection)."""
+def health_probe(socket):
+    """A check of `socket`: True once a fresh gRPC client gets SERVING."""
     sys.path.insert(0, os.path.join(VENV, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}", "site-packages"))
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    folder = tempfile.mkdtemp(prefix="demi-bench-grpc-")
-    extra = f'cgroup_root = "demi-bench-grpc-{os.getpid()}"' if cgroups else no_cgroup_extra()
-    config = conductor_config(folder, ECHO, [], extra, standby=standby)
-    command = [CONDUCTOR, "run", "--log-format", "json", "--config", config]
-    socket = os.path.join(folder, "run", "plugins", "child", "0.sock")
 
     def serving():
         try:
@@ -313,6 +304,20 @@ def run_conductor_grpc(cgroups, standby=None):
                 return answer.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             return False
+
+    return serving
+
+
+def run_conductor_grpc(cgroups, standby=None):
+    """Kill -> SERVING again over gRPC, for the Rust SDK echo plugin, two
+    ways: when the conductor reports it (its own health check answered
+    SERVING: the event's timestamp), and when a fresh client of ours then
+    sees SERVING too (which adds this Python client's own connection)."""
+    folder = tempfile.mkdtemp(prefix="demi-bench-grpc-")
+    extra = f'cgroup_root = "demi-bench-grpc-{os.getpid()}"' if cgroups else no_cgroup_extra()
+    config = conductor_config(folder, ECHO, [], extra, standby=standby)
+    command = [CONDUCTOR, "run", "--log-format", "json", "--config", config]
+    serving = health_probe(os.path.join(folder, "run", "plugins", "child", "0.sock"))
 
     def realtime_ns(stamp):
         # "2026-11-28T01:34:59.424980Z": the log's wall clock, in µs.
@@ -348,12 +353,9 @@ def run_echo_alone():
     fork/exec, no supervisor, no cgroup) with the handshake's variables,
     until the same client as above sees SERVING; KILLS times, each after
     the quiet spell."""
-    sys.path.insert(0, os.path.join(VENV, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}", "site-packages"))
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     folder = tempfile.mkdtemp(prefix="demi-bench-echo-")
     socket = os.path.join(folder, "echo.sock")
+    serving = health_probe(socket)
     env = {
         **os.environ,
         "DEMI_PLUGIN_MAGIC_COOKIE": "7d3c0a91-demi-conductor-plugin",
@@ -364,14 +366,6 @@ def run_echo_alone():
         "DEMI_PLUGIN_REPLICAS": "1",
         "DEMI_STATE_DIRECTORY": folder,
     }
-
-    def serving():
-        try:
-            with grpc.insecure_channel("unix:" + socket, options=[("grpc.default_authority", "localhost")]) as channel:
-                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=0.05)
-                return answer.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
 
     latencies = []
     try:
