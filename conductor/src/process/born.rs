@@ -411,7 +411,7 @@ impl Image {
             libc::sigemptyset(&mut set);
             set
         };
-        let handled = (1..libc::SIGRTMAX())
+        let handled = (1..=libc::SIGRTMAX())
             .filter(|&signal| {
                 // SAFETY: only reads the signal's current action.
                 let action = unsafe {
