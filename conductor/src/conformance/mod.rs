@@ -213,10 +213,7 @@ impl Bench {
             c.create(&self.options.name, self.runs, &Default::default())
                 .ok()
         });
-        let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
-        let cgroup_dir = cgroup.as_ref().and_then(|c| c.birthplace());
-        self.made.extend(cgroup);
-        let spec = SpawnSpec {
+        let mut spec = SpawnSpec {
             program,
             args,
             env: self.env(&socket, cookie),
@@ -226,11 +223,13 @@ impl Bench {
                 .clone()
                 .or_else(|| std::env::current_dir().ok())
                 .unwrap_or_else(|| "/".into()),
-            cgroup_procs,
-            cgroup_dir,
+            cgroup_procs: Vec::new(),
+            cgroup_dir: None,
             stdin_piped: false,
             privileges: self.options.privileges,
         };
+        spec.confine_to(cgroup.as_deref());
+        self.made.extend(cgroup);
         let child = self.spawner.spawn(spec).await.map_err(|e| e.to_string())?;
         let pid = child.id().ok_or("exited before it could be observed")?;
         Ok(Launched {

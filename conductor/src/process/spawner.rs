@@ -25,6 +25,7 @@ use tokio::process::Command;
 use tokio::sync::oneshot;
 
 use super::born;
+use super::cgroup::Cgroup;
 use super::child::{self, Child};
 use super::privileges::{self, Privileges};
 
@@ -48,6 +49,13 @@ pub struct SpawnSpec {
 }
 
 impl SpawnSpec {
+    /// Starts the child in `cgroup`: born there where the kernel allows,
+    /// else joining it before exec. `None`: unconfined.
+    pub fn confine_to(&mut self, cgroup: Option<&dyn Cgroup>) {
+        self.cgroup_procs = cgroup.map(|c| c.procs_files()).unwrap_or_default();
+        self.cgroup_dir = cgroup.and_then(|c| c.birthplace());
+    }
+
     /// The same launch as a stand-in: `standin PROGRAM ARGS…`, which execs
     /// the program once told to (see [`super::standby`]).
     pub fn standby(&self, standin: PathBuf) -> SpawnSpec {

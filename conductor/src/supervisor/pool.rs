@@ -259,8 +259,7 @@ impl Pool {
             state: &state,
         };
         let mut spawn = spawn_spec(name, index, config, &handshake);
-        spawn.cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
-        spawn.cgroup_dir = cgroup.as_ref().and_then(|c| c.birthplace());
+        spawn.confine_to(cgroup.as_deref());
         spawn.privileges = privileges.unwrap_or_default();
         let spec = InstanceSpec {
             plugin: name.clone(),
