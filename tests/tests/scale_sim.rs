@@ -190,10 +190,11 @@ fn predictive_dominates_the_hpa_on_a_synthetic_daily_trace() {
 
 /// Short of the 50 % bar: on this trace the spikes, not the forecastable
 /// load, make most of the violation, and no setting swept halves the
-/// HPA's everywhere (the worst HPA setting is matched at 76 %).
+/// HPA's everywhere (the worst HPA setting is matched at 71 %, the
+/// configuration given at 53 %).
 #[test]
 fn predictive_beats_the_hpa_at_equal_cost_on_a_bursty_trace() {
-    predictive_dominates_the_hpa("bursty_synthetic.csv", 0.8);
+    predictive_dominates_the_hpa("bursty_synthetic.csv", 0.75);
 }
 
 /// Both files exist; the SVG carries title, axis names with units, and a

@@ -37,6 +37,9 @@ pub struct Policy {
     pub max_step_up: u32,
     /// A backlog is planned to drain within one bucket.
     pub bucket: Duration,
+    /// Longest acceptable queue wait: a backlog that would wait longer at
+    /// the replicas asked for is decided on at once, not at the bucket's end.
+    pub queue_wait_slo: Duration,
 }
 
 impl From<&AutoscaleConfig> for Policy {
@@ -51,6 +54,7 @@ impl From<&AutoscaleConfig> for Policy {
             cooldown: c.cooldown,
             max_step_up: c.max_step_up,
             bucket: c.bucket,
+            queue_wait_slo: c.queue_wait_slo,
         }
     }
 }
@@ -397,6 +401,7 @@ mod tests {
             cooldown: Duration::from_secs(60),
             max_step_up: 4,
             bucket: Duration::from_secs(10),
+            queue_wait_slo: Duration::from_secs(1),
         }
     }
 

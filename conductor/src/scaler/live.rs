@@ -327,9 +327,21 @@ async fn scale_plugin(
     let mut estimate = CapacityEstimate::default();
     let mut fit: Option<JoinHandle<FitDone>> = None;
     let mut last_reason = String::new();
-    let origin = Instant::now();
+    let origin = clock();
     let mut tick = tokio::time::interval(bucket);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Only jobs queue: their backlog is looked at ten times a bucket, so a
+    // burst starts replicas within a tenth of a bucket, not at its end.
+    let watch_backlog = config.signal == Signal::Jobs;
+    let glance = bucket / 10;
+    let mut backlog = tokio::time::interval(glance);
+    backlog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let task = Task {
+        scaler: &scaler,
+        reach: &reach,
+        name: &name,
+        config,
+    };
     loop {
         let fitted = async {
             match fit.as_mut() {
@@ -339,6 +351,30 @@ async fn scale_plugin(
         };
         tokio::select! {
             _ = tick.tick() => {}
+            _ = backlog.tick(), if watch_backlog => {
+                let now = clock();
+                let totals = reach.load.jobs(&name).unwrap_or_default();
+                let Some(current) = reach.actuator.replicas(&name) else {
+                    break;
+                };
+                let capacity = config.capacity.or(estimate.get()).unwrap_or(f64::NAN);
+                let rate = jobs.rate_since(now, &totals, glance).unwrap_or_else(|| planner.last());
+                let lead = scaler.lead(&name, bucket);
+                let decision = planner.decide_on_backlog(
+                    now.duration_since(origin),
+                    rate,
+                    totals.queued as f64,
+                    capacity,
+                    current,
+                    lead,
+                );
+                // One that changes nothing waits for the bucket's report.
+                if let Some(decision) = decision.filter(|d| d.desired != d.current) {
+                    let measured = config.capacity.is_none();
+                    task.act(&planner, decision, lead, measured, &mut last_reason).await;
+                }
+                continue;
+            }
             fitted = fitted => {
                 fit = None;
                 match fitted {
@@ -361,7 +397,7 @@ async fn scale_plugin(
             }
             () = cancel.cancelled() => break,
         }
-        let now = Instant::now();
+        let now = clock();
         let measured = match config.signal {
             Signal::Jobs => {
                 let totals = reach.load.jobs(&name).unwrap_or_default();
@@ -393,12 +429,53 @@ async fn scale_plugin(
         let Some(current) = reach.actuator.replicas(&name) else {
             break;
         };
-        let mut decision = planner.decide(measured.queued, capacity, current, lead);
+        let decision = planner.decide(measured.queued, capacity, current, lead);
+        task.act(
+            &planner,
+            decision,
+            lead,
+            capacity_measured,
+            &mut last_reason,
+        )
+        .await;
+    }
+    if let Some(handle) = fit {
+        // A fit cannot be interrupted; its thread finishes on its own.
+        handle.abort();
+    }
+}
+
+/// One plugin's scaler as its decisions need it.
+struct Task<'a> {
+    scaler: &'a Scaler,
+    reach: &'a Reach,
+    name: &'a str,
+    config: &'a AutoscaleConfig,
+}
+
+impl Task<'_> {
+    /// Holds `decision` to what the host has room for, reports it and
+    /// scales the plugin.
+    async fn act(
+        &self,
+        planner: &Planner,
+        mut decision: Decision,
+        lead: Duration,
+        capacity_measured: bool,
+        last_reason: &mut String,
+    ) {
+        let Task {
+            scaler,
+            reach,
+            name,
+            config,
+        } = *self;
+        let current = decision.current;
         // The plan is the load's; whether the host holds it is the host's.
         // Never below what runs: the cap only stops growth.
         let mut capped = None;
         if decision.desired > current
-            && let Some(room) = reach.actuator.room(&name)
+            && let Some(room) = reach.actuator.room(name)
             && decision.desired > room.replicas.max(current)
         {
             let wanted = decision.desired;
@@ -406,19 +483,19 @@ async fn scale_plugin(
             capped = Some((wanted, room));
         }
         report(
-            &scaler,
+            scaler,
             &reach.bus,
-            &name,
+            name,
             config,
-            &planner,
+            planner,
             &decision,
             lead,
             capacity_measured,
-            &mut last_reason,
+            last_reason,
         );
         // Logged only once the status says so: whoever reads the log line
         // and then asks the API sees the same cap.
-        if let Some(status) = lock(&scaler.statuses).get_mut(&name) {
+        if let Some(status) = lock(&scaler.statuses).get_mut(name) {
             status.capped = capped.as_ref().map(|(wanted, room)| {
                 format!("{wanted} wanted, {} fit: {}", decision.desired, room.by)
             });
@@ -438,14 +515,10 @@ async fn scale_plugin(
             );
         }
         if decision.desired != current
-            && let Err(error) = reach.actuator.scale(&name, decision.desired).await
+            && let Err(error) = reach.actuator.scale(name, decision.desired).await
         {
             tracing::error!(plugin = name, %error, desired = decision.desired, "autoscaler could not scale");
         }
-    }
-    if let Some(handle) = fit {
-        // A fit cannot be interrupted; its thread finishes on its own.
-        handle.abort();
     }
 }
 
@@ -521,6 +594,119 @@ fn report(
     );
 }
 
+/// The runtime's clock (the wall's in the daemon), which a test can pause
+/// and advance.
+fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A jobs lane whose totals the test sets.
+    #[derive(Default)]
+    struct Lane(Mutex<JobTotals>);
+
+    impl LoadSource for Lane {
+        fn jobs(&self, _: &str) -> Option<JobTotals> {
+            Some(*lock(&self.0))
+        }
+        fn cpu(&self, _: &str) -> Option<Vec<(u32, u32, Duration)>> {
+            None
+        }
+    }
+
+    /// A pool that does what it is told and remembers when.
+    struct Pool {
+        replicas: Mutex<u32>,
+        scaled: Mutex<Vec<(tokio::time::Instant, u32)>>,
+    }
+
+    impl Actuator for Pool {
+        fn replicas(&self, _: &str) -> Option<u32> {
+            Some(*lock(&self.replicas))
+        }
+        fn room(&self, _: &str) -> Option<Room> {
+            None
+        }
+        fn scale<'a>(
+            &'a self,
+            _: &'a str,
+            replicas: u32,
+        ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+            *lock(&self.replicas) = replicas;
+            lock(&self.scaled).push((tokio::time::Instant::now(), replicas));
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_answered_before_its_bucket_ends() {
+        let config = AutoscaleConfig {
+            min: 1,
+            max: 20,
+            capacity: Some(10.0),
+            target_utilisation: 0.5,
+            ..AutoscaleConfig::default()
+        };
+        let bucket = config.bucket;
+        let plans = BTreeMap::from([(
+            "workers".to_owned(),
+            Plan {
+                config,
+                seed: Arc::from(Vec::new()),
+                cores_per_replica: 1.0,
+            },
+        )]);
+        let lane = Arc::new(Lane::default());
+        let pool = Arc::new(Pool {
+            replicas: Mutex::new(1),
+            scaled: Mutex::new(Vec::new()),
+        });
+        let bus = Bus::new(Vec::new());
+        let cancel = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let scaler = Scaler::start(
+            plans,
+            lane.clone(),
+            pool.clone(),
+            bus.clone(),
+            bus.subscribe(),
+            cancel.clone(),
+        );
+        // A steady 4 jobs/s, which one replica carries at the target, for
+        // a bucket and a bit.
+        for _ in 0..12 {
+            lock(&lane.0).offered += 4;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(lock(&pool.scaled).is_empty(), "{:?}", lock(&pool.scaled));
+        // 300 jobs at once: half a minute's work for the replica there.
+        {
+            let mut totals = lock(&lane.0);
+            totals.offered += 300;
+            totals.queued = 300;
+        }
+        tokio::time::sleep(bucket).await;
+        cancel.cancel();
+        scaler.wait().await;
+        let scaled = lock(&pool.scaled).clone();
+        let (at, to) = *scaled.first().expect("the burst was scaled for");
+        let after = at - started;
+        assert!(to > 1, "{scaled:?}");
+        // The bucket under way ends at 20 s; the burst came at 12 s.
+        assert!(
+            after < Duration::from_secs(13),
+            "scaled {after:?} after the start, the burst came at 12 s"
+        );
+        // Later glances and the bucket's end carried on from there.
+        let last = scaled.last().map(|(_, n)| *n);
+        let status = scaler.status("workers").expect("status");
+        assert_eq!(Some(status.desired), last, "{scaled:?}");
+    }
 }

@@ -174,9 +174,44 @@ impl Planner {
 
     /// Decides at the end of the last observed bucket.
     pub fn decide(&mut self, queued: f64, capacity: f64, current: u32, lead: Duration) -> Decision {
+        self.decide_at(self.clock, self.last(), queued, capacity, current, lead)
+    }
+
+    /// Decides now, before the bucket under way ends, when `queued` would
+    /// wait longer than the SLO at the `current` replicas asked for: a
+    /// burst answered at the bucket's end starts its replicas up to a
+    /// bucket late. `rate` is the load seen so far in that bucket. `None`
+    /// when the backlog can wait for the bucket's decision.
+    pub fn decide_on_backlog(
+        &mut self,
+        now: Duration,
+        rate: f64,
+        queued: f64,
+        capacity: f64,
+        current: u32,
+        lead: Duration,
+    ) -> Option<Decision> {
+        let slo = self.config.policy.queue_wait_slo.as_secs_f64();
+        let served = f64::from(current) * capacity;
+        // Nothing asked for, or no capacity known (NaN): any backlog waits
+        // too long.
+        let serves_in_time = served.is_finite() && queued <= slo * served;
+        let waits_too_long = queued > 0.0 && !serves_in_time;
+        waits_too_long.then(|| self.decide_at(now, rate, queued, capacity, current, lead))
+    }
+
+    fn decide_at(
+        &mut self,
+        now: Duration,
+        rate: f64,
+        queued: f64,
+        capacity: f64,
+        current: u32,
+        lead: Duration,
+    ) -> Decision {
         let seen = Observation {
-            now: self.clock,
-            rate: self.last(),
+            now,
+            rate,
             queued,
             capacity,
             current,
@@ -215,6 +250,7 @@ mod tests {
                 cooldown: Duration::from_secs(60),
                 max_step_up: 4,
                 bucket: BUCKET,
+                queue_wait_slo: Duration::from_secs(1),
             },
             window: 2_000,
             periods,
@@ -280,6 +316,29 @@ mod tests {
         // 14 carry 98 of the 100 at 70 %: within the tolerance of 15.
         assert!(decisions[45].desired >= 14, "{:?}", decisions[45]);
         assert_eq!(p.state().direction_changes, 0);
+    }
+
+    #[test]
+    fn a_backlog_over_the_slo_is_decided_on_before_the_bucket_ends() {
+        let mut p = planner(vec![]);
+        let decisions = run(&mut p, &[10.0; 20], 10.0);
+        let current = decisions[19].desired;
+        let mid = BUCKET * 20 + Duration::from_secs(3);
+        // A queue the replicas asked for serve within the 1 s SLO waits.
+        let within = f64::from(current) * 10.0 * 0.9;
+        assert_eq!(
+            p.decide_on_backlog(mid, 10.0, within, 10.0, current, LEAD),
+            None
+        );
+        // A burst: 60 jobs/s so far in this bucket and 300 queued.
+        let d = p
+            .decide_on_backlog(mid, 60.0, 300.0, 10.0, current, LEAD)
+            .expect("a backlog over the SLO is decided on");
+        assert_eq!(d.at, mid);
+        assert_eq!(d.reason, Reason::UpForLoad);
+        assert_eq!(d.desired, current + 4, "{d:?}");
+        // With nothing asked for, any backlog is over the SLO.
+        assert!(p.decide_on_backlog(mid, 1.0, 1.0, 10.0, 0, LEAD).is_some());
     }
 
     #[test]

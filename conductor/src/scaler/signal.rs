@@ -59,6 +59,15 @@ impl JobsSignal {
             capacity,
         })
     }
+
+    /// Jobs/s offered since the last bucket ended, once at least `least`
+    /// has passed (a rate over a few milliseconds is noise).
+    pub fn rate_since(&self, now: Instant, totals: &JobTotals, least: Duration) -> Option<f64> {
+        let (then, before) = self.last.as_ref()?;
+        let span = now.checked_duration_since(*then).filter(|s| *s >= least)?;
+        let offered = totals.offered.saturating_sub(before.offered);
+        Some(offered as f64 / span.as_secs_f64().max(1e-9))
+    }
 }
 
 /// Differences of each instance's cgroup CPU time.
@@ -103,6 +112,10 @@ pub struct CapacityEstimate {
 
 impl CapacityEstimate {
     const WEIGHT: f64 = 0.2;
+
+    pub fn get(&self) -> Option<f64> {
+        self.value
+    }
 
     pub fn update(&mut self, measured: Option<f64>) -> Option<f64> {
         if let Some(m) = measured.filter(|m| m.is_finite() && *m > 0.0) {

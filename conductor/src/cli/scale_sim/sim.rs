@@ -177,7 +177,8 @@ pub struct Outcome {
     pub stats: FitStats,
 }
 
-/// Sub-steps per bucket: the queue moves faster than the scaler looks.
+/// Sub-steps per bucket: the queue moves faster than the scaler's bucket,
+/// and the predictive policy looks at the backlog every sub-step.
 const SUBSTEPS: u32 = 10;
 /// The HPA's sync period and scale-up policies (`max(+100 %, +4)` per
 /// period), and its tolerance.
@@ -411,6 +412,20 @@ pub fn replay(
             arrivals += rate * dt;
             sync_arrivals += rate * dt;
             let end = t + dt;
+            if let Controller::Predictive { planner, lead } = &mut controller {
+                let so_far = end - i as f64 * bucket;
+                let d = planner.decide_on_backlog(
+                    Duration::from_secs_f64(end),
+                    arrivals / so_far,
+                    pool.queue,
+                    config.capacity,
+                    pool.requested(),
+                    *lead,
+                );
+                if let Some(d) = d {
+                    apply(&mut pool, end, d.desired, &mut run);
+                }
+            }
             if let Controller::Reactive(hpa) = &mut controller
                 && end + 1e-9 >= next_sync
             {
