@@ -52,10 +52,9 @@ pub enum ReloadError {
     Apply(#[from] SupervisorError),
 }
 
-/// Everything the API reaches.
 /// The longest plugin or limit name a request may carry: the config's
 /// own bound on plugin names.
-pub const MAX_NAME: usize = 64;
+pub const MAX_NAME: usize = crate::layout::MAX_PLUGIN_NAME;
 
 /// Refuses `name` (of `what`, in request field `field`) when it is longer
 /// than any can be: before it is looked up, and without echoing it whole
@@ -70,6 +69,7 @@ fn bounded_name(field: &str, what: &str, name: &str) -> Result<(), tonic::Status
     Ok(())
 }
 
+/// Everything the API reaches.
 #[derive(Clone)]
 pub struct Parts {
     pub supervisor: Arc<Supervisor>,

@@ -27,6 +27,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::daemon::config::DaemonConfig;
+use crate::layout::MAX_PLUGIN_NAME;
 use crate::supervisor::config::{MAX_CREDENTIAL_BYTES, PoolConfig, Secret};
 use plugin::{Extras, NOT_POOL};
 
@@ -598,13 +599,13 @@ fn join(base: &Path, path: &Path) -> PathBuf {
 /// Plugin names become file and cgroup names, so they stay plain.
 fn invalid_name(name: &str) -> Option<String> {
     let ok = !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= MAX_PLUGIN_NAME
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     (!ok).then(|| {
-        format!("plugin name {name:?} must be 1 to 64 letters, digits, '-' or '_', starting with a letter or digit")
+        format!("plugin name {name:?} must be 1 to {MAX_PLUGIN_NAME} letters, digits, '-' or '_', starting with a letter or digit")
     })
 }
 

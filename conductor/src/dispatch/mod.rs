@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{Bus, Event, InstanceEvent, JobEvent, Phase, Stamped};
-use crate::layout::Layout;
+use crate::layout::{Layout, MAX_PLUGIN_NAME};
 use bulkhead::Permit;
 use lane::{Lane, NoSlot};
 use retry::Verdict;
@@ -631,9 +631,8 @@ fn random() -> u64 {
     fastrand::u64(..)
 }
 
-/// A job's names are looked up, logged and stored: bounded, so neither an
-/// answer nor the store holds a megabyte of name.
-const MAX_PLUGIN_NAME: usize = 64;
+// A job's names are looked up, logged and stored: bounded, so neither an
+// answer nor the store holds a megabyte of name.
 const MAX_KIND: usize = 256;
 const MAX_KEY: usize = 256;
 
