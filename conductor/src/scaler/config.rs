@@ -75,8 +75,9 @@ pub struct AutoscaleConfig {
     /// the bucket's step, loaded as history at start, so forecasts need
     /// not wait days for the conductor to gather its own.
     pub history_seed: Option<std::path::PathBuf>,
-    /// Longest acceptable queue wait; reported, and the simulator counts
-    /// the time it is exceeded.
+    /// Longest acceptable queue wait: a backlog that would wait longer at
+    /// the replicas asked for is decided on before the bucket ends (jobs
+    /// signal); the simulator counts the time it is exceeded.
     #[serde(with = "humantime_serde")]
     pub queue_wait_slo: Duration,
 }

@@ -190,6 +190,28 @@ mod tests {
     }
 
     #[test]
+    fn the_rate_so_far_counts_from_the_last_bucket_and_waits_for_a_span() {
+        let mut signal = JobsSignal::default();
+        let t0 = Instant::now();
+        let least = Duration::from_secs(1);
+        // No bucket yet: nothing to count from.
+        assert_eq!(signal.rate_since(t0, &totals(0, 0, 0, 0), least), None);
+        assert_eq!(signal.bucket(t0, totals(100, 0, 0, 0)), None);
+        let early = t0 + Duration::from_millis(300);
+        assert_eq!(signal.rate_since(early, &totals(160, 0, 0, 0), least), None);
+        let later = t0 + Duration::from_secs(4);
+        assert_eq!(
+            signal.rate_since(later, &totals(300, 0, 0, 80), least),
+            Some(50.0)
+        );
+        // The glance moves nothing: the bucket still spans from t0.
+        let b = signal
+            .bucket(t0 + Duration::from_secs(10), totals(400, 0, 0, 0))
+            .unwrap_or_else(|| panic!("a bucket"));
+        assert_eq!(b.load, 30.0);
+    }
+
+    #[test]
     fn cpu_load_survives_restarts() {
         let mut signal = CpuSignal::default();
         let t0 = Instant::now();
