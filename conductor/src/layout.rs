@@ -7,11 +7,6 @@ use std::path::{Path, PathBuf};
 /// Longest Unix socket path the kernel accepts (`sun_path` less the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
-/// Longest plugin name, in bytes: names become file, socket and cgroup
-/// names, so the config refuses longer ones, and a request or job naming
-/// a longer plugin names none there is.
-pub const MAX_PLUGIN_NAME: usize = 64;
-
 /// The runtime folder's layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {

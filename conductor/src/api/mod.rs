@@ -54,7 +54,7 @@ pub enum ReloadError {
 
 /// The longest plugin or limit name a request may carry: the config's
 /// own bound on plugin names.
-pub const MAX_NAME: usize = crate::layout::MAX_PLUGIN_NAME;
+pub const MAX_NAME: usize = crate::supervisor::config::MAX_PLUGIN_NAME;
 
 /// Refuses `name` (of `what`, in request field `field`) when it is longer
 /// than any can be: before it is looked up, and without echoing it whole

@@ -27,8 +27,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::daemon::config::DaemonConfig;
-use crate::layout::MAX_PLUGIN_NAME;
-use crate::supervisor::config::{MAX_CREDENTIAL_BYTES, PoolConfig, Secret};
+use crate::supervisor::config::{MAX_CREDENTIAL_BYTES, MAX_PLUGIN_NAME, PoolConfig, Secret};
 use plugin::{Extras, NOT_POOL};
 
 /// A checked configuration with every path made absolute.

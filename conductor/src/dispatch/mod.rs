@@ -39,7 +39,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{Bus, Event, InstanceEvent, JobEvent, Phase, Stamped};
-use crate::layout::{Layout, MAX_PLUGIN_NAME};
+use crate::layout::Layout;
+use crate::supervisor::config::MAX_PLUGIN_NAME;
 use bulkhead::Permit;
 use lane::{Lane, NoSlot};
 use retry::Verdict;

@@ -132,6 +132,11 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Longest plugin (pool) name, in bytes: names become file, socket and
+/// cgroup names, so the config refuses longer ones, and a request or job
+/// naming a longer plugin names none there is.
+pub const MAX_PLUGIN_NAME: usize = 64;
+
 /// Largest credential file: secrets are small, and each is copied into
 /// every instance's folder (systemd's limit is the same order).
 pub const MAX_CREDENTIAL_BYTES: u64 = 1 << 20;
