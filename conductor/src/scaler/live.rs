@@ -352,8 +352,12 @@ async fn scale_plugin(
         tokio::select! {
             _ = tick.tick() => {}
             _ = backlog.tick(), if watch_backlog => {
-                let now = clock();
                 let totals = reach.load.jobs(&name).unwrap_or_default();
+                // Most glances find nothing waiting: no more to read then.
+                if totals.queued == 0 {
+                    continue;
+                }
+                let now = clock();
                 let Some(current) = reach.actuator.replicas(&name) else {
                     break;
                 };
