@@ -641,6 +641,18 @@ pub fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 
 /// A plain HTTP/1.0 GET; returns the body. Panics on anything but 200.
 pub fn http_get(addr: &str, path: &str) -> String {
+    let (head, body) = http_fetch(addr, path);
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    body
+}
+
+/// A plain HTTP/1.0 GET whatever the status: the response's head and body,
+/// for a server that answers 503 until it is ready (Prometheus does while
+/// its storage opens).
+pub fn http_fetch(addr: &str, path: &str) -> (String, String) {
     use std::io::{Read as _, Write as _};
     let mut stream =
         std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
@@ -649,11 +661,7 @@ pub fn http_get(addr: &str, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("response");
     let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
-    body.to_owned()
+    (head.to_owned(), body.to_owned())
 }
 
 /// The value of the series `name{labels}` in a Prometheus text scrape,

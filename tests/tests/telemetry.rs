@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use demi_e2e::{Conductor, WAIT, http_get, series, signal_pid};
+use demi_e2e::{Conductor, WAIT, http_fetch, series, signal_pid};
 use nix::sys::signal::Signal;
 
 fn plugin(name: &str, extra: &str) -> String {
@@ -206,14 +206,17 @@ fn a_real_prometheus_scrapes_the_restart_counter() {
             .expect("prometheus"),
     );
 
-    // Poll Prometheus's query API until its scrape has landed.
+    // Poll Prometheus's query API until its scrape has landed; it answers
+    // 503 until its storage is open, which is not a failure.
     let deadline = Instant::now() + WAIT * 2;
     let query = "/api/v1/query?query=demi_restarts_total%7Bplugin%3D%22echo%22%7D";
     loop {
         let answer = std::net::TcpStream::connect(&listen)
             .ok()
-            .map(|_| http_get(&listen, query));
-        if let Some(answer) = answer {
+            .map(|_| http_fetch(&listen, query))
+            .filter(|(head, _)| !head.contains(" 503 "));
+        if let Some((head, answer)) = answer {
+            assert!(head.contains(" 200 "), "{head}\n{answer}");
             let parsed: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
             if let Some(value) = parsed["data"]["result"][0]["value"][1].as_str() {
                 assert_eq!(value, "1", "{answer}");
