@@ -186,6 +186,13 @@ impl scaler::LoadSource for Load {
                 .collect(),
         )
     }
+
+    fn backlogged<'a>(&'a self, plugin: &'a str) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        match self.dispatcher.backlogged(plugin) {
+            Some(waited) => Box::pin(waited),
+            None => Box::pin(std::future::pending()),
+        }
+    }
 }
 
 /// The scaler's lever: the supervisor's pools.

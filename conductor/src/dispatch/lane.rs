@@ -254,6 +254,10 @@ impl Lane {
             true => Some(Err(NoSlot::Closed)),
             false => self.pick(avoid).map(Ok),
         };
+        if let Some(found) = look() {
+            return found;
+        }
+        self.queue.note_waiting();
         tokio::select! {
             biased;
             found = super::wake::when(&self.changed, look) => found,

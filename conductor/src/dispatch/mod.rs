@@ -352,6 +352,14 @@ impl Dispatcher {
         })
     }
 
+    /// Resolves once one of `plugin`'s jobs has had to wait (behind
+    /// another, or for a replica) since the last such wait was taken;
+    /// `None` for a plugin without jobs.
+    pub fn backlogged(&self, plugin: &str) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let lane = self.route(plugin).ok()?;
+        Some(async move { lane.queue.waited().await })
+    }
+
     /// Every lane as (plugin, queued, in flight), for metrics.
     pub fn lanes(&self) -> Vec<(String, usize, usize)> {
         self.lanes_now()

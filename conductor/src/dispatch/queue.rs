@@ -17,6 +17,11 @@ pub struct Queue {
     capacity: AtomicUsize,
     /// Fires when a job arrives or the queue closes.
     ready: Notify,
+    /// Fires when a job has to wait: it arrives behind another, or the
+    /// one at the front finds no replica free. The autoscaler looks at the
+    /// backlog only after this, so an idle lane wakes nobody. A permit
+    /// (`notify_one`) keeps a wait that comes while no one listens.
+    waiting: Notify,
 }
 
 #[derive(Default)]
@@ -81,9 +86,13 @@ impl Reservation<'_> {
         if state.closed {
             return Err(job);
         }
+        let behind = state.jobs.len() + state.taken > 0;
         state.jobs.push_back(job);
         drop(state);
         self.queue.ready.notify_one();
+        if behind {
+            self.queue.waiting.notify_one();
+        }
         Ok(())
     }
 }
@@ -102,6 +111,7 @@ impl Queue {
             state: Mutex::new(State::default()),
             capacity: AtomicUsize::new(capacity),
             ready: Notify::new(),
+            waiting: Notify::new(),
         }
     }
 
@@ -135,10 +145,25 @@ impl Queue {
         if state.closed {
             return Err(job);
         }
+        let behind = state.jobs.len() + state.taken > 0;
         state.jobs.push_back(job);
         drop(state);
         self.ready.notify_one();
+        if behind {
+            self.waiting.notify_one();
+        }
         Ok(())
+    }
+
+    /// Says a job at the front found no replica free.
+    pub fn note_waiting(&self) {
+        self.waiting.notify_one();
+    }
+
+    /// Resolves once a job has had to wait since the last call resolved
+    /// (at once if one did meanwhile).
+    pub async fn waited(&self) {
+        self.waiting.notified().await;
     }
 
     /// The next job; `None` once the queue is closed.
@@ -179,6 +204,8 @@ impl Queue {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn job(id: &str) -> StoredJob {
@@ -256,5 +283,28 @@ mod tests {
         tokio::task::yield_now().await;
         queue.close();
         assert!(waiter.await.unwrap());
+    }
+
+    /// Whether `waited` resolves now, without waiting.
+    async fn has_waited(queue: &Queue) -> bool {
+        tokio::time::timeout(Duration::ZERO, queue.waited())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_that_waits_is_told_once_and_one_that_does_not_never() {
+        let queue = Queue::new(8);
+        queue.try_reserve().unwrap().fill(job("a")).unwrap();
+        assert!(!has_waited(&queue).await, "the first job waits for no one");
+        let taken = queue.pop().await.unwrap();
+        queue.push(job("b")).unwrap();
+        assert!(has_waited(&queue).await, "behind one taken for a replica");
+        assert!(!has_waited(&queue).await, "told once");
+        drop(taken.hand_over());
+        queue.try_reserve().unwrap().fill(job("c")).unwrap();
+        assert!(has_waited(&queue).await, "behind b");
+        queue.note_waiting();
+        assert!(has_waited(&queue).await, "the front found no replica");
     }
 }

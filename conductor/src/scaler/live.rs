@@ -33,6 +33,10 @@ pub trait LoadSource: Send + Sync {
     /// CPU time so far of each live instance, as (index, pid, time);
     /// `None` once the plugin is gone.
     fn cpu(&self, plugin: &str) -> Option<Vec<(u32, u32, Duration)>>;
+    /// Resolves once one of the plugin's jobs has had to wait since the
+    /// last time this resolved (at once if one did meanwhile); never for a
+    /// plugin without jobs.
+    fn backlogged<'a>(&'a self, plugin: &'a str) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
 /// How many replicas of a plugin the host can hold, and what bounds it.
@@ -330,9 +334,13 @@ async fn scale_plugin(
     let origin = clock();
     let mut tick = tokio::time::interval(bucket);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Only jobs queue: their backlog is looked at ten times a bucket, so a
-    // burst starts replicas within a tenth of a bucket, not at its end.
+    // Only jobs queue: while they do, the backlog is looked at ten times a
+    // bucket, so a burst starts replicas within a tenth of a bucket, not at
+    // its end. A glance that finds the queue empty stops the glances until
+    // dispatch says a job had to wait: an idle lane wakes the scaler only
+    // at the bucket's end.
     let watch_backlog = config.signal == Signal::Jobs;
+    let mut quiet = false;
     let glance = bucket / 10;
     let mut backlog = tokio::time::interval(glance);
     backlog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -351,10 +359,16 @@ async fn scale_plugin(
         };
         tokio::select! {
             _ = tick.tick() => {}
-            _ = backlog.tick(), if watch_backlog => {
+            // The glance overdue by then comes at once, or a glance's
+            // length after the last one.
+            () = reach.load.backlogged(&name), if watch_backlog && quiet => {
+                quiet = false;
+                continue;
+            }
+            _ = backlog.tick(), if watch_backlog && !quiet => {
                 let totals = reach.load.jobs(&name).unwrap_or_default();
-                // Most glances find nothing waiting: no more to read then.
                 if totals.queued == 0 {
+                    quiet = true;
                     continue;
                 }
                 let now = clock();
@@ -612,16 +626,25 @@ fn round_ms(d: Duration) -> Duration {
 mod tests {
     use super::*;
 
-    /// A jobs lane whose totals the test sets.
+    /// A jobs lane whose totals the test sets, counting the scaler's reads.
     #[derive(Default)]
-    struct Lane(Mutex<JobTotals>);
+    struct Lane {
+        totals: Mutex<JobTotals>,
+        waited: tokio::sync::Notify,
+        reads: std::sync::atomic::AtomicU32,
+    }
 
     impl LoadSource for Lane {
         fn jobs(&self, _: &str) -> Option<JobTotals> {
-            Some(*lock(&self.0))
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(*lock(&self.totals))
         }
         fn cpu(&self, _: &str) -> Option<Vec<(u32, u32, Duration)>> {
             None
+        }
+        fn backlogged<'a>(&'a self, _: &'a str) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+            Box::pin(self.waited.notified())
         }
     }
 
@@ -686,16 +709,21 @@ mod tests {
         // A steady 4 jobs/s, which one replica carries at the target, for
         // a bucket and a bit.
         for _ in 0..12 {
-            lock(&lane.0).offered += 4;
+            lock(&lane.totals).offered += 4;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         assert!(lock(&pool.scaled).is_empty(), "{:?}", lock(&pool.scaled));
+        // Nothing queued: the first glance found it so and the scaler read
+        // the load since only at the buckets' ends (0 s and 10 s).
+        let reads = lane.reads.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(reads, 3, "reads of an idle lane in 12 s");
         // 300 jobs at once: half a minute's work for the replica there.
         {
-            let mut totals = lock(&lane.0);
+            let mut totals = lock(&lane.totals);
             totals.offered += 300;
             totals.queued = 300;
         }
+        lane.waited.notify_one();
         tokio::time::sleep(bucket).await;
         cancel.cancel();
         scaler.wait().await;
