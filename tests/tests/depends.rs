@@ -51,6 +51,20 @@ fn a_dependant_starts_after_its_pool_serves_hears_when_it_goes_and_stops_first()
     assert!(first_spawn("bound") > pool_serving);
     assert!(bot_at > pool_serving);
 
+    // The watcher journals what it sees from its start on: it must have
+    // started seeing before the pool goes, or it sees only the way back.
+    let watched = |journal: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(journal)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("dep "))
+            .map(|l| l.split_whitespace().nth(3).unwrap_or_default().to_owned())
+            .collect()
+    };
+    eventually("the watcher saw the pool ready", || {
+        watched(&journal).first().is_some_and(|r| r == "true")
+    });
+
     // Every pool replica killed: below min_serving for its 2 s start.
     let from = conductor.cursor();
     for pid in conductor.pids_of("pool") {
@@ -70,13 +84,9 @@ fn a_dependant_starts_after_its_pool_serves_hears_when_it_goes_and_stops_first()
     // The bot was told, not touched; a plugin can follow it too.
     assert_eq!(conductor.pids_of("bot"), [u64::from(bot_pid)]);
     eventually("the watcher saw the pool go and come back", || {
-        let seen: Vec<String> = std::fs::read_to_string(&journal)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with("dep "))
-            .map(|l| l.split_whitespace().nth(3).unwrap_or_default().to_owned())
-            .collect();
-        seen.windows(3).any(|w| w == ["true", "false", "true"])
+        watched(&journal)
+            .windows(3)
+            .any(|w| w == ["true", "false", "true"])
     });
 
     // Stop order: the dependants before the pool they depend on.
