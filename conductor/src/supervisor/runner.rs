@@ -735,19 +735,24 @@ impl Runner {
             .into_iter()
             .map(|(pid, what)| Published::instance(&self.spec.plugin, self.spec.index, pid, what))
             .collect();
-            // The status and the log change together (see `publish_with`), and
-            // only then the stream: whoever reacts to an event reads fresh
-            // status.
-            self.publish_with(&happened);
-            for event in happened {
-                self.spec.bus.stream(event);
-            }
+            // A successor is started before what led to it is told: on a
+            // restart the stand-in execs while the exit's lines are
+            // written, instead of after them. They stay in the life that
+            // ended, and come before the new process's own.
+            let life = self.life.clone();
             for action in actions {
                 if action == Action::Spawn {
                     event = Some(self.spawn().await);
                 } else {
                     pending.push(action);
                 }
+            }
+            // The status and the log change together (see `publish_with`), and
+            // only then the stream: whoever reacts to an event reads fresh
+            // status.
+            self.publish_with(&happened, &life);
+            for event in happened {
+                self.spec.bus.stream(event);
             }
             // A plain process (health = "none") is ready once it runs.
             if event.is_none()
@@ -799,14 +804,6 @@ impl Runner {
         if let Some(cgroup) = &self.spec.cgroup {
             self.oom_kills_at_spawn = cgroup.oom_kills();
         }
-        let lifecycle: Arc<str> = Arc::from(format!("{:016x}", fastrand::u64(..)));
-        self.life = tracing::info_span!(
-            parent: None,
-            "instance",
-            plugin = %self.spec.plugin,
-            instance = self.spec.index,
-            lifecycle = %lifecycle
-        );
         // The pool's size as it is now: a stand-in started before the
         // last scale learns it with its go.
         let replicas = self.spec.members.borrow().replicas;
@@ -823,6 +820,15 @@ impl Runner {
                 self.spawner.spawn(spawn).await
             }
         };
+        // The new life's span is made once the process is on its way.
+        let lifecycle: Arc<str> = Arc::from(format!("{:016x}", fastrand::u64(..)));
+        self.life = tracing::info_span!(
+            parent: None,
+            "instance",
+            plugin = %self.spec.plugin,
+            instance = self.spec.index,
+            lifecycle = %lifecycle
+        );
         match spawned {
             Ok(mut child) => {
                 let Some(pid) = child.id() else {
@@ -861,7 +867,7 @@ impl Runner {
     /// reads the new status finds what led to it logged (a rolling
     /// restart's next step never precedes the previous instance's
     /// "serving" line), and whoever saw a line reads at least that status.
-    fn publish_with(&self, happened: &[Published]) {
+    fn publish_with(&self, happened: &[Published], life: &tracing::Span) {
         let restarted = happened.iter().rev().find_map(|event| match event {
             Published::Instance {
                 what: InstanceEvent::Restarting { cause },
@@ -888,7 +894,7 @@ impl Runner {
         self.status.send_if_modified(|current| {
             status.last_restart = restarted.or_else(|| current.last_restart.take());
             // In the life's span, so every line carries its lifecycle id.
-            self.life.in_scope(|| {
+            life.in_scope(|| {
                 for event in happened {
                     self.spec.bus.record(event);
                 }
