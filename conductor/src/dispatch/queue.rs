@@ -86,13 +86,7 @@ impl Reservation<'_> {
         if state.closed {
             return Err(job);
         }
-        let behind = state.jobs.len() + state.taken > 0;
-        state.jobs.push_back(job);
-        drop(state);
-        self.queue.ready.notify_one();
-        if behind {
-            self.queue.waiting.notify_one();
-        }
+        self.queue.append(state, job);
         Ok(())
     }
 }
@@ -141,10 +135,17 @@ impl Queue {
     /// be; hands it back when the queue is closed.
     #[allow(clippy::result_large_err)]
     pub fn push(&self, job: StoredJob) -> Result<(), StoredJob> {
-        let mut state = self.state();
+        let state = self.state();
         if state.closed {
             return Err(job);
         }
+        self.append(state, job);
+        Ok(())
+    }
+
+    /// Queues `job` at the back, wakes the popper, and says it has to wait
+    /// if another is ahead of it (queued, or taken and not yet placed).
+    fn append(&self, mut state: MutexGuard<'_, State>, job: StoredJob) {
         let behind = state.jobs.len() + state.taken > 0;
         state.jobs.push_back(job);
         drop(state);
@@ -152,7 +153,6 @@ impl Queue {
         if behind {
             self.waiting.notify_one();
         }
-        Ok(())
     }
 
     /// Says a job at the front found no replica free.
