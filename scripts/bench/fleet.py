@@ -206,6 +206,7 @@ def main():
         up, back = r.get("all_started_s", r.get("all_serving_s")), r.get("storm_all_started_s", r.get("storm_all_serving_s"))
         print(f"{name:34} {up:11.3f}s {r['rss_mib']:8.1f} {r['pss_mib']:8.1f} {r['processes']:5d} {r['main_rss_mib']:8.1f} {r['helper_pss_kib']:14.0f} {r['cpu_ms']:11.1f} {back:15.3f}s")
     print("(echo over gRPC: to SERVING, health checks every second)")
+    print(common.hot_code())
     ours = results["conductor (defaults)"]
     for peer in ("floor (fork/exec/wait loop in C)", "s6 (readiness notification)", "runit", "supervisord"):
         p = results[peer]

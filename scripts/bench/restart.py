@@ -60,6 +60,17 @@ def setup():
             sh("apt-get", "install", "-y", "--no-install-recommends", package, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
+def hot_code():
+    """How much of conductor/hot-code.txt (the functions a release build
+    places together, see conductor/build.rs) the built conductor still
+    has: a list made before a dependency or compiler upgrade finds fewer."""
+    with open(os.path.join(ROOT, "conductor", "hot-code.txt")) as f:
+        listed = set(f.read().split())
+    symbols = subprocess.run(["nm", "--defined-only", CONDUCTOR], capture_output=True, text=True, check=True)
+    present = {line.split()[-1] for line in symbols.stdout.splitlines()}
+    return f"{len(listed & present)} of the {len(listed)} functions in conductor/hot-code.txt are in the binary"
+
+
 def starts(path):
     """(pid, start ns) for every start recorded so far."""
     try:
