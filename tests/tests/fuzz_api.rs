@@ -346,7 +346,17 @@ async fn make_host(mut host: Host, token: &str, call: HostCall) -> Result<(), to
             request.set_timeout(std::time::Duration::from_millis(
                 wait.rem_euclid(500) as u64 + 1,
             ));
-            host.acquire(request).await.map(drop)
+            host.acquire(request).await.map(drop).map_err(|status| {
+                // tonic holds the client to the deadline too: under one of a
+                // millisecond or two its own timer can fire before the
+                // conductor's answer arrives. That is the deadline passing,
+                // not an answer from the conductor.
+                if status.code() == Code::Cancelled && status.message() == "Timeout expired" {
+                    tonic::Status::deadline_exceeded("the client's deadline passed first")
+                } else {
+                    status
+                }
+            })
         }
         HostCall::ReportHealth(serving, reason) => host
             .report_health(signed(
