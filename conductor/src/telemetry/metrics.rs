@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
-use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
 
 use crate::events::Phase;
 
@@ -107,6 +107,25 @@ pub struct AutoscaleSample {
 #[error("cannot set up the Prometheus exporter: {0}")]
 pub struct MetricsError(String);
 
+/// Instances whose per-instance series stay apart; past it the SDK merges
+/// the rest of a family into one `otel_metric_overflow="true"` series.
+const INSTANCES: usize = 2000;
+
+/// The SDK's limit is 2,000 series a family, which `demi_instance_state`
+/// (a series per instance and state) passes at 286 instances. Each family
+/// reserves a table for its limit up front, so the limits stay this tight.
+fn per_instance_series(instrument: &Instrument) -> Option<Stream> {
+    let series = match instrument.name() {
+        "demi_instance_state" => INSTANCES * Phase::ALL.len(),
+        name if name.starts_with("demi_instance_") => INSTANCES,
+        _ => return None,
+    };
+    Stream::builder()
+        .with_cardinality_limit(series)
+        .build()
+        .ok()
+}
+
 /// Latency buckets in seconds, from a fast local gRPC call to a slow start.
 const SECONDS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -160,7 +179,10 @@ impl Metrics {
             .without_target_info()
             .build()
             .map_err(|e| MetricsError(e.to_string()))?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let provider = SdkMeterProvider::builder()
+            .with_reader(exporter)
+            .with_view(per_instance_series)
+            .build();
         let meter = provider.meter("demi-conductor");
         // Names carry no `_total`: the exporter adds it to counters (and a
         // second one if the name already had it).
@@ -684,4 +706,80 @@ pub async fn serve(
         }
     });
     Ok((addr, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool of `n` instances, all SERVING with cgroup usage.
+    struct Fleet(u32);
+
+    impl Snapshot for Fleet {
+        fn plugins(&self) -> Vec<PluginSample> {
+            let usage = UsageSample {
+                memory_bytes: 1,
+                memory_peak_bytes: 1,
+                cpu: Duration::ZERO,
+                throttled: Duration::ZERO,
+                pids: 1,
+                oom_kills: 0,
+            };
+            vec![PluginSample {
+                name: "worker".into(),
+                desired: self.0,
+                instances: (0..self.0)
+                    .map(|index| InstanceSample {
+                        index,
+                        phase: Phase::Serving,
+                        running: true,
+                        breaker: BreakerState::Closed,
+                        usage: Some(usage),
+                    })
+                    .collect(),
+                degraded: false,
+            }]
+        }
+        fn lanes(&self) -> Vec<LaneSample> {
+            Vec::new()
+        }
+        fn autoscalers(&self) -> Vec<AutoscaleSample> {
+            Vec::new()
+        }
+        fn host(&self) -> HostSample {
+            HostSample::default()
+        }
+    }
+
+    fn series(text: &str, family: &str) -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn every_instance_of_a_large_fleet_has_its_own_series() {
+        let n = 1000;
+        let metrics = Metrics::new().unwrap();
+        metrics.observe(Arc::new(Fleet(n)));
+        let text = metrics.encode();
+        assert!(
+            !text.contains("overflow"),
+            "series merged into an overflow series"
+        );
+        let states = series(&text, "demi_instance_state");
+        assert_eq!(states.len(), n as usize * Phase::ALL.len());
+        let serving = states
+            .iter()
+            .filter(|l| l.contains("state=\"serving\"") && l.ends_with(" 1"));
+        assert_eq!(serving.count(), n as usize);
+        for family in [
+            "demi_instance_up",
+            "demi_instance_memory_bytes",
+            "demi_instance_pids",
+        ] {
+            assert_eq!(series(&text, family).len(), n as usize, "{family}");
+        }
+    }
 }
