@@ -149,6 +149,10 @@ pub struct Cgroups {
     controllers: Vec<String>,
     unavailable: Option<String>,
     favordynmods: bool,
+    /// Where each v1 controller is mounted, read once: cgroups-rs reads
+    /// and parses /proc/self/mountinfo for every hierarchy it is given,
+    /// which a fleet start paid once per instance on its way to the fork.
+    mounts: Option<V1Hierarchy>,
 }
 
 impl Cgroups {
@@ -162,6 +166,7 @@ impl Cgroups {
             controllers: Vec::new(),
             unavailable: None,
             favordynmods: favordynmods(setup),
+            mounts: (setup != Setup::Unified).then(V1Hierarchy::new),
         };
         this.controllers = this.available_controllers();
         let hierarchy = this.hierarchy();
@@ -188,6 +193,7 @@ impl Cgroups {
             controllers: Vec::new(),
             unavailable: Some("cgroup_policy = \"off\"".into()),
             favordynmods: false,
+            mounts: None,
         }
     }
 
@@ -216,10 +222,10 @@ impl Cgroups {
     }
 
     fn hierarchy(&self) -> Box<dyn Hierarchy> {
-        if self.v2() {
-            Box::new(V2Hierarchy::new())
-        } else {
-            Box::new(V1Hierarchy::new())
+        match (&self.mounts, self.v2()) {
+            (_, true) => Box::new(V2Hierarchy::new()),
+            (Some(mounts), false) => Box::new(mounts.clone()),
+            (None, false) => Box::new(V1Hierarchy::new()),
         }
     }
 
