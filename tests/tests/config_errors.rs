@@ -1,10 +1,11 @@
 //! Acceptance: malformed configs are refused with file, line and field,
-//! and no plugin is started.
+//! and no plugin is started; a job store that cannot be opened stops the
+//! start with its path, and no plugin is left running.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
 
-use demi_e2e::bin;
+use demi_e2e::{Conductor, bin};
 
 /// (what, broken part, line of the error in the whole file, field). The
 /// prelude above the broken part is 4 lines long.
@@ -265,5 +266,46 @@ fn the_tcp_api_is_refused_without_tls_or_with_secrets_others_can_read() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The store opens beside the pools' first starts: when it cannot (here
+/// `jobs.db` is a folder), the conductor says which file, fails, and
+/// stops whatever it had started on the way out.
+#[test]
+fn a_job_store_that_cannot_open_fails_the_start_and_leaves_no_plugin() {
+    let errors = tempfile::NamedTempFile::new().unwrap();
+    let mut conductor = Conductor::builder()
+        .stderr(errors.path())
+        // The arguments after the wrapper: the conductor, run,
+        // --log-format, json, --config, the config file.
+        .wrap(&[
+            "sh",
+            "-c",
+            "mkdir -p \"$(dirname \"$5\")/state/jobs.db\" && exec \"$0\" \"$@\"",
+        ])
+        .start("[plugins.echo]\ncommand = \"{echo}\"\nreplicas = 3\n");
+    let status = conductor.wait_exit();
+    let stderr = std::fs::read_to_string(errors.path()).unwrap();
+    assert!(!status.success(), "{stderr}");
+    let store = conductor.folder().join("state/jobs.db");
+    assert!(
+        stderr.contains(&store.display().to_string()),
+        "expected {} in: {stderr}",
+        store.display()
+    );
+    let spawned = conductor.spawned_pids();
+    for pid in &spawned {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "plugin {pid} outlived the failed start"
+        );
+    }
+    // Stopped as at any shutdown, not left to the death signal.
+    assert_eq!(
+        conductor.count("echo", "instance stopped"),
+        spawned.len(),
+        "{:?}",
+        conductor.events()
     );
 }

@@ -48,6 +48,8 @@ pub enum DaemonError {
     Signal(&'static str, std::io::Error),
     #[error("cgroup set-up panicked: {0}")]
     CgroupSetup(tokio::task::JoinError),
+    #[error("opening the job store panicked: {0}")]
+    StoreOpen(tokio::task::JoinError),
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error(transparent)]
@@ -71,17 +73,26 @@ pub enum DaemonError {
 /// How long deliveries in flight may take to finish at shutdown.
 const DISPATCH_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The job store in `state_dir`. The folder is passable but not listable
-/// (0711), for plugins running as other users to reach their own state
-/// folders below it; the store's files are the conductor's user's alone.
-fn open_store(state_dir: &std::path::Path, jobs: &JobsConfig) -> Result<Store, DaemonError> {
+/// Makes `state_dir` passable but not listable (0711), for plugins
+/// running as other users to reach their own state folders below it.
+fn prepare_state_dir(state_dir: &std::path::Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::PermissionsExt as _;
     let io = |source| DaemonError::StateDir {
         path: state_dir.to_owned(),
         source,
     };
     std::fs::create_dir_all(state_dir).map_err(io)?;
-    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o711)).map_err(io)
+}
+
+/// Opens the job store in the folder [`prepare_state_dir`] made; its
+/// files are the conductor's user's alone.
+fn open_store(state_dir: &std::path::Path, jobs: &JobsConfig) -> Result<Store, DaemonError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let io = |source| DaemonError::StateDir {
+        path: state_dir.to_owned(),
+        source,
+    };
     let retention = Retention {
         age: jobs.keep_answers,
         bytes: jobs.keep_answers_bytes.as_u64(),
@@ -292,10 +303,34 @@ impl Daemon {
         let health_events = bus.subscribe();
         // Listening before any plugin starts: an early caller waits.
         let plugin_api = api::bind_plugin_api(&layout.plugin_api_socket())?;
-        // Before the pools too: it makes the state folder passable for
-        // plugins running as other users.
-        let store = open_store(&config.conductor.state_dir, &config.conductor.jobs)?;
+        // Before the pools too: plugins running as other users pass
+        // through the state folder to their own.
+        prepare_state_dir(&config.conductor.state_dir)?;
+        // The store opens beside the pools' first starts, not before them:
+        // a first start writes its schema with a few fsyncs that no plugin
+        // needs to wait for.
+        let opening = {
+            let (state_dir, jobs) = (
+                config.conductor.state_dir.clone(),
+                config.conductor.jobs.clone(),
+            );
+            tokio::task::spawn_blocking(move || open_store(&state_dir, &jobs))
+        };
         let supervisor = Supervisor::start(plan.pools, context);
+        let store = match opening
+            .await
+            .map_err(DaemonError::StoreOpen)
+            .and_then(|r| r)
+        {
+            Ok(store) => store,
+            Err(error) => {
+                // Nothing of this start stays behind the error.
+                supervisor.stop_all().await;
+                instances.cancel();
+                supervisor.wait().await;
+                return Err(error);
+            }
+        };
         let dispatching = CancellationToken::new();
         let dispatcher = Dispatcher::start(
             store.clone(),
