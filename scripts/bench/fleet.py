@@ -77,11 +77,15 @@ def steady(supervisor_pids, probe):
             "helper_pss_kib": 1024 * helpers_pss / max(1, len(pids) - 1)}
 
 
+def all_started(record, launched):
+    """Seconds from `launched` until the first N children had started."""
+    first = common.wait_for(lambda: len(common.starts(record)) >= N and common.starts(record), 60, "all started")
+    return max(ns for _, ns in first[:N]) / 1e9 - launched
+
+
 def fleet(record, launched, supervisor_pids, probe):
     """Up time, idle cost and a crash storm, from the children's start records."""
-    first = common.wait_for(lambda: len(common.starts(record)) >= N and common.starts(record), 60, "all started")
-    up = max(ns for _, ns in first[:N]) / 1e9 - launched
-    result = {"all_started_s": up, **steady(supervisor_pids, probe)}
+    result = {"all_started_s": all_started(record, launched), **steady(supervisor_pids, probe)}
     pids = [pid for pid, _ in common.starts(record)[-N:]]
     known = len(common.starts(record))
     killed = time.time()
@@ -115,8 +119,7 @@ def run(name, command, folder, record, supervisor_pids, full, **kw):
         if full:
             result = fleet(record, launched, lambda: supervisor_pids(daemon), probe)
         else:
-            first = common.wait_for(lambda: len(common.starts(record)) >= N and common.starts(record), 60, "all started")
-            result = {"all_started_s": max(ns for _, ns in first[:N]) / 1e9 - launched}
+            result = {"all_started_s": all_started(record, launched)}
     probe.remove()
     # The next supervisor starts on a machine the last one has left.
     time.sleep(1)

@@ -70,17 +70,31 @@ pub enum DaemonError {
     },
 }
 
+/// Stops every instance, dependants first, then what they depend on, and
+/// waits until none is left.
+async fn stop_instances(supervisor: &Supervisor, instances: &CancellationToken) {
+    supervisor.stop_all().await;
+    instances.cancel();
+    supervisor.wait().await;
+}
+
 /// How long deliveries in flight may take to finish at shutdown.
 const DISPATCH_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn state_dir_error(
+    state_dir: &std::path::Path,
+) -> impl Fn(std::io::Error) -> DaemonError + Copy + '_ {
+    move |source| DaemonError::StateDir {
+        path: state_dir.to_owned(),
+        source,
+    }
+}
 
 /// Makes `state_dir` passable but not listable (0711), for plugins
 /// running as other users to reach their own state folders below it.
 fn prepare_state_dir(state_dir: &std::path::Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::PermissionsExt as _;
-    let io = |source| DaemonError::StateDir {
-        path: state_dir.to_owned(),
-        source,
-    };
+    let io = state_dir_error(state_dir);
     std::fs::create_dir_all(state_dir).map_err(io)?;
     std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o711)).map_err(io)
 }
@@ -89,10 +103,7 @@ fn prepare_state_dir(state_dir: &std::path::Path) -> Result<(), DaemonError> {
 /// files are the conductor's user's alone.
 fn open_store(state_dir: &std::path::Path, jobs: &JobsConfig) -> Result<Store, DaemonError> {
     use std::os::unix::fs::PermissionsExt as _;
-    let io = |source| DaemonError::StateDir {
-        path: state_dir.to_owned(),
-        source,
-    };
+    let io = state_dir_error(state_dir);
     let retention = Retention {
         age: jobs.keep_answers,
         bytes: jobs.keep_answers_bytes.as_u64(),
@@ -325,9 +336,7 @@ impl Daemon {
             Ok(store) => store,
             Err(error) => {
                 // Nothing of this start stays behind the error.
-                supervisor.stop_all().await;
-                instances.cancel();
-                supervisor.wait().await;
+                stop_instances(&supervisor, &instances).await;
                 return Err(error);
             }
         };
@@ -463,10 +472,7 @@ impl Daemon {
         if let Err(error) = self.store.flush().await {
             tracing::error!(%error, "cannot flush the job store");
         }
-        // Dependants first, then what they depend on.
-        self.supervisor.stop_all().await;
-        self.instances.cancel();
-        self.supervisor.wait().await;
+        stop_instances(&self.supervisor, &self.instances).await;
         // The API outlives the instances, so watchers see them stop.
         self.serving.cancel();
         let _ = self.aggregation.await;
