@@ -323,3 +323,66 @@ fn a_plain_process_with_health_none_is_supervised_without_grpc() {
     assert_eq!(conductor.wait_exit().code(), Some(0));
     assert!(pids.iter().all(|p| !alive(*p)));
 }
+
+/// The conductor's pipe descriptors.
+fn pipes_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+#[test]
+fn a_process_dying_mid_line_is_heard_to_the_end_and_its_pipes_are_let_go() {
+    // Each life says hello and, once `go` exists, the first five say
+    // goodbye and SIGKILL themselves; the sixth stays. (The plugin's
+    // folder is the config's.)
+    let script = "n=$(cat lives 2>/dev/null || echo 0); echo $((n + 1)) > lives; \
+                  echo \"life $$\"; while [ ! -e go ]; do sleep 0.02; done; \
+                  if [ $n -lt 5 ]; then echo \"bye $$\"; kill -9 $$; fi; exec sleep 1000";
+    let conductor = Conductor::start(&format!(
+        "[plugins.dier]\ncommand = \"sh\"\nargs = [\"-c\", {script:?}]\nhealth = \"none\"\n\
+         shutdown_grace = \"1s\"\n[plugins.dier.restart]\ninitial_delay = \"0ms\"\n\
+         start_limit_burst = 100\n"
+    ));
+    let stand_in = |from: usize| {
+        conductor.wait_for(from, "dier-0 stand-in", |e| {
+            e["message"] == "stand-in ready" && e["span"]["plugin"] == "dier"
+        })
+    };
+    let (at, first) = conductor.wait_serving(0, "dier", 0);
+    stand_in(at);
+    let before = pipes_of(conductor.pid());
+
+    std::fs::write(conductor.folder().join("go"), b"").unwrap();
+    let mut pids = vec![first];
+    let mut at = at;
+    for _ in 0..5 {
+        let (next, pid) = conductor.wait_for(at + 1, "dier-0 spawned", |e| {
+            e["message"] == "instance spawned" && e["span"]["plugin"] == "dier"
+        });
+        pids.push(pid["pid"].as_u64().unwrap() as u32);
+        at = next;
+    }
+    let (at, last) = conductor.wait_serving(at, "dier", 0);
+    assert_eq!(Some(&last), pids.last());
+    stand_in(at);
+    // Every life was heard, its last words too, though it died right after.
+    for (life, pid) in pids.iter().enumerate() {
+        let said = |message: String| {
+            move |e: &serde_json::Value| {
+                e["target"] == "plugin" && e["plugin"] == "dier" && e["message"] == message
+            }
+        };
+        conductor.wait_for(0, "hello", said(format!("life {pid}")));
+        if life < 5 {
+            conductor.wait_for(0, "goodbye", said(format!("bye {pid}")));
+        }
+    }
+    // And the conductor holds no more pipes than with the first life: the
+    // dead ones' were let go once their successors ran.
+    demi_e2e::eventually("the dead lives' pipes closed", || {
+        pipes_of(conductor.pid()) <= before
+    });
+}

@@ -226,6 +226,7 @@ impl Bench {
             cgroup_procs: Vec::new(),
             cgroup_dir: None,
             stdin_piped: false,
+            hold_outputs: false,
             privileges: self.options.privileges,
         };
         spec.confine_to(cgroup.as_deref());

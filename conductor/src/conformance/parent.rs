@@ -50,6 +50,7 @@ pub fn launch_and_wait(mut args: impl Iterator<Item = OsString>) -> ExitCode {
             cgroup_procs: Vec::new(),
             cgroup_dir: None,
             stdin_piped: false,
+            hold_outputs: false,
             privileges: Default::default(),
         };
         let mut child = match spawner.spawn(spec).await {

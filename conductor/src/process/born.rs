@@ -298,7 +298,8 @@ pub(super) fn spawn(spec: &SpawnSpec, dir: &Path, host: Host) -> Result<Child, F
         })
     })?;
     let image = Image::new(spec).map_err(|e| failed("preparing", e))?;
-    let (pipes, ends) = child::pipes(spec.stdin_piped).map_err(|e| failed("pipes", e))?;
+    let (pipes, ends) =
+        child::pipes(spec.stdin_piped, spec.hold_outputs).map_err(|e| failed("pipes", e))?;
     let (report_read, report_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed("pipes", e.into()))?;
     let mut pidfd: RawFd = -1;
@@ -647,6 +648,7 @@ mod tests {
             cgroup_procs: Vec::new(),
             cgroup_dir: Some(dir.to_owned()),
             stdin_piped: true,
+            hold_outputs: false,
             privileges: Default::default(),
         }
     }

@@ -24,6 +24,21 @@ pub struct Child {
     pub stdin: Option<pipe::Sender>,
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
+    /// Copies of the process's own ends of stdout and stderr, when
+    /// `SpawnSpec::hold_outputs` asked for them; see [`Outlets`].
+    pub outlets: Option<Outlets>,
+}
+
+/// The conductor's copies of a child's stdout and stderr write ends.
+/// While they are open the child's death does not close its pipes, so
+/// the tasks reading them are not woken by end-of-file while it dies: on
+/// a busy core each such wake-up preempted the exiting process, which
+/// put off the moment its exit could be seen (and a restart begin) by
+/// 0.1-0.3 ms. Dropped once the successor is on its way, they let the
+/// readers finish.
+#[derive(Debug)]
+pub struct Outlets {
+    _ends: [OwnedFd; 2],
 }
 
 #[derive(Debug)]
@@ -39,6 +54,7 @@ pub(super) struct Pipes {
     pub stdin: Option<pipe::Sender>,
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
+    pub outlets: Option<Outlets>,
 }
 
 impl Child {
@@ -72,6 +88,7 @@ impl Child {
             stdin: pipes.stdin,
             stdout: pipes.stdout,
             stderr: pipes.stderr,
+            outlets: pipes.outlets,
         }
     }
 
@@ -176,9 +193,10 @@ pub(super) struct Ends {
     pub stderr: OwnedFd,
 }
 
-/// Pipes for stdout and stderr, and for stdin a pipe or /dev/null. Must
-/// run inside the runtime: the conductor's ends are registered with it.
-pub(super) fn pipes(stdin_piped: bool) -> io::Result<(Pipes, Ends)> {
+/// Pipes for stdout and stderr, and for stdin a pipe or /dev/null; with
+/// `hold`, the conductor keeps [`Outlets`]. Must run inside the runtime:
+/// the conductor's ends are registered with it.
+pub(super) fn pipes(stdin_piped: bool, hold: bool) -> io::Result<(Pipes, Ends)> {
     let (stdin, sender) = if stdin_piped {
         let (read, write) = pipe()?;
         (read, Some(pipe::Sender::from_owned_fd(write)?))
@@ -188,10 +206,19 @@ pub(super) fn pipes(stdin_piped: bool) -> io::Result<(Pipes, Ends)> {
     };
     let (out_read, out_write) = pipe()?;
     let (err_read, err_write) = pipe()?;
+    let outlets = if hold {
+        // try_clone keeps close-on-exec: no other child inherits them.
+        Some(Outlets {
+            _ends: [out_write.try_clone()?, err_write.try_clone()?],
+        })
+    } else {
+        None
+    };
     let ours = Pipes {
         stdin: sender,
         stdout: Some(pipe::Receiver::from_owned_fd(out_read)?),
         stderr: Some(pipe::Receiver::from_owned_fd(err_read)?),
+        outlets,
     };
     let theirs = Ends {
         stdin: above_stdio(stdin)?,

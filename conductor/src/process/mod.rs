@@ -8,7 +8,7 @@ pub mod privileges;
 pub mod spawner;
 pub mod standby;
 
-pub use child::Child;
+pub use child::{Child, Outlets};
 pub use spawner::{SpawnError, SpawnSpec, Spawner};
 
 use nix::sys::signal::{Signal, killpg};

@@ -44,6 +44,10 @@ pub struct SpawnSpec {
     pub cgroup_dir: Option<PathBuf>,
     /// A pipe for stdin instead of /dev/null (a stand-in reads its go there).
     pub stdin_piped: bool,
+    /// Keep [`Outlets`](super::child::Outlets) for the child's output, so
+    /// its death does not end the readers of its output before whoever
+    /// restarts it lets them go.
+    pub hold_outputs: bool,
     /// Who it runs as and which powers it keeps.
     pub privileges: Privileges,
 }
@@ -233,7 +237,8 @@ fn fork(spec: SpawnSpec, host: privileges::Host) -> Result<Child, SpawnError> {
         step,
         source,
     };
-    let (pipes, ends) = child::pipes(spec.stdin_piped).map_err(|e| failed("pipes", e))?;
+    let (pipes, ends) =
+        child::pipes(spec.stdin_piped, spec.hold_outputs).map_err(|e| failed("pipes", e))?;
     let mut command = Command::new(&spec.program);
     command
         .args(&spec.args)

@@ -354,6 +354,8 @@ fn spawn_spec(name: &str, index: u32, config: &PoolConfig, handshake: &Handshake
         cgroup_procs: Vec::new(),
         cgroup_dir: None,
         stdin_piped: false,
+        // The runner lets the output go once a successor has started.
+        hold_outputs: true,
         privileges: Default::default(),
     }
 }

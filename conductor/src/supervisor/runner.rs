@@ -27,7 +27,7 @@ use super::report;
 use crate::events::{Bus, CheckOutcome, Event as Published, InstanceEvent, Phase};
 use crate::process::cgroup::{Cgroup, Usage};
 use crate::process::output::{self, Origin};
-use crate::process::{Child, SpawnError, SpawnSpec, Spawner, signal_group, standby};
+use crate::process::{Child, Outlets, SpawnError, SpawnSpec, Spawner, signal_group, standby};
 use crate::rpc::HealthError;
 use crate::rpc::{ACCEPTED_PROTOCOLS, PluginConnection};
 
@@ -228,6 +228,7 @@ pub async fn run(
         outputs: JoinSet::new(),
         last_line: Default::default(),
         oom_kills_at_spawn: 0,
+        ended: None,
         history: VecDeque::with_capacity(HISTORY),
         life: tracing::Span::none(),
         standby: None,
@@ -304,6 +305,16 @@ enum Wake {
     Cancelled,
 }
 
+/// Left by an exit for the start that may follow it at once: nothing of
+/// it is read again on the restart's path.
+struct Ended {
+    /// The process's output ends: its readers end once these are dropped,
+    /// after the successor is on its way (see `process::Outlets`).
+    outlets: Option<Outlets>,
+    /// The cgroup's OOM kill count, read at the exit.
+    oom_kills: Option<u64>,
+}
+
 struct Runner {
     spec: InstanceSpec,
     machine: Instance,
@@ -317,6 +328,9 @@ struct Runner {
     last_line: output::LastLine,
     /// The cgroup's OOM kill count when the current process was spawned.
     oom_kills_at_spawn: u64,
+    /// What the exit being handled leaves to a successor started in the
+    /// same step; cleared once the step is over.
+    ended: Option<Ended>,
     history: VecDeque<ExitRecord>,
     /// The span of the current process life: plugin, instance and the
     /// `lifecycle` id that is on every event of that life and every line
@@ -488,16 +502,18 @@ impl Runner {
     }
 
     async fn on_exit(&mut self, exit: std::io::Result<std::process::ExitStatus>) -> Event {
-        self.child = None;
+        let outlets = self.child.take().and_then(|mut child| child.outlets.take());
         // Helpers the plugin forked into its group die with it.
         if let Some(pid) = self.machine.pid() {
             signal_group(pid, Signal::SIGKILL);
         }
         self.connection = None;
+        let oom_kills = self.spec.cgroup.as_ref().map(|c| c.oom_kills());
         let reason = match exit {
-            Ok(status) => self.exit_reason(status),
+            Ok(status) => self.exit_reason(status, oom_kills),
             Err(error) => ExitReason::SpawnFailed(format!("wait failed: {error}")),
         };
+        self.ended = Some(Ended { outlets, oom_kills });
         // Whatever escaped the process group (a double-forked daemon) dies
         // before a successor starts.
         self.empty_cgroup().await;
@@ -672,9 +688,13 @@ impl Runner {
     }
 
     /// The last line the process wrote to stderr: its explanation of an
-    /// exit that fails it. The pipe closed with the process group, so the
-    /// forwarders end at once; the wait is bounded all the same.
+    /// exit that fails it. The pipes close with the process group once
+    /// the conductor lets go of its outlets, so the forwarders end at
+    /// once; the wait is bounded all the same.
     async fn last_words(&mut self) -> Option<String> {
+        if let Some(ended) = &mut self.ended {
+            drop(ended.outlets.take());
+        }
         let drained = async { while self.outputs.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(LAST_WORDS_WAIT, drained).await;
         let last = self
@@ -686,21 +706,25 @@ impl Runner {
     }
 
     /// How the process ended. A SIGKILL counts as an OOM kill only if the
-    /// cgroup's OOM counter moved while the process lived.
-    fn exit_reason(&self, status: std::process::ExitStatus) -> ExitReason {
+    /// cgroup's OOM counter (`oom_kills`, read at the exit) moved while the
+    /// process lived.
+    fn exit_reason(&self, status: std::process::ExitStatus, oom_kills: Option<u64>) -> ExitReason {
         let reason = exit_reason(status);
         let oom = reason == ExitReason::Signal(Signal::SIGKILL as i32)
-            && self
-                .spec
-                .cgroup
-                .as_ref()
-                .is_some_and(|c| c.oom_kills() > self.oom_kills_at_spawn);
+            && oom_kills.is_some_and(|kills| kills > self.oom_kills_at_spawn);
         if oom { ExitReason::Oom } else { reason }
     }
 
     /// Steps the machine, spawning right away when asked (the spawn's
     /// outcome is the next event), and returns the remaining actions.
     async fn apply(&mut self, event: Event) -> Vec<Action> {
+        let pending = self.step(event).await;
+        // A successor, if any, has started: what the exit left goes.
+        self.ended = None;
+        pending
+    }
+
+    async fn step(&mut self, event: Event) -> Vec<Action> {
         let mut event = Some(event);
         let mut pending = Vec::new();
         while let Some(next) = event.take() {
@@ -799,10 +823,14 @@ impl Runner {
             };
         }
         // A socket left by the previous instance would answer nothing, or
-        // worse, pass a probe before the new process has bound.
-        let _ = std::fs::remove_file(&self.spec.socket);
+        // worse, pass a probe before the new process has bound. An exit
+        // in this step has removed it already.
+        if self.ended.is_none() {
+            let _ = std::fs::remove_file(&self.spec.socket);
+        }
         if let Some(cgroup) = &self.spec.cgroup {
-            self.oom_kills_at_spawn = cgroup.oom_kills();
+            let read = self.ended.as_ref().and_then(|ended| ended.oom_kills);
+            self.oom_kills_at_spawn = read.unwrap_or_else(|| cgroup.oom_kills());
         }
         // The pool's size as it is now: a stand-in started before the
         // last scale learns it with its go.
