@@ -28,9 +28,8 @@ fn main() -> ExitCode {
         eprintln!("demi-standin: no program to run");
         return ExitCode::from(2);
     };
-    let Some(changed) = go(BufReader::new(std::io::stdin().lock())) else {
-        return ExitCode::SUCCESS;
-    };
+    // Everything the exec needs that the go does not change is made
+    // before the go: after it, only the variables and the exec remain.
     let null = match std::fs::File::open("/dev/null") {
         Ok(null) => null,
         Err(error) => {
@@ -38,11 +37,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let error = Command::new(&program)
-        .args(args)
-        .envs(changed)
-        .stdin(null)
-        .exec();
+    let mut command = Command::new(&program);
+    command.args(args).stdin(null);
+    let Some(changed) = go(BufReader::new(std::io::stdin().lock())) else {
+        return ExitCode::SUCCESS;
+    };
+    let error = command.envs(changed).exec();
     eprintln!(
         "demi-standin: cannot start {}: {error}",
         program.to_string_lossy()
