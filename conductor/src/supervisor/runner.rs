@@ -724,6 +724,7 @@ impl Runner {
         pending
     }
 
+    /// `event` and the events it leads to, one machine step each.
     async fn step(&mut self, event: Event) -> Vec<Action> {
         let mut event = Some(event);
         let mut pending = Vec::new();
