@@ -21,6 +21,9 @@ pub enum Method {
     SeasonalNaive,
     /// The last observed value.
     LastValue,
+    /// The load's level known in advance: only `scale-sim`'s hindsight
+    /// reference makes these, never the live scaler.
+    Known,
 }
 
 impl Method {
@@ -30,6 +33,7 @@ impl Method {
             Method::Ets => "ets",
             Method::SeasonalNaive => "seasonal_naive",
             Method::LastValue => "last_value",
+            Method::Known => "known",
         }
     }
 }

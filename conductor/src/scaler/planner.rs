@@ -37,6 +37,11 @@ impl FitJob {
         self.history.len()
     }
 
+    /// Buckets the forecast must cover, from its origin.
+    pub fn horizon(&self) -> usize {
+        self.params.horizon
+    }
+
     /// The CPU-heavy part.
     pub fn run(self) -> Fitted {
         Fitted {

@@ -268,7 +268,7 @@ fn sweep_table(swept: &sweep::Sweep, total: f64) -> String {
             p.replica_seconds
         )
     };
-    for kind in sim::Kind::ALL {
+    for kind in sim::Kind::SWEPT {
         for p in sweep::frontier(&swept.points, kind) {
             let marked = format!("{}{}", p.knob, if p.default { " *" } else { "" });
             out.push_str(&row(p, &marked));
@@ -298,10 +298,16 @@ fn sweep_table(swept: &sweep::Sweep, total: f64) -> String {
     let beaten = matched.iter().filter(|(_, ours)| ours.is_some()).count();
     out.push_str(&format!(
         "\nagainst each HPA setting, the cheapest predictive setting with at most {:.0} % of its \
-         violation at no more replica-seconds: {beaten} of {} matched\n",
+         violation at no more replica-seconds: {beaten} of {} matched; then the least share of \
+         its violation reached at no more replica-seconds, predictive / hindsight (the same \
+         scaler told the trace's level in advance: what no forecaster could beat)\n",
         DOMINANCE_SHARE * 100.0,
         matched.len()
     ));
+    let share = |kind, hpa| match sweep::least_share(&swept.points, kind, hpa) {
+        Some(s) if s.is_finite() => format!("{:.0} %", s * 100.0),
+        _ => "-".to_owned(),
+    };
     for (hpa, ours) in &matched {
         let answer = match ours {
             Some(p) => format!(
@@ -313,10 +319,12 @@ fn sweep_table(swept: &sweep::Sweep, total: f64) -> String {
             None => "none".to_owned(),
         };
         out.push_str(&format!(
-            "  HPA {:<12} {:>20} {:>10.0}  ->  {answer}\n",
+            "  HPA {:<12} {:>20} {:>10.0}  ->  {answer}; least {} / {}\n",
             hpa.knob,
             violation(hpa.violation, total),
-            hpa.replica_seconds
+            hpa.replica_seconds,
+            share(sim::Kind::Predictive, hpa),
+            share(sim::Kind::Hindsight, hpa),
         ));
     }
     out
@@ -342,13 +350,18 @@ fn sweep_json(swept: &sweep::Sweep, config: &SimConfig) -> serde_json::Value {
         "fit_seconds": swept.stats.fit_time.as_secs_f64(),
         "fallbacks": fallbacks_json(&swept.stats),
         "points": swept.points.iter().map(point).collect::<Vec<_>>(),
-        "frontier": sim::Kind::ALL.iter().map(|k| json!({
+        "frontier": sim::Kind::SWEPT.iter().map(|k| json!({
             "policy": k.name(),
             "points": sweep::frontier(&swept.points, *k).into_iter().map(point).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "against_hpa": sweep::against_hpa(&swept.points, DOMINANCE_SHARE).into_iter().map(|(hpa, ours)| json!({
             "hpa": point(hpa),
             "predictive": ours.map(point),
+            // JSON has no infinity: a share that cannot be had is null.
+            "least_share": {
+                "predictive": sweep::least_share(&swept.points, sim::Kind::Predictive, hpa).filter(|s| s.is_finite()),
+                "hindsight": sweep::least_share(&swept.points, sim::Kind::Hindsight, hpa).filter(|s| s.is_finite()),
+            },
         })).collect::<Vec<_>>(),
     })
 }

@@ -160,7 +160,7 @@ fn draw_frontier<DB: DrawingBackend>(
         "SLO violation (s of queue wait over the SLO)",
     )
     .map_err(e)?;
-    for (kind, color) in Kind::ALL.into_iter().zip(POLICY_COLORS) {
+    for (kind, color) in Kind::SWEPT.into_iter().zip(POLICY_COLORS) {
         let own = swept.points.iter().filter(|p| p.kind == kind);
         chart
             .draw_series(
@@ -223,10 +223,11 @@ fn draw_frontier<DB: DrawingBackend>(
     Ok(())
 }
 
-const POLICY_COLORS: [RGBColor; 3] = [
+const POLICY_COLORS: [RGBColor; 4] = [
     RGBColor(0, 114, 178),
     RGBColor(213, 94, 0),
     RGBColor(120, 120, 120),
+    RGBColor(204, 121, 167),
 ];
 
 fn draw<DB: DrawingBackend>(

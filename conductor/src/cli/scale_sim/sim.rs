@@ -2,7 +2,10 @@
 //! model of a worker pool (start-up lead time, per-replica capacity, a
 //! queue), for three policies side by side: the conductor's predictive
 //! scaler (the very [`Planner`] the daemon runs), the Kubernetes HPA
-//! algorithm with its defaults, and a static pool at max.
+//! algorithm with its defaults, and a static pool at max; for sweeps also
+//! the predictive scaler in hindsight: its forecasts replaced by the
+//! trace's own level, what the best forecaster of the load's pattern
+//! would have said.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -62,16 +65,31 @@ pub enum Kind {
     Predictive,
     Reactive,
     Static,
+    /// The predictive scaler with every forecast's point replaced by the
+    /// trace's level ([`level`]) over the forecast's span: a bound on what
+    /// a better forecaster could gain, so that what no forecaster can
+    /// see coming (a spike) is told apart from what ours misses.
+    Hindsight,
 }
 
 impl Kind {
+    /// The policies of one replay.
     pub const ALL: [Kind; 3] = [Kind::Predictive, Kind::Reactive, Kind::Static];
+    /// The policies of a sweep: hindsight is a bound on a frontier, not a
+    /// setting to compare one run with.
+    pub const SWEPT: [Kind; 4] = [
+        Kind::Predictive,
+        Kind::Reactive,
+        Kind::Static,
+        Kind::Hindsight,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Predictive => "predictive",
             Kind::Reactive => "reactive (HPA)",
             Kind::Static => "static at max",
+            Kind::Hindsight => "hindsight",
         }
     }
 }
@@ -314,8 +332,9 @@ pub fn replay(
     progress: &mut dyn FnMut(usize),
 ) -> Run {
     let a = &config.autoscale;
+    let known = (kind == Kind::Hindsight).then(|| level(values, &config.periods));
     let mut controller = match kind {
-        Kind::Predictive => Controller::Predictive {
+        Kind::Predictive | Kind::Hindsight => Controller::Predictive {
             planner: Box::new(Planner::new(PlannerConfig {
                 policy: Policy::from(a),
                 window: config.window.max(1),
@@ -445,14 +464,21 @@ pub fn replay(
             };
             planner.observe(now, observed);
             if let Some(job) = planner.refit_due(*lead) {
-                planner.install(fit(fitted_so_far, job));
-                fitted_so_far += 1;
+                let fitted = match &known {
+                    Some(level) => hindsight(level, i + 1, job.horizon(), now),
+                    None => {
+                        fitted_so_far += 1;
+                        fit(fitted_so_far - 1, job)
+                    }
+                };
+                planner.install(fitted);
             }
             let d = planner.decide(pool.queue, config.capacity, pool.requested(), *lead);
             apply(&mut pool, end, d.desired, &mut run);
-            if let (Some(f), Some(slot)) = (
+            if let (Some(f), Some(slot), Kind::Predictive) = (
                 planner.fitted(),
                 forecast.as_mut().and_then(|f| f.get_mut(i + 1)),
+                kind,
             ) {
                 let outlook = Outlook {
                     forecast: &f.forecast,
@@ -466,6 +492,51 @@ pub fn replay(
     }
     run.violation = Duration::from_secs_f64(violation);
     run
+}
+
+/// The trace's level: each bucket's median over a 24th of the shortest
+/// seasonal period either side of it (an hour of a day), which a spike of
+/// a few buckets does not move. Gaps are left out; a window of gaps only
+/// is no load, as the replay treats it.
+pub fn level(values: &[f64], periods: &[usize]) -> Vec<f64> {
+    let half = periods.iter().min().map_or(3, |p| (p / 24).max(1));
+    let mut window = Vec::with_capacity(2 * half + 1);
+    (0..values.len())
+        .map(|i| {
+            window.clear();
+            let around = i.saturating_sub(half)..(i + half + 1).min(values.len());
+            window.extend(values[around].iter().copied().filter(|v| v.is_finite()));
+            window.sort_by(f64::total_cmp);
+            match window.len() {
+                0 => 0.0,
+                n if n % 2 == 1 => window[n / 2],
+                n => (window[n / 2 - 1] + window[n / 2]) / 2.0,
+            }
+        })
+        .collect()
+}
+
+/// A "forecast" of `horizon` buckets from bucket `first` that is the
+/// trace's level itself; its interval is left to the planner to measure
+/// from the misses, as it does for a real forecast.
+fn hindsight(level: &[f64], first: usize, horizon: usize, origin: Duration) -> Fitted {
+    let last = level.last().copied().unwrap_or(0.0);
+    let point: Vec<f64> = (first..first + horizon)
+        .map(|i| level.get(i).copied().unwrap_or(last))
+        .collect();
+    Fitted {
+        forecast: Arc::new(forecast::Forecast {
+            method: Method::Known,
+            fallback: Vec::new(),
+            lower: point.clone(),
+            upper: point.clone(),
+            point,
+            imputed: 0,
+            measured_from: 0,
+            step: 1,
+        }),
+        origin,
+    }
 }
 
 fn count<T: PartialEq>(counts: &mut Vec<(T, usize)>, key: T) {
@@ -533,6 +604,39 @@ mod tests {
         assert_eq!(hpa.sync(75.0, 10.0, 20), 20);
         assert_eq!(hpa.sync(350.0, 10.0, 20), 20);
         assert_eq!(hpa.sync(400.0, 10.0, 20), 1);
+    }
+
+    #[test]
+    fn the_level_passes_over_a_spike_and_a_gap() {
+        let mut values = vec![10.0; 48];
+        values[20] = 500.0;
+        values[21] = 300.0;
+        values[30] = f64::NAN;
+        // A 24th of 48 either side: medians of five.
+        let level = level(&values, &[48]);
+        assert_eq!(level, vec![10.0; 48]);
+        assert_eq!(self::level(&[f64::NAN; 3], &[48]), vec![0.0; 3]);
+    }
+
+    #[test]
+    fn hindsight_is_told_the_level_and_fits_nothing() {
+        // A step from 10 to 100 half-way: the level knows it is coming.
+        let values: Vec<f64> = (0..240)
+            .map(|i| if i < 120 { 10.0 } else { 100.0 })
+            .collect();
+        let c = config(10.0);
+        let mut fit = |_: usize, _: FitJob| -> Fitted { panic!("hindsight fits nothing") };
+        let known = replay(&values, &c, Kind::Hindsight, &mut fit, None, &mut |_| {});
+        let reactive = replay(&values, &c, Kind::Reactive, &mut fit, None, &mut |_| {});
+        // Replicas for the step are asked for before it, at most a lead
+        // time (30 s start-up + a 10 s bucket = 4 buckets) early.
+        let first_up = known.replicas.iter().position(|r| *r > 2);
+        assert!(
+            first_up.is_some_and(|i| (115..120).contains(&i)),
+            "{:?}",
+            known.replicas
+        );
+        assert!(known.violation < reactive.violation, "{known:?}");
     }
 
     #[test]

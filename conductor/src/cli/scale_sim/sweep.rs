@@ -60,18 +60,21 @@ fn settings(config: &SimConfig) -> Vec<(Kind, String, bool, SimConfig)> {
     let targets = and_given(&swept, given.target_utilisation);
     let headrooms = and_given(HEADROOMS, given.headroom);
     let levels = and_given(LEVELS, given.forecast_level);
-    for &level in &levels {
-        for &target in &targets {
-            for &headroom in &headrooms {
-                with(
-                    Kind::Predictive,
-                    format!("target {target}, headroom {headroom}, level {level}"),
-                    &|c| {
-                        c.autoscale.target_utilisation = target;
-                        c.autoscale.headroom = headroom;
-                        c.autoscale.forecast_level = level;
-                    },
-                );
+    // Hindsight over the same settings: the bound is for each setting.
+    for kind in [Kind::Predictive, Kind::Hindsight] {
+        for &level in &levels {
+            for &target in &targets {
+                for &headroom in &headrooms {
+                    with(
+                        kind,
+                        format!("target {target}, headroom {headroom}, level {level}"),
+                        &|c| {
+                            c.autoscale.target_utilisation = target;
+                            c.autoscale.headroom = headroom;
+                            c.autoscale.forecast_level = level;
+                        },
+                    );
+                }
             }
         }
     }
@@ -209,6 +212,21 @@ pub fn against_hpa(points: &[Point], share: f64) -> Vec<(&Point, Option<&Point>)
         .collect()
 }
 
+/// The least share of `hpa`'s violation a setting of `kind` reaches at
+/// no more of its cost (`None` when every setting costs more); 0 when
+/// both are free of violation.
+pub fn least_share(points: &[Point], kind: Kind, hpa: &Point) -> Option<f64> {
+    points
+        .iter()
+        .filter(|p| p.kind == kind && p.replica_seconds <= hpa.replica_seconds + 1e-9)
+        .map(|p| match (p.violation, hpa.violation) {
+            (v, h) if h > 0.0 => v / h,
+            (v, _) if v > 0.0 => f64::INFINITY,
+            _ => 0.0,
+        })
+        .min_by(f64::total_cmp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,5 +272,22 @@ mod tests {
             .map(|(_, ours)| ours.map(|p| p.replica_seconds))
             .collect();
         assert_eq!(matched, vec![Some(100.0), None]);
+    }
+
+    #[test]
+    fn the_least_share_is_of_the_settings_at_no_more_cost() {
+        let hpa = point(Kind::Reactive, 10.0, 100.0);
+        let points = vec![
+            point(Kind::Hindsight, 1.0, 101.0),
+            point(Kind::Hindsight, 7.0, 100.0),
+            point(Kind::Hindsight, 8.0, 60.0),
+            point(Kind::Predictive, 2.0, 50.0),
+        ];
+        assert_eq!(least_share(&points, Kind::Hindsight, &hpa), Some(0.7));
+        assert_eq!(
+            least_share(&points, Kind::Hindsight, &point(Kind::Reactive, 0.0, 100.0)),
+            Some(f64::INFINITY)
+        );
+        assert_eq!(least_share(&points, Kind::Static, &hpa), None);
     }
 }
