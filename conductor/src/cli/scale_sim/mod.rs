@@ -74,8 +74,10 @@ pub struct Args {
     pub json: Option<PathBuf>,
     /// Replay each policy over a range of its own knob (HPA and
     /// predictive: target utilisation; predictive also headroom and
-    /// forecast level; static: replica count) and print the frontier of
-    /// SLO violation against replica-seconds; the plot shows it.
+    /// forecast level; static: replica count), the predictive settings
+    /// again in hindsight (told the trace's level in advance), and print
+    /// the frontier of SLO violation against replica-seconds; the plot
+    /// shows it.
     #[arg(long)]
     pub sweep: bool,
 }

@@ -467,8 +467,9 @@ pub fn replay(
                 let fitted = match &known {
                     Some(level) => hindsight(level, i + 1, job.horizon(), now),
                     None => {
+                        let n = fitted_so_far;
                         fitted_so_far += 1;
-                        fit(fitted_so_far - 1, job)
+                        fit(n, job)
                     }
                 };
                 planner.install(fitted);
