@@ -119,8 +119,8 @@ fn one_replay_prints_the_table_and_draws_the_plot() {
 
 /// `--sweep` on `trace`: at every HPA setting a predictive setting with at
 /// most `share` of its violation at no more replica-seconds; the
-/// configuration given at most `share` of the HPA's at the same target,
-/// at no more cost; the frontier table, plot and grouped fallbacks.
+/// configuration given at most half the HPA's at the same target, at no
+/// more cost; the frontier table, plot and grouped fallbacks.
 fn predictive_dominates_the_hpa(trace: &str, share: f64) -> Value {
     let (table, result, out) = simulate(trace, &["--sweep"]);
     println!("{table}");
@@ -153,7 +153,7 @@ fn predictive_dominates_the_hpa(trace: &str, share: f64) -> Value {
     };
     let (ours, hpa) = (given(&ours), given(&hpa));
     assert!(
-        seconds(&ours, bad) <= share * seconds(&hpa, bad) + 1e-9
+        seconds(&ours, bad) <= 0.5 * seconds(&hpa, bad) + 1e-9
             && seconds(&ours, cost) <= seconds(&hpa, cost),
         "{trace}: the configuration given: {ours} against the HPA's {hpa}"
     );
@@ -216,15 +216,15 @@ fn predictive_dominates_the_hpa_on_a_synthetic_daily_trace() {
     hindsight_halves_the_hpa("daily_synthetic.csv", &result);
 }
 
-/// Short of the 50 % bar: on this trace the spikes, not the forecastable
-/// load, make most of the violation. No setting swept halves the HPA's
-/// everywhere (the worst HPA setting is matched at 71 %, the
-/// configuration given at 53 %), and neither does the scaler told the
-/// trace's level in advance (hindsight: 9 HPA settings unmatched, the
-/// worst at 75 %), so no forecaster would.
+/// Short of the 50 % bar at every HPA setting: on this trace the spikes,
+/// not the forecastable load, make most of the violation. The
+/// configuration given halves the HPA's (48 % at 0.99x), but at the
+/// HPA's targets 0.525-0.7 no setting swept does (the worst is matched at
+/// 64 %), and neither does the scaler told the trace's level in advance
+/// (hindsight: 7 HPA settings unmatched), so no forecaster would.
 #[test]
 fn predictive_beats_the_hpa_at_equal_cost_on_a_bursty_trace() {
-    predictive_dominates_the_hpa("bursty_synthetic.csv", 0.75);
+    predictive_dominates_the_hpa("bursty_synthetic.csv", 0.65);
 }
 
 /// Both files exist; the SVG carries title, axis names with units, and a

@@ -71,7 +71,8 @@ pub struct Outlook<'a> {
 pub struct Observation<'a> {
     /// The scaler's clock: monotonic, or virtual in the simulator.
     pub now: Duration,
-    /// Load of the last complete bucket (`NaN` when unknown).
+    /// Load of the last complete bucket, or of the last glance before the
+    /// next (`NaN` when unknown).
     pub rate: f64,
     /// Work waiting (jobs); drained within a bucket if it can be.
     pub queued: f64,

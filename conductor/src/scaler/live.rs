@@ -334,11 +334,12 @@ async fn scale_plugin(
     let origin = clock();
     let mut tick = tokio::time::interval(bucket);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Only jobs queue: while they do, the backlog is looked at ten times a
-    // bucket, so a burst starts replicas within a tenth of a bucket, not at
-    // its end. A glance that finds the queue empty stops the glances until
-    // dispatch says a job had to wait: an idle lane wakes the scaler only
-    // at the bucket's end.
+    // Only jobs queue: while they do, the backlog and the load are looked
+    // at ten times a bucket, so a burst or a ramp starts replicas within a
+    // tenth of a bucket, not at its end. A glance that finds the queue
+    // empty and the load within the pool stops the glances until dispatch
+    // says a job had to wait: an idle lane wakes the scaler only at the
+    // bucket's end.
     let watch_backlog = config.signal == Signal::Jobs;
     let mut quiet = false;
     let glance = bucket / 10;
@@ -367,18 +368,14 @@ async fn scale_plugin(
             }
             _ = backlog.tick(), if watch_backlog && !quiet => {
                 let totals = reach.load.jobs(&name).unwrap_or_default();
-                if totals.queued == 0 {
-                    quiet = true;
-                    continue;
-                }
                 let now = clock();
                 let Some(current) = reach.actuator.replicas(&name) else {
                     break;
                 };
                 let capacity = config.capacity.or(estimate.get()).unwrap_or(f64::NAN);
-                let rate = jobs.rate_since(now, &totals, glance).unwrap_or_else(|| planner.last());
+                let rate = jobs.glance(now, &totals, glance).unwrap_or_else(|| planner.last());
                 let lead = scaler.lead(&name, bucket);
-                let decision = planner.decide_on_backlog(
+                let decision = planner.glance(
                     now.duration_since(origin),
                     rate,
                     totals.queued as f64,
@@ -386,6 +383,10 @@ async fn scale_plugin(
                     current,
                     lead,
                 );
+                if totals.queued == 0 && decision.is_none() {
+                    quiet = true;
+                    continue;
+                }
                 // One that changes nothing waits for the bucket's report.
                 if let Some(decision) = decision.filter(|d| d.desired != d.current) {
                     let measured = config.capacity.is_none();

@@ -183,11 +183,12 @@ impl Planner {
     }
 
     /// Decides now, before the bucket under way ends, when `queued` would
-    /// wait longer than the SLO at the `current` replicas asked for: a
-    /// burst answered at the bucket's end starts its replicas up to a
-    /// bucket late. `rate` is the load seen so far in that bucket. `None`
-    /// when the backlog can wait for the bucket's decision.
-    pub fn decide_on_backlog(
+    /// wait longer than the SLO at the `current` replicas asked for, or
+    /// `rate` (the load of the last glance) would overrun them at the
+    /// target utilisation beyond the tolerance: a burst or a ramp answered
+    /// at the bucket's end starts its replicas up to a bucket late.
+    /// `None` when both can wait for the bucket's decision.
+    pub fn glance(
         &mut self,
         now: Duration,
         rate: f64,
@@ -196,13 +197,17 @@ impl Planner {
         current: u32,
         lead: Duration,
     ) -> Option<Decision> {
-        let slo = self.config.policy.queue_wait_slo.as_secs_f64();
+        let policy = &self.config.policy;
+        let slo = policy.queue_wait_slo.as_secs_f64();
         let served = f64::from(current) * capacity;
         // Nothing asked for, or no capacity known (NaN): any backlog waits
-        // too long.
+        // too long, and no load can be judged against the pool.
         let serves_in_time = served.is_finite() && queued <= slo * served;
         let waits_too_long = queued > 0.0 && !serves_in_time;
-        waits_too_long.then(|| self.decide_at(now, rate, queued, capacity, current, lead))
+        let overruns = served.is_finite()
+            && rate > served * policy.target_utilisation * (1.0 + policy.tolerance);
+        (waits_too_long || overruns)
+            .then(|| self.decide_at(now, rate, queued, capacity, current, lead))
     }
 
     fn decide_at(
@@ -331,19 +336,37 @@ mod tests {
         let mid = BUCKET * 20 + Duration::from_secs(3);
         // A queue the replicas asked for serve within the 1 s SLO waits.
         let within = f64::from(current) * 10.0 * 0.9;
-        assert_eq!(
-            p.decide_on_backlog(mid, 10.0, within, 10.0, current, LEAD),
-            None
-        );
-        // A burst: 60 jobs/s so far in this bucket and 300 queued.
+        assert_eq!(p.glance(mid, 10.0, within, 10.0, current, LEAD), None);
+        // A burst: 60 jobs/s over the last glance and 300 queued.
         let d = p
-            .decide_on_backlog(mid, 60.0, 300.0, 10.0, current, LEAD)
+            .glance(mid, 60.0, 300.0, 10.0, current, LEAD)
             .expect("a backlog over the SLO is decided on");
         assert_eq!(d.at, mid);
         assert_eq!(d.reason, Reason::UpForLoad);
         assert_eq!(d.desired, current + 4, "{d:?}");
         // With nothing asked for, any backlog is over the SLO.
-        assert!(p.decide_on_backlog(mid, 1.0, 1.0, 10.0, 0, LEAD).is_some());
+        assert!(p.glance(mid, 1.0, 1.0, 10.0, 0, LEAD).is_some());
+    }
+
+    #[test]
+    fn a_load_overrunning_the_pool_is_decided_on_before_a_queue_forms() {
+        let mut p = planner(vec![]);
+        let decisions = run(&mut p, &[10.0; 20], 10.0);
+        let current = decisions[19].desired;
+        let mid = BUCKET * 20 + Duration::from_secs(3);
+        // At the target (70 % of 10 per replica) plus the 10 % tolerance.
+        let at_target = f64::from(current) * 10.0 * 0.7;
+        assert_eq!(
+            p.glance(mid, at_target * 1.09, 0.0, 10.0, current, LEAD),
+            None
+        );
+        let d = p
+            .glance(mid, at_target * 1.5, 0.0, 10.0, current, LEAD)
+            .expect("a load past the tolerance is decided on");
+        assert_eq!(d.reason, Reason::UpForLoad);
+        assert!(d.desired > current, "{d:?}");
+        // Without a capacity the load cannot be judged: the bucket decides.
+        assert_eq!(p.glance(mid, 1e6, 0.0, f64::NAN, current, LEAD), None);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Bucket {
 #[derive(Debug, Default)]
 pub struct JobsSignal {
     last: Option<(Instant, JobTotals)>,
+    /// Jobs offered by the last glance, and when.
+    glanced: Option<(Instant, u64)>,
 }
 
 impl JobsSignal {
@@ -60,13 +62,22 @@ impl JobsSignal {
         })
     }
 
-    /// Jobs/s offered since the last bucket ended, once at least `least`
-    /// has passed (a rate over a few milliseconds is noise).
-    pub fn rate_since(&self, now: Instant, totals: &JobTotals, least: Duration) -> Option<f64> {
-        let (then, before) = self.last.as_ref()?;
-        let span = now.checked_duration_since(*then).filter(|s| *s >= least)?;
-        let offered = totals.offered.saturating_sub(before.offered);
-        Some(offered as f64 / span.as_secs_f64().max(1e-9))
+    /// Jobs/s offered since the last glance or the last bucket's end,
+    /// whichever came later, once at least `least` has passed (a rate
+    /// over a few milliseconds is noise). Counted jobs vary by about
+    /// their square root (±20 % of 20 in a second), so this is the count
+    /// less two of those: a glance acts on a load its count shows beyond
+    /// doubt and leaves the rest to the bucket's end.
+    pub fn glance(&mut self, now: Instant, totals: &JobTotals, least: Duration) -> Option<f64> {
+        let (ended, at_end) = self.last.as_ref().map(|(t, b)| (*t, b.offered))?;
+        let (then, before) = match self.glanced {
+            Some((t, offered)) if t > ended => (t, offered),
+            _ => (ended, at_end),
+        };
+        let span = now.checked_duration_since(then).filter(|s| *s >= least)?;
+        self.glanced = Some((now, totals.offered));
+        let n = totals.offered.saturating_sub(before) as f64;
+        Some((n - 2.0 * n.sqrt()).max(0.0) / span.as_secs_f64())
     }
 }
 
@@ -190,25 +201,41 @@ mod tests {
     }
 
     #[test]
-    fn the_rate_so_far_counts_from_the_last_bucket_and_waits_for_a_span() {
+    fn a_glance_counts_from_the_last_glance_less_the_counting_noise() {
         let mut signal = JobsSignal::default();
         let t0 = Instant::now();
-        let least = Duration::from_secs(1);
+        let s = Duration::from_secs;
+        let least = s(1);
         // No bucket yet: nothing to count from.
-        assert_eq!(signal.rate_since(t0, &totals(0, 0, 0, 0), least), None);
+        assert_eq!(signal.glance(t0, &totals(0, 0, 0, 0), least), None);
         assert_eq!(signal.bucket(t0, totals(100, 0, 0, 0)), None);
         let early = t0 + Duration::from_millis(300);
-        assert_eq!(signal.rate_since(early, &totals(160, 0, 0, 0), least), None);
-        let later = t0 + Duration::from_secs(4);
+        assert_eq!(signal.glance(early, &totals(160, 0, 0, 0), least), None);
+        // 400 since the bucket's end, in 4 s: (400 - 2 * 20) / 4.
         assert_eq!(
-            signal.rate_since(later, &totals(300, 0, 0, 80), least),
-            Some(50.0)
+            signal.glance(t0 + s(4), &totals(500, 0, 0, 80), least),
+            Some(90.0)
         );
-        // The glance moves nothing: the bucket still spans from t0.
+        // The next counts from that glance: 100 in 2 s, less 2 * 10.
+        assert_eq!(
+            signal.glance(t0 + s(6), &totals(600, 0, 0, 0), least),
+            Some(40.0)
+        );
+        // A count within its own noise is no load at all.
+        assert_eq!(
+            signal.glance(t0 + s(7), &totals(603, 0, 0, 0), least),
+            Some(0.0)
+        );
+        // Glances move nothing of the bucket, which still spans from t0;
+        // the next glance counts from its end.
         let b = signal
-            .bucket(t0 + Duration::from_secs(10), totals(400, 0, 0, 0))
+            .bucket(t0 + s(10), totals(700, 0, 0, 0))
             .unwrap_or_else(|| panic!("a bucket"));
-        assert_eq!(b.load, 30.0);
+        assert_eq!(b.load, 60.0);
+        assert_eq!(
+            signal.glance(t0 + s(11), &totals(736, 0, 0, 0), least),
+            Some(24.0)
+        );
     }
 
     #[test]

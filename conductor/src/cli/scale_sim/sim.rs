@@ -196,7 +196,8 @@ pub struct Outcome {
 }
 
 /// Sub-steps per bucket: the queue moves faster than the scaler's bucket,
-/// and the predictive policy looks at the backlog every sub-step.
+/// and the predictive policy glances at the backlog and the load every
+/// sub-step, as the daemon does ten times a bucket.
 const SUBSTEPS: u32 = 10;
 /// The HPA's sync period and scale-up policies (`max(+100 %, +4)` per
 /// period), and its tolerance.
@@ -432,10 +433,12 @@ pub fn replay(
             sync_arrivals += rate * dt;
             let end = t + dt;
             if let Controller::Predictive { planner, lead } = &mut controller {
-                let so_far = end - i as f64 * bucket;
-                let d = planner.decide_on_backlog(
+                // A sub-step is the daemon's glance; its load, the glance's,
+                // without the daemon's allowance for counting noise: the
+                // trace's unit need not count anything.
+                let d = planner.glance(
                     Duration::from_secs_f64(end),
-                    arrivals / so_far,
+                    rate,
                     pool.queue,
                     config.capacity,
                     pool.requested(),
