@@ -329,7 +329,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backlog_over_the_slo_is_decided_on_before_the_bucket_ends() {
+    fn a_backlog_over_the_slo_or_a_load_past_the_pool_is_decided_on_before_the_bucket_ends() {
         let mut p = planner(vec![]);
         let decisions = run(&mut p, &[10.0; 20], 10.0);
         let current = decisions[19].desired;
@@ -346,15 +346,9 @@ mod tests {
         assert_eq!(d.desired, current + 4, "{d:?}");
         // With nothing asked for, any backlog is over the SLO.
         assert!(p.glance(mid, 1.0, 1.0, 10.0, 0, LEAD).is_some());
-    }
 
-    #[test]
-    fn a_load_overrunning_the_pool_is_decided_on_before_a_queue_forms() {
-        let mut p = planner(vec![]);
-        let decisions = run(&mut p, &[10.0; 20], 10.0);
-        let current = decisions[19].desired;
-        let mid = BUCKET * 20 + Duration::from_secs(3);
-        // At the target (70 % of 10 per replica) plus the 10 % tolerance.
+        // Nothing queued yet, but a load past the pool's target (70 % of
+        // 10 per replica) plus the 10 % tolerance: a ramp.
         let at_target = f64::from(current) * 10.0 * 0.7;
         assert_eq!(
             p.glance(mid, at_target * 1.09, 0.0, 10.0, current, LEAD),
