@@ -195,10 +195,12 @@ pub struct Outcome {
     pub stats: FitStats,
 }
 
-/// Sub-steps per bucket: the queue moves faster than the scaler's bucket,
-/// and the predictive policy glances at the backlog and the load every
-/// sub-step, as the daemon does ten times a bucket.
-const SUBSTEPS: u32 = 10;
+/// Glances per bucket: the predictive policy looks at the backlog and the
+/// load between bucket ends as often as the daemon does.
+const GLANCES: u32 = 10;
+/// Longest sub-step, seconds: the queue moves faster than a glance, and
+/// the HPA syncs every 15 s whatever the bucket.
+const MAX_SUBSTEP: f64 = 1.0;
 /// The HPA's sync period and scale-up policies (`max(+100 %, +4)` per
 /// period), and its tolerance.
 const HPA_PERIOD: Duration = Duration::from_secs(15);
@@ -356,7 +358,9 @@ pub fn replay(
     let name = kind.name();
     let mut fitted_so_far = 0;
     let bucket = config.bucket().as_secs_f64();
-    let dt = bucket / f64::from(SUBSTEPS);
+    let per_glance = (bucket / f64::from(GLANCES) / MAX_SUBSTEP).ceil().max(1.0) as u32;
+    let substeps = GLANCES * per_glance;
+    let dt = bucket / f64::from(substeps);
     let slo = config.slo.as_secs_f64();
     // The trace starts with the system already running: sized for the
     // first bucket's load, as any policy would have left it.
@@ -405,14 +409,16 @@ pub fn replay(
     };
     let hpa_period = HPA_PERIOD.as_secs_f64();
     let mut next_sync = hpa_period;
+    let mut last_sync = 0.0;
     let mut sync_arrivals = 0.0;
     for (i, value) in values.iter().enumerate() {
         let (from, to) = (load(i), load(i + 1));
         let mut arrivals = 0.0;
-        for s in 0..SUBSTEPS {
+        let mut glance_arrivals = 0.0;
+        for s in 0..substeps {
             let t = i as f64 * bucket + f64::from(s) * dt;
             // Linear between bucket starts: ramps, not stairs.
-            let frac = (f64::from(s) + 0.5) / f64::from(SUBSTEPS);
+            let frac = (f64::from(s) + 0.5) / f64::from(substeps);
             let rate = from + (to - from) * frac;
             let ready = f64::from(pool.ready(t));
             let served = ready * config.capacity * dt;
@@ -430,15 +436,19 @@ pub fn replay(
             }
             run.replica_seconds += f64::from(pool.requested()) * dt;
             arrivals += rate * dt;
+            glance_arrivals += rate * dt;
             sync_arrivals += rate * dt;
             let end = t + dt;
-            if let Controller::Predictive { planner, lead } = &mut controller {
-                // A sub-step is the daemon's glance; its load, the glance's,
-                // without the daemon's allowance for counting noise: the
-                // trace's unit need not count anything.
+            if let Controller::Predictive { planner, lead } = &mut controller
+                && (s + 1) % per_glance == 0
+            {
+                // The glance's load, without the daemon's allowance for
+                // counting noise: the trace's unit need not count anything.
+                let seen = glance_arrivals / (dt * f64::from(per_glance));
+                glance_arrivals = 0.0;
                 let d = planner.glance(
                     Duration::from_secs_f64(end),
-                    rate,
+                    seen,
                     pool.queue,
                     config.capacity,
                     pool.requested(),
@@ -451,9 +461,13 @@ pub fn replay(
             if let Controller::Reactive(hpa) = &mut controller
                 && end + 1e-9 >= next_sync
             {
-                let desired = hpa.sync(end, sync_arrivals / hpa_period, pool.requested());
+                // The rate since the last sync: a sub-step need not end on
+                // the period.
+                let rate = sync_arrivals / (end - last_sync);
+                let desired = hpa.sync(end, rate, pool.requested());
                 apply(&mut pool, end, desired, &mut run);
                 sync_arrivals = 0.0;
+                last_sync = end;
                 next_sync += hpa_period;
             }
         }
@@ -641,6 +655,20 @@ mod tests {
             known.replicas
         );
         assert!(known.violation < reactive.violation, "{known:?}");
+    }
+
+    #[test]
+    fn a_coarse_bucket_keeps_the_hpa_at_its_own_period() {
+        // Five-minute buckets: the HPA still syncs every 15 s on the rate
+        // since its last sync, so a steady load keeps the pool it was
+        // sized for (50 / (10 x 0.7) = 8), not one for twice the rate.
+        let values = vec![50.0; 12];
+        let mut c = config(10.0);
+        c.autoscale.bucket = Duration::from_secs(300);
+        let mut fit = |_: usize, _: FitJob| -> Fitted { panic!("the HPA fits nothing") };
+        let hpa = replay(&values, &c, Kind::Reactive, &mut fit, None, &mut |_| {});
+        assert_eq!(hpa.replicas, vec![8; 12]);
+        assert_eq!((hpa.scale_events, hpa.violation), (0, Duration::ZERO));
     }
 
     #[test]
