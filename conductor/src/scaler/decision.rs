@@ -74,7 +74,8 @@ pub struct Observation<'a> {
     /// Load of the last complete bucket, or of the last glance before the
     /// next (`NaN` when unknown).
     pub rate: f64,
-    /// Work waiting (jobs); drained within a bucket if it can be.
+    /// Work waiting (jobs); drained by the time a replica asked for now
+    /// could start, within a bucket at most.
     pub queued: f64,
     /// Load one replica handles at full utilisation.
     pub capacity: f64,
@@ -251,7 +252,16 @@ pub fn decide(policy: &Policy, seen: &Observation<'_>, state: &mut State) -> Dec
     } else {
         0.0
     };
-    let drain = policy.bucket.as_secs_f64().max(1e-3);
+    // The backlog is served by the time the replicas asked for now are
+    // ready: drained over a bucket of minutes, a burst's backlog counts
+    // for nothing and waits minutes. Never faster than the SLO it waits
+    // for, never slower than the next decision.
+    let startup = seen.lead.saturating_sub(policy.bucket);
+    let drain = startup
+        .max(policy.queue_wait_slo)
+        .min(policy.bucket)
+        .as_secs_f64()
+        .max(1e-3);
     let needed_now = rate + seen.queued.max(0.0) / drain;
     let ahead = seen.outlook.as_ref().and_then(|o| {
         // Replicas asked for now serve from `lead - bucket` (start-up)
@@ -527,6 +537,16 @@ mod tests {
         // 5 + 150/10 = 20 jobs/s needs 4.
         assert_eq!(d.needed_now, 20.0);
         assert_eq!(d.desired, 4);
+        // With 5-minute buckets it is drained by the time a replica could
+        // start (30 s), not over the bucket: 5 + 150/30 = 10, not 5.5.
+        let coarse = Policy {
+            bucket: Duration::from_secs(300),
+            ..policy()
+        };
+        s.lead = Duration::from_secs(330);
+        let d = decide(&coarse, &s, &mut State::default());
+        assert_eq!(d.needed_now, 10.0);
+        assert_eq!(d.desired, 2);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use super::config::{AutoscaleConfig, Signal};
 use super::decision::{Ahead, Decision, Policy};
 use super::forecast::Method;
-use super::planner::{FitJob, Fitted, Planner, PlannerConfig};
+use super::planner::{FitJob, Fitted, Planner, PlannerConfig, glances_per_bucket};
 use super::signal::{CapacityEstimate, CpuSignal, JobTotals, JobsSignal, StartTimes};
 use crate::events::{AutoscaleDecision, Bus, Event, InstanceEvent, Stamped};
 
@@ -335,14 +335,14 @@ async fn scale_plugin(
     let mut tick = tokio::time::interval(bucket);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Only jobs queue: while they do, the backlog and the load are looked
-    // at ten times a bucket, so a burst or a ramp starts replicas within a
-    // tenth of a bucket, not at its end. A glance that finds the queue
+    // at ten times a bucket (at least every 15 s), so a burst or a ramp
+    // starts replicas within a glance, not at the bucket's end. A glance that finds the queue
     // empty and the load within the pool stops the glances until dispatch
     // says a job had to wait: an idle lane wakes the scaler only at the
     // bucket's end.
     let watch_backlog = config.signal == Signal::Jobs;
     let mut quiet = false;
-    let glance = bucket / 10;
+    let glance = bucket / glances_per_bucket(bucket);
     let mut backlog = tokio::time::interval(glance);
     backlog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let task = Task {

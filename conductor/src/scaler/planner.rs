@@ -9,6 +9,18 @@ use std::time::Duration;
 use super::decision::{self, Decision, Observation, Outlook, Policy, State};
 use super::forecast::{self, FitParams, Forecast};
 
+/// The longest wait between glances: the HPA's sync period, so a coarse
+/// bucket (minutes) is not answered slower than a reactive scaler would.
+pub const LONGEST_GLANCE: Duration = Duration::from_secs(15);
+
+/// Glances a bucket takes: ten, more when a tenth of the bucket would be
+/// longer than [`LONGEST_GLANCE`]; a whole number, so a glance ends on the
+/// bucket's end.
+pub fn glances_per_bucket(bucket: Duration) -> u32 {
+    let within_longest = (bucket.as_secs_f64() / LONGEST_GLANCE.as_secs_f64()).ceil();
+    within_longest.clamp(10.0, f64::from(u32::MAX)) as u32
+}
+
 /// What the planner knows besides the policy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannerConfig {
@@ -303,6 +315,14 @@ mod tests {
                 base + amplitude * phase.sin()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_coarse_bucket_is_glanced_at_least_every_15_s() {
+        let per = |secs| glances_per_bucket(Duration::from_secs(secs));
+        assert_eq!((per(1), per(10), per(150)), (10, 10, 10));
+        // 300 s: 20 glances of 15 s; 151 s: 11 of 13.7 s, not 10 of 15.1.
+        assert_eq!((per(300), per(151)), (20, 11));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use demi_conductor::scaler::config::AutoscaleConfig;
 use demi_conductor::scaler::decision::{self, Ahead, Outlook, Policy};
 use demi_conductor::scaler::forecast::{self, Method};
-use demi_conductor::scaler::planner::{FitJob, Fitted, Planner, PlannerConfig};
+use demi_conductor::scaler::planner::{FitJob, Fitted, Planner, PlannerConfig, glances_per_bucket};
 
 /// How the pool and the policies are modelled. Durations are virtual:
 /// every trace bucket lasts `bucket`.
@@ -195,9 +195,6 @@ pub struct Outcome {
     pub stats: FitStats,
 }
 
-/// Glances per bucket: the predictive policy looks at the backlog and the
-/// load between bucket ends as often as the daemon does.
-const GLANCES: u32 = 10;
 /// Longest sub-step, seconds: the queue moves faster than a glance, and
 /// the HPA syncs every 15 s whatever the bucket.
 const MAX_SUBSTEP: f64 = 1.0;
@@ -358,8 +355,11 @@ pub fn replay(
     let name = kind.name();
     let mut fitted_so_far = 0;
     let bucket = config.bucket().as_secs_f64();
-    let per_glance = (bucket / f64::from(GLANCES) / MAX_SUBSTEP).ceil().max(1.0) as u32;
-    let substeps = GLANCES * per_glance;
+    // The predictive policy looks at the backlog and the load between
+    // bucket ends as often as the daemon does.
+    let glances = glances_per_bucket(config.bucket());
+    let per_glance = (bucket / f64::from(glances) / MAX_SUBSTEP).ceil().max(1.0) as u32;
+    let substeps = glances * per_glance;
     let dt = bucket / f64::from(substeps);
     let slo = config.slo.as_secs_f64();
     // The trace starts with the system already running: sized for the
