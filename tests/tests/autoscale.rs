@@ -403,3 +403,71 @@ seasonal_periods = []
     );
     assert_eq!(conductor.pids_of("burner").len(), 1);
 }
+
+#[test]
+fn a_burst_is_answered_at_a_glance_before_the_bucket_ends() {
+    // Two-minute buckets: the first decision on a bucket's load comes two
+    // minutes after the scaler starts. A burst before then can only be
+    // answered by a glance (every 12 s here, a glance's length after the
+    // last): one that outlasts a glance is seen to wait past the SLO at
+    // one replica, and replicas are added at once.
+    const BUCKET: Duration = Duration::from_secs(120);
+    let started = Instant::now();
+    let conductor = Conductor::start(
+        r#"
+[plugins.worker]
+command = "{echo}"
+args = ["--delay", "100ms"]
+shutdown_grace = "2s"
+[plugins.worker.dispatch]
+max_in_flight_per_replica = 2
+[plugins.worker.autoscale]
+min = 1
+max = 6
+capacity = 20.0
+bucket = "120s"
+history = "1d"
+seasonal_periods = []
+queue_wait_slo = "1s"
+"#,
+    );
+    conductor.wait_serving(0, "worker", 0);
+    const BURST: usize = 400;
+    let outcomes = grpc::runtime().block_on(async {
+        let api = grpc::admin(&conductor.api_socket()).await;
+        let mut jobs = tokio::task::JoinSet::new();
+        for _ in 0..BURST {
+            let mut api = api.clone();
+            jobs.spawn(async move {
+                let request = pb::SubmitRequest {
+                    plugin: "worker".into(),
+                    kind: "echo".into(),
+                    ..Default::default()
+                };
+                api.submit_and_wait(request).await.is_ok()
+            });
+        }
+        let mut ok = 0;
+        while let Some(joined) = jobs.join_next().await {
+            ok += usize::from(joined.expect("job task"));
+        }
+        ok
+    });
+    // At one replica the burst would take 20 s.
+    assert_eq!(outcomes, BURST, "every job of the burst completes");
+    let (_, up) = conductor.wait_for(0, "a scale-up on the backlog", |e| {
+        e["message"] == "autoscaler decision"
+            && e["plugin"] == "worker"
+            && n(e, "to") > n(e, "from")
+    });
+    let seen = started.elapsed();
+    assert!(
+        seen < BUCKET,
+        "the scale-up came {seen:?} after the start, not before the first bucket ended: {up}"
+    );
+    assert_eq!(n(&up, "from"), 1, "{up}");
+    assert!(
+        n(&up, "to") >= 3,
+        "the backlog of {BURST} asked for more: {up}"
+    );
+}

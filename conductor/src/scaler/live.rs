@@ -336,10 +336,10 @@ async fn scale_plugin(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Only jobs queue: while they do, the backlog and the load are looked
     // at ten times a bucket (at least every 15 s), so a burst or a ramp
-    // starts replicas within a glance, not at the bucket's end. A glance that finds the queue
-    // empty and the load within the pool stops the glances until dispatch
-    // says a job had to wait: an idle lane wakes the scaler only at the
-    // bucket's end.
+    // starts replicas within a glance, not at the bucket's end. A glance
+    // that finds the queue empty and the load within the pool stops the
+    // glances until dispatch says a job had to wait: an idle lane wakes
+    // the scaler only at the bucket's end.
     let watch_backlog = config.signal == Signal::Jobs;
     let mut quiet = false;
     let glance = bucket / glances_per_bucket(bucket);
