@@ -11,11 +11,10 @@ use super::forecast::{self, FitParams, Forecast};
 
 /// The longest wait between glances: the HPA's sync period, so a coarse
 /// bucket (minutes) is not answered slower than a reactive scaler would.
-pub const LONGEST_GLANCE: Duration = Duration::from_secs(15);
+const LONGEST_GLANCE: Duration = Duration::from_secs(15);
 
 /// Glances a bucket takes: ten, more when a tenth of the bucket would be
-/// longer than [`LONGEST_GLANCE`]; a whole number, so a glance ends on the
-/// bucket's end.
+/// longer than 15 s; a whole number, so a glance ends on the bucket's end.
 pub fn glances_per_bucket(bucket: Duration) -> u32 {
     let within_longest = (bucket.as_secs_f64() / LONGEST_GLANCE.as_secs_f64()).ceil();
     within_longest.clamp(10.0, f64::from(u32::MAX)) as u32
