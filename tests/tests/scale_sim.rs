@@ -219,12 +219,12 @@ fn predictive_dominates_the_hpa_on_a_synthetic_daily_trace() {
 /// Short of the 50 % bar at every HPA setting: on this trace the spikes,
 /// not the forecastable load, make most of the violation. The
 /// configuration given halves the HPA's (48 % at 0.99x), but at the
-/// HPA's targets 0.525-0.7 no setting swept does (the worst is matched at
-/// 64 %), and neither does the scaler told the trace's level in advance
-/// (hindsight: 7 HPA settings unmatched), so no forecaster would.
+/// HPA's targets 0.625-0.675 no setting swept does (the worst is matched
+/// at 61 %), and neither does the scaler told the trace's level in
+/// advance (hindsight: 5 HPA settings unmatched), so no forecaster would.
 #[test]
 fn predictive_beats_the_hpa_at_equal_cost_on_a_bursty_trace() {
-    predictive_dominates_the_hpa("bursty_synthetic.csv", 0.65);
+    predictive_dominates_the_hpa("bursty_synthetic.csv", 0.62);
 }
 
 /// Both files exist; the SVG carries title, axis names with units, and a

@@ -3,7 +3,9 @@
 //! `conductor scale-sim` both call [`decide`]; neither has its own rule.
 //!
 //! Sizing: the load now (backlog included) and the point forecast over
-//! the lead time are planned at the target utilisation. The forecast's
+//! the lead time are planned at the target utilisation; load within the
+//! forecast's interval for now counts as its point (noise), but never
+//! for less than it needs at full capacity. The forecast's
 //! upper bound, widened by the headroom, only holds a scale-down: the pool
 //! never shrinks below what that bound needs at full capacity before a
 //! replica could be started again. Sizing up for the upper bound too paid
@@ -189,7 +191,8 @@ pub struct Decision {
     pub needed_now: f64,
     pub ahead: Option<Ahead>,
     /// What the plan is sized for at the target utilisation: max(load now,
-    /// point ahead).
+    /// point ahead), where load now within the forecast's interval is its
+    /// point (at least the load seen at full capacity).
     pub demand: f64,
     /// Fewest replicas a scale-down may leave: the forecast's highest
     /// upper bound until a replica could be started again, × (1 +
@@ -262,7 +265,8 @@ pub fn decide(policy: &Policy, seen: &Observation<'_>, state: &mut State) -> Dec
         .min(policy.bucket)
         .as_secs_f64()
         .max(1e-3);
-    let needed_now = rate + seen.queued.max(0.0) / drain;
+    let backlog = seen.queued.max(0.0) / drain;
+    let needed_now = rate + backlog;
     let ahead = seen.outlook.as_ref().and_then(|o| {
         // Replicas asked for now serve from `lead - bucket` (start-up)
         // until those of the next decision are ready, at `lead`.
@@ -270,7 +274,21 @@ pub fn decide(policy: &Policy, seen: &Observation<'_>, state: &mut State) -> Dec
         ahead(o, to.saturating_sub(policy.bucket), to, policy.bucket)
     });
     let planned_ahead = ahead.map_or(0.0, |a| a.point);
-    let demand = needed_now.max(planned_ahead);
+    // Load within the forecast's interval for now is noise around the
+    // point: planned at the target it made the pool follow every
+    // upward wobble for a stabilization window (on bursty load 10 % of
+    // the replica-seconds went to such holds). It still counts at full
+    // capacity, so no pool is planned that the load seen would overrun.
+    // Above the interval it is news (a spike, a shift) and is planned.
+    let band_now = seen
+        .outlook
+        .as_ref()
+        .and_then(|o| self::ahead(o, now.saturating_sub(policy.bucket), now, policy.bucket));
+    let load_now = match band_now {
+        Some(b) if rate <= b.upper => b.point.min(rate).max(rate * policy.target_utilisation),
+        _ => rate,
+    };
+    let demand = (load_now + backlog).max(planned_ahead);
     // A replica removed now could not be back before the lead time.
     let keep = seen
         .outlook
@@ -327,7 +345,7 @@ pub fn decide(policy: &Policy, seen: &Observation<'_>, state: &mut State) -> Dec
         }
         decision.desired =
             recommended.min(current.saturating_add(policy.max_step_up).max(policy.min));
-        decision.reason = if planned_ahead > needed_now {
+        decision.reason = if planned_ahead > load_now + backlog {
             Reason::UpForForecast
         } else {
             Reason::UpForLoad
@@ -514,6 +532,29 @@ mod tests {
         // Without a forecast nothing is held.
         let d = decide(&p, &seen(0, 0.0, 6), &mut State::default());
         assert_eq!((d.keep, d.desired), (0, 1));
+    }
+
+    #[test]
+    fn load_within_the_forecast_interval_is_planned_as_its_point() {
+        // Point 24, upper 30; 5 per replica at the target, 10 at full.
+        let forecast = flat_forecast(30.0, 10);
+        let recommended = |rate: f64, forecast: &Forecast| {
+            let mut s = seen(0, rate, 1);
+            s.outlook = Some(Outlook {
+                forecast,
+                origin: Duration::ZERO,
+            });
+            decide(&policy(), &s, &mut State::default()).recommended
+        };
+        // 28 is noise around 24: the point's 5, not the load's 6.
+        assert_eq!(recommended(28.0, &forecast), 5);
+        // 32 is above the interval: news, planned at the target.
+        assert_eq!(recommended(32.0, &forecast), 7);
+        // Within a wide interval around a low point the load still needs
+        // its replicas at full capacity: 28 / 10 → 3, not the point's 1.
+        let mut wide = forecast.clone();
+        wide.point = vec![4.0; 10];
+        assert_eq!(recommended(28.0, &wide), 3);
     }
 
     #[test]
