@@ -278,9 +278,9 @@ pub fn decide(policy: &Policy, seen: &Observation<'_>, state: &mut State) -> Dec
     // point: planned at the target, every upward wobble raised the pool
     // and the stabilization window held it there (on the bursty trace at
     // target 0.55 the point saves 3.4 % of the replica-seconds for 4 %
-    // more violation). It still counts at full capacity, so no pool is planned
-    // that the load seen would overrun. Above the interval it is news (a
-    // spike, a shift) and is planned.
+    // more violation). It still counts at full capacity, so no pool is
+    // planned that the load seen would overrun. Above the interval it is
+    // news (a spike, a shift) and is planned.
     let band_now = seen
         .outlook
         .as_ref()
