@@ -289,7 +289,8 @@ pub fn decide(policy: &Policy, seen: &Observation<'_>, state: &mut State) -> Dec
         Some(b) if rate <= b.upper => b.point.min(rate).max(rate * policy.target_utilisation),
         _ => rate,
     };
-    let demand = (load_now + backlog).max(planned_ahead);
+    let planned_now = load_now + backlog;
+    let demand = planned_now.max(planned_ahead);
     // A replica removed now could not be back before the lead time.
     let keep = seen
         .outlook
@@ -346,7 +347,7 @@ pub fn decide(policy: &Policy, seen: &Observation<'_>, state: &mut State) -> Dec
         }
         decision.desired =
             recommended.min(current.saturating_add(policy.max_step_up).max(policy.min));
-        decision.reason = if planned_ahead > load_now + backlog {
+        decision.reason = if planned_ahead > planned_now {
             Reason::UpForForecast
         } else {
             Reason::UpForLoad
