@@ -804,6 +804,9 @@ struct Delivery {
     trace: TraceParent,
     deadline: Option<tokio::time::Instant>,
     started: Instant,
+    /// From acceptance to `started`: on the wall clock, as acceptance
+    /// may have been by an earlier run of the conductor.
+    waited: Duration,
     errors: Vec<String>,
     /// Where the last attempt failed: a retry goes elsewhere if it can.
     failed_on: Option<u32>,
@@ -816,6 +819,7 @@ impl Delivery {
             .as_deref()
             .and_then(TraceParent::parse)
             .unwrap_or_else(|| TraceParent::new(random));
+        let waited = Duration::from_millis(now_ms().saturating_sub(job.accepted_ms).max(0) as u64);
         Self {
             deadline: deadline_of(&job),
             dispatcher,
@@ -823,6 +827,7 @@ impl Delivery {
             job,
             trace,
             started: Instant::now(),
+            waited,
             errors: Vec::new(),
             failed_on: None,
         }
@@ -888,8 +893,9 @@ impl Delivery {
                 self.dispatcher
                     .store
                     .complete(&job.id, payload.clone(), attempts);
-                let took = self.started.elapsed();
-                lane.publish(bus, JobEvent::Completed { took });
+                let waited = self.waited;
+                let took = waited + self.started.elapsed();
+                lane.publish(bus, JobEvent::Completed { took, waited });
                 let answer = Finished::Completed { payload, attempts };
                 self.dispatcher.finish(&job.id, answer);
                 Err(End::Answered)

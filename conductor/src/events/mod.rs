@@ -154,9 +154,12 @@ pub enum InstanceEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
     Submitted,
-    /// Answered; `took` is from acceptance to answer.
+    /// Answered; `took` is from acceptance to answer, `waited` from
+    /// acceptance to the first attempt (the queue wait the autoscaler's
+    /// SLO is about).
     Completed {
         took: Duration,
+        waited: Duration,
     },
     /// One delivery failed (each attempt counts).
     AttemptFailed,

@@ -152,6 +152,8 @@ pub struct Metrics {
     pub jobs_dead_lettered: Counter<u64>,
     /// Accepted to answered.
     pub job_duration: Histogram<f64>,
+    /// Accepted to the first attempt.
+    pub job_queue_wait: Histogram<f64>,
     /// Plugin API calls refused, by plugin and method.
     pub plugin_api_denied: Counter<u64>,
     /// Turns granted under shared limits, and how long each waited.
@@ -236,6 +238,12 @@ impl Metrics {
                 .with_unit("s")
                 .with_boundaries(SECONDS.to_vec())
                 .with_description("Time from acceptance to answer")
+                .build(),
+            job_queue_wait: meter
+                .f64_histogram("demi_job_queue_wait")
+                .with_unit("s")
+                .with_boundaries(SECONDS.to_vec())
+                .with_description("Time from acceptance to the first attempt, of answered jobs")
                 .build(),
             plugin_api_denied: meter
                 .u64_counter("demi_plugin_api_denied")

@@ -203,9 +203,10 @@ impl Recorder {
         let label = [plugin_label(plugin)];
         match what {
             JobEvent::Submitted => metrics.jobs_submitted.add(1, &label),
-            JobEvent::Completed { took } => {
+            JobEvent::Completed { took, waited } => {
                 metrics.jobs_completed.add(1, &label);
                 metrics.job_duration.record(took.as_secs_f64(), &label);
+                metrics.job_queue_wait.record(waited.as_secs_f64(), &label);
             }
             JobEvent::AttemptFailed => metrics.jobs_failed.add(1, &label),
             JobEvent::Retried => metrics.jobs_retried.add(1, &label),
