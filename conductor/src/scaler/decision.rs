@@ -278,15 +278,17 @@ pub fn decide(policy: &Policy, seen: &Observation<'_>, state: &mut State) -> Dec
     // point: planned at the target, every upward wobble raised the pool
     // and the stabilization window held it there (on the bursty trace at
     // target 0.55 the point saves 3.4 % of the replica-seconds for 4 %
-    // more violation). It still counts at full capacity, so no pool is
-    // planned that the load seen would overrun. Above the interval it is
-    // news (a spike, a shift) and is planned.
+    // more violation). Only as far as the replicas planned for the point
+    // serve it at full capacity, though: a wide interval (5-minute
+    // buckets, whose misses include whole spikes) would otherwise take a
+    // real rise for noise and leave it no margin for the start-up. Beyond
+    // either bound it is news (a spike, a shift) and is planned.
     let band_now = seen
         .outlook
         .as_ref()
         .and_then(|o| self::ahead(o, now.saturating_sub(policy.bucket), now, policy.bucket));
     let load_now = match band_now {
-        Some(b) if rate <= b.upper => b.point.min(rate).max(rate * policy.target_utilisation),
+        Some(b) if rate <= b.upper.min(b.point / policy.target_utilisation) => b.point.min(rate),
         _ => rate,
     };
     let planned_now = load_now + backlog;
@@ -552,11 +554,13 @@ mod tests {
         assert_eq!(recommended(28.0, &forecast), 5);
         // 32 is above the interval: news, planned at the target.
         assert_eq!(recommended(32.0, &forecast), 7);
-        // Within a wide interval around a low point the load still needs
-        // its replicas at full capacity: 28 / 10 → 3, not the point's 1.
+        // Within a wide interval around a low point, beyond what the
+        // point's replicas serve at full capacity (4 / 0.5 = 8): a rise,
+        // planned at the target like news, not the point's 1.
         let mut wide = forecast.clone();
         wide.point = vec![4.0; 10];
-        assert_eq!(recommended(28.0, &wide), 3);
+        assert_eq!(recommended(8.0, &wide), 1);
+        assert_eq!(recommended(28.0, &wide), 6);
     }
 
     #[test]
