@@ -159,20 +159,16 @@ pub const MIN_MISSES: usize = 50;
 /// recent forecasts missed the load they forecast (actual − point): split
 /// conformal prediction. A model's nominal interval assumes Gaussian
 /// errors; on bursty load the spikes inflate its spread everywhere, while
-/// the quantiles of real misses stay where most of the load is. `None`
-/// with fewer than [`MIN_MISSES`] misses.
+/// the quantiles of real misses stay where most of the load is. `misses`
+/// are finite and sorted (by `total_cmp`). `None` with fewer than
+/// [`MIN_MISSES`] misses.
 pub fn measured_interval(forecast: &Forecast, misses: &[f64], level: f64) -> Option<Forecast> {
-    let mut misses: Vec<f64> = misses.iter().copied().filter(|m| m.is_finite()).collect();
     if misses.len() < MIN_MISSES {
         return None;
     }
     let level = level.clamp(0.0, 1.0);
     let last = (misses.len() - 1) as f64;
-    // Two order statistics, not a sort: this runs at every refit.
-    let mut quantile = |q: f64| {
-        let (_, v, _) = misses.select_nth_unstable_by((last * q).round() as usize, f64::total_cmp);
-        *v
-    };
+    let quantile = |q: f64| misses[(last * q).round() as usize];
     let (below, above) = (quantile((1.0 - level) / 2.0), quantile((1.0 + level) / 2.0));
     let measured_from = misses.len();
     let mut out = forecast.clone();
@@ -605,6 +601,7 @@ mod tests {
         // Misses: mostly small, a few large spikes above.
         let mut misses: Vec<f64> = (0..95).map(|i| (i % 5) as f64 - 2.0).collect();
         misses.extend([40.0, 50.0, 60.0, 70.0, 80.0]);
+        misses.sort_by(f64::total_cmp);
         let m = measured_interval(&f, &misses, 0.8).expect("enough misses");
         assert_eq!(m.measured_from, 100);
         // The 90th percentile is a small miss; the spikes are beyond it.
