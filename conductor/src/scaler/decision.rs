@@ -4,8 +4,8 @@
 //!
 //! Sizing: the load now (backlog included) and the point forecast over
 //! the lead time are planned at the target utilisation; load within the
-//! forecast's interval for now counts as its point (noise), but never
-//! for less than it needs at full capacity. The forecast's
+//! forecast's interval for now counts as its point (noise), as far as
+//! the point's replicas serve it at full capacity. The forecast's
 //! upper bound, widened by the headroom, only holds a scale-down: the pool
 //! never shrinks below what that bound needs at full capacity before a
 //! replica could be started again. Sizing up for the upper bound too paid
@@ -192,7 +192,8 @@ pub struct Decision {
     pub ahead: Option<Ahead>,
     /// What the plan is sized for at the target utilisation: max(load now,
     /// point ahead), where load now within the forecast's interval is its
-    /// point (at least the load seen at full capacity).
+    /// point (up to point / target, what that point's replicas serve at
+    /// full capacity).
     pub demand: f64,
     /// Fewest replicas a scale-down may leave: the forecast's highest
     /// upper bound until a replica could be started again, × (1 +
