@@ -102,7 +102,7 @@ fn one_replay_prints_the_table_and_draws_the_plot() {
     // The static pool is the upper bound on cost.
     assert!(seconds(fixed, "replica_seconds") > seconds(ours, "replica_seconds"));
     for needle in [
-        "SLO violation",
+        "SLO violation (spells)",
         "replica-seconds",
         "scale events",
         "direction changes",
@@ -135,6 +135,11 @@ fn predictive_dominates_the_hpa(trace: &str, share: f64) -> Value {
     assert!(ours.len() >= 100 && hpa.len() >= 20, "{result}");
     assert_eq!(of("hindsight").len(), ours.len(), "{result}");
     let (bad, cost) = ("slo_violation_seconds", "replica_seconds");
+    // A violation comes in spells, and only a violation does.
+    for p in points {
+        let spells = p["slo_violation_spells"].as_u64().expect("spells");
+        assert_eq!(spells > 0, seconds(p, bad) > 0.0, "{p}");
+    }
     for h in &hpa {
         let matched = ours.iter().any(|p| {
             seconds(p, bad) <= share * seconds(h, bad) + 1e-9

@@ -247,10 +247,10 @@ fn run_sweep(args: &Args, file: &str, values: &[f64], config: &SimConfig) -> any
     Ok(())
 }
 
-/// A violation as seconds and share of the trace.
-fn violation(seconds: f64, total: f64) -> String {
+/// A violation as seconds, share of the trace and spells.
+fn violation(seconds: f64, spells: u32, total: f64) -> String {
     format!(
-        "{seconds:.0} s ({:.2} %)",
+        "{seconds:.0} s ({:.2} %) in {spells}",
         seconds * 100.0 / total.max(1e-9)
     )
 }
@@ -258,15 +258,16 @@ fn violation(seconds: f64, total: f64) -> String {
 fn sweep_table(swept: &sweep::Sweep, total: f64) -> String {
     let mut out = format!(
         "\nfrontier: the settings of each policy that no other setting of it beats on both \
-         (* = the configuration given)\n{:<16} {:<40} {:>20} {:>16}\n",
+         (* = the configuration given; \"in N\": N separate spells over the SLO)\n\
+         {:<16} {:<40} {:>25} {:>16}\n",
         "policy", "setting", "SLO violation", "replica-seconds"
     );
     let row = |p: &sweep::Point, setting: &str| {
         format!(
-            "{:<16} {:<40} {:>20} {:>16.0}\n",
+            "{:<16} {:<40} {:>25} {:>16.0}\n",
             p.kind.name(),
             setting,
-            violation(p.violation, total),
+            violation(p.violation, p.spells, total),
             p.replica_seconds
         )
     };
@@ -315,15 +316,15 @@ fn sweep_table(swept: &sweep::Sweep, total: f64) -> String {
             Some(p) => format!(
                 "{}: {} at {:.3}x",
                 p.knob,
-                violation(p.violation, total),
+                violation(p.violation, p.spells, total),
                 p.replica_seconds / hpa.replica_seconds
             ),
             None => "none".to_owned(),
         };
         out.push_str(&format!(
-            "  HPA {:<12} {:>20} {:>10.0}  ->  {answer}; least {} / {}\n",
+            "  HPA {:<12} {:>25} {:>10.0}  ->  {answer}; least {} / {}\n",
             hpa.knob,
-            violation(hpa.violation, total),
+            violation(hpa.violation, hpa.spells, total),
             hpa.replica_seconds,
             share(sim::Kind::Predictive, hpa),
             share(sim::Kind::Hindsight, hpa),
@@ -342,6 +343,7 @@ fn sweep_json(swept: &sweep::Sweep, config: &SimConfig) -> serde_json::Value {
             "setting": p.knob,
             "default": p.default,
             "slo_violation_seconds": p.violation,
+            "slo_violation_spells": p.spells,
             "replica_seconds": p.replica_seconds,
         })
     };
@@ -434,9 +436,9 @@ fn table(outcome: &Outcome, buckets: usize, config: &SimConfig) -> String {
         .find(|r| r.policy.starts_with("reactive"))
         .map_or(f64::NAN, |r| r.replica_seconds);
     let mut out = format!(
-        "\n{:<16} {:>22} {:>16} {:>12} {:>12} {:>18} {:>14}\n",
+        "\n{:<16} {:>25} {:>16} {:>12} {:>12} {:>18} {:>14}\n",
         "policy",
-        "SLO violation",
+        "SLO violation (spells)",
         "replica-seconds",
         "vs reactive",
         "scale events",
@@ -444,14 +446,10 @@ fn table(outcome: &Outcome, buckets: usize, config: &SimConfig) -> String {
         "max queue wait"
     );
     for run in &outcome.runs {
-        let violation = run.violation.as_secs_f64();
         out.push_str(&format!(
-            "{:<16} {:>22} {:>16.0} {:>11.3}x {:>12} {:>18} {:>14}\n",
+            "{:<16} {:>25} {:>16.0} {:>11.3}x {:>12} {:>18} {:>14}\n",
             run.policy,
-            format!(
-                "{violation:.0} s ({:.2} %)",
-                violation * 100.0 / total.max(1e-9)
-            ),
+            violation(run.violation.as_secs_f64(), run.spells, total),
             run.replica_seconds,
             run.replica_seconds / reactive,
             run.scale_events,
@@ -506,6 +504,7 @@ fn to_json(outcome: &Outcome, config: &SimConfig) -> serde_json::Value {
         "policies": outcome.runs.iter().map(|r| json!({
             "policy": r.policy,
             "slo_violation_seconds": r.violation.as_secs_f64(),
+            "slo_violation_spells": r.spells,
             "replica_seconds": r.replica_seconds,
             "scale_events": r.scale_events,
             "direction_changes": r.direction_changes,

@@ -52,6 +52,10 @@ pub struct Run {
     pub replicas: Vec<u32>,
     /// Time the queue wait exceeded the SLO.
     pub violation: Duration,
+    /// Separate spells of it: on spiky load the violation comes from a
+    /// handful of spikes, and a reader judging two policies should know
+    /// how many spells their difference rests on.
+    pub spells: u32,
     pub replica_seconds: f64,
     pub scale_events: u32,
     pub direction_changes: u32,
@@ -387,12 +391,14 @@ pub fn replay(
         policy: name,
         replicas: Vec::with_capacity(values.len()),
         violation: Duration::ZERO,
+        spells: 0,
         replica_seconds: 0.0,
         scale_events: 0,
         direction_changes: 0,
         max_wait: 0.0,
     };
     let mut violation = 0.0;
+    let mut was_late = false;
     let mut last_direction: Option<bool> = None;
     let mut apply = |pool: &mut Pool, t: f64, to: u32, run: &mut Run| {
         let from = pool.requested();
@@ -431,9 +437,14 @@ pub fn replay(
                 f64::INFINITY
             };
             run.max_wait = run.max_wait.max(wait);
-            if wait > slo {
+            let late = wait > slo;
+            if late {
                 violation += dt;
+                if !was_late {
+                    run.spells += 1;
+                }
             }
+            was_late = late;
             run.replica_seconds += f64::from(pool.requested()) * dt;
             arrivals += rate * dt;
             glance_arrivals += rate * dt;
@@ -602,6 +613,24 @@ mod tests {
             stuck.violation
         );
         assert!((stuck.replica_seconds - 300.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn each_spike_over_the_slo_is_one_spell() {
+        // One replica serving 10 jobs/s at a load of 5, with two spikes to
+        // 30 far enough apart for the queue to drain between them.
+        let calm = [5.0; 20];
+        let values: Vec<f64> = [&calm[..], &[30.0], &calm[..], &[30.0], &calm[..]].concat();
+        let mut c = config(10.0);
+        c.autoscale.max = 1;
+        let stuck = &simulate(&values, &c, |_, _| {}).runs[2];
+        assert_eq!(stuck.spells, 2, "{stuck:?}");
+        assert!(stuck.violation > Duration::ZERO, "{stuck:?}");
+        let calm = simulate(&[5.0; 60], &c, |_, _| {});
+        assert_eq!(
+            (calm.runs[2].spells, calm.runs[2].violation),
+            (0, Duration::ZERO)
+        );
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Point {
     /// The configuration scale-sim was given (or the defaults).
     pub default: bool,
     pub violation: f64,
+    /// Separate spells of violation.
+    pub spells: u32,
     pub replica_seconds: f64,
 }
 
@@ -129,6 +131,7 @@ pub fn sweep(
         knob,
         default,
         violation: run.violation.as_secs_f64(),
+        spells: run.spells,
         replica_seconds: run.replica_seconds,
     };
     let mut points = vec![point(kind, knob, default, run)];
@@ -237,6 +240,7 @@ mod tests {
             knob: format!("{violation}/{cost}"),
             default: false,
             violation,
+            spells: u32::from(violation > 0.0),
             replica_seconds: cost,
         }
     }
