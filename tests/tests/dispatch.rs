@@ -105,6 +105,19 @@ fn permanent_failures_are_dead_lettered_survive_a_restart_and_replay_after_a_fix
     });
     let listed = String::from_utf8_lossy(&conductor.cli(&["dlq", "list"]).stdout).into_owned();
     assert_eq!(listed.lines().count(), 5, "{listed}");
+    // A dead-lettered job's queue wait counts like an answered one's.
+    let scrape = conductor.scrape();
+    let labels = [("plugin", "worker")];
+    assert_eq!(
+        demi_e2e::series(&scrape, "demi_jobs_dead_lettered_total", &labels),
+        Some(5.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        demi_e2e::series(&scrape, "demi_job_queue_wait_seconds_count", &labels),
+        Some(5.0),
+        "{scrape}"
+    );
     let shown =
         String::from_utf8_lossy(&conductor.cli(&["dlq", "show", &ids[0]]).stdout).into_owned();
     assert!(

@@ -602,7 +602,15 @@ impl Dispatcher {
         self.workers.wait().await;
     }
 
+    /// Dead-letters a job no delivery of this run attempted: it waited
+    /// from acceptance until now.
     async fn bury(&self, job: StoredJob, errors: Vec<String>) {
+        let waited = waited_since(&job);
+        self.bury_after(job, errors, waited).await;
+    }
+
+    /// Dead-letters a job that waited `waited` for its first attempt.
+    async fn bury_after(&self, job: StoredJob, errors: Vec<String>, waited: Duration) {
         let attempts = job.attempts;
         let plugin: Arc<str> = Arc::from(job.plugin.as_str());
         let id = job.id.clone();
@@ -621,6 +629,7 @@ impl Dispatcher {
                 job: id.clone(),
                 attempts,
                 errors: errors.clone(),
+                waited,
             },
         });
         self.finish(&id, Finished::DeadLettered { errors, attempts });
@@ -819,7 +828,7 @@ impl Delivery {
             .as_deref()
             .and_then(TraceParent::parse)
             .unwrap_or_else(|| TraceParent::new(random));
-        let waited = Duration::from_millis(now_ms().saturating_sub(job.accepted_ms).max(0) as u64);
+        let waited = waited_since(&job);
         Self {
             deadline: deadline_of(&job),
             dispatcher,
@@ -931,8 +940,17 @@ impl Delivery {
 
     async fn bury(mut self, why: Option<String>) {
         self.errors.extend(why);
-        self.dispatcher.bury(self.job, self.errors).await;
+        let waited = self.waited;
+        self.dispatcher
+            .bury_after(self.job, self.errors, waited)
+            .await;
     }
+}
+
+/// From the job's acceptance until now, on the wall clock: acceptance may
+/// have been by an earlier run of the conductor.
+fn waited_since(job: &StoredJob) -> Duration {
+    Duration::from_millis(now_ms().saturating_sub(job.accepted_ms).max(0) as u64)
 }
 
 /// The job as a replica receives it.

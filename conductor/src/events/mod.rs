@@ -164,10 +164,14 @@ pub enum JobEvent {
     /// One delivery failed (each attempt counts).
     AttemptFailed,
     Retried,
+    /// Given up; `waited` is from acceptance to the first attempt, or to
+    /// the dead letter when no attempt was made: a job the SLO failed
+    /// worst is not left out of the queue wait.
     DeadLettered {
         job: String,
         attempts: u32,
         errors: Vec<String>,
+        waited: Duration,
     },
 }
 

@@ -152,7 +152,7 @@ pub struct Metrics {
     pub jobs_dead_lettered: Counter<u64>,
     /// Accepted to answered.
     pub job_duration: Histogram<f64>,
-    /// Accepted to the first attempt.
+    /// Accepted to the first attempt (to the dead letter if none).
     pub job_queue_wait: Histogram<f64>,
     /// Plugin API calls refused, by plugin and method.
     pub plugin_api_denied: Counter<u64>,
@@ -243,7 +243,9 @@ impl Metrics {
                 .f64_histogram("demi_job_queue_wait")
                 .with_unit("s")
                 .with_boundaries(SECONDS.to_vec())
-                .with_description("Time from acceptance to the first attempt, of answered jobs")
+                .with_description(
+                    "Time from acceptance to the first attempt (to the dead letter if none)",
+                )
                 .build(),
             plugin_api_denied: meter
                 .u64_counter("demi_plugin_api_denied")

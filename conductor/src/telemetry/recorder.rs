@@ -214,6 +214,7 @@ impl Recorder {
                 job,
                 attempts,
                 errors,
+                waited,
             } => {
                 tracing::warn!(
                     job,
@@ -223,6 +224,7 @@ impl Recorder {
                     "job dead-lettered"
                 );
                 metrics.jobs_dead_lettered.add(1, &label);
+                metrics.job_queue_wait.record(waited.as_secs_f64(), &label);
             }
         }
     }
