@@ -940,9 +940,8 @@ impl Delivery {
 
     async fn bury(mut self, why: Option<String>) {
         self.errors.extend(why);
-        let waited = self.waited;
         self.dispatcher
-            .bury_after(self.job, self.errors, waited)
+            .bury_after(self.job, self.errors, self.waited)
             .await;
     }
 }
