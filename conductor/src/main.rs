@@ -332,7 +332,7 @@ fn daemon(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    telemetry::init(log_format.unwrap_or(prepared.config.conductor.log_format));
+    let _logs = telemetry::init(log_format.unwrap_or(prepared.config.conductor.log_format));
     let run = || -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -61,6 +61,10 @@ pub fn repo_root() -> PathBuf {
 struct Log {
     events: Mutex<Vec<Value>>,
     grew: Condvar,
+    /// While set, stdout is not read: its pipe fills as behind a stalled
+    /// log collector.
+    paused: Mutex<bool>,
+    resumed: Condvar,
 }
 
 /// A running conductor.
@@ -222,6 +226,11 @@ impl Conductor {
         let reader_log = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut paused = reader_log.paused.lock().unwrap();
+                while *paused {
+                    paused = reader_log.resumed.wait(paused).unwrap();
+                }
+                drop(paused);
                 let event = serde_json::from_str(&line)
                     .unwrap_or_else(|_| Value::String(format!("NOT JSON: {line}")));
                 reader_log.events.lock().unwrap().push(event);
@@ -248,6 +257,17 @@ impl Conductor {
             stderr,
             exited: None,
         }
+    }
+
+    /// Stops reading the conductor's stdout (after the line under way)
+    /// until [`Conductor::resume_log`].
+    pub fn pause_log(&self) {
+        *self.log.paused.lock().unwrap() = true;
+    }
+
+    pub fn resume_log(&self) {
+        *self.log.paused.lock().unwrap() = false;
+        self.log.resumed.notify_all();
     }
 
     /// Starts a new conductor on the same config and folders, after this

@@ -322,3 +322,56 @@ fn every_metric_the_grafana_dashboard_queries_exists() {
     }
     assert!(checked >= 15, "only {checked} metric references found");
 }
+
+/// A stdout nobody reads (a pager left open, a stalled log collector)
+/// costs log lines, counted and then reported, and nothing else: with the
+/// pipe and the log buffer full, the conductor still restarts a killed
+/// plugin and answers its API and scrapes. Written in place, every task
+/// that logged waited for the reader, and this test timed out.
+#[test]
+fn an_unread_stdout_costs_log_lines_not_supervision() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let go = scratch.path().join("go");
+    std::fs::write(&go, "").expect("write the go file");
+    // Three replicas logging their output budget (1,000 lines a second
+    // each) fill the pipe and the log buffer (16,384 lines) within seconds.
+    let conductor = Conductor::start(&format!(
+        "{}[plugins.chatty]\ncommand = \"{}\"\n\
+         args = [\"--flood-stdout\", \"1\", \"--report\", \"{}\", \"--go\", \"{}\"]\n\
+         jobs = false\nreplicas = 3\nshutdown_grace = \"2s\"\n",
+        plugin("echo", ""),
+        demi_e2e::bin("hostile_plugin").display(),
+        scratch.path().join("report").display(),
+        go.display(),
+    ));
+    let (_, pid) = conductor.wait_serving(0, "echo", 0);
+    let addr = conductor.metrics_addr();
+    let dropped = || {
+        series(
+            &demi_e2e::http_get(&addr, "/metrics"),
+            "demi_log_lines_dropped_total",
+            &[],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(dropped(), 0.0, "nothing lost while stdout is read");
+
+    conductor.pause_log();
+    demi_e2e::eventually("log lines dropped", || dropped() > 0.0);
+    signal_pid(pid, Signal::SIGKILL);
+    demi_e2e::eventually("echo restarted while stdout is unread", || {
+        let status = demi_e2e::json(conductor.cli(&["status", "echo", "--json"]));
+        let instance = &status[0]["instances"][0];
+        instance["state"] == "serving" && instance["pid"].as_u64() != Some(u64::from(pid))
+    });
+    let lost = dropped();
+
+    let from = conductor.cursor();
+    conductor.resume_log();
+    let (_, report) = conductor.wait_for(from, "the report of lost lines", |e| {
+        e["message"] == "log lines dropped: stdout was not read fast enough"
+    });
+    assert_eq!(report["level"], "WARN", "{report}");
+    let total = report["total"].as_f64().expect("total");
+    assert!(total >= lost, "{total} reported, {lost} counted before");
+}

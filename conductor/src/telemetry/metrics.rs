@@ -186,6 +186,11 @@ impl Metrics {
             .with_view(per_instance_series)
             .build();
         let meter = provider.meter("demi-conductor");
+        let log_drops = meter
+            .u64_observable_counter("demi_log_lines_dropped")
+            .with_description("Log lines lost because stdout was not read fast enough")
+            .with_callback(|observer| observer.observe(super::dropped_log_lines(), &[]))
+            .build();
         // Names carry no `_total`: the exporter adds it to counters (and a
         // second one if the name already had it).
         let metrics = Self {
@@ -268,7 +273,7 @@ impl Metrics {
             registry,
             provider,
             meter,
-            observers: Mutex::new(Vec::new()),
+            observers: Mutex::new(vec![Box::new(log_drops)]),
         };
         Ok(Arc::new(metrics))
     }
