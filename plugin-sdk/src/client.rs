@@ -29,7 +29,8 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     /// The conductor refused or failed the call; `RESOURCE_EXHAUSTED` means
-    /// the target's queue is full: back off and try again;
+    /// the target's queue (or the conductor's disk) is full: back off and
+    /// try again;
     /// `PERMISSION_DENIED`, that the plugin's config does not allow it.
     #[error("{}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),

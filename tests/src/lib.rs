@@ -96,7 +96,8 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// Extra lines for the `[conductor]` table.
+    /// Extra lines for the `[conductor]` table; a `state_dir` or
+    /// `cgroup_root` among them replaces the test's own.
     pub fn conductor(mut self, lines: &str) -> Self {
         self.conductor = lines.to_owned();
         self
@@ -155,8 +156,13 @@ impl Builder {
         } else {
             "[conductor.metrics]\nlisten = \"127.0.0.1:0\"\n"
         };
+        let state_line = if self.conductor.contains("state_dir") {
+            ""
+        } else {
+            "state_dir = \"state\"\n"
+        };
         let preamble = format!(
-            "[conductor]\nruntime_dir = \"run\"\nstate_dir = \"state\"\n{root_line}{}\n{metrics}\n",
+            "[conductor]\nruntime_dir = \"run\"\n{state_line}{root_line}{}\n{metrics}\n",
             self.conductor
         );
         let config = dir.path().join("conductor.toml");

@@ -522,3 +522,78 @@ fn submit_and_wait_with_every_replica_stopped_answers_unavailable_and_the_job_wa
         journal_completed(journal_file.path()).contains(&id)
     });
 }
+
+/// A tmpfs of `size`, unmounted when dropped: a disk that fills.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount a tmpfs (tests run as root)");
+        Self(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// A full disk refuses the next job as RESOURCE_EXHAUSTED (what a client
+/// backs off on, as for a full queue), naming the store, and loses none
+/// accepted before it: each is still there, and the conductor serves on.
+#[test]
+fn a_full_disk_refuses_new_jobs_as_resource_exhausted_and_keeps_those_accepted() {
+    let disk = SmallDisk::mount("3m");
+    let conductor = Conductor::builder()
+        .conductor(&format!("state_dir = \"{}\"", disk.0.path().display()))
+        .start(&plugin("stuck", "args = [\"--hang-kind\", \"hang\"]"));
+    conductor.wait_serving(0, "stuck", 0);
+    let store = disk.0.path().join("jobs.db");
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        let payload = vec![b'x'; 256 << 10];
+        let mut accepted = Vec::new();
+        let refused = loop {
+            let mut request = job("stuck", "hang", "");
+            request.payload = payload.clone();
+            match api.submit(request).await {
+                Ok(receipt) => accepted.push(receipt.into_inner().job_id),
+                Err(status) => break status,
+            }
+            assert!(accepted.len() < 64, "3 MB never filled");
+        };
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused.message().contains(&store.display().to_string())
+                && refused.message().contains("disk is full"),
+            "{refused:?}"
+        );
+        assert!(accepted.len() >= 2, "{} accepted", accepted.len());
+        for id in &accepted {
+            let found = api
+                .get_job(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                [
+                    pb::job_state::State::Queued as i32,
+                    pb::job_state::State::InFlight as i32
+                ]
+                .contains(&found.state),
+                "{id}: {found:?}"
+            );
+        }
+    });
+    demi_e2e::ok(conductor.cli(&["status"]));
+}

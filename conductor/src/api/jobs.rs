@@ -7,7 +7,9 @@ use demi_proto::conductor::v1 as pb;
 use demi_proto::trace::{TRACEPARENT, TraceParent};
 use tonic::{Request, Status};
 
-use crate::dispatch::{DispatchError, Finished, JobState, MAX_JOB_WAIT, Receipt, Submission};
+use crate::dispatch::{
+    DispatchError, Finished, JobState, MAX_JOB_WAIT, Receipt, StoreError, Submission,
+};
 
 /// How long `WaitJob` waits when the request names no timeout.
 const DEFAULT_JOB_WAIT: Duration = Duration::from_secs(30);
@@ -41,7 +43,13 @@ pub fn status(error: DispatchError) -> Status {
         DispatchError::QueueFull { .. } => Status::resource_exhausted(error.to_string()),
         DispatchError::NoReplicas { .. } => Status::unavailable(error.to_string()),
         DispatchError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
-        DispatchError::Store(_) => Status::internal(error.to_string()),
+        // A full disk is the textbook RESOURCE_EXHAUSTED: a client backs
+        // off and tries again, as for a full queue.
+        DispatchError::Store(StoreError::Full { .. }) => {
+            Status::resource_exhausted(error.to_string())
+        }
+        DispatchError::Store(StoreError::Gone) => Status::unavailable(error.to_string()),
+        DispatchError::Store(StoreError::Sqlite { .. }) => Status::internal(error.to_string()),
         DispatchError::Stopping => Status::unavailable(error.to_string()),
     }
 }

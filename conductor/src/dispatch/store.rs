@@ -29,6 +29,10 @@ const HOLD_ATTEMPTS: Duration = Duration::from_millis(50);
 pub enum StoreError {
     #[error("job store {path}: {reason}")]
     Sqlite { path: PathBuf, reason: String },
+    /// The disk (or the file's quota) has no room: nothing was written,
+    /// and a later try may find some, as completed jobs' answers age out.
+    #[error("job store {path}: the disk is full")]
+    Full { path: PathBuf },
     #[error("the job store is gone (the conductor is stopping)")]
     Gone,
 }
@@ -160,10 +164,7 @@ impl Store {
     /// Opens (creating if needed) the database at `path`, keeping
     /// completed jobs' answers as `retention` says.
     pub fn open(path: &Path, retention: Retention) -> Result<Self, StoreError> {
-        let error = |e: rusqlite::Error| StoreError::Sqlite {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        };
+        let error = |e: rusqlite::Error| sqlite(path, e);
         let connection = Connection::open(path).map_err(error)?;
         // WAL: readers never block the writer. synchronous=NORMAL in WAL
         // survives any crash of the conductor (not of the machine's power).
@@ -406,10 +407,7 @@ impl Writer {
     }
 
     fn error(&self, e: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        }
+        sqlite(&self.path, e)
     }
 
     /// Writes `batch` in one transaction; an empty batch writes only the
@@ -432,10 +430,7 @@ impl Writer {
         let tx = match self.db.transaction() {
             Ok(tx) => tx,
             Err(e) => {
-                let error = StoreError::Sqlite {
-                    path: self.path.clone(),
-                    reason: e.to_string(),
-                };
+                let error = sqlite(&self.path, e);
                 for op in batch {
                     fail(op, error.clone());
                 }
@@ -670,6 +665,11 @@ pub fn accepted_ms_of(id: &str) -> Option<i64> {
 }
 
 fn sqlite(path: &Path, e: rusqlite::Error) -> StoreError {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+        return StoreError::Full {
+            path: path.to_owned(),
+        };
+    }
     StoreError::Sqlite {
         path: path.to_owned(),
         reason: e.to_string(),
