@@ -29,8 +29,8 @@ const HOLD_ATTEMPTS: Duration = Duration::from_millis(50);
 pub enum StoreError {
     #[error("job store {path}: {reason}")]
     Sqlite { path: PathBuf, reason: String },
-    /// The disk (or the file's quota) has no room: nothing was written,
-    /// and a later try may find some, as completed jobs' answers age out.
+    /// The disk has no room (SQLITE_FULL): nothing was written, and a
+    /// later try may find some, as completed jobs' answers age out.
     #[error("job store {path}: the disk is full")]
     Full { path: PathBuf },
     #[error("the job store is gone (the conductor is stopping)")]

@@ -45,13 +45,12 @@ pub struct LogGuard {
 
 /// Installs the global subscriber. `RUST_LOG` overrides the `info` default.
 ///
-/// Lines reach stdout through a bounded buffer and a thread of their own:
-/// written in place, a stdout nobody reads (a pager left open, a stalled
-/// collector) blocked every task that logged, and the conductor stopped
-/// restarting plugins and answering its API until the reader came back.
-/// Now such a reader costs lines, which are counted (a log line every
-/// [`REPORT_DROPS_EVERY`] while it lasts, and
-/// `demi_log_lines_dropped_total`).
+/// Lines reach stdout through a bounded buffer and a thread of their own,
+/// so that a stdout nobody reads (a pager left open, a stalled collector)
+/// costs lines, counted in `demi_log_lines_dropped_total` and reported
+/// every [`REPORT_DROPS_EVERY`] while it lasts, and never blocks a task
+/// that logs: written in place, it held up restarts, health checks and
+/// the API until the reader came back.
 pub fn init(format: LogFormat) -> LogGuard {
     let (writer, guard) = NonBlockingBuilder::default()
         .buffered_lines_limit(BUFFERED_LINES)
