@@ -597,3 +597,33 @@ fn a_full_disk_refuses_new_jobs_as_resource_exhausted_and_keeps_those_accepted()
     });
     demi_e2e::ok(conductor.cli(&["status"]));
 }
+
+/// A job too big for a plugin to receive (4 MiB is what a gRPC server
+/// takes in one message) is refused at Submit as INVALID_ARGUMENT naming
+/// the limit, instead of being accepted and then failing at every replica
+/// (each failure ended that replica's job stream); one just under the
+/// bound is answered whole.
+#[test]
+fn a_job_too_big_for_a_plugin_is_refused_at_submit_and_one_just_under_is_answered() {
+    let conductor = Conductor::start(&plugin("echo", "replicas = 2"));
+    conductor.wait_serving(0, "echo", 1);
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        let mut request = job("echo", "echo", "");
+        request.payload = vec![b'x'; (4 << 20) - 34];
+        let refused = api.submit(request).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().contains("payload") && refused.message().contains("4 MiB"),
+            "{refused:?}"
+        );
+
+        let mut request = job("echo", "echo", "");
+        request.payload = vec![b'y'; (4 << 20) - 300];
+        let outcome = api.submit_and_wait(request).await.unwrap().into_inner();
+        assert_eq!(
+            (outcome.status, outcome.payload.len(), outcome.attempts),
+            (completed(), (4 << 20) - 300, 1)
+        );
+    });
+}

@@ -426,6 +426,7 @@ impl Dispatcher {
             });
         }
         check_attributes(&submission.attributes)?;
+        check_size(&submission)?;
         for (field, value, most) in [
             ("plugin", &submission.plugin, MAX_PLUGIN_NAME),
             ("kind", &submission.kind, MAX_KIND),
@@ -687,6 +688,41 @@ fn check_attributes(attributes: &HashMap<String, String>) -> Result<(), Dispatch
         }
     }
     Ok(())
+}
+
+/// What a gRPC server accepts in one message unless told otherwise
+/// (tonic, grpc-go, grpc-python, grpc-java alike): each delivery reaches a
+/// plugin as one. A bigger job would be accepted, then fail at every
+/// replica, ending each replica's job stream with the other jobs on it.
+const MAX_JOB_MESSAGE: usize = 4 << 20;
+/// What a delivery adds to a job's kind, payload and attributes, at most:
+/// the job's id, attempt and deadline, the delivery's tag and traceparent,
+/// and the keys and lengths of those fields.
+const DELIVERY_FRAMING: usize = 256;
+/// What each attribute adds to its key and value, at most: the map
+/// entry's key and length, and those of its key and value.
+const ATTRIBUTE_FRAMING: usize = 16;
+
+/// Bytes a delivery of `submission` takes at most.
+fn delivery_size(submission: &Submission) -> usize {
+    let attributes: usize = (submission.attributes.iter())
+        .map(|(k, v)| k.len() + v.len() + ATTRIBUTE_FRAMING)
+        .sum();
+    submission.kind.len() + submission.payload.len() + attributes + DELIVERY_FRAMING
+}
+
+fn check_size(submission: &Submission) -> Result<(), DispatchError> {
+    let size = delivery_size(submission);
+    if size <= MAX_JOB_MESSAGE {
+        return Ok(());
+    }
+    Err(DispatchError::InvalidArgument {
+        field: "payload",
+        reason: format!(
+            "with kind and attributes, the job would reach a plugin as up to {size} bytes; \
+             a gRPC server takes at most {MAX_JOB_MESSAGE} (4 MiB) in one message"
+        ),
+    })
 }
 
 /// The waiter token of a job's own submitter (look-ups take others).
@@ -1025,5 +1061,81 @@ async fn follow_replicas(
         } else if *from == Phase::Serving {
             lane.remove(*instance, *pid);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    /// The bound holds for the largest framing a delivery can have: every
+    /// attribute at its longest, the largest tag, attempt and deadline.
+    #[test]
+    fn a_delivery_is_never_larger_than_its_bound() {
+        let attributes: HashMap<String, String> = (0..MAX_ATTRIBUTES)
+            .map(|i| {
+                let key = format!("{i:0>width$}", width = MAX_ATTRIBUTE_KEY);
+                (key, "v".repeat(MAX_ATTRIBUTE_VALUE))
+            })
+            .collect();
+        let submission = Submission {
+            plugin: "p".into(),
+            kind: "k".repeat(MAX_KIND),
+            payload: vec![7; 1 << 20],
+            attributes,
+            idempotency_key: None,
+            deadline: None,
+            trace: None,
+            submitter: None,
+        };
+        let job = StoredJob {
+            id: job_id(),
+            plugin: submission.plugin.clone(),
+            kind: submission.kind.clone(),
+            payload: submission.payload.clone(),
+            attributes: submission.attributes.clone(),
+            idempotency_key: None,
+            deadline_ms: Some(i64::MAX / 2),
+            accepted_ms: now_ms(),
+            attempts: u32::MAX,
+            trace: None,
+            submitter: None,
+        };
+        let delivery = pb::Delivery {
+            tag: u64::MAX,
+            body: Some(pb::delivery::Body::Job(request(&job))),
+            traceparent: TraceParent::new(random).to_string(),
+        };
+        let bound = delivery_size(&submission);
+        assert!(
+            delivery.encoded_len() <= bound,
+            "{} > {bound}",
+            delivery.encoded_len()
+        );
+        // Not so loose that it refuses much a plugin would take.
+        assert!(bound - delivery.encoded_len() < 2048, "{bound}");
+    }
+
+    #[test]
+    fn a_job_past_four_mib_on_the_wire_is_refused_naming_the_limit() {
+        let submission = |payload: usize| Submission {
+            plugin: "p".into(),
+            kind: "resize".into(),
+            payload: vec![0; payload],
+            attributes: HashMap::from([("size".into(), "large".into())]),
+            idempotency_key: None,
+            deadline: None,
+            trace: None,
+            submitter: None,
+        };
+        let fits = MAX_JOB_MESSAGE - DELIVERY_FRAMING - ATTRIBUTE_FRAMING - 15;
+        assert!(check_size(&submission(fits)).is_ok());
+        let error = check_size(&submission(fits + 1)).unwrap_err().to_string();
+        assert!(
+            error.contains("payload") && error.contains("4194305 bytes") && error.contains("4 MiB"),
+            "{error}"
+        );
     }
 }
