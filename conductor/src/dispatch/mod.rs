@@ -705,7 +705,9 @@ const ATTRIBUTE_FRAMING: usize = 16;
 
 /// Bytes a delivery of `submission` takes at most.
 fn delivery_size(submission: &Submission) -> usize {
-    let attributes: usize = (submission.attributes.iter())
+    let attributes: usize = submission
+        .attributes
+        .iter()
         .map(|(k, v)| k.len() + v.len() + ATTRIBUTE_FRAMING)
         .sum();
     submission.kind.len() + submission.payload.len() + attributes + DELIVERY_FRAMING
