@@ -375,3 +375,31 @@ fn an_unread_stdout_costs_log_lines_not_supervision() {
     let total = report["total"].as_f64().expect("total");
     assert!(total >= lost, "{total} reported, {lost} counted before");
 }
+
+/// `demi_jobs_in_flight` counts jobs being delivered: none on an idle
+/// lane (it read 1: the lane's worker holds a bulkhead place while it
+/// waits for the next job), exactly the hung ones while jobs hang.
+#[test]
+fn jobs_in_flight_counts_deliveries_and_reads_zero_when_idle() {
+    let conductor = Conductor::start(&plugin("echo", "args = [\"--hang-kind\", \"hang\"]"));
+    conductor.wait_serving(0, "echo", 0);
+    let in_flight = || {
+        series(
+            &conductor.scrape(),
+            "demi_jobs_in_flight",
+            &[("plugin", "echo")],
+        )
+    };
+    assert_eq!(in_flight(), Some(0.0), "idle");
+    for kind in ["hang", "hang", "hang"] {
+        demi_e2e::ok(conductor.cli(&["submit", "echo", "--kind", kind, "--payload", "x"]));
+    }
+    demi_e2e::eventually("three jobs in flight", || in_flight() == Some(3.0));
+    let answer = demi_e2e::ok(conductor.cli(&["submit", "echo", "--payload", "quick", "--wait"]));
+    assert_eq!(answer.trim(), "quick");
+    assert_eq!(
+        in_flight(),
+        Some(3.0),
+        "the hung ones, not the answered one"
+    );
+}

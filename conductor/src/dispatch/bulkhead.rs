@@ -11,7 +11,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
 pub struct Bulkhead {
+    /// Places taken, by deliveries and by the lane's worker holding one
+    /// while it waits for the next job.
     in_flight: AtomicUsize,
+    /// Places whose job is being delivered: what the metrics show. The
+    /// worker's held place is not a job in flight (an idle lane read 1).
+    delivering: AtomicUsize,
     limit: AtomicUsize,
     /// Fires when a delivery ends or the limit changes.
     changed: Notify,
@@ -20,10 +25,25 @@ pub struct Bulkhead {
 /// One delivery's place in the bulkhead, given back on drop.
 pub struct Permit {
     bulkhead: Arc<Bulkhead>,
+    delivering: bool,
+}
+
+impl Permit {
+    /// The place now carries a job.
+    pub fn deliver(mut self) -> Self {
+        if !self.delivering {
+            self.delivering = true;
+            self.bulkhead.delivering.fetch_add(1, Ordering::AcqRel);
+        }
+        self
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if self.delivering {
+            self.bulkhead.delivering.fetch_sub(1, Ordering::AcqRel);
+        }
         self.bulkhead.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.bulkhead.changed.notify_waiters();
     }
@@ -33,6 +53,7 @@ impl Bulkhead {
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
             in_flight: AtomicUsize::new(0),
+            delivering: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
             changed: Notify::new(),
         })
@@ -43,8 +64,9 @@ impl Bulkhead {
         self.changed.notify_waiters();
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+    /// Jobs being delivered.
+    pub fn delivering(&self) -> usize {
+        self.delivering.load(Ordering::Acquire)
     }
 
     /// Waits for a place under the limit.
@@ -61,6 +83,7 @@ impl Bulkhead {
             .ok()
             .map(|_| Permit {
                 bulkhead: self.clone(),
+                delivering: false,
             })
     }
 }
@@ -68,6 +91,27 @@ impl Bulkhead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn taken(bulkhead: &Bulkhead) -> usize {
+        bulkhead.in_flight.load(Ordering::Acquire)
+    }
+
+    /// A place held while waiting for a job counts against the limit but
+    /// is no job in flight.
+    #[tokio::test]
+    async fn only_a_place_with_a_job_counts_as_delivering() {
+        let bulkhead = Bulkhead::new(2);
+        let held = bulkhead.acquire().await;
+        assert_eq!((taken(&bulkhead), bulkhead.delivering()), (1, 0));
+        let delivering = held.deliver();
+        assert_eq!((taken(&bulkhead), bulkhead.delivering()), (1, 1));
+        let waiting = bulkhead.acquire().await;
+        assert_eq!((taken(&bulkhead), bulkhead.delivering()), (2, 1));
+        drop(delivering);
+        assert_eq!((taken(&bulkhead), bulkhead.delivering()), (1, 0));
+        drop(waiting);
+        assert_eq!((taken(&bulkhead), bulkhead.delivering()), (0, 0));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_limit_holds_and_follows_a_reload_both_ways() {
@@ -82,7 +126,7 @@ mod tests {
         assert!(!waiting.is_finished(), "full at 2");
         bulkhead.set_limit(3);
         let c = waiting.await.unwrap();
-        assert_eq!(bulkhead.in_flight(), 3);
+        assert_eq!(taken(&bulkhead), 3);
 
         // Lowered below what runs: nobody new until two have finished.
         bulkhead.set_limit(1);
@@ -98,8 +142,8 @@ mod tests {
         assert!(!next.is_finished(), "1 in flight, limit 1");
         drop(c);
         let d = next.await.unwrap();
-        assert_eq!(bulkhead.in_flight(), 1);
+        assert_eq!(taken(&bulkhead), 1);
         drop(d);
-        assert_eq!(bulkhead.in_flight(), 0);
+        assert_eq!(taken(&bulkhead), 0);
     }
 }

@@ -153,7 +153,7 @@ impl Lane {
 
     /// Jobs being delivered now.
     pub fn in_flight(&self) -> usize {
-        self.bulkhead.in_flight()
+        self.bulkhead.delivering()
     }
 
     /// Resolves once the lane has had no SERVING replica for `patience`

@@ -768,6 +768,7 @@ async fn work(dispatcher: Arc<Dispatcher>, lane: Arc<Lane>) {
         };
         match slot {
             Ok(slot) if !dispatcher.tasks.is_closed() => {
+                let permit = permit.deliver();
                 let delivery = deliver(dispatcher.clone(), lane.clone(), job, permit, slot);
                 dispatcher.tasks.spawn(delivery);
             }
