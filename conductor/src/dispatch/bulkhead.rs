@@ -12,8 +12,8 @@ use tokio::sync::Notify;
 
 pub struct Bulkhead {
     /// Places taken, by deliveries and by the lane's worker holding one
-    /// while it waits for the next job.
-    in_flight: AtomicUsize,
+    /// while it waits for the next job: what the limit bounds.
+    taken: AtomicUsize,
     /// Places whose job is being delivered: what the metrics show. The
     /// worker's held place is not a job in flight (an idle lane read 1).
     delivering: AtomicUsize,
@@ -44,7 +44,7 @@ impl Drop for Permit {
         if self.delivering {
             self.bulkhead.delivering.fetch_sub(1, Ordering::AcqRel);
         }
-        self.bulkhead.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.bulkhead.taken.fetch_sub(1, Ordering::AcqRel);
         self.bulkhead.changed.notify_waiters();
     }
 }
@@ -52,7 +52,7 @@ impl Drop for Permit {
 impl Bulkhead {
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
-            in_flight: AtomicUsize::new(0),
+            taken: AtomicUsize::new(0),
             delivering: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
             changed: Notify::new(),
@@ -76,7 +76,7 @@ impl Bulkhead {
 
     fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let limit = self.limit.load(Ordering::Acquire);
-        self.in_flight
+        self.taken
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
             })
@@ -93,7 +93,7 @@ mod tests {
     use super::*;
 
     fn taken(bulkhead: &Bulkhead) -> usize {
-        bulkhead.in_flight.load(Ordering::Acquire)
+        bulkhead.taken.load(Ordering::Acquire)
     }
 
     /// A place held while waiting for a job counts against the limit but
