@@ -38,6 +38,11 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// The protocol version this build of the contract describes.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The largest message a conductor reads, and what a plugin's gRPC server
+/// reads unless told otherwise (tonic, grpc-go, grpc-python and grpc-java
+/// alike): each job's delivery and each answer must fit in one.
+pub const MAX_MESSAGE: usize = 4 << 20;
+
 /// The environment handshake, shared by the conductor and every SDK.
 /// `proto/README.md` is the language-neutral description.
 pub mod handshake {

@@ -154,3 +154,63 @@ fn protocol_breaking_plugins_are_restarted_or_retried_and_nobody_else_notices() 
     let panics = std::fs::read_to_string(&stderr).unwrap_or_default();
     assert!(!panics.contains("panicked"), "{panics}");
 }
+
+/// A plugin's answer too big to read ends its job stream, and which
+/// delivery it answered is never read: every job on the stream is
+/// delivered again, the one beside it included, and none is dead-lettered
+/// for another's fault.
+#[test]
+fn an_answer_too_big_to_read_has_every_job_on_its_stream_delivered_again() {
+    let mode = "oversized-answers";
+    let conductor = Conductor::start(&format!(
+        "[plugins.{mode}]\ncommand = \"{}\"\nargs = [\"{mode}\"]\nshutdown_grace = \"500ms\"\n\
+         [plugins.{mode}.dispatch]\nmax_attempts = 3\nattempt_timeout = \"1h\"\nretry_initial = \"50ms\"\n",
+        bin("rogue_plugin").display()
+    ));
+    conductor.wait_serving(0, mode, 0);
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        let submit = |kind: &str| pb::SubmitRequest {
+            plugin: mode.into(),
+            kind: kind.into(),
+            payload: kind.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let hung = api
+            .submit(submit("hang"))
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
+        let watcher = api.clone();
+        // Waits until the hanging job is in flight at `attempt`.
+        let in_flight = |attempt: u32| {
+            let (mut api, id) = (watcher.clone(), hung.clone());
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let request = pb::GetJobRequest { job_id: id.clone() };
+                    let found = api.get_job(request).await.unwrap().into_inner();
+                    let state = pb::job_state::State::InFlight as i32;
+                    if (found.state, found.attempts) == (state, attempt) {
+                        return;
+                    }
+                    assert!(
+                        Instant::now() < deadline && found.attempts <= attempt,
+                        "not in flight at attempt {attempt}: {found:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        in_flight(1).await;
+        let outcome = api.submit_and_wait(submit("k")).await.unwrap().into_inner();
+        assert_eq!(
+            (outcome.status, outcome.attempts, outcome.payload.as_slice()),
+            (pb::job_outcome::Status::Completed as i32, 2, &b"k"[..]),
+            "{:?}",
+            outcome.errors
+        );
+        in_flight(2).await;
+    });
+}

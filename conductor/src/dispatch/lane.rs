@@ -198,9 +198,11 @@ impl Lane {
         };
         // Lazy: the connection is made by the first job, and remade after
         // a failure, without holding anyone up here.
-        let link = Arc::new(Link::new(PluginClient::new(crate::rpc::safe(
-            endpoint.connect_lazy(),
-        ))));
+        // The limit bounds what a plugin's answer can make the conductor
+        // hold; the plugin contract promises it.
+        let client = PluginClient::new(crate::rpc::safe(endpoint.connect_lazy()))
+            .max_decoding_message_size(demi_proto::MAX_MESSAGE);
+        let link = Arc::new(Link::new(client));
         let mut replicas = self.replicas();
         replicas.retain(|r| r.index != index);
         replicas.push(Replica {

@@ -257,7 +257,10 @@ fn ended() -> Status {
 }
 
 /// Hands each answer to its waiter; when the stream ends, every delivery
-/// still waiting fails with why, so it is retried.
+/// still waiting fails with why, as a failure to retry: the stream broke,
+/// not their jobs. An answer too big to read ends it too, and which
+/// delivery it answered is never read: every job on the stream is
+/// delivered again, none dead-lettered for another's fault.
 ///
 /// A plugin answers each delivery once at most (late, after a cancel, is
 /// fine). Answers to deliveries never made, or more answers nobody waits
@@ -294,7 +297,13 @@ async fn read(shared: Arc<Shared>, mut answers: tonic::Streaming<pb::Answer>) {
                 }
             }
             Ok(None) => break Status::unavailable("the plugin ended its job stream"),
-            Err(status) => break status,
+            Err(status) => {
+                break Status::unavailable(format!(
+                    "the job stream to this replica broke ({:?}): {}",
+                    status.code(),
+                    status.message()
+                ));
+            }
         }
     };
     let waiting: Vec<Waiter> = {

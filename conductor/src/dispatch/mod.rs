@@ -690,11 +690,10 @@ fn check_attributes(attributes: &HashMap<String, String>) -> Result<(), Dispatch
     Ok(())
 }
 
-/// What a gRPC server accepts in one message unless told otherwise
-/// (tonic, grpc-go, grpc-python, grpc-java alike): each delivery reaches a
-/// plugin as one. A bigger job would be accepted, then fail at every
-/// replica, ending each replica's job stream with the other jobs on it.
-const MAX_JOB_MESSAGE: usize = 4 << 20;
+/// Each delivery reaches a plugin as one message: a bigger job would be
+/// accepted, then fail at every replica, ending each replica's job stream
+/// with the other jobs on it.
+const MAX_JOB_MESSAGE: usize = demi_proto::MAX_MESSAGE;
 /// What a delivery adds to a job's kind, payload and attributes, at most:
 /// the job's id, attempt and deadline, the delivery's tag and traceparent,
 /// and the keys and lengths of those fields.

@@ -12,7 +12,10 @@
 //!   `endless-answers`: passes its health checks, and on HandleStream
 //!   answers each delivery with random bytes; twice; with a tag never
 //!   delivered; or with a stream of answers to deliveries never made,
-//!   without end.
+//!   without end;
+//! - `oversized-answers`: passes its health checks, answers a job's first
+//!   delivery with 5 MiB (more than a conductor reads in one message) and
+//!   a later one with its payload, and never answers a job of kind `hang`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -33,6 +36,7 @@ enum Mode {
     DuplicateAnswers,
     WrongTags,
     EndlessAnswers,
+    OversizedAnswers,
 }
 
 fn mode(name: &str) -> Option<Mode> {
@@ -45,6 +49,7 @@ fn mode(name: &str) -> Option<Mode> {
         "duplicate-answers" => Mode::DuplicateAnswers,
         "wrong-tags" => Mode::WrongTags,
         "endless-answers" => Mode::EndlessAnswers,
+        "oversized-answers" => Mode::OversizedAnswers,
         _ => return None,
     })
 }
@@ -211,6 +216,15 @@ async fn handle_stream(mode: Mode, body: RecvStream, mut respond: SendResponse<B
             }),
         };
         let out = match mode {
+            Mode::OversizedAnswers if job.kind == "hang" => continue,
+            Mode::OversizedAnswers if job.attempt == 1 => {
+                let mut answer = answer(delivery.tag);
+                if let Some(result) = answer.result.as_mut() {
+                    result.payload = vec![b'x'; 5 << 20];
+                }
+                vec![frame(&answer.encode_to_vec())]
+            }
+            Mode::OversizedAnswers => vec![frame(&answer(delivery.tag).encode_to_vec())],
             Mode::GarbageAnswers => vec![garbage()],
             Mode::WrongTags => vec![frame(&answer(delivery.tag + 1_000_000).encode_to_vec())],
             _ => vec![
