@@ -29,7 +29,9 @@ pub struct Job {
 /// How a job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Done, with the answer.
+    /// Done, with the answer: at most 4 MiB less a few bytes, what a
+    /// conductor reads in one message; a larger one is sent as a
+    /// [`Outcome::Permanent`] failure saying so.
     Ok(Vec<u8>),
     /// Failed for a passing reason; the conductor may retry it.
     Retryable(String),

@@ -317,6 +317,32 @@ impl<P> Clone for Work<P> {
 
 const SHUTTING_DOWN: &str = "plugin is shutting down";
 
+/// What an answer adds to its result's job id, payload and error, at
+/// most: the tag, the outcome, and the keys and lengths of every field.
+const ANSWER_FRAMING: usize = 64;
+
+/// A result as sent, or, when a conductor could not read it, a permanent
+/// failure saying so: an answer past the limit would end the job stream
+/// it travels on, failing every job on it, and would not fit the next
+/// time either.
+fn fitting(result: pb::JobResult) -> pb::JobResult {
+    let content = result.payload.len() + result.error.len();
+    if result.job_id.len() + content + ANSWER_FRAMING <= demi_proto::MAX_MESSAGE {
+        return result;
+    }
+    tracing::warn!(
+        job = %result.job_id,
+        bytes = content,
+        "answer too big for the conductor: the job fails instead"
+    );
+    let reason = format!(
+        "the answer takes {content} bytes; a conductor reads at most {} (4 MiB) in one message: \
+         pass large data by reference",
+        demi_proto::MAX_MESSAGE
+    );
+    crate::Outcome::Permanent(reason).into_result(result.job_id)
+}
+
 impl<P: Plugin> Work<P> {
     /// Runs one job inside a span that carries the job and its trace, so
     /// the plugin's own events inside `handle` say which job they are for.
@@ -331,7 +357,7 @@ impl<P: Plugin> Work<P> {
             trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default()
         );
         let outcome = tracing::Instrument::instrument(self.plugin.handle(job), span).await;
-        outcome.into_result(id)
+        fitting(outcome.into_result(id))
     }
 
     /// Reads one job stream: each job runs as its own task (tracked, so the
@@ -533,5 +559,58 @@ impl<P: Plugin> pb::plugin_server::Plugin for PluginService<P> {
             return Err(Status::unavailable("the plugin is stopping"));
         }
         Ok(Response::new(pb::MembershipChangedResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    /// Bytes the answer carrying `result` takes, with the largest tag.
+    fn sent(result: &pb::JobResult) -> usize {
+        pb::Answer {
+            tag: u64::MAX,
+            result: Some(result.clone()),
+        }
+        .encoded_len()
+    }
+
+    #[test]
+    fn an_answer_a_conductor_cannot_read_fails_its_job_instead() {
+        let ok = |payload: usize, error: usize| pb::JobResult {
+            job_id: "0".repeat(32),
+            outcome: pb::job_result::Outcome::Ok as i32,
+            payload: vec![b'x'; payload],
+            error: "e".repeat(error),
+        };
+        let room = demi_proto::MAX_MESSAGE - 32 - ANSWER_FRAMING;
+        // The largest that passes is sent as it is, and a conductor reads
+        // it, with little room to spare.
+        let largest = ok(room, 0);
+        assert_eq!(fitting(largest.clone()), largest);
+        let size = sent(&largest);
+        assert!(size <= demi_proto::MAX_MESSAGE, "{size}");
+        assert!(demi_proto::MAX_MESSAGE - size < ANSWER_FRAMING, "{size}");
+        assert_eq!(fitting(ok(room / 2, room / 2)), ok(room / 2, room / 2));
+        // One byte more, in the payload or the error: the job fails, for
+        // good, saying why.
+        for too_big in [ok(room + 1, 0), ok(0, room + 1)] {
+            let failed = fitting(too_big);
+            assert_eq!(
+                (failed.job_id.as_str(), failed.outcome, failed.payload.len()),
+                (
+                    "0".repeat(32).as_str(),
+                    pb::job_result::Outcome::Permanent as i32,
+                    0
+                )
+            );
+            assert!(
+                failed.error.contains(&(room + 1).to_string()) && failed.error.contains("4 MiB"),
+                "{}",
+                failed.error
+            );
+        }
     }
 }

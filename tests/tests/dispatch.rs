@@ -627,3 +627,69 @@ fn a_job_too_big_for_a_plugin_is_refused_at_submit_and_one_just_under_is_answere
         );
     });
 }
+
+/// An answer larger than a conductor takes in one message (4 MiB) fails
+/// its own job at its first attempt, naming its size, instead of ending
+/// the replica's job stream: the job in flight beside it on that stream
+/// is neither failed nor delivered again. One just under is answered.
+#[test]
+fn an_answer_too_big_fails_its_own_job_and_spares_the_others_on_its_stream() {
+    let conductor = Conductor::start(&plugin("echo", "args = [\"--hang-kind\", \"hang\"]"));
+    conductor.wait_serving(0, "echo", 0);
+    grpc::runtime().block_on(async {
+        let mut api = grpc::admin(&conductor.api_socket()).await;
+        let hung = api
+            .submit(job("echo", "hang", ""))
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
+        let in_flight = |found: &pb::JobState| {
+            (found.state, found.attempts) == (pb::job_state::State::InFlight as i32, 1)
+        };
+        let watcher = api.clone();
+        let get = |id: &str| {
+            let request = pb::GetJobRequest { job_id: id.into() };
+            let mut api = watcher.clone();
+            async move { api.get_job(request).await.unwrap().into_inner() }
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !in_flight(&get(&hung).await) {
+            assert!(Instant::now() < deadline, "the hanging job never went out");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let inflate = |bytes: usize| {
+            let mut request = job("echo", "inflate", "");
+            request.attributes.insert("bytes".into(), bytes.to_string());
+            request
+        };
+        let outcome = api
+            .submit_and_wait(inflate(5 << 20))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (outcome.status, outcome.attempts),
+            (dead_lettered(), 1),
+            "{:?}",
+            outcome.errors
+        );
+        assert!(
+            outcome.errors[0].contains(&(5 << 20).to_string())
+                && outcome.errors[0].contains("4 MiB"),
+            "{:?}",
+            outcome.errors
+        );
+        let outcome = api
+            .submit_and_wait(inflate((4 << 20) - 100))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (outcome.status, outcome.payload.len(), outcome.attempts),
+            (completed(), (4 << 20) - 100, 1)
+        );
+        let found = get(&hung).await;
+        assert!(in_flight(&found), "{found:?}");
+    });
+}

@@ -107,6 +107,14 @@ impl Plugin for Echo {
             let id = job.trace.map(|t| t.trace_id_hex()).unwrap_or_default();
             return Outcome::Ok(id.into_bytes());
         }
+        // Kind "inflate" answers with as many bytes as its "bytes"
+        // attribute says: an answer may be far larger than its job.
+        if job.kind == "inflate" {
+            let Some(size) = job.attributes.get("bytes").and_then(|n| n.parse().ok()) else {
+                return Outcome::Permanent("inflate: attribute \"bytes\" must be a count".into());
+            };
+            return Outcome::Ok(vec![b'x'; size]);
+        }
         let roll = fastrand::f64();
         let outcome = if roll < self.fail_permanent {
             Outcome::Permanent(format!("echo: injected permanent failure (job {})", job.id))
