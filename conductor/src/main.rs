@@ -175,7 +175,7 @@ fn main() -> ExitCode {
         Command::ScaleSim(args) => match cli::scale_sim::run(*args, &cli.target.config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("conductor scale-sim: {error:#}");
+                eprintln!("conductor scale-sim: {}", said_once(&error));
                 ExitCode::FAILURE
             }
         },
@@ -214,7 +214,7 @@ fn main() -> ExitCode {
         command => match client(command, &cli.target) {
             Ok(code) => code,
             Err(error) => {
-                eprintln!("conductor: {error:#}");
+                eprintln!("conductor: {}", said_once(&error));
                 ExitCode::FAILURE
             }
         },
@@ -345,8 +345,8 @@ fn daemon(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("conductor: {error:#}");
+            tracing::error!("{}", said_once(&error));
+            eprintln!("conductor: {}", said_once(&error));
             ExitCode::FAILURE
         }
     }
@@ -529,4 +529,50 @@ fn client(command: Command, target: &cli::Target) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// An error and its causes, as `{:#}` would print them but each said
+/// once: most of our errors name their cause in their own message (logs
+/// show only that) and also give it as their source.
+fn said_once(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot serve metrics on 127.0.0.1:9464: {source}")]
+    struct Busy {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let busy = Busy {
+            source: std::io::Error::from_raw_os_error(98),
+        };
+        let error = anyhow::Error::new(busy).context("cannot start");
+        assert_eq!(
+            super::said_once(&error),
+            "cannot start: cannot serve metrics on 127.0.0.1:9464: \
+             Address already in use (os error 98)"
+        );
+        // A cause the message does not spell out is still said.
+        let plain = anyhow::Error::new(std::io::Error::from_raw_os_error(2)).context("reading x");
+        assert_eq!(
+            super::said_once(&plain),
+            "reading x: No such file or directory (os error 2)"
+        );
+    }
 }
