@@ -2,9 +2,10 @@
 //!
 //! Every arrow points one way (README, Layout; `tests/architecture.rs`
 //! holds the code to it). At the bottom, [`events`] (the domain's events
-//! and their bus), [`layout`], [`backoff`], [`process`] and [`rpc`] use
-//! nothing above them. Each component's settings live beside it and
-//! [`config`] only loads and assembles them. [`supervisor`] (pool →
+//! and their bus), [`layout`], [`backoff`], [`claim`], [`process`] and
+//! [`rpc`] use nothing above them (but `process` uses `claim`). Each
+//! component's settings live beside it and [`config`] only loads and
+//! assembles them. [`supervisor`] (pool →
 //! instance state machine) uses `process` and `rpc`; [`dispatch`] sees
 //! instances through phase events and a narrow view; [`scaler`] decides
 //! purely and acts through a narrow lever; [`telemetry`] consumes events
@@ -13,6 +14,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod claim;
 pub mod config;
 pub mod conformance;
 pub mod daemon;

@@ -391,8 +391,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("events", &[]),
     ("layout", &[]),
     ("backoff", &[]),
+    ("claim", &[]),
     ("machine", &[]),
-    ("process", &[]),
+    ("process", &["claim"]),
     ("rpc", &[]),
     (
         "supervisor",

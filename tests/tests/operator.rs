@@ -628,3 +628,85 @@ fn a_plugin_dropped_into_a_plugin_folder_starts_on_reload_beside_a_broken_one() 
             .ends_with("greeter/plugin.toml")
     );
 }
+
+/// Runs `conductor run` on `config`, which must stop by itself; its exit
+/// status and what it said on stderr.
+fn run_to_exit(config: &std::path::Path) -> (std::process::ExitStatus, String) {
+    let stderr = config.with_extension("stderr");
+    let mut child = std::process::Command::new(demi_e2e::bin("conductor"))
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the second conductor did not stop: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(&stderr).unwrap())
+}
+
+/// A second conductor given the first one's job store or cgroup root
+/// (with a runtime folder of its own, which the first would have
+/// refused) stops at once naming the folder, the first's pid and the
+/// setting to change: sharing the store would deliver every job twice,
+/// sharing the root would kill the first's instances as leftovers.
+#[test]
+fn a_second_conductor_on_the_same_state_or_cgroup_root_stops_and_leaves_the_first_alone() {
+    let first = Conductor::start(&plugin("echo", "replicas = 2"));
+    first.wait_serving(0, "echo", 1);
+    let pids = first.pids_of("echo");
+    let state = first.config_path().with_file_name("state");
+    let scratch = tempfile::tempdir().unwrap();
+    let own_root = format!("{}-second", first.cgroup_root());
+    let second = |state_dir: &std::path::Path, cgroup_root: &str| {
+        let config = scratch.path().join("second.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[conductor]\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\ncgroup_root = \"{cgroup_root}\"\n\
+                 [conductor.metrics]\nlisten = \"127.0.0.1:0\"\n\
+                 [plugins.echo]\ncommand = \"{}\"\n",
+                scratch.path().join("run").display(),
+                state_dir.display(),
+                demi_e2e::bin("demi-plugin-echo").display()
+            ),
+        )
+        .unwrap();
+        run_to_exit(&config)
+    };
+    let pid = format!("(pid {})", first.pid());
+    let (status, said) = second(&state, &own_root);
+    assert!(!status.success());
+    assert!(
+        said.contains(&format!("state folder {}", state.display()))
+            && said.contains(&pid)
+            && said.contains("another conductor.state_dir"),
+        "{said}"
+    );
+    let (status, said) = second(&scratch.path().join("state"), first.cgroup_root());
+    assert!(!status.success());
+    assert!(
+        said.contains("cgroup root /sys/fs/cgroup/")
+            && said.contains(&format!("/{} is in use", first.cgroup_root()))
+            && said.contains(&pid)
+            && said.contains("another conductor.cgroup_root"),
+        "{said}"
+    );
+    assert_eq!(first.pids_of("echo"), pids);
+    assert_eq!(first.count("echo", "instance exited"), 0);
+    ok(first.cli(&["status"]));
+}

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::host::{Access, HostParts};
 use crate::api::{self, ApiError, Control as _};
+use crate::claim::{self, ClaimError};
 use crate::config::Config;
 use crate::dispatch::config::JobsConfig;
 use crate::dispatch::store::{Retention, Store};
@@ -54,6 +55,20 @@ pub enum DaemonError {
     Api(#[from] ApiError),
     #[error(transparent)]
     MetricsSetup(#[from] MetricsError),
+    /// Another conductor holds what this one would share with it.
+    #[error(
+        "{what} {path} is in use by another conductor{}; {why}: give this one another conductor.{key}",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    InUse {
+        what: &'static str,
+        path: String,
+        holder: Option<u32>,
+        why: &'static str,
+        key: &'static str,
+    },
+    #[error(transparent)]
+    Claim(ClaimError),
     #[error("cannot prepare state folder {path}: {source}")]
     StateDir {
         path: std::path::PathBuf,
@@ -91,12 +106,41 @@ fn state_dir_error(
 }
 
 /// Makes `state_dir` passable but not listable (0711), for plugins
-/// running as other users to reach their own state folders below it.
-fn prepare_state_dir(state_dir: &std::path::Path) -> Result<(), DaemonError> {
+/// running as other users to reach their own state folders below it, and
+/// takes it for this conductor until the claim drops.
+fn prepare_state_dir(state_dir: &std::path::Path) -> Result<claim::Claim, DaemonError> {
     use std::os::unix::fs::PermissionsExt as _;
     let io = state_dir_error(state_dir);
     std::fs::create_dir_all(state_dir).map_err(io)?;
-    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o711)).map_err(io)
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
+    claim::claim(state_dir).map_err(|error| {
+        in_use(
+            error,
+            "state folder",
+            "its job store would deliver every job twice",
+            "state_dir",
+        )
+    })
+}
+
+/// Says which setting to change when another conductor holds what the
+/// claim was for.
+fn in_use(
+    error: ClaimError,
+    what: &'static str,
+    why: &'static str,
+    key: &'static str,
+) -> DaemonError {
+    match error {
+        ClaimError::Held { path, holder } => DaemonError::InUse {
+            what,
+            path: path.display().to_string(),
+            holder,
+            why,
+            key,
+        },
+        error => DaemonError::Claim(error),
+    }
 }
 
 /// Opens the job store in the folder [`prepare_state_dir`] made; its
@@ -142,12 +186,22 @@ async fn open_cgroups(config: &Config, spawner: &Spawner) -> Result<Cgroups, Dae
     }
     let root = config.conductor.cgroup_root.clone();
     let cgroups = tokio::task::spawn_blocking(move || {
-        let cgroups = Cgroups::open(&root);
+        let mut cgroups = Cgroups::open(&root);
+        // Before the clean-up: another conductor's instances are no
+        // leftovers.
+        cgroups.claim().map_err(|error| {
+            in_use(
+                error,
+                "cgroup root",
+                "its instances would be killed as leftovers of an earlier run",
+                "cgroup_root",
+            )
+        })?;
         let leftovers = cgroups.clean_leftovers();
-        (cgroups, leftovers)
+        Ok::<_, DaemonError>((cgroups, leftovers))
     })
     .await
-    .map_err(DaemonError::CgroupSetup)?;
+    .map_err(DaemonError::CgroupSetup)??;
     let (cgroups, leftovers) = cgroups;
     let born = births(&cgroups, spawner);
     match cgroups.unavailable() {
@@ -197,6 +251,9 @@ pub async fn run(prepared: Prepared) -> Result<(), DaemonError> {
     // otherwise. Plugins inherit it.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let runtime_dir = RuntimeDir::prepare(&Layout::new(&config.conductor.runtime_dir))?;
+    // Before anything else is touched; plugins running as other users
+    // pass through it to their own state folders.
+    let _state_dir = prepare_state_dir(&config.conductor.state_dir)?;
     let mut signals = Signals::install()?;
     let daemon = Daemon::start(config, plan, runtime_dir.layout().clone()).await?;
     let signal = signals.until_stop(&daemon.reloader).await;
@@ -314,9 +371,6 @@ impl Daemon {
         let health_events = bus.subscribe();
         // Listening before any plugin starts: an early caller waits.
         let plugin_api = api::bind_plugin_api(&layout.plugin_api_socket())?;
-        // Before the pools too: plugins running as other users pass
-        // through the state folder to their own.
-        prepare_state_dir(&config.conductor.state_dir)?;
         // The store opens beside the pools' first starts, not before them:
         // a first start writes its schema with a few fsyncs that no plugin
         // needs to wait for.

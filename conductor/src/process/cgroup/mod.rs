@@ -25,6 +25,8 @@ use cgroups_rs::fs::{Controller as _, Hierarchy, MaxValue};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::claim::{Claim, ClaimError, claim};
+
 /// Where cgroup filesystems are mounted.
 pub const CGROUP_FS: &str = "/sys/fs/cgroup";
 
@@ -153,6 +155,8 @@ pub struct Cgroups {
     /// and parses /proc/self/mountinfo for every hierarchy it is given,
     /// which a fleet start paid once per instance on its way to the fork.
     mounts: Option<V1Hierarchy>,
+    /// The root, held for this conductor's life (see [`Cgroups::claim`]).
+    claim: Option<Claim>,
 }
 
 impl Cgroups {
@@ -167,6 +171,7 @@ impl Cgroups {
             unavailable: None,
             favordynmods: favordynmods(setup),
             mounts: (setup != Setup::Unified).then(V1Hierarchy::new),
+            claim: None,
         };
         this.controllers = this.available_controllers();
         let hierarchy = this.hierarchy();
@@ -194,7 +199,23 @@ impl Cgroups {
             unavailable: Some("cgroup_policy = \"off\"".into()),
             favordynmods: false,
             mounts: None,
+            claim: None,
         }
+    }
+
+    /// Takes the root for this conductor until it drops: another conductor
+    /// on the same root would take these instances' cgroups for leftovers
+    /// of an earlier run and kill them. Locks the root's folder in the
+    /// first hierarchy (the same one for every conductor on this host).
+    /// Nothing to take when cgroups are not used.
+    pub fn claim(&mut self) -> Result<(), ClaimError> {
+        if self.unavailable.is_some() {
+            return Ok(());
+        }
+        if let Some(dir) = self.dirs_of("").first() {
+            self.claim = Some(claim(dir)?);
+        }
+        Ok(())
     }
 
     pub fn setup(&self) -> Setup {
