@@ -5,12 +5,11 @@
 //! and their bus), [`layout`], [`backoff`], [`claim`], [`process`] and
 //! [`rpc`] use nothing above them (but `process` uses `claim`). Each
 //! component's settings live beside it and [`config`] only loads and
-//! assembles them. [`supervisor`] (pool →
-//! instance state machine) uses `process` and `rpc`; [`dispatch`] sees
-//! instances through phase events and a narrow view; [`scaler`] decides
-//! purely and acts through a narrow lever; [`telemetry`] consumes events
-//! and snapshots; [`api`] serves operators; [`daemon`] builds and wires
-//! them all and applies reloads.
+//! assembles them. [`supervisor`] (pool → instance state machine) uses
+//! `process` and `rpc`; [`dispatch`] sees instances through phase events
+//! and a narrow view; [`scaler`] decides purely and acts through a narrow
+//! lever; [`telemetry`] consumes events and snapshots; [`api`] serves
+//! operators; [`daemon`] builds and wires them all and applies reloads.
 
 pub mod api;
 pub mod backoff;
