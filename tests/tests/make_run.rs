@@ -33,13 +33,15 @@ fn make_run_serves_two_echo_replicas() {
             make.env_remove(&*key);
         }
     }
+    // Kept to say why, should make run stop early.
+    let stderr = tempfile::NamedTempFile::new().expect("stderr file");
     let mut make = make
         .arg("run")
         .current_dir(&root)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr.reopen().expect("stderr file"))
         .process_group(0)
         .spawn()
         .expect("make run");
@@ -56,9 +58,10 @@ fn make_run_serves_two_echo_replicas() {
 
     let mut serving_pids = Vec::new();
     while serving_pids.len() < 2 {
-        let line = lines
-            .recv_timeout(WAIT * 4)
-            .expect("make run printed no 'instance serving' in time");
+        let line = lines.recv_timeout(WAIT * 4).unwrap_or_else(|error| {
+            let said = std::fs::read_to_string(stderr.path()).unwrap_or_default();
+            panic!("make run printed no 'instance serving' in time ({error}); stderr:\n{said}")
+        });
         if line.contains("instance serving") {
             let pid = line
                 .split_whitespace()
